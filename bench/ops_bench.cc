@@ -1,0 +1,131 @@
+// CPU op throughput, each beside the machine's own limit measured in the same
+// process: gather/merge against memcpy of the same bytes. Full tables (and
+// BLAS for the statistics) are issue 9; see bench/README.md.
+//
+//   build/bench/medakv_ops_bench --benchmark_counters_tabular=true
+#include <benchmark/benchmark.h>
+
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "kernels/common/tensor_util.h"
+#include "kernels/cpu/ops.h"
+
+namespace medakv {
+namespace {
+
+constexpr int64_t kHeads = 8, kHeadDim = 128;
+
+struct Layer {
+  explicit Layer(int64_t tokens, int64_t q_tokens = 64, int64_t q_heads = 32)
+      : tokens(tokens), key(kHeads * tokens * kHeadDim), value(key.size()), query(q_heads * q_tokens * kHeadDim) {
+    std::mt19937 rng(1);
+    std::normal_distribution<float> n(0.f, 1.f);
+    for (auto* v : {&key, &value, &query}) {
+      for (Half& x : *v) x = FromFloat<Half>(n(rng));
+    }
+    positions.resize(q_tokens);
+    std::iota(positions.begin(), positions.end(), static_cast<int32_t>(tokens - q_tokens));
+    modality.assign(tokens, 0);
+    for (int64_t t = tokens / 10; t < tokens * 7 / 10; ++t) modality[t] = 1;
+    q = TensorView{query.data(), DType::kFloat16, Layout::kHND, q_heads, q_tokens, kHeadDim};
+  }
+  TensorView Key() const { return {key.data(), DType::kFloat16, Layout::kHND, kHeads, tokens, kHeadDim}; }
+  TensorView Value() const { return {value.data(), DType::kFloat16, Layout::kHND, kHeads, tokens, kHeadDim}; }
+  int64_t tokens;
+  std::vector<Half> key, value, query;
+  std::vector<int32_t> positions;
+  std::vector<uint8_t> modality;
+  TensorView q;
+};
+
+// Kept positions: the recent half and every other older token, per head.
+std::vector<int32_t> Kept(int64_t tokens, int64_t budget) {
+  std::vector<int32_t> kept;
+  for (int64_t h = 0; h < kHeads; ++h) {
+    const int64_t recent = budget / 2, old = budget - recent;
+    for (int64_t i = 0; i < old; ++i) kept.push_back(static_cast<int32_t>(i * ((tokens - recent) / old)));
+    for (int64_t t = tokens - recent; t < tokens; ++t) kept.push_back(static_cast<int32_t>(t));
+  }
+  return kept;
+}
+
+void BM_MemcpyKeptBytes(benchmark::State& state) {
+  const int64_t tokens = state.range(0), budget = tokens / 5;
+  const size_t bytes = 2 * kHeads * budget * kHeadDim * sizeof(Half);
+  std::vector<char> src(bytes * 5), dst(bytes);
+  for (auto _ : state) {
+    std::memcpy(dst.data(), src.data() + bytes, bytes);
+    benchmark::DoNotOptimize(dst.data());
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * bytes));
+}
+
+void RunMerge(benchmark::State& state, MergeMode mode) {
+  const int64_t tokens = state.range(0), budget = tokens / 5;
+  Layer layer(tokens);
+  const std::vector<int32_t> kept = Kept(tokens, budget);
+  std::vector<Half> ok(kHeads * budget * kHeadDim), ov(ok.size());
+  MergeArgs a{layer.Key(), layer.Value(), kept.data(), budget, mode, MergeThreshold::kNone};
+  const MutableTensorView k{ok.data(), DType::kFloat16, Layout::kHND, kHeads, budget, kHeadDim};
+  const MutableTensorView v{ov.data(), DType::kFloat16, Layout::kHND, kHeads, budget, kHeadDim};
+  for (auto _ : state) {
+    if (!cpu::MergeAndGather(a, k, v).ok()) state.SkipWithError("merge failed");
+    benchmark::DoNotOptimize(ok.data());
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * 2 * ok.size() * sizeof(Half)));
+}
+
+void BM_Gather(benchmark::State& state) { RunMerge(state, MergeMode::kNone); }
+void BM_MergeAverage(benchmark::State& state) { RunMerge(state, MergeMode::kAverage); }
+
+void BM_AttentionStats(benchmark::State& state) {
+  const int64_t tokens = state.range(0), q_tokens = state.range(1);
+  Layer layer(tokens, q_tokens);
+  std::vector<float> scores(kHeads * tokens);
+  AttentionStatsArgs a;
+  a.query = layer.q;
+  a.query_positions = layer.positions.data();
+  a.key = layer.Key();
+  a.modality = layer.modality.data();
+  a.scale = 1.f / std::sqrt(static_cast<float>(kHeadDim));
+  AttentionStatsOutput out;
+  out.scores = scores.data();
+  for (auto _ : state) {
+    if (!cpu::AttentionStats(a, &out).ok()) state.SkipWithError("stats failed");
+    benchmark::DoNotOptimize(scores.data());
+  }
+  // Two passes of Q.K^T over the visible keys (about T per row for the last rows).
+  const double flops = 2.0 * 2.0 * static_cast<double>(layer.q.heads * q_tokens * tokens * kHeadDim);
+  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_Select(benchmark::State& state) {
+  const int64_t tokens = state.range(0), budget = tokens / 5;
+  std::vector<float> scores(kHeads * tokens);
+  std::mt19937 rng(2);
+  std::uniform_real_distribution<float> u(0.f, 1.f);
+  for (float& s : scores) s = u(rng);
+  std::vector<uint8_t> modality(tokens, 0);
+  std::vector<int32_t> kept(kHeads * budget);
+  SelectArgs a{scores.data(), modality.data(), kHeads, tokens, budget, 0.5, TextPrior::kAdditive, false};
+  for (auto _ : state) {
+    if (!cpu::SelectTokens(a, kept.data()).ok()) state.SkipWithError("select failed");
+    benchmark::DoNotOptimize(kept.data());
+  }
+  state.SetItemsProcessed(state.iterations() * kHeads * tokens);
+}
+
+BENCHMARK(BM_MemcpyKeptBytes)->Arg(1024)->Arg(4096)->Arg(16384)->UseRealTime();
+BENCHMARK(BM_Gather)->Arg(1024)->Arg(4096)->Arg(16384)->UseRealTime();
+BENCHMARK(BM_MergeAverage)->Arg(1024)->Arg(4096)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_AttentionStats)->Args({1024, 64})->Args({4096, 64})->Args({4096, 128})->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Select)->Arg(4096)->Arg(32768)->UseRealTime();
+
+}  // namespace
+}  // namespace medakv
+
+BENCHMARK_MAIN();

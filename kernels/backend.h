@@ -1,0 +1,33 @@
+// The compute backend of the compression ops, chosen at run time
+// (--backend=auto|cpu|cuda). The CPU backend is always built.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string_view>
+
+#include "absl/status/status.h"
+#include "kernels/ops/op_args.h"
+
+namespace medakv {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string_view Name() const = 0;
+
+  [[nodiscard]] virtual absl::Status AttentionStats(const AttentionStatsArgs& args,
+                                                    AttentionStatsOutput* out) const = 0;
+  [[nodiscard]] virtual absl::Status ReduceScores(const float* scores,  // [score_heads, tokens]
+                                                  int64_t score_heads, int64_t kv_heads, int64_t tokens,
+                                                  float* out /* [kv_heads, tokens] */) const = 0;
+  [[nodiscard]] virtual absl::Status SelectTokens(const SelectArgs& args,
+                                                  int32_t* kept /* [kv_heads, budget] */) const = 0;
+  [[nodiscard]] virtual absl::Status MergeAndGather(const MergeArgs& args, MutableTensorView out_key,
+                                                    MutableTensorView out_value) const = 0;
+};
+
+// The CPU backend (multi-threaded with OpenMP where built with it).
+std::unique_ptr<Backend> MakeCpuBackend();
+
+}  // namespace medakv

@@ -1,0 +1,156 @@
+#include "kernels/cpu/budget.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/ops/budget_math.h"
+
+namespace medakv {
+namespace {
+
+absl::Status ValidateInputs(absl::Span<const float> entropy, int64_t tokens) {
+  if (entropy.empty()) return absl::InvalidArgumentError("budgets: no layers");
+  if (tokens <= 0) return absl::InvalidArgumentError(absl::StrCat("budgets: tokens must be > 0, got ", tokens));
+  for (size_t l = 0; l < entropy.size(); ++l) {
+    if (!std::isfinite(entropy[l])) {
+      return absl::InvalidArgumentError(absl::StrCat("entropy of layer ", l, " is not finite (", entropy[l], ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// softmax(E / tau) in double, max-subtracted.
+std::vector<double> SoftmaxWeights(absl::Span<const float> entropy, double tau) {
+  std::vector<double> w(entropy.size());
+  double max_e = -INFINITY;
+  for (float e : entropy) max_e = std::max(max_e, static_cast<double>(e) / tau);
+  double sum = 0.0;
+  for (size_t l = 0; l < w.size(); ++l) {
+    w[l] = std::exp(static_cast<double>(entropy[l]) / tau - max_e);
+    sum += w[l];
+  }
+  for (double& x : w) x /= sum;
+  return w;
+}
+
+// sum_l clip(lambda w_l T, lo, hi).
+double FilledTotal(const std::vector<double>& w, double lambda, double tokens, double lo, double hi) {
+  double total = 0.0;
+  for (double wl : w) total += Clip(lambda * wl * tokens, lo, hi);
+  return total;
+}
+
+}  // namespace
+
+absl::Status ValidateBudgetOptions(const BudgetOptions& o) {
+  if (!(o.rho > 0.0 && o.rho <= 1.0)) {
+    return absl::InvalidArgumentError(absl::StrCat("rho must be in (0, 1], got ", o.rho));
+  }
+  if (!(o.tau > 0.0) || !std::isfinite(o.tau)) {
+    return absl::InvalidArgumentError(absl::StrCat("tau must be a finite number > 0, got ", o.tau));
+  }
+  if (!(o.alpha_min >= 0.0 && o.alpha_min <= 1.0)) {
+    return absl::InvalidArgumentError(absl::StrCat("alpha_min must be in [0, 1], got ", o.alpha_min));
+  }
+  if (!(o.alpha_max > 0.0 && o.alpha_max <= 1.0)) {
+    return absl::InvalidArgumentError(absl::StrCat("alpha_max must be in (0, 1], got ", o.alpha_max));
+  }
+  if (o.alpha_min > o.alpha_max) {
+    return absl::InvalidArgumentError(absl::StrCat("alpha_min (", o.alpha_min,
+                                                   ") must not exceed alpha_max (", o.alpha_max, ")"));
+  }
+  return absl::OkStatus();
+}
+
+int64_t TargetTotal(double rho, int64_t layers, int64_t tokens) {
+  return RoundHalfUp(rho * static_cast<double>(layers) * static_cast<double>(tokens));
+}
+
+absl::StatusOr<LayerBudgets> AllocateEntropyBudgets(absl::Span<const float> entropy, int64_t tokens,
+                                                    const BudgetOptions& o) {
+  if (absl::Status s = ValidateBudgetOptions(o); !s.ok()) return s;
+  if (absl::Status s = ValidateInputs(entropy, tokens); !s.ok()) return s;
+  const int64_t layers = static_cast<int64_t>(entropy.size());
+  const std::vector<double> w = SoftmaxWeights(entropy, o.tau);
+  LayerBudgets out;
+  out.alpha.resize(layers);
+  out.budget.resize(layers);
+  for (int64_t l = 0; l < layers; ++l) {
+    out.alpha[l] = Clip(w[l] * static_cast<double>(layers) * o.rho, o.alpha_min, o.alpha_max);
+  }
+  if (!o.exact_total) {
+    // The reference code's rule: clamp, then floor; never an empty layer.
+    for (int64_t l = 0; l < layers; ++l) {
+      const auto b = static_cast<int64_t>(std::floor(out.alpha[l] * static_cast<double>(tokens)));
+      out.budget[l] = std::clamp<int64_t>(b, 1, tokens);
+    }
+    return out;
+  }
+
+  // Water-fill: find lambda with sum_l clip(lambda w_l T, lo, hi) = n.
+  const int64_t lo = BudgetLow(o.alpha_min, tokens);
+  const int64_t hi = BudgetHigh(o.alpha_max, tokens, lo);
+  const int64_t n = std::clamp<int64_t>(TargetTotal(o.rho, layers, tokens), layers * lo, layers * hi);
+  const double t = static_cast<double>(tokens);
+  std::vector<double> share(layers);
+  if (n == layers * lo || n == layers * hi) {
+    std::fill(share.begin(), share.end(), static_cast<double>(n == layers * lo ? lo : hi));
+  } else {
+    // Bracket: f(0) = L lo <= n; grow the upper end until f >= n.
+    double lambda_lo = 0.0, lambda_hi = 1.0;
+    while (FilledTotal(w, lambda_hi, t, lo, hi) < static_cast<double>(n) && lambda_hi < 1e300) {
+      lambda_hi *= 2.0;
+    }
+    for (int it = 0; it < 200; ++it) {
+      const double mid = 0.5 * (lambda_lo + lambda_hi);
+      if (FilledTotal(w, mid, t, lo, hi) < static_cast<double>(n)) {
+        lambda_lo = mid;
+      } else {
+        lambda_hi = mid;
+      }
+    }
+    for (int64_t l = 0; l < layers; ++l) share[l] = Clip(lambda_hi * w[l] * t, lo, hi);
+  }
+
+  // Floor, then hand out the tokens still missing one each to the largest
+  // fractional parts (ties: the lower layer), never above hi. Bisection leaves
+  // the sum within rounding of n, so the correction loops run at most a few rounds.
+  int64_t total = 0;
+  std::vector<double> frac(layers);
+  for (int64_t l = 0; l < layers; ++l) {
+    out.budget[l] = static_cast<int64_t>(std::floor(share[l]));
+    frac[l] = share[l] - static_cast<double>(out.budget[l]);
+    total += out.budget[l];
+  }
+  std::vector<int64_t> order(layers);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return frac[a] > frac[b]; });
+  while (total < n) {
+    bool gave = false;
+    for (int64_t l : order) {
+      if (total == n) break;
+      if (out.budget[l] < hi) {
+        ++out.budget[l];
+        ++total;
+        gave = true;
+      }
+    }
+    if (!gave) break;
+  }
+  while (total > n) {  // only after a rounding overshoot: take from the smallest fractions
+    bool took = false;
+    for (auto it = order.rbegin(); it != order.rend() && total > n; ++it) {
+      if (out.budget[*it] > lo) {
+        --out.budget[*it];
+        --total;
+        took = true;
+      }
+    }
+    if (!took) break;
+  }
+  return out;
+}
+
+}  // namespace medakv

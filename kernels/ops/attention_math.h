@@ -1,0 +1,67 @@
+// Arithmetic of the attention-statistics op, shared by the CPU backend and
+// the CUDA kernels: dot products, online log-sum-exp, entropy terms.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/common/host_device.h"
+
+namespace medakv {
+
+// a . b over n fp32 values, with eight partial sums (vectorisable, and the
+// summation order is fixed so results do not depend on the caller).
+MEDAKV_HOST_DEVICE float DotF32(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) {
+    for (int u = 0; u < 8; ++u) acc[u] += a[d + u] * b[d + u];
+  }
+  for (; d < n; ++d) acc[d & 7] += a[d] * b[d];
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+// Log-sum-exp and entropy of softmax(x) in one pass over a row:
+// sum = sum_j e^{x_j - max}, sum_dx = sum_j e^{x_j - max} (x_j - max), so
+// lse = max + log(sum) and H = log(sum) - sum_dx / sum (no large offsets).
+struct OnlineSoftmaxEntropy {
+  float max = -INFINITY;
+  float sum = 0.f;
+  float sum_dx = 0.f;
+
+  MEDAKV_HOST_DEVICE void Add(float x) {
+    if (!(x > -INFINITY)) return;  // -inf (and NaN) carry no mass
+    if (x > max) {
+      if (sum > 0.f) {
+        const float s = expf(max - x);
+        sum_dx = s * (sum_dx + (max - x) * sum);
+        sum = s * sum;
+      }
+      max = x;
+      sum += 1.f;
+    } else {
+      const float e = expf(x - max);
+      sum += e;
+      sum_dx += e * (x - max);
+    }
+  }
+  MEDAKV_HOST_DEVICE bool Empty() const { return sum == 0.f; }
+  MEDAKV_HOST_DEVICE float Lse() const { return sum > 0.f ? max + logf(sum) : -INFINITY; }
+  MEDAKV_HOST_DEVICE float Entropy() const {
+    if (!(sum > 0.f)) return 0.f;
+    const float h = logf(sum) - sum_dx / sum;
+    return h > 0.f ? h : 0.f;
+  }
+};
+
+// Probability of a logit given its row's log-sum-exp.
+MEDAKV_HOST_DEVICE float SoftmaxProb(float logit, float lse) { return expf(logit - lse); }
+
+// -p log p, with 0 log 0 = 0.
+MEDAKV_HOST_DEVICE float EntropyTerm(float p) { return p > 0.f ? -p * logf(p) : 0.f; }
+
+// Whether a key of modality `key` counts for a query of modality `query` in
+// the cross-modal entropy (the other modality).
+MEDAKV_HOST_DEVICE bool CrossModal(uint8_t query, uint8_t key) { return query != key; }
+
+}  // namespace medakv

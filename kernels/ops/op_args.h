@@ -1,0 +1,56 @@
+// Arguments of the compression ops. Both backends take these; pointers are
+// host pointers for the CPU backend and device pointers for the CUDA backend.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/common/tensor.h"
+#include "kernels/ops/options.h"
+
+namespace medakv {
+
+// Op 1: attention statistics of one layer from its queries.
+struct AttentionStatsArgs {
+  TensorView query;                         // [q_heads, q_tokens, head_dim]
+  const int32_t* query_positions = nullptr;  // [q_tokens], each in [0, tokens)
+  TensorView key;                           // [kv_heads, tokens, head_dim]
+  const uint8_t* modality = nullptr;        // [tokens], 0 text, 1 visual
+  float scale = 0.f;                        // logits = scale * q.k (> 0)
+  EntropyHeads entropy_heads = EntropyHeads::kMeanAttention;
+  EntropySource entropy_source = EntropySource::kCrossModal;
+  // Only query rows with index >= score_rows_begin add to the scores (an
+  // observation window); every row counts for the entropy.
+  int64_t score_rows_begin = 0;
+};
+
+struct AttentionStatsOutput {
+  float* scores = nullptr;  // [kv_heads, tokens]: sum over scored rows and the group's heads of A[i, t]
+  float entropy = 0.f;      // E_l = E_TV + E_VT (or the causal entropy, see ALGORITHM.md)
+  float entropy_tv = 0.f;   // text rows over visual keys (0 when no such row)
+  float entropy_vt = 0.f;   // visual rows over text keys (0 when no such row)
+  bool causal = false;      // whether E_l was computed as CAUSAL
+};
+
+// Op 4: per-head (or shared) selection of kept tokens in one layer.
+struct SelectArgs {
+  const float* scores = nullptr;      // [kv_heads, tokens]
+  const uint8_t* modality = nullptr;  // [tokens]
+  int64_t kv_heads = 0;
+  int64_t tokens = 0;
+  int64_t budget = 0;  // B_l in [1, tokens]
+  double recent_fraction = 0.5;
+  TextPrior text_prior = TextPrior::kAdditive;
+  bool shared_selection = false;
+};
+
+// Op 5: merge evicted tokens into kept ones and compact into the output.
+struct MergeArgs {
+  TensorView key;                  // [kv_heads, tokens, head_dim]
+  TensorView value;                // [kv_heads, tokens, head_dim], same dtype and layout as key
+  const int32_t* kept = nullptr;   // [kv_heads, budget], strictly ascending per head
+  int64_t budget = 0;
+  MergeMode mode = MergeMode::kAverage;
+  MergeThreshold threshold = MergeThreshold::kNone;
+};
+
+}  // namespace medakv

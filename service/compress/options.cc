@@ -1,0 +1,98 @@
+#include "service/compress/options.h"
+
+#include <cmath>
+#include <string>
+#include <utility>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
+
+namespace medakv {
+namespace {
+
+template <typename E, size_t N>
+absl::StatusOr<E> ParseEnum(absl::string_view what, absl::string_view s,
+                            const std::pair<const char*, E> (&names)[N]) {
+  const std::string key = absl::StrReplaceAll(absl::AsciiStrToLower(s), {{"-", "_"}});
+  std::vector<std::string> accepted;
+  for (const auto& [name, value] : names) {
+    if (key == name) return value;
+    accepted.push_back(name);
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown ", what, " '", s, "' (expected one of: ", absl::StrJoin(accepted, ", "), ")"));
+}
+
+template <typename E, size_t N>
+bool Known(E v, const std::pair<const char*, E> (&names)[N]) {
+  for (const auto& entry : names) {
+    if (entry.second == v) return true;
+  }
+  return false;
+}
+
+template <typename E, size_t N>
+const char* EnumName(E v, const std::pair<const char*, E> (&names)[N]) {
+  for (const auto& [name, value] : names) {
+    if (value == v) return name;
+  }
+  return "unknown";
+}
+
+constexpr std::pair<const char*, PolicyKind> kPolicies[] = {{"full", PolicyKind::kFull},
+                                                            {"meda", PolicyKind::kMeda}};
+constexpr std::pair<const char*, EntropyHeads> kEntropyHeads[] = {
+    {"mean_attention", EntropyHeads::kMeanAttention}, {"mean_entropy", EntropyHeads::kMeanEntropy}};
+constexpr std::pair<const char*, EntropySource> kEntropySources[] = {
+    {"cross_modal", EntropySource::kCrossModal}, {"causal", EntropySource::kCausal}};
+constexpr std::pair<const char*, TextPrior> kTextPriors[] = {
+    {"additive", TextPrior::kAdditive}, {"keep_all_text", TextPrior::kKeepAllText}, {"none", TextPrior::kNone}};
+constexpr std::pair<const char*, MergeMode> kMergeModes[] = {{"average", MergeMode::kAverage},
+                                                             {"pivotal", MergeMode::kPivotal},
+                                                             {"weighted", MergeMode::kWeighted},
+                                                             {"none", MergeMode::kNone}};
+constexpr std::pair<const char*, MergeThreshold> kMergeThresholds[] = {{"none", MergeThreshold::kNone},
+                                                                       {"mean", MergeThreshold::kMean}};
+
+}  // namespace
+
+const char* PolicyName(PolicyKind p) { return EnumName(p, kPolicies); }
+const char* EntropyHeadsName(EntropyHeads e) { return EnumName(e, kEntropyHeads); }
+const char* EntropySourceName(EntropySource e) { return EnumName(e, kEntropySources); }
+const char* TextPriorName(TextPrior p) { return EnumName(p, kTextPriors); }
+const char* MergeModeName(MergeMode m) { return EnumName(m, kMergeModes); }
+const char* MergeThresholdName(MergeThreshold m) { return EnumName(m, kMergeThresholds); }
+
+absl::StatusOr<PolicyKind> ParsePolicy(absl::string_view s) { return ParseEnum("policy", s, kPolicies); }
+absl::StatusOr<EntropyHeads> ParseEntropyHeads(absl::string_view s) {
+  return ParseEnum("entropy_heads", s, kEntropyHeads);
+}
+absl::StatusOr<EntropySource> ParseEntropySource(absl::string_view s) {
+  return ParseEnum("entropy_source", s, kEntropySources);
+}
+absl::StatusOr<TextPrior> ParseTextPrior(absl::string_view s) { return ParseEnum("text_prior", s, kTextPriors); }
+absl::StatusOr<MergeMode> ParseMergeMode(absl::string_view s) { return ParseEnum("merge", s, kMergeModes); }
+absl::StatusOr<MergeThreshold> ParseMergeThreshold(absl::string_view s) {
+  return ParseEnum("merge_threshold", s, kMergeThresholds);
+}
+
+absl::Status ValidateOptions(const CompressOptions& o) {
+  if (!Known(o.policy, kPolicies)) return absl::InvalidArgumentError("policy: unknown value");
+  if (absl::Status s = ValidateBudgetOptions(o.budget); !s.ok()) return s;
+  if (!(o.recent_fraction >= 0.0 && o.recent_fraction <= 1.0)) {
+    return absl::InvalidArgumentError(absl::StrCat("recent_fraction must be in [0, 1], got ", o.recent_fraction));
+  }
+  if (!(o.scale >= 0.f) || !std::isfinite(o.scale)) {
+    return absl::InvalidArgumentError(absl::StrCat("scale must be finite and >= 0 (0: 1/sqrt(head_dim)), got ", o.scale));
+  }
+  if (!Known(o.entropy_heads, kEntropyHeads)) return absl::InvalidArgumentError("entropy_heads: unknown value");
+  if (!Known(o.entropy_source, kEntropySources)) return absl::InvalidArgumentError("entropy_source: unknown value");
+  if (!Known(o.text_prior, kTextPriors)) return absl::InvalidArgumentError("text_prior: unknown value");
+  if (!Known(o.merge, kMergeModes)) return absl::InvalidArgumentError("merge: unknown value");
+  if (!Known(o.merge_threshold, kMergeThresholds)) return absl::InvalidArgumentError("merge_threshold: unknown value");
+  return absl::OkStatus();
+}
+
+}  // namespace medakv

@@ -1,0 +1,235 @@
+#include "service/compress/pipeline.h"
+
+#include <chrono>
+#include <cmath>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/common/status.h"
+#include "kernels/common/tensor_util.h"
+#include "kernels/cpu/budget.h"
+
+namespace medakv {
+namespace {
+
+// Largest size of one dimension; keeps every product below 2^62 bytes.
+constexpr int64_t kMaxDim = int64_t{1} << 24;
+
+double Seconds(std::chrono::steady_clock::time_point since) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
+}
+
+absl::Status CheckLayerView(const TensorView& v, const CacheInput& in, absl::string_view name, int64_t heads,
+                            int64_t tokens) {
+  MEDAKV_RETURN_IF_ERROR(CheckView(v, name, heads, tokens, in.head_dim));
+  if (v.dtype != in.dtype) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, ": dtype ", DTypeName(v.dtype), " differs from the cache's ", DTypeName(in.dtype)));
+  }
+  if (v.layout != in.layout) {
+    return absl::InvalidArgumentError(absl::StrCat(name, ": layout ", LayoutName(v.layout),
+                                                   " differs from the cache's ", LayoutName(in.layout)));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<uint8_t>> ModalityFromSpans(int64_t tokens, const std::vector<ModalitySpan>& spans) {
+  std::vector<uint8_t> modality(tokens, static_cast<uint8_t>(Modality::kText));
+  for (size_t i = 0; i < spans.size(); ++i) {
+    const ModalitySpan& s = spans[i];
+    if (s.start < 0 || s.length < 0 || s.start > tokens || s.length > tokens - s.start) {
+      return absl::InvalidArgumentError(absl::StrCat("modality span ", i, " (start ", s.start, ", length ",
+                                                     s.length, ") is outside [0, ", tokens, ")"));
+    }
+    if (s.modality != Modality::kText && s.modality != Modality::kVisual) {
+      return absl::InvalidArgumentError(absl::StrCat("modality span ", i, ": unknown modality"));
+    }
+    std::fill(modality.begin() + s.start, modality.begin() + s.start + s.length, static_cast<uint8_t>(s.modality));
+  }
+  return modality;
+}
+
+absl::Status ValidateCacheInput(const CacheInput& in) {
+  const int64_t layers = static_cast<int64_t>(in.layers.size());
+  if (layers == 0) return absl::InvalidArgumentError("layers: the cache has no layer");
+  const std::pair<const char*, int64_t> dims[] = {
+      {"kv_heads", in.kv_heads}, {"head_dim", in.head_dim}, {"tokens", in.tokens}, {"layers", layers}};
+  for (const auto& [name, v] : dims) {
+    if (v <= 0 || v > kMaxDim) {
+      return absl::InvalidArgumentError(absl::StrCat(name, " must be in [1, ", kMaxDim, "], got ", v));
+    }
+  }
+  if (in.tokens > INT32_MAX) return absl::InvalidArgumentError("tokens: positions are int32");
+  if (in.dtype != DType::kFloat16 && in.dtype != DType::kBFloat16 && in.dtype != DType::kFloat32) {
+    return absl::InvalidArgumentError("dtype: expected float16, bfloat16 or float32");
+  }
+  if (in.layout != Layout::kHND && in.layout != Layout::kNHD) {
+    return absl::InvalidArgumentError("layout: expected HND or NHD");
+  }
+  if (!in.modality.empty()) {
+    if (static_cast<int64_t>(in.modality.size()) != in.tokens) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("modality: ", in.modality.size(), " entries for ", in.tokens, " tokens"));
+    }
+    for (size_t t = 0; t < in.modality.size(); ++t) {
+      if (in.modality[t] > 1) {
+        return absl::InvalidArgumentError(absl::StrCat("modality[", t, "] is ", int{in.modality[t]},
+                                                       " (expected 0 for text or 1 for visual)"));
+      }
+    }
+  }
+  if (in.stats == StatsForm::kQueries) {
+    if (in.q_heads <= 0 || in.q_heads > kMaxDim || in.q_heads % in.kv_heads != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("q_heads (", in.q_heads,
+                                                     ") must be a positive multiple of kv_heads (", in.kv_heads, ")"));
+    }
+  } else if (in.stats != StatsForm::kPrecomputed) {
+    return absl::InvalidArgumentError("statistics: unknown form");
+  }
+  for (int64_t l = 0; l < layers; ++l) {
+    const LayerInput& layer = in.layers[l];
+    const std::string prefix = absl::StrCat("layer ", l, " ");
+    MEDAKV_RETURN_IF_ERROR(CheckLayerView(layer.key, in, prefix + "key", in.kv_heads, in.tokens));
+    MEDAKV_RETURN_IF_ERROR(CheckLayerView(layer.value, in, prefix + "value", in.kv_heads, in.tokens));
+    if (in.stats == StatsForm::kQueries) {
+      const int64_t q_tokens = layer.query.tokens;
+      if (q_tokens <= 0 || q_tokens > in.tokens) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(prefix, "query: q_tokens must be in [1, tokens=", in.tokens, "], got ", q_tokens));
+      }
+      MEDAKV_RETURN_IF_ERROR(CheckLayerView(layer.query, in, prefix + "query", in.q_heads, q_tokens));
+      if (!layer.query_positions.empty()) {
+        if (static_cast<int64_t>(layer.query_positions.size()) != q_tokens) {
+          return absl::InvalidArgumentError(absl::StrCat(prefix, "query_positions: ", layer.query_positions.size(),
+                                                         " entries for ", q_tokens, " query rows"));
+        }
+        for (int64_t i = 0; i < q_tokens; ++i) {
+          const int32_t p = layer.query_positions[i];
+          if (p < 0 || p >= in.tokens) {
+            return absl::InvalidArgumentError(
+                absl::StrCat(prefix, "query_positions[", i, "] is ", p, ", outside [0, ", in.tokens, ")"));
+          }
+        }
+      }
+    } else {
+      if (layer.scores == nullptr) return absl::InvalidArgumentError(prefix + "scores: missing");
+      if (layer.score_heads != in.kv_heads && (in.q_heads <= 0 || layer.score_heads != in.q_heads)) {
+        return absl::InvalidArgumentError(absl::StrCat(prefix, "scores: ", layer.score_heads,
+                                                       " heads, expected kv_heads (", in.kv_heads, ")",
+                                                       in.q_heads > 0 ? absl::StrCat(" or q_heads (", in.q_heads, ")") : ""));
+      }
+      if (!std::isfinite(layer.entropy)) {
+        return absl::InvalidArgumentError(absl::StrCat(prefix, "entropy is not finite (", layer.entropy, ")"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOptions& options,
+                                        const Backend& backend) {
+  MEDAKV_RETURN_IF_ERROR(ValidateOptions(options));
+  MEDAKV_RETURN_IF_ERROR(ValidateCacheInput(in));
+  const int64_t layers = static_cast<int64_t>(in.layers.size());
+  const int64_t kv_heads = in.kv_heads, tokens = in.tokens;
+  const std::vector<uint8_t> modality =
+      in.modality.empty() ? std::vector<uint8_t>(tokens, static_cast<uint8_t>(Modality::kText)) : in.modality;
+
+  CompressResult result;
+  result.layers.resize(layers);
+  result.tokens_in = layers * tokens;
+  const bool full = options.policy == PolicyKind::kFull;
+
+  // Stage 1: statistics of every layer.
+  auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::vector<float>> scores(layers);
+  std::vector<float> entropy(layers, 0.f);
+  if (!full) {
+    const float scale = options.scale > 0.f ? options.scale : 1.f / std::sqrt(static_cast<float>(in.head_dim));
+    for (int64_t l = 0; l < layers; ++l) {
+      const LayerInput& layer = in.layers[l];
+      scores[l].resize(kv_heads * tokens);
+      if (in.stats == StatsForm::kPrecomputed) {
+        MEDAKV_RETURN_IF_ERROR(backend.ReduceScores(layer.scores, layer.score_heads, kv_heads, tokens, scores[l].data()));
+        entropy[l] = layer.entropy;
+        continue;
+      }
+      std::vector<int32_t> positions = layer.query_positions;
+      if (positions.empty()) {
+        positions.resize(layer.query.tokens);
+        std::iota(positions.begin(), positions.end(), static_cast<int32_t>(tokens - layer.query.tokens));
+      }
+      AttentionStatsArgs args;
+      args.query = layer.query;
+      args.query_positions = positions.data();
+      args.key = layer.key;
+      args.modality = modality.data();
+      args.scale = scale;
+      args.entropy_heads = options.entropy_heads;
+      args.entropy_source = options.entropy_source;
+      AttentionStatsOutput out;
+      out.scores = scores[l].data();
+      absl::Status s = backend.AttentionStats(args, &out);
+      if (!s.ok()) return absl::Status(s.code(), absl::StrCat("layer ", l, ": ", s.message()));
+      entropy[l] = out.entropy;
+    }
+  }
+  result.seconds.statistics = Seconds(t0);
+
+  // Stage 2: budgets across layers.
+  t0 = std::chrono::steady_clock::now();
+  std::vector<int64_t> budget(layers, tokens);
+  std::vector<double> alpha(layers, 1.0);
+  if (!full) {
+    MEDAKV_ASSIGN_OR_RETURN(LayerBudgets b, AllocateEntropyBudgets(entropy, tokens, options.budget));
+    budget = std::move(b.budget);
+    alpha = std::move(b.alpha);
+  }
+  result.seconds.allocate = Seconds(t0);
+
+  // Stage 3: selection, merging and compaction of every layer.
+  t0 = std::chrono::steady_clock::now();
+  for (int64_t l = 0; l < layers; ++l) {
+    const LayerInput& layer = in.layers[l];
+    LayerResult& r = result.layers[l];
+    r.entropy = entropy[l];
+    r.alpha = alpha[l];
+    r.budget = budget[l];
+    result.tokens_kept += budget[l];
+    r.positions.resize(kv_heads * budget[l]);
+    if (full || budget[l] == tokens) {
+      for (int64_t h = 0; h < kv_heads; ++h) std::iota(r.positions.begin() + h * tokens, r.positions.begin() + (h + 1) * tokens, 0);
+    } else {
+      SelectArgs sel;
+      sel.scores = scores[l].data();
+      sel.modality = modality.data();
+      sel.kv_heads = kv_heads;
+      sel.tokens = tokens;
+      sel.budget = budget[l];
+      sel.recent_fraction = options.recent_fraction;
+      sel.text_prior = options.text_prior;
+      sel.shared_selection = options.shared_selection;
+      MEDAKV_RETURN_IF_ERROR(backend.SelectTokens(sel, r.positions.data()));
+    }
+    const size_t bytes = static_cast<size_t>(kv_heads * budget[l] * in.head_dim) * DTypeSize(in.dtype);
+    r.key.resize(bytes);
+    r.value.resize(bytes);
+    MergeArgs merge;
+    merge.key = layer.key;
+    merge.value = layer.value;
+    merge.kept = r.positions.data();
+    merge.budget = budget[l];
+    merge.mode = full ? MergeMode::kNone : options.merge;
+    merge.threshold = options.merge_threshold;
+    const MutableTensorView out_key{r.key.data(), in.dtype, in.layout, kv_heads, budget[l], in.head_dim};
+    const MutableTensorView out_value{r.value.data(), in.dtype, in.layout, kv_heads, budget[l], in.head_dim};
+    absl::Status s = backend.MergeAndGather(merge, out_key, out_value);
+    if (!s.ok()) return absl::Status(s.code(), absl::StrCat("layer ", l, ": ", s.message()));
+  }
+  result.seconds.select_merge = Seconds(t0);
+  return result;
+}
+
+}  // namespace medakv

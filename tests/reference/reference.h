@@ -1,0 +1,89 @@
+// A naive double-precision implementation of /work/shared/ALGORITHM.md (the
+// compression ops of MEDA and the baselines), written for clarity and as an
+// independent second reading of the contract. Plain loops; whole attention
+// matrices are materialised; nothing here is meant to be fast.
+//
+// It uses only kernels/common (dtype conversions and tensor views) and the
+// enumerations of kernels/ops/options.h, never the math headers, so that the
+// tests compare two separate readings of the text.
+//
+// Every input element is read exactly (fp16/bf16/fp32 -> fp32 is exact) and
+// all arithmetic is in double.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels/common/tensor.h"
+#include "kernels/ops/options.h"
+
+namespace medakv::reference {
+
+// The value of element (head, token, d) of a view, as a double.
+double ReadElement(const TensorView& view, int64_t head, int64_t token, int64_t d);
+
+// All elements of a view in HND order [heads, tokens, head_dim], as doubles.
+std::vector<double> ReadHnd(const TensorView& view);
+
+// The last `q_tokens` positions of a cache of `tokens` tokens:
+// tokens - q_tokens, ..., tokens - 1 (the default query positions).
+std::vector<int32_t> DefaultPositions(int64_t q_tokens, int64_t tokens);
+
+// Round half up: floor(x + 0.5) (ALGORITHM.md, "Rounding").
+int64_t RoundHalfUp(double x);
+
+// Entropy -sum p log p of a probability vector (0 log 0 = 0).
+double Entropy(const std::vector<double>& p);
+
+struct RefStats {
+  std::vector<double> scores;  // [kv_heads, tokens]
+  double entropy = 0.0;        // E_l
+  double entropy_tv = 0.0;     // text rows over visual keys (0 when causal or no such row)
+  double entropy_vt = 0.0;     // visual rows over text keys (0 when causal or no such row)
+  bool causal = false;         // E_l computed as CAUSAL
+};
+
+// MEDA step 1 and the "Score s_t" bullet of step 3.
+// query: [q_heads, q_tokens, head_dim]; positions: [q_tokens] (empty = the
+// last q_tokens positions); key: [kv_heads, tokens, head_dim];
+// modality: [tokens], 0 text, 1 visual. The modality of query row i is the
+// modality of the token at its position. Only rows i >= score_rows_begin add
+// to the scores; every row counts for the entropy.
+RefStats RefAttentionStats(const TensorView& query, const std::vector<int32_t>& positions,
+                           const TensorView& key, const std::vector<uint8_t>& modality,
+                           double scale, EntropyHeads entropy_heads,
+                           EntropySource entropy_source, int64_t score_rows_begin);
+
+struct RefBudgetResult {
+  std::vector<double> alpha;    // [layers] clamp(softmax(E / tau) * L * rho, alpha_min, alpha_max)
+  std::vector<int64_t> budget;  // [layers] B_l
+};
+
+// MEDA step 2. With exact_total, the water-fill exactly as ALGORITHM.md
+// writes it (lambda found analytically on the piecewise-linear total).
+// Without it, B_l = clamp(floor(alpha_l * T), 1, T): a layer never gets 0
+// tokens (the project's documented choice). Arguments are assumed valid.
+RefBudgetResult RefBudgets(const std::vector<double>& entropies, int64_t tokens, double rho,
+                           double tau, double alpha_min, double alpha_max, bool exact_total);
+
+// MEDA step 3. scores: [kv_heads, tokens]; modality: [tokens].
+// Returns kept positions [kv_heads, budget], ascending per head. With
+// `shared`, the raw scores are summed over heads, the prior is applied to the
+// sum, and every head gets the same set.
+std::vector<int32_t> RefSelect(const std::vector<double>& scores,
+                               const std::vector<uint8_t>& modality, int64_t kv_heads,
+                               int64_t tokens, int64_t budget, double recent_fraction,
+                               TextPrior text_prior, bool shared);
+
+struct RefMerged {
+  std::vector<double> keys;    // [kv_heads, budget, head_dim] (HND)
+  std::vector<double> values;  // [kv_heads, budget, head_dim] (HND)
+};
+
+// MEDA step 4 and the LOOK-M merge rules. kept: [kv_heads, budget],
+// ascending per head.
+RefMerged RefMerge(const TensorView& key, const TensorView& value,
+                   const std::vector<int32_t>& kept, int64_t budget, MergeMode mode,
+                   MergeThreshold threshold);
+
+}  // namespace medakv::reference

@@ -1,0 +1,364 @@
+// The compression pipeline end to end: composition of the ops checked stage
+// by stage against the naive reference, properties of the output, and
+// rejection of malformed input.
+#include "service/compress/pipeline.h"
+
+#include <gtest/gtest.h>
+
+#include <numeric>
+#include <set>
+#include <string>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+#include "tests/kernels/test_util.h"
+#include "tests/reference/reference.h"
+
+namespace medakv {
+namespace {
+
+using test::HostTensor;
+using test::RandomTensor;
+
+// A random cache; keeps the tensors alive for the CacheInput's views.
+struct TestCache {
+  std::vector<HostTensor> keys, values, queries;
+  std::vector<std::vector<float>> scores;
+  CacheInput input;
+};
+
+TestCache MakeCache(DType dtype, Layout layout, int64_t layers, int64_t kv_heads, int64_t group, int64_t tokens,
+                    int64_t head_dim, int64_t q_tokens, test::VisualPattern pattern, uint64_t seed) {
+  TestCache c;
+  CacheInput& in = c.input;
+  in.kv_heads = kv_heads;
+  in.q_heads = kv_heads * group;
+  in.head_dim = head_dim;
+  in.tokens = tokens;
+  in.dtype = dtype;
+  in.layout = layout;
+  in.modality = test::MakeModality(pattern, tokens);
+  in.stats = StatsForm::kQueries;
+  for (int64_t l = 0; l < layers; ++l) {
+    // Different spreads per layer so that entropies, and so budgets, differ.
+    const double spread = 0.5 + 0.4 * static_cast<double>(l);
+    c.keys.push_back(RandomTensor(dtype, layout, kv_heads, tokens, head_dim, seed + 3 * l, spread));
+    c.values.push_back(RandomTensor(dtype, layout, kv_heads, tokens, head_dim, seed + 3 * l + 1));
+    c.queries.push_back(RandomTensor(dtype, layout, in.q_heads, q_tokens, head_dim, seed + 3 * l + 2));
+  }
+  for (int64_t l = 0; l < layers; ++l) {
+    LayerInput layer;
+    layer.key = c.keys[l].view();
+    layer.value = c.values[l].view();
+    layer.query = c.queries[l].view();
+    in.layers.push_back(layer);
+  }
+  return c;
+}
+
+std::vector<uint8_t> Bytes(const HostTensor& t) {
+  const auto* p = reinterpret_cast<const uint8_t*>(t.data());
+  return std::vector<uint8_t>(p, p + t.NumBytes());
+}
+
+// ---- rho = 1 and FULL return the input unchanged ---------------------------
+
+class IdentityTest : public ::testing::TestWithParam<std::tuple<DType, Layout, bool>> {};
+
+TEST_P(IdentityTest, ReturnsInputUnchanged) {
+  const auto [dtype, layout, full_policy] = GetParam();
+  TestCache c = MakeCache(dtype, layout, 3, 2, 4, 37, 16, 5, test::VisualPattern::kMiddle, 11);
+  CompressOptions o;
+  o.budget.rho = 1.0;
+  if (full_policy) o.policy = PolicyKind::kFull;
+  auto backend = MakeCpuBackend();
+  absl::StatusOr<CompressResult> r = Compress(c.input, o, *backend);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->layers.size(), 3u);
+  EXPECT_EQ(r->tokens_kept, r->tokens_in);
+  for (int l = 0; l < 3; ++l) {
+    const LayerResult& layer = r->layers[l];
+    EXPECT_EQ(layer.budget, 37);
+    EXPECT_EQ(layer.key, Bytes(c.keys[l])) << "layer " << l;
+    EXPECT_EQ(layer.value, Bytes(c.values[l])) << "layer " << l;
+    for (int h = 0; h < 2; ++h) {
+      for (int t = 0; t < 37; ++t) EXPECT_EQ(layer.positions[h * 37 + t], t);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllDTypesLayouts, IdentityTest,
+                         ::testing::Combine(::testing::ValuesIn(test::kAllDTypes), ::testing::ValuesIn(test::kAllLayouts),
+                                            ::testing::Bool()),
+                         [](const auto& info) {
+                           return absl::StrCat(test::DTypeTag(std::get<0>(info.param)),
+                                               test::LayoutTag(std::get<1>(info.param)),
+                                               std::get<2>(info.param) ? "Full" : "MedaRho1");
+                         });
+
+// ---- MEDA against the reference, stage by stage -----------------------------
+
+struct PipelineCase {
+  DType dtype;
+  Layout layout;
+  int64_t group;
+  int64_t tokens;
+  test::VisualPattern pattern;
+  MergeMode merge;
+  bool shared;
+};
+
+class MedaVsReferenceTest : public ::testing::TestWithParam<PipelineCase> {};
+
+TEST_P(MedaVsReferenceTest, EveryStageMatches) {
+  const PipelineCase& p = GetParam();
+  const int64_t layers = 4, kv_heads = 2, head_dim = 16, q_tokens = std::min<int64_t>(p.tokens, 9);
+  TestCache c = MakeCache(p.dtype, p.layout, layers, kv_heads, p.group, p.tokens, head_dim, q_tokens, p.pattern, 7);
+  CompressOptions o;
+  o.budget.rho = 0.3;
+  o.merge = p.merge;
+  o.shared_selection = p.shared;
+  auto backend = MakeCpuBackend();
+  absl::StatusOr<CompressResult> r = Compress(c.input, o, *backend);
+  ASSERT_TRUE(r.ok()) << r.status();
+
+  const std::vector<uint8_t>& modality = c.input.modality;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  std::vector<double> entropies;
+  for (int64_t l = 0; l < layers; ++l) entropies.push_back(r->layers[l].entropy);
+  // Budgets: exactly the reference rule applied to the pipeline's entropies.
+  const reference::RefBudgetResult rb = reference::RefBudgets(entropies, p.tokens, 0.3, 1.0, 0.01, 1.0, true);
+  int64_t total = 0;
+  for (int64_t l = 0; l < layers; ++l) {
+    const LayerResult& lr = r->layers[l];
+    total += lr.budget;
+    EXPECT_EQ(lr.budget, rb.budget[l]) << "layer " << l;
+    const reference::RefStats rs = reference::RefAttentionStats(
+        c.queries[l].view(), reference::DefaultPositions(q_tokens, p.tokens), c.keys[l].view(), modality, scale,
+        o.entropy_heads, o.entropy_source, 0);
+    EXPECT_TRUE(test::Near(lr.entropy, rs.entropy, 1e-4, 1e-5)) << "layer " << l;
+    // Selection from the reference scores.
+    const std::vector<int32_t> kept = reference::RefSelect(rs.scores, modality, kv_heads, p.tokens, lr.budget,
+                                                           o.recent_fraction, o.text_prior, p.shared);
+    EXPECT_EQ(lr.positions, kept) << "layer " << l;
+    // Merge on the pipeline's own kept set.
+    const reference::RefMerged rm = reference::RefMerge(c.keys[l].view(), c.values[l].view(), lr.positions,
+                                                        lr.budget, p.merge, o.merge_threshold);
+    HostTensor out_k(p.dtype, p.layout, kv_heads, lr.budget, head_dim);
+    HostTensor out_v(p.dtype, p.layout, kv_heads, lr.budget, head_dim);
+    std::memcpy(out_k.data(), lr.key.data(), lr.key.size());
+    std::memcpy(out_v.data(), lr.value.data(), lr.value.size());
+    const double tol = p.dtype == DType::kFloat32 ? 1e-5 : (p.dtype == DType::kFloat16 ? 2e-3 : 1.6e-2);
+    EXPECT_TRUE(test::AllNear(test::ReadBack(out_k), rm.keys, tol, tol)) << "layer " << l;
+    EXPECT_TRUE(test::AllNear(test::ReadBack(out_v), rm.values, tol, tol)) << "layer " << l;
+  }
+  EXPECT_EQ(total, reference::RoundHalfUp(0.3 * layers * p.tokens));
+  EXPECT_EQ(r->tokens_kept, total);
+}
+
+std::vector<PipelineCase> PipelineCases() {
+  std::vector<PipelineCase> cases;
+  for (DType dt : test::kAllDTypes) {
+    for (Layout lay : test::kAllLayouts) {
+      cases.push_back({dt, lay, 4, 97, test::VisualPattern::kMiddle, MergeMode::kAverage, false});
+    }
+  }
+  cases.push_back({DType::kFloat32, Layout::kHND, 1, 7, test::VisualPattern::kMiddle, MergeMode::kAverage, false});
+  cases.push_back({DType::kFloat16, Layout::kNHD, 8, 769, test::VisualPattern::kInterleaved, MergeMode::kAverage, false});
+  cases.push_back({DType::kFloat32, Layout::kHND, 4, 97, test::VisualPattern::kNone, MergeMode::kPivotal, false});
+  cases.push_back({DType::kBFloat16, Layout::kHND, 4, 97, test::VisualPattern::kStart, MergeMode::kWeighted, true});
+  cases.push_back({DType::kFloat32, Layout::kNHD, 1, 61, test::VisualPattern::kMiddle, MergeMode::kNone, true});
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, MedaVsReferenceTest, ::testing::ValuesIn(PipelineCases()), [](const auto& info) {
+  const PipelineCase& p = info.param;
+  return absl::StrCat(test::DTypeTag(p.dtype), test::LayoutTag(p.layout), "G", p.group, "T", p.tokens,
+                      test::VisualPatternTag(p.pattern), MergeModeName(p.merge), p.shared ? "Shared" : "PerHead");
+});
+
+// ---- properties over many shapes ---------------------------------------------
+
+TEST(PipelinePropertiesTest, BudgetsRecentWindowAndOrder) {
+  auto backend = MakeCpuBackend();
+  uint64_t seed = 100;
+  for (int64_t tokens : {1, 2, 7, 64, 300}) {
+    for (double rho : {0.05, 0.2, 0.5, 0.9}) {
+      for (double recent : {0.0, 0.5, 1.0}) {
+        TestCache c = MakeCache(DType::kFloat16, Layout::kHND, 5, 2, 2, tokens, 8, std::min<int64_t>(tokens, 4),
+                                test::VisualPattern::kMiddle, ++seed);
+        CompressOptions o;
+        o.budget.rho = rho;
+        o.recent_fraction = recent;
+        absl::StatusOr<CompressResult> r = Compress(c.input, o, *backend);
+        ASSERT_TRUE(r.ok()) << r.status();
+        const std::string where = absl::StrCat("T=", tokens, " rho=", rho, " recent=", recent);
+        const int64_t lo = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(0.01 * tokens)));
+        const int64_t want = std::clamp<int64_t>(reference::RoundHalfUp(rho * 5 * tokens), 5 * lo, 5 * tokens);
+        EXPECT_EQ(r->tokens_kept, want) << where;
+        for (const LayerResult& l : r->layers) {
+          ASSERT_GE(l.budget, lo) << where;
+          ASSERT_LE(l.budget, tokens) << where;
+          const int64_t m = std::min<int64_t>(l.budget, reference::RoundHalfUp(recent * l.budget));
+          for (int64_t h = 0; h < 2; ++h) {
+            const int32_t* pos = l.positions.data() + h * l.budget;
+            for (int64_t b = 1; b < l.budget; ++b) ASSERT_LT(pos[b - 1], pos[b]) << where;
+            // The last m kept positions are exactly the m most recent tokens.
+            for (int64_t i = 0; i < m; ++i) ASSERT_EQ(pos[l.budget - m + i], tokens - m + i) << where;
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(PipelinePrecomputedTest, QHeadScoresSumOverGroups) {
+  // Precomputed statistics: scores per query head equal, after the group sum,
+  // the same scores given per kv head; both give the same kept set.
+  const int64_t kv_heads = 2, group = 3, tokens = 50;
+  TestCache c = MakeCache(DType::kFloat32, Layout::kHND, 2, kv_heads, group, tokens, 8, 1,
+                          test::VisualPattern::kMiddle, 5);
+  test::Rng rng(9);
+  std::vector<std::vector<float>> q_scores(2, std::vector<float>(kv_heads * group * tokens));
+  std::vector<std::vector<float>> kv_scores(2, std::vector<float>(kv_heads * tokens, 0.f));
+  for (int l = 0; l < 2; ++l) {
+    for (int64_t h = 0; h < kv_heads * group; ++h) {
+      for (int64_t t = 0; t < tokens; ++t) {
+        // Multiples of 1/8 sum exactly in any order.
+        const float s = static_cast<float>(rng.Int(0, 64)) / 8.f;
+        q_scores[l][h * tokens + t] = s;
+        kv_scores[l][(h / group) * tokens + t] += s;
+      }
+    }
+  }
+  auto run = [&](bool per_q_head) {
+    CacheInput in = c.input;
+    in.stats = StatsForm::kPrecomputed;
+    for (int l = 0; l < 2; ++l) {
+      in.layers[l].query = TensorView{};
+      in.layers[l].scores = per_q_head ? q_scores[l].data() : kv_scores[l].data();
+      in.layers[l].score_heads = per_q_head ? kv_heads * group : kv_heads;
+      in.layers[l].entropy = 1.0f + static_cast<float>(l);
+    }
+    CompressOptions o;
+    o.budget.rho = 0.4;
+    return Compress(in, o, *MakeCpuBackend());
+  };
+  absl::StatusOr<CompressResult> a = run(true), b = run(false);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  for (int l = 0; l < 2; ++l) {
+    EXPECT_EQ(a->layers[l].positions, b->layers[l].positions);
+    EXPECT_EQ(a->layers[l].entropy, 1.0f + static_cast<float>(l));
+    std::vector<double> scores(kv_scores[l].begin(), kv_scores[l].end());
+    EXPECT_EQ(a->layers[l].positions, reference::RefSelect(scores, c.input.modality, kv_heads, tokens,
+                                                           a->layers[l].budget, 0.5, TextPrior::kAdditive, false));
+  }
+  // The layer with the higher entropy gets the larger budget.
+  EXPECT_GT(a->layers[1].budget, a->layers[0].budget);
+}
+
+// ---- malformed input ------------------------------------------------------------
+
+void ExpectInvalid(const CacheInput& in, const CompressOptions& o, const std::string& fragment) {
+  absl::StatusOr<CompressResult> r = Compress(in, o, *MakeCpuBackend());
+  ASSERT_FALSE(r.ok()) << "expected an error mentioning '" << fragment << "'";
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+  EXPECT_NE(std::string(r.status().message()).find(fragment), std::string::npos) << r.status();
+}
+
+TEST(PipelineValidationTest, RejectsMalformedInput) {
+  TestCache c = MakeCache(DType::kFloat16, Layout::kHND, 2, 2, 2, 20, 8, 4, test::VisualPattern::kMiddle, 3);
+  const CompressOptions o;
+  {
+    CacheInput in = c.input;
+    in.layers.clear();
+    ExpectInvalid(in, o, "no layer");
+  }
+  {
+    CacheInput in = c.input;
+    in.q_heads = 3;
+    ExpectInvalid(in, o, "q_heads");
+  }
+  {
+    CacheInput in = c.input;
+    in.modality[4] = 2;
+    ExpectInvalid(in, o, "modality[4]");
+  }
+  {
+    CacheInput in = c.input;
+    in.modality.resize(19);
+    ExpectInvalid(in, o, "modality");
+  }
+  {
+    CacheInput in = c.input;
+    in.layers[1].value.tokens = 19;
+    ExpectInvalid(in, o, "layer 1 value");
+  }
+  {
+    CacheInput in = c.input;
+    in.layers[1].key.dtype = DType::kFloat32;
+    ExpectInvalid(in, o, "layer 1 key");
+  }
+  {
+    CacheInput in = c.input;
+    in.layers[0].key.layout = Layout::kNHD;
+    ExpectInvalid(in, o, "layout");
+  }
+  {
+    CacheInput in = c.input;
+    in.layers[0].query_positions = {0, 1, 2, 20};
+    ExpectInvalid(in, o, "query_positions[3]");
+  }
+  {
+    CacheInput in = c.input;
+    in.layers[0].query_positions = {0, 1};
+    ExpectInvalid(in, o, "query_positions");
+  }
+  {
+    CacheInput in = c.input;
+    in.layers[0].key.data = nullptr;
+    ExpectInvalid(in, o, "no data");
+  }
+  {
+    CacheInput in = c.input;
+    in.stats = StatsForm::kPrecomputed;
+    ExpectInvalid(in, o, "scores: missing");
+  }
+  {
+    CacheInput in = c.input;
+    in.tokens = 0;
+    ExpectInvalid(in, o, "tokens");
+  }
+}
+
+TEST(PipelineValidationTest, RejectsBadOptions) {
+  TestCache c = MakeCache(DType::kFloat32, Layout::kHND, 2, 1, 1, 10, 4, 2, test::VisualPattern::kNone, 4);
+  const std::pair<std::function<void(CompressOptions&)>, std::string> cases[] = {
+      {[](CompressOptions& o) { o.budget.rho = 0.0; }, "rho"},
+      {[](CompressOptions& o) { o.budget.rho = 1.5; }, "rho"},
+      {[](CompressOptions& o) { o.budget.rho = NAN; }, "rho"},
+      {[](CompressOptions& o) { o.budget.tau = 0.0; }, "tau"},
+      {[](CompressOptions& o) { o.budget.alpha_min = 0.5; o.budget.alpha_max = 0.2; }, "alpha_min"},
+      {[](CompressOptions& o) { o.recent_fraction = -0.1; }, "recent_fraction"},
+      {[](CompressOptions& o) { o.scale = -1.f; }, "scale"},
+      {[](CompressOptions& o) { o.merge = static_cast<MergeMode>(9); }, "merge"},
+      {[](CompressOptions& o) { o.policy = static_cast<PolicyKind>(9); }, "policy"},
+  };
+  for (const auto& [mutate, fragment] : cases) {
+    CompressOptions o;
+    mutate(o);
+    ExpectInvalid(c.input, o, fragment);
+  }
+}
+
+TEST(ModalityFromSpansTest, ExpandsAndRejects) {
+  absl::StatusOr<std::vector<uint8_t>> m = ModalityFromSpans(6, {{1, 2, Modality::kVisual}, {5, 1, Modality::kVisual}});
+  ASSERT_TRUE(m.ok());
+  EXPECT_EQ(*m, (std::vector<uint8_t>{0, 1, 1, 0, 0, 1}));
+  EXPECT_FALSE(ModalityFromSpans(6, {{4, 3, Modality::kVisual}}).ok());
+  EXPECT_FALSE(ModalityFromSpans(6, {{-1, 1, Modality::kVisual}}).ok());
+}
+
+}  // namespace
+}  // namespace medakv
