@@ -66,39 +66,15 @@ std::string SupportedTypeNames() {
 }
 
 // Whether `s` is well-formed UTF-8 (no overlong forms, surrogates or code
-// points above U+10FFFF), as JSON requires.
+// points above U+10FFFF), as JSON requires: nlohmann's strict serializer
+// throws on anything else.
 bool IsValidUtf8(absl::string_view s) {
-  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
-  const unsigned char* end = p + s.size();
-  while (p < end) {
-    const unsigned char c = *p;
-    if (c < 0x80) {
-      ++p;
-      continue;
-    }
-    int extra;
-    unsigned char lo = 0x80, hi = 0xBF;  // bounds of the second byte
-    if (c >= 0xC2 && c <= 0xDF) {
-      extra = 1;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      extra = 2;
-      if (c == 0xE0) lo = 0xA0;
-      if (c == 0xED) hi = 0x9F;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      extra = 3;
-      if (c == 0xF0) lo = 0x90;
-      if (c == 0xF4) hi = 0x8F;
-    } else {
-      return false;
-    }
-    if (end - p <= extra) return false;
-    if (p[1] < lo || p[1] > hi) return false;
-    for (int i = 2; i <= extra; ++i) {
-      if (p[i] < 0x80 || p[i] > 0xBF) return false;
-    }
-    p += extra + 1;
+  try {
+    (void)Json(std::string(s)).dump();
+    return true;
+  } catch (const Json::type_error&) {
+    return false;
   }
-  return true;
 }
 
 // `s` for an error message: control characters, (with `escape_quotes`) quotes
