@@ -69,7 +69,12 @@ void RunMerge(benchmark::State& state, MergeMode mode) {
   Layer layer(tokens);
   const std::vector<int32_t> kept = Kept(tokens, budget);
   std::vector<Half> ok(kHeads * budget * kHeadDim), ov(ok.size());
-  MergeArgs a{layer.Key(), layer.Value(), kept.data(), budget, mode, MergeThreshold::kNone};
+  MergeArgs a;
+  a.key = layer.Key();
+  a.value = layer.Value();
+  a.kept = kept.data();
+  a.budget = budget;
+  a.mode = mode;
   const MutableTensorView k{ok.data(), DType::kFloat16, Layout::kHND, kHeads, budget, kHeadDim};
   const MutableTensorView v{ov.data(), DType::kFloat16, Layout::kHND, kHeads, budget, kHeadDim};
   for (auto _ : state) {
@@ -111,7 +116,12 @@ void BM_Select(benchmark::State& state) {
   for (float& s : scores) s = u(rng);
   std::vector<uint8_t> modality(tokens, 0);
   std::vector<int32_t> kept(kHeads * budget);
-  SelectArgs a{scores.data(), modality.data(), kHeads, tokens, budget, 0.5, TextPrior::kAdditive, false};
+  SelectArgs a;
+  a.scores = scores.data();
+  a.modality = modality.data();
+  a.kv_heads = kHeads;
+  a.tokens = tokens;
+  a.budget = budget;
   for (auto _ : state) {
     if (!cpu::SelectTokens(a, kept.data()).ok()) state.SkipWithError("select failed");
     benchmark::DoNotOptimize(kept.data());

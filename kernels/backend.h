@@ -21,6 +21,9 @@ class Backend {
   [[nodiscard]] virtual absl::Status ReduceScores(const float* scores,  // [score_heads, tokens]
                                                   int64_t score_heads, int64_t kv_heads, int64_t tokens,
                                                   float* out /* [kv_heads, tokens] */) const = 0;
+  [[nodiscard]] virtual absl::Status PoolScores(const float* in,  // [heads, tokens]
+                                                int64_t heads, int64_t tokens, int64_t length, int64_t kernel,
+                                                float* out /* [heads, tokens] */) const = 0;
   [[nodiscard]] virtual absl::Status SelectTokens(const SelectArgs& args,
                                                   int32_t* kept /* [kv_heads, budget] */) const = 0;
   [[nodiscard]] virtual absl::Status MergeAndGather(const MergeArgs& args, MutableTensorView out_key,

@@ -16,6 +16,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "client/cli/cache_file.h"
+#include "client/cli/policy_flags.h"
 #include "client/cli/synth.h"
 #include "kernels/common/status.h"
 #include "kernels/common/tensor_util.h"
@@ -28,15 +29,9 @@ constexpr int kExitError = 1;
 struct CompressFlags {
   std::string input, output;
   std::string layout = "hnd";
-  std::string policy = "meda";
-  std::string entropy_heads = "mean_attention";
-  std::string entropy_source = "cross_modal";
-  std::string text_prior = "additive";
-  std::string merge = "average";
-  std::string merge_threshold = "none";
   bool json = false;
   bool verbose = false;
-  CompressOptions options;
+  PolicyFlags policy;
 };
 
 struct SynthFlags {
@@ -47,18 +42,8 @@ struct SynthFlags {
   std::vector<std::string> visual;
 };
 
-absl::Status ParseCompressFlags(CompressFlags& f) {
-  MEDAKV_ASSIGN_OR_RETURN(f.options.policy, ParsePolicy(f.policy));
-  MEDAKV_ASSIGN_OR_RETURN(f.options.entropy_heads, ParseEntropyHeads(f.entropy_heads));
-  MEDAKV_ASSIGN_OR_RETURN(f.options.entropy_source, ParseEntropySource(f.entropy_source));
-  MEDAKV_ASSIGN_OR_RETURN(f.options.text_prior, ParseTextPrior(f.text_prior));
-  MEDAKV_ASSIGN_OR_RETURN(f.options.merge, ParseMergeMode(f.merge));
-  MEDAKV_ASSIGN_OR_RETURN(f.options.merge_threshold, ParseMergeThreshold(f.merge_threshold));
-  return ValidateOptions(f.options);
-}
-
 absl::Status RunCompress(CompressFlags& f) {
-  MEDAKV_RETURN_IF_ERROR(ParseCompressFlags(f));
+  MEDAKV_ASSIGN_OR_RETURN(const CompressOptions options, f.policy.Resolve());
   MEDAKV_ASSIGN_OR_RETURN(const Layout layout, ParseLayout(f.layout));
   const auto t0 = std::chrono::steady_clock::now();
   MEDAKV_ASSIGN_OR_RETURN(safetensors::File file, safetensors::File::Open(f.input));
@@ -66,8 +51,8 @@ absl::Status RunCompress(CompressFlags& f) {
   if (!loaded.ok()) return absl::Status(loaded.status().code(), absl::StrCat(f.input, ": ", loaded.status().message()));
   const CacheInput& in = (*loaded)->input;
   const std::unique_ptr<Backend> backend = MakeCpuBackend();
-  MEDAKV_ASSIGN_OR_RETURN(const CompressResult result, Compress(in, f.options, *backend));
-  const CompressOptions& o = f.options;
+  MEDAKV_ASSIGN_OR_RETURN(const CompressResult result, Compress(in, options, *backend));
+  const CompressOptions& o = options;
   const std::vector<std::pair<std::string, std::string>> metadata = {
       {"format", "medakv.compressed.v1"},
       {"layout", LayoutName(in.layout)},
@@ -85,6 +70,10 @@ absl::Status RunCompress(CompressFlags& f) {
       {"merge", MergeModeName(o.merge)},
       {"merge_threshold", MergeThresholdName(o.merge_threshold)},
       {"shared_selection", o.shared_selection ? "true" : "false"},
+      {"sinks", absl::StrCat(o.sinks)},
+      {"window", absl::StrCat(o.window)},
+      {"pool_kernel", absl::StrCat(o.pool_kernel)},
+      {"pyramid_beta", absl::StrCat(o.pyramid_beta)},
       {"backend", std::string(backend->Name())},
   };
   const auto t_write = std::chrono::steady_clock::now();
@@ -164,24 +153,7 @@ void AddCompressCommand(CLI::App& app, CompressFlags& f) {
   c->add_option("input", f.input, "Input cache (.safetensors)")->required();
   c->add_option("-o,--output", f.output, "Output file (.safetensors)")->required();
   c->add_option("--layout", f.layout, "Dims order of the file's tensors: hnd or nhd")->capture_default_str();
-  c->add_option("--policy", f.policy, "Policy: meda | full")->capture_default_str();
-  c->add_option("--rho", f.options.budget.rho, "Fraction of the cache to keep, (0, 1]")->capture_default_str();
-  c->add_option("--tau", f.options.budget.tau, "Temperature of the entropy softmax")->capture_default_str();
-  c->add_option("--alpha-min", f.options.budget.alpha_min, "Lower clamp of alpha_l")->capture_default_str();
-  c->add_option("--alpha-max", f.options.budget.alpha_max, "Upper clamp of alpha_l")->capture_default_str();
-  c->add_flag("--exact-total{true}", f.options.budget.exact_total,
-              "Budgets sum to round(rho*L*T) exactly (--exact-total=false: clamp and floor)")
-      ->capture_default_str();
-  c->add_option("--recent-fraction", f.options.recent_fraction, "Share of B_l kept as the most recent tokens")
-      ->capture_default_str();
-  c->add_option("--entropy-heads", f.entropy_heads, "mean_attention | mean_entropy")->capture_default_str();
-  c->add_option("--entropy-source", f.entropy_source, "cross_modal | causal")->capture_default_str();
-  c->add_option("--text-prior", f.text_prior, "additive | keep_all_text | none")->capture_default_str();
-  c->add_option("--merge", f.merge, "average | pivotal | weighted | none")->capture_default_str();
-  c->add_option("--merge-threshold", f.merge_threshold, "none | mean")->capture_default_str();
-  c->add_flag("--shared-selection{true}", f.options.shared_selection, "One kept set for all heads of a layer")
-      ->capture_default_str();
-  c->add_option("--scale", f.options.scale, "Logit scale (0: 1/sqrt(head_dim))")->capture_default_str();
+  f.policy.Add(c);
   c->add_flag("--json", f.json, "Print the summary as JSON");
   c->add_flag("-v,--verbose", f.verbose, "Print entropy, alpha and budget per layer");
 }

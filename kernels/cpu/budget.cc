@@ -64,6 +64,82 @@ absl::Status ValidateBudgetOptions(const BudgetOptions& o) {
   return absl::OkStatus();
 }
 
+std::vector<int64_t> RoundSharesToTotal(const std::vector<double>& share, int64_t total, int64_t lo, int64_t hi) {
+  // Floor, then hand out the tokens still missing one each to the largest
+  // fractional parts (ties: the lower layer), never above hi; an overshoot
+  // (only from rounding in the caller's shares) is taken back from the
+  // smallest fractions, never below lo.
+  const int64_t layers = static_cast<int64_t>(share.size());
+  std::vector<int64_t> budget(layers);
+  std::vector<double> frac(layers);
+  int64_t sum = 0;
+  for (int64_t l = 0; l < layers; ++l) {
+    const double s = Clip(share[l], static_cast<double>(lo), static_cast<double>(hi));
+    budget[l] = static_cast<int64_t>(std::floor(s));
+    frac[l] = s - static_cast<double>(budget[l]);
+    sum += budget[l];
+  }
+  std::vector<int64_t> order(layers);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return frac[a] > frac[b]; });
+  while (sum < total) {
+    bool gave = false;
+    for (int64_t l : order) {
+      if (sum == total) break;
+      if (budget[l] < hi) {
+        ++budget[l];
+        ++sum;
+        gave = true;
+      }
+    }
+    if (!gave) break;
+  }
+  while (sum > total) {
+    bool took = false;
+    for (auto it = order.rbegin(); it != order.rend() && sum > total; ++it) {
+      if (budget[*it] > lo) {
+        --budget[*it];
+        --sum;
+        took = true;
+      }
+    }
+    if (!took) break;
+  }
+  return budget;
+}
+
+int64_t UniformBudget(double rho, int64_t tokens) {
+  return std::clamp<int64_t>(RoundHalfUp(rho * static_cast<double>(tokens)), 1, tokens);
+}
+
+absl::StatusOr<std::vector<int64_t>> PyramidBudgets(int64_t layers, int64_t tokens, double rho, int64_t window,
+                                                    double beta) {
+  if (layers <= 0 || tokens <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("pyramid budgets: layers and tokens must be > 0, got ", layers, " and ", tokens));
+  }
+  if (!(rho > 0.0 && rho <= 1.0)) return absl::InvalidArgumentError(absl::StrCat("rho must be in (0, 1], got ", rho));
+  if (window < 0) return absl::InvalidArgumentError(absl::StrCat("window must be >= 0, got ", window));
+  if (!(beta > 0.0) || !std::isfinite(beta)) {
+    return absl::InvalidArgumentError(absl::StrCat("pyramid_beta must be finite and > 0, got ", beta));
+  }
+  const int64_t uniform = UniformBudget(rho, tokens);
+  const int64_t total = uniform * layers;
+  const double c = static_cast<double>(uniform), w = static_cast<double>(std::min(window, tokens));
+  if (c <= w || layers == 1) return std::vector<int64_t>(layers, uniform);
+  double min_b = (c - w) / beta;
+  double max_b = 2.0 * (c - w) - min_b;
+  if (max_b > static_cast<double>(tokens) - w) {
+    max_b = static_cast<double>(tokens) - w;
+    min_b = 2.0 * (c - w) - max_b;
+  }
+  std::vector<double> share(layers);
+  for (int64_t l = 0; l < layers; ++l) {
+    share[l] = w + max_b - static_cast<double>(l) * (max_b - min_b) / static_cast<double>(layers - 1);
+  }
+  return RoundSharesToTotal(share, total, 1, tokens);
+}
+
 int64_t TargetTotal(double rho, int64_t layers, int64_t tokens) {
   return RoundHalfUp(rho * static_cast<double>(layers) * static_cast<double>(tokens));
 }
@@ -114,42 +190,7 @@ absl::StatusOr<LayerBudgets> AllocateEntropyBudgets(absl::Span<const float> entr
     for (int64_t l = 0; l < layers; ++l) share[l] = Clip(lambda_hi * w[l] * t, lo, hi);
   }
 
-  // Floor, then hand out the tokens still missing one each to the largest
-  // fractional parts (ties: the lower layer), never above hi. Bisection leaves
-  // the sum within rounding of n, so the correction loops run at most a few rounds.
-  int64_t total = 0;
-  std::vector<double> frac(layers);
-  for (int64_t l = 0; l < layers; ++l) {
-    out.budget[l] = static_cast<int64_t>(std::floor(share[l]));
-    frac[l] = share[l] - static_cast<double>(out.budget[l]);
-    total += out.budget[l];
-  }
-  std::vector<int64_t> order(layers);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return frac[a] > frac[b]; });
-  while (total < n) {
-    bool gave = false;
-    for (int64_t l : order) {
-      if (total == n) break;
-      if (out.budget[l] < hi) {
-        ++out.budget[l];
-        ++total;
-        gave = true;
-      }
-    }
-    if (!gave) break;
-  }
-  while (total > n) {  // only after a rounding overshoot: take from the smallest fractions
-    bool took = false;
-    for (auto it = order.rbegin(); it != order.rend() && total > n; ++it) {
-      if (out.budget[*it] > lo) {
-        --out.budget[*it];
-        --total;
-        took = true;
-      }
-    }
-    if (!took) break;
-  }
+  out.budget = RoundSharesToTotal(share, n, lo, hi);
   return out;
 }
 

@@ -35,4 +35,20 @@ struct LayerBudgets {
 // Target total of the exact rule: round(rho * L * T).
 int64_t TargetTotal(double rho, int64_t layers, int64_t tokens);
 
+// The uniform budget of the baselines: round(rho * T) within [1, T].
+int64_t UniformBudget(double rho, int64_t tokens);
+
+// PyramidKV's budgets (its public implementation): with C the uniform budget
+// and w the observation window, min = (C - w) / beta, max = 2 (C - w) - min
+// (if max > T - w: max = T - w, min = 2 (C - w) - max); layer l keeps
+// w + max - l (max - min) / (L - 1), rounded so that the total is exactly
+// L * C (each within [1, T]). Uniform when C <= w or L = 1.
+[[nodiscard]] absl::StatusOr<std::vector<int64_t>> PyramidBudgets(int64_t layers, int64_t tokens, double rho,
+                                                                  int64_t window, double beta);
+
+// Integer budgets from real shares: each share clipped to [lo, hi] and
+// floored, then the tokens missing to `total` go one each to the largest
+// fractional parts (ties: the lower layer), never above hi.
+std::vector<int64_t> RoundSharesToTotal(const std::vector<double>& share, int64_t total, int64_t lo, int64_t hi);
+
 }  // namespace medakv

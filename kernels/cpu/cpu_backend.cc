@@ -14,6 +14,10 @@ class CpuBackend final : public Backend {
                             float* out) const override {
     return cpu::ReduceScores(scores, score_heads, kv_heads, tokens, out);
   }
+  absl::Status PoolScores(const float* in, int64_t heads, int64_t tokens, int64_t length, int64_t kernel,
+                          float* out) const override {
+    return cpu::PoolScores(in, heads, tokens, length, kernel, out);
+  }
   absl::Status SelectTokens(const SelectArgs& args, int32_t* kept) const override {
     return cpu::SelectTokens(args, kept);
   }

@@ -20,6 +20,12 @@ namespace medakv::cpu {
                                         int64_t kv_heads, int64_t tokens,
                                         float* out /* [kv_heads, tokens] */);
 
+// SnapKV's pooling: out[h, t] = mean of in[h, u] over |u - t| <= kernel/2,
+// zero-padded outside [0, length), for t < length; positions >= length (the
+// observation window) are copied. in and out are [heads, tokens].
+[[nodiscard]] absl::Status PoolScores(const float* in, int64_t heads, int64_t tokens, int64_t length,
+                                      int64_t kernel, float* out);
+
 // Kept positions [kv_heads, budget], ascending per head.
 [[nodiscard]] absl::Status SelectTokens(const SelectArgs& args, int32_t* kept);
 

@@ -29,6 +29,7 @@ absl::Status ValidateSelect(const SelectArgs& a, const int32_t* kept) {
     return absl::InvalidArgumentError(
         absl::StrCat("recent_fraction must be in [0, 1], got ", a.recent_fraction));
   }
+  if (a.sinks < 0) return absl::InvalidArgumentError(absl::StrCat("select: sinks must be >= 0, got ", a.sinks));
   if (a.text_prior != TextPrior::kAdditive && a.text_prior != TextPrior::kKeepAllText &&
       a.text_prior != TextPrior::kNone) {
     return absl::InvalidArgumentError("select: unknown text_prior");
@@ -39,23 +40,27 @@ absl::Status ValidateSelect(const SelectArgs& a, const int32_t* kept) {
   return absl::OkStatus();
 }
 
-// Selects `budget` tokens of one head's scores [tokens]; writes them ascending.
-void SelectOne(const float* scores, const uint8_t* modality, int64_t tokens, int64_t budget,
+// Selects `budget` tokens of one head's scores [tokens]: the first `sinks`,
+// the last `recent`, and the best of the rest; writes them ascending.
+void SelectOne(const float* scores, const uint8_t* modality, int64_t tokens, int64_t budget, int64_t sinks,
                int64_t recent, TextPrior prior, int32_t* kept) {
   float max_score = -INFINITY;
   if (prior == TextPrior::kAdditive) {
     for (int64_t t = 0; t < tokens; ++t) max_score = std::max(max_score, RankableScore(scores[t]));
   }
-  const int64_t pool = tokens - recent;  // candidates are [0, pool); [pool, tokens) always kept
-  const int64_t take = budget - recent;
+  // [0, sinks) and [tokens - recent, tokens) are always kept; candidates are
+  // [sinks, tokens - recent), indexed from 0 below.
+  const int64_t pool = tokens - recent - sinks;
+  const int64_t take = budget - recent - sinks;
   std::vector<float> adjusted(pool);
   std::vector<int8_t> cls(pool, 0);
-  for (int64_t t = 0; t < pool; ++t) {
+  for (int64_t c = 0; c < pool; ++c) {
+    const int64_t t = sinks + c;
     const bool text = modality[t] == static_cast<uint8_t>(Modality::kText);
     float s = RankableScore(scores[t]);
     if (prior == TextPrior::kAdditive && text) s += max_score;
-    if (prior == TextPrior::kKeepAllText && text) cls[t] = 1;
-    adjusted[t] = s;
+    if (prior == TextPrior::kKeepAllText && text) cls[c] = 1;
+    adjusted[c] = s;
   }
   std::vector<int32_t> order(pool);
   std::iota(order.begin(), order.end(), 0);
@@ -64,28 +69,31 @@ void SelectOne(const float* scores, const uint8_t* modality, int64_t tokens, int
   };
   if (take > 0 && take < pool) std::nth_element(order.begin(), order.begin() + take, order.end(), before);
   int64_t n = 0;
-  for (int64_t i = 0; i < take; ++i) kept[n++] = order[i];
-  std::sort(kept, kept + n);
-  for (int64_t t = pool; t < tokens; ++t) kept[n++] = static_cast<int32_t>(t);
+  for (int64_t t = 0; t < sinks; ++t) kept[n++] = static_cast<int32_t>(t);
+  for (int64_t i = 0; i < take; ++i) kept[n++] = static_cast<int32_t>(sinks + order[i]);
+  std::sort(kept + sinks, kept + n);
+  for (int64_t t = tokens - recent; t < tokens; ++t) kept[n++] = static_cast<int32_t>(t);
 }
 
 }  // namespace
 
 absl::Status SelectTokens(const SelectArgs& a, int32_t* kept) {
   if (absl::Status s = ValidateSelect(a, kept); !s.ok()) return s;
-  const int64_t recent = RecentCount(a.recent_fraction, a.budget);
+  const int64_t sinks = std::min(a.sinks, a.budget);
+  const int64_t recent = std::min(a.recent_tokens >= 0 ? a.recent_tokens : RecentCount(a.recent_fraction, a.budget),
+                                  a.budget - sinks);
   if (a.shared_selection) {
     // One kept set for the layer: raw scores summed over heads, then the prior.
     std::vector<float> summed(a.tokens, 0.f);
     for (int64_t h = 0; h < a.kv_heads; ++h) {
       for (int64_t t = 0; t < a.tokens; ++t) summed[t] += a.scores[h * a.tokens + t];
     }
-    SelectOne(summed.data(), a.modality, a.tokens, a.budget, recent, a.text_prior, kept);
+    SelectOne(summed.data(), a.modality, a.tokens, a.budget, sinks, recent, a.text_prior, kept);
     for (int64_t h = 1; h < a.kv_heads; ++h) std::copy(kept, kept + a.budget, kept + h * a.budget);
     return absl::OkStatus();
   }
   ParallelFor(a.kv_heads, [&](int64_t h) {
-    SelectOne(a.scores + h * a.tokens, a.modality, a.tokens, a.budget, recent, a.text_prior,
+    SelectOne(a.scores + h * a.tokens, a.modality, a.tokens, a.budget, sinks, recent, a.text_prior,
               kept + h * a.budget);
   });
   return absl::OkStatus();

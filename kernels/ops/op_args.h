@@ -38,7 +38,9 @@ struct SelectArgs {
   int64_t kv_heads = 0;
   int64_t tokens = 0;
   int64_t budget = 0;  // B_l in [1, tokens]
-  double recent_fraction = 0.5;
+  double recent_fraction = 0.5;  // M = round(recent_fraction * B) most recent tokens kept...
+  int64_t recent_tokens = -1;    // ...unless >= 0: then M = recent_tokens (SnapKV's window)
+  int64_t sinks = 0;             // the first min(sinks, B) tokens are always kept (StreamingLLM)
   TextPrior text_prior = TextPrior::kAdditive;
   bool shared_selection = false;
 };

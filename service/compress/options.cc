@@ -41,8 +41,10 @@ const char* EnumName(E v, const std::pair<const char*, E> (&names)[N]) {
   return "unknown";
 }
 
-constexpr std::pair<const char*, PolicyKind> kPolicies[] = {{"full", PolicyKind::kFull},
-                                                            {"meda", PolicyKind::kMeda}};
+constexpr std::pair<const char*, PolicyKind> kPolicies[] = {
+    {"full", PolicyKind::kFull},       {"meda", PolicyKind::kMeda},           {"streaming_llm", PolicyKind::kStreamingLlm},
+    {"h2o", PolicyKind::kH2O},         {"snapkv", PolicyKind::kSnapKV},       {"pyramidkv", PolicyKind::kPyramidKV},
+    {"look_m", PolicyKind::kLookM}};
 constexpr std::pair<const char*, EntropyHeads> kEntropyHeads[] = {
     {"mean_attention", EntropyHeads::kMeanAttention}, {"mean_entropy", EntropyHeads::kMeanEntropy}};
 constexpr std::pair<const char*, EntropySource> kEntropySources[] = {
@@ -78,6 +80,29 @@ absl::StatusOr<MergeThreshold> ParseMergeThreshold(absl::string_view s) {
   return ParseEnum("merge_threshold", s, kMergeThresholds);
 }
 
+CompressOptions DefaultOptions(PolicyKind policy) {
+  CompressOptions o;  // MEDA's defaults
+  o.policy = policy;
+  switch (policy) {
+    case PolicyKind::kFull:
+    case PolicyKind::kMeda:
+      break;
+    case PolicyKind::kStreamingLlm:
+    case PolicyKind::kH2O:
+    case PolicyKind::kSnapKV:
+    case PolicyKind::kPyramidKV:
+      o.text_prior = TextPrior::kNone;
+      o.merge = MergeMode::kNone;
+      break;
+    case PolicyKind::kLookM:
+      // LOOK-M: the paper's Eq. 8 and its code keep the union of text and top tokens.
+      o.text_prior = TextPrior::kKeepAllText;
+      o.merge = MergeMode::kPivotal;
+      break;
+  }
+  return o;
+}
+
 absl::Status ValidateOptions(const CompressOptions& o) {
   if (!Known(o.policy, kPolicies)) return absl::InvalidArgumentError("policy: unknown value");
   if (absl::Status s = ValidateBudgetOptions(o.budget); !s.ok()) return s;
@@ -86,6 +111,14 @@ absl::Status ValidateOptions(const CompressOptions& o) {
   }
   if (!(o.scale >= 0.f) || !std::isfinite(o.scale)) {
     return absl::InvalidArgumentError(absl::StrCat("scale must be finite and >= 0 (0: 1/sqrt(head_dim)), got ", o.scale));
+  }
+  if (o.sinks < 0) return absl::InvalidArgumentError(absl::StrCat("sinks must be >= 0, got ", o.sinks));
+  if (o.window < 1) return absl::InvalidArgumentError(absl::StrCat("window must be >= 1, got ", o.window));
+  if (o.pool_kernel < 1 || o.pool_kernel % 2 == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("pool_kernel must be odd and >= 1, got ", o.pool_kernel));
+  }
+  if (!(o.pyramid_beta > 0.0) || !std::isfinite(o.pyramid_beta)) {
+    return absl::InvalidArgumentError(absl::StrCat("pyramid_beta must be finite and > 0, got ", o.pyramid_beta));
   }
   if (!Known(o.entropy_heads, kEntropyHeads)) return absl::InvalidArgumentError("entropy_heads: unknown value");
   if (!Known(o.entropy_source, kEntropySources)) return absl::InvalidArgumentError("entropy_source: unknown value");

@@ -12,9 +12,16 @@
 
 namespace medakv {
 
+// The policies of ALGORITHM.md; each is a composition of a budget rule, a
+// scorer, a selector and a merger (service/compress/policy.h).
 enum class PolicyKind : uint8_t {
-  kFull = 0,  // keep everything (a pass-through, for comparison)
-  kMeda = 1,  // MEDA: entropy budgets, text prior, accumulated attention, recent window, AVERAGE merge
+  kFull = 0,          // keep everything (a pass-through, for comparison)
+  kMeda = 1,          // entropy budgets, text prior, accumulated attention, recent window, AVERAGE merge
+  kStreamingLlm = 2,  // uniform budgets; attention sinks + most recent tokens
+  kH2O = 3,           // uniform; accumulated attention over all rows, heavy and recent halves
+  kSnapKV = 4,        // uniform; pooled attention of the observation window, the window kept
+  kPyramidKV = 5,     // SnapKV selection with pyramid (arithmetic) layer budgets
+  kLookM = 6,         // uniform; keep-all-text prior, accumulated attention, recent half, PIVOTAL merge
 };
 
 struct CompressOptions {
@@ -32,7 +39,18 @@ struct CompressOptions {
   // Merging.
   MergeMode merge = MergeMode::kAverage;
   MergeThreshold merge_threshold = MergeThreshold::kNone;
+  // Baselines.
+  int64_t sinks = 4;         // streaming_llm: attention sinks kept at the start
+  int64_t window = 64;       // snapkv, pyramidkv: observation window (last query rows)
+  int64_t pool_kernel = 5;   // snapkv, pyramidkv: average pooling over positions (odd)
+  double pyramid_beta = 20;  // pyramidkv: min = (C - w) / beta
 };
+
+// The options a policy runs with when the request names only the policy:
+// each baseline's own defaults (its paper or best-known implementation),
+// e.g. look_m gets text_prior keep_all_text and merge pivotal. Fields the
+// caller set explicitly are applied on top by the caller.
+CompressOptions DefaultOptions(PolicyKind policy);
 
 // Every option in range; messages name the option and the expected values.
 [[nodiscard]] absl::Status ValidateOptions(const CompressOptions& options);

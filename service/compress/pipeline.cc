@@ -8,6 +8,7 @@
 #include "kernels/common/status.h"
 #include "kernels/common/tensor_util.h"
 #include "kernels/cpu/budget.h"
+#include "service/compress/policy.h"
 
 namespace medakv {
 namespace {
@@ -132,30 +133,38 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
                                         const Backend& backend) {
   MEDAKV_RETURN_IF_ERROR(ValidateOptions(options));
   MEDAKV_RETURN_IF_ERROR(ValidateCacheInput(in));
+  const PolicyPlan plan = PlanFor(options.policy);
   const int64_t layers = static_cast<int64_t>(in.layers.size());
   const int64_t kv_heads = in.kv_heads, tokens = in.tokens;
   const std::vector<uint8_t> modality =
       in.modality.empty() ? std::vector<uint8_t>(tokens, static_cast<uint8_t>(Modality::kText)) : in.modality;
+  const bool queries = in.stats == StatsForm::kQueries;
+  // The observation window, in query rows and in (the most recent) tokens.
+  auto window_rows = [&](const LayerInput& layer) {
+    return queries ? std::min(options.window, layer.query.tokens) : options.window;
+  };
+  int64_t window_tokens = tokens;
+  for (const LayerInput& layer : in.layers) window_tokens = std::min(window_tokens, window_rows(layer));
 
   CompressResult result;
   result.layers.resize(layers);
   result.tokens_in = layers * tokens;
-  const bool full = options.policy == PolicyKind::kFull;
 
-  // Stage 1: statistics of every layer.
+  // Stage 1: statistics of every layer (scores for the scorer, entropy for MEDA's budgets).
   auto t0 = std::chrono::steady_clock::now();
-  std::vector<std::vector<float>> scores(layers);
+  std::vector<std::vector<float>> scores(layers, std::vector<float>());
   std::vector<float> entropy(layers, 0.f);
-  if (!full) {
-    const float scale = options.scale > 0.f ? options.scale : 1.f / std::sqrt(static_cast<float>(in.head_dim));
-    for (int64_t l = 0; l < layers; ++l) {
-      const LayerInput& layer = in.layers[l];
-      scores[l].resize(kv_heads * tokens);
-      if (in.stats == StatsForm::kPrecomputed) {
-        MEDAKV_RETURN_IF_ERROR(backend.ReduceScores(layer.scores, layer.score_heads, kv_heads, tokens, scores[l].data()));
-        entropy[l] = layer.entropy;
-        continue;
-      }
+  const bool need_stats = plan.scorer != Scorer::kNone || plan.budget == BudgetRule::kEntropy;
+  const float scale = options.scale > 0.f ? options.scale : 1.f / std::sqrt(static_cast<float>(in.head_dim));
+  for (int64_t l = 0; l < layers && need_stats; ++l) {
+    const LayerInput& layer = in.layers[l];
+    std::vector<float>& s = scores[l];
+    s.resize(kv_heads * tokens);
+    const int64_t rows = window_rows(layer);
+    if (!queries) {
+      MEDAKV_RETURN_IF_ERROR(backend.ReduceScores(layer.scores, layer.score_heads, kv_heads, tokens, s.data()));
+      entropy[l] = layer.entropy;
+    } else {
       std::vector<int32_t> positions = layer.query_positions;
       if (positions.empty()) {
         positions.resize(layer.query.tokens);
@@ -168,12 +177,26 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
       args.modality = modality.data();
       args.scale = scale;
       args.entropy_heads = options.entropy_heads;
-      args.entropy_source = options.entropy_source;
+      // Only MEDA's budgets use the cross-modal entropy; the causal one costs nothing extra.
+      args.entropy_source = plan.budget == BudgetRule::kEntropy ? options.entropy_source : EntropySource::kCausal;
+      args.score_rows_begin = plan.scorer == Scorer::kWindowPooled ? layer.query.tokens - rows : 0;
       AttentionStatsOutput out;
-      out.scores = scores[l].data();
-      absl::Status s = backend.AttentionStats(args, &out);
-      if (!s.ok()) return absl::Status(s.code(), absl::StrCat("layer ", l, ": ", s.message()));
+      out.scores = s.data();
+      absl::Status st = backend.AttentionStats(args, &out);
+      if (!st.ok()) return absl::Status(st.code(), absl::StrCat("layer ", l, ": ", st.message()));
       entropy[l] = out.entropy;
+      if (plan.scorer == Scorer::kWindowPooled) {
+        // Mean over the window's rows and the group's query heads.
+        const float inv = 1.f / static_cast<float>(rows * (in.q_heads / kv_heads));
+        for (float& x : s) x *= inv;
+      }
+    }
+    if (plan.scorer == Scorer::kWindowPooled) {
+      std::vector<float> pooled(s.size());
+      MEDAKV_RETURN_IF_ERROR(
+          backend.PoolScores(s.data(), kv_heads, tokens, tokens - std::min(rows, tokens), options.pool_kernel,
+                             pooled.data()));
+      s.swap(pooled);
     }
   }
   result.seconds.statistics = Seconds(t0);
@@ -182,15 +205,32 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
   t0 = std::chrono::steady_clock::now();
   std::vector<int64_t> budget(layers, tokens);
   std::vector<double> alpha(layers, 1.0);
-  if (!full) {
-    MEDAKV_ASSIGN_OR_RETURN(LayerBudgets b, AllocateEntropyBudgets(entropy, tokens, options.budget));
-    budget = std::move(b.budget);
-    alpha = std::move(b.alpha);
+  switch (plan.budget) {
+    case BudgetRule::kFull:
+      break;
+    case BudgetRule::kUniform:
+      std::fill(budget.begin(), budget.end(), UniformBudget(options.budget.rho, tokens));
+      break;
+    case BudgetRule::kPyramid: {
+      MEDAKV_ASSIGN_OR_RETURN(budget, PyramidBudgets(layers, tokens, options.budget.rho, window_tokens,
+                                                     options.pyramid_beta));
+      break;
+    }
+    case BudgetRule::kEntropy: {
+      MEDAKV_ASSIGN_OR_RETURN(LayerBudgets b, AllocateEntropyBudgets(entropy, tokens, options.budget));
+      budget = std::move(b.budget);
+      alpha = std::move(b.alpha);
+      break;
+    }
+  }
+  if (plan.budget != BudgetRule::kEntropy) {
+    for (int64_t l = 0; l < layers; ++l) alpha[l] = static_cast<double>(budget[l]) / static_cast<double>(tokens);
   }
   result.seconds.allocate = Seconds(t0);
 
   // Stage 3: selection, merging and compaction of every layer.
   t0 = std::chrono::steady_clock::now();
+  const std::vector<float> no_scores(plan.scorer == Scorer::kNone ? kv_heads * tokens : 0, 0.f);
   for (int64_t l = 0; l < layers; ++l) {
     const LayerInput& layer = in.layers[l];
     LayerResult& r = result.layers[l];
@@ -199,16 +239,22 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
     r.budget = budget[l];
     result.tokens_kept += budget[l];
     r.positions.resize(kv_heads * budget[l]);
-    if (full || budget[l] == tokens) {
-      for (int64_t h = 0; h < kv_heads; ++h) std::iota(r.positions.begin() + h * tokens, r.positions.begin() + (h + 1) * tokens, 0);
+    if (budget[l] == tokens) {
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        std::iota(r.positions.begin() + h * tokens, r.positions.begin() + (h + 1) * tokens, 0);
+      }
     } else {
       SelectArgs sel;
-      sel.scores = scores[l].data();
+      sel.scores = plan.scorer == Scorer::kNone ? no_scores.data() : scores[l].data();
       sel.modality = modality.data();
       sel.kv_heads = kv_heads;
       sel.tokens = tokens;
       sel.budget = budget[l];
       sel.recent_fraction = options.recent_fraction;
+      sel.recent_tokens = plan.recent == RecentRule::kWindow ? std::min(window_rows(layer), tokens)
+                          : plan.recent == RecentRule::kRest ? tokens
+                                                             : -1;
+      sel.sinks = plan.use_sinks ? options.sinks : 0;
       sel.text_prior = options.text_prior;
       sel.shared_selection = options.shared_selection;
       MEDAKV_RETURN_IF_ERROR(backend.SelectTokens(sel, r.positions.data()));
@@ -221,7 +267,7 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
     merge.value = layer.value;
     merge.kept = r.positions.data();
     merge.budget = budget[l];
-    merge.mode = full ? MergeMode::kNone : options.merge;
+    merge.mode = options.merge;
     merge.threshold = options.merge_threshold;
     const MutableTensorView out_key{r.key.data(), in.dtype, in.layout, kv_heads, budget[l], in.head_dim};
     const MutableTensorView out_value{r.value.data(), in.dtype, in.layout, kv_heads, budget[l], in.head_dim};

@@ -38,7 +38,13 @@ if python3 -c 'import json,sys; j=json.load(sys.stdin); assert j["tokens_kept"]=
 else
   bad "compress --json: $json"
 fi
-"$medakv" compress "$dir/in.safetensors" -o "$dir/full.safetensors" --policy full >/dev/null && ok "policy full" || bad "policy full"
+for policy in full meda streaming_llm h2o snapkv pyramidkv look_m; do
+  want=180
+  [ "$policy" = full ] && want=900
+  out=$("$medakv" compress "$dir/in.safetensors" -o "$dir/$policy.safetensors" --policy "$policy" --rho 0.2 2>&1)
+  if [ $? -eq 0 ] && echo "$out" | grep -q "policy $policy: kept $want of 900"; then ok "policy $policy"; else bad "policy $policy: $out"; fi
+done
+expect_error "bad pool kernel" "pool_kernel must be odd" compress "$dir/in.safetensors" -o "$dir/o.safetensors" --policy snapkv --pool-kernel 4
 "$medakv" compress "$dir/in.safetensors" -o "$dir/x.safetensors" --exact-total=false --shared-selection --text-prior keep_all_text \
   --merge-threshold mean --entropy-heads mean_entropy --entropy-source causal >/dev/null && ok "every option" || bad "every option"
 

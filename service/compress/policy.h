@@ -1,0 +1,49 @@
+// A policy is a composition of the ops: a budget rule across layers, a
+// scorer inside a layer, a selector (text prior, sinks, recent tokens, top-k)
+// and a merger. Each policy is one small file in policies/ that returns its
+// plan; the options (CompressOptions) fill in the parameters.
+#pragma once
+
+#include "service/compress/options.h"
+
+namespace medakv {
+
+enum class BudgetRule : uint8_t {
+  kFull,     // B_l = T
+  kUniform,  // B_l = round(rho T)
+  kPyramid,  // PyramidKV's arithmetic sequence, largest in layer 0
+  kEntropy,  // MEDA's softmax of the cross-modal entropy (exact total by default)
+};
+
+enum class Scorer : uint8_t {
+  kNone,          // no statistics (StreamingLLM)
+  kAccumulated,   // causal attention summed over every query row and the group's heads (H2O)
+  kWindowPooled,  // mean attention of the last `window` rows, average-pooled over positions (SnapKV)
+};
+
+enum class RecentRule : uint8_t {
+  kFraction,  // M = round(recent_fraction B)
+  kWindow,    // M = the observation window's tokens (SnapKV: the window is always kept)
+  kRest,      // every token after the sinks (StreamingLLM)
+};
+
+struct PolicyPlan {
+  BudgetRule budget = BudgetRule::kUniform;
+  Scorer scorer = Scorer::kAccumulated;
+  RecentRule recent = RecentRule::kFraction;
+  bool use_sinks = false;  // keep the first options.sinks tokens
+};
+
+// The plan of options.policy; the other parameters come from the options.
+PolicyPlan PlanFor(PolicyKind policy);
+
+// One per file in policies/.
+PolicyPlan FullPlan();
+PolicyPlan MedaPlan();
+PolicyPlan StreamingLlmPlan();
+PolicyPlan H2OPlan();
+PolicyPlan SnapKVPlan();
+PolicyPlan PyramidKVPlan();
+PolicyPlan LookMPlan();
+
+}  // namespace medakv
