@@ -1,5 +1,6 @@
 // medakv: the command-line tool. `medakv compress` runs a policy on a cache
-// file with the CPU backend; `medakv synth` writes a synthetic cache file.
+// file with the CPU backend; `medakv synth` writes a synthetic cache file;
+// `medakv eval` measures the fidelity of policies (docs/evaluation.md).
 // Errors print one line "medakv: error: ..." on stderr and exit non-zero.
 #include <chrono>
 #include <cstdio>
@@ -16,6 +17,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "client/cli/cache_file.h"
+#include "client/cli/eval.h"
 #include "client/cli/policy_flags.h"
 #include "client/cli/synth.h"
 #include "kernels/common/status.h"
@@ -40,6 +42,23 @@ struct SynthFlags {
   std::string dtype = "float16";
   std::string layout = "hnd";
   std::vector<std::string> visual;
+};
+
+struct EvalFlags {
+  std::string input;
+  bool synth = false;
+  bool synth_future = false;  // with --synth: the generator's rows after the prompt are the future
+  SynthFlags synth_flags;  // with --synth: the generated cache (its output and layout unused)
+  std::string layout = "hnd";
+  int64_t holdout = 16;
+  std::string policies = "full,streaming_llm,h2o,snapkv,pyramidkv,look_m,meda";
+  std::string rhos = "0.05,0.1,0.2,0.5";
+  std::string csv, layers_csv;
+  bool json = false;
+  bool verbose = false;
+  PolicyFlags policy;
+  const CLI::Option* rho = nullptr;  // --rho, added by PolicyFlags; eval takes --rhos instead
+  std::vector<const CLI::Option*> synth_only;  // the synth flags, refused without --synth
 };
 
 absl::Status RunCompress(CompressFlags& f) {
@@ -148,6 +167,140 @@ absl::Status RunSynth(SynthFlags& f) {
   return absl::OkStatus();
 }
 
+absl::Status RunEval(EvalFlags& f) {
+  if (f.rho != nullptr && f.rho->count() > 0) {
+    return absl::InvalidArgumentError("--rho: eval runs every rho of --rhos (default 0.05,0.1,0.2,0.5); use --rhos");
+  }
+  if (f.synth == !f.input.empty()) {
+    return absl::InvalidArgumentError("eval: give either a cache file (medakv eval cache.safetensors) or --synth");
+  }
+  for (const CLI::Option* opt : f.synth_only) {
+    if (!f.synth && opt->count() > 0) {
+      return absl::InvalidArgumentError(absl::StrCat(opt->get_name(), " needs --synth"));
+    }
+  }
+  MEDAKV_ASSIGN_OR_RETURN(const std::vector<PolicyKind> policies, ParsePolicyList(f.policies));
+  MEDAKV_ASSIGN_OR_RETURN(const std::vector<double> rhos, ParseRhoList(f.rhos));
+  std::vector<CompressOptions> runs;
+  for (const PolicyKind p : policies) {
+    MEDAKV_ASSIGN_OR_RETURN(CompressOptions options, f.policy.Resolve(p));
+    for (const double rho : rhos) {
+      options.budget.rho = rho;
+      runs.push_back(options);
+    }
+  }
+  MEDAKV_ASSIGN_OR_RETURN(const Layout layout, ParseLayout(f.layout));
+  std::unique_ptr<LoadedCache> loaded;
+  std::unique_ptr<SynthCache> synth;
+  const CacheInput* in = nullptr;
+  std::string source = f.input;
+  if (f.synth) {
+    SynthOptions& o = f.synth_flags.options;
+    MEDAKV_ASSIGN_OR_RETURN(o.dtype, ParseDType(f.synth_flags.dtype));
+    o.layout = layout;
+    for (const std::string& v : f.synth_flags.visual) {
+      MEDAKV_ASSIGN_OR_RETURN(ModalitySpan span, ParseSpan(v));
+      o.visual.push_back(span);
+    }
+    if (f.synth_future) {
+      if (f.holdout < 1) return absl::InvalidArgumentError(absl::StrCat("--holdout must be >= 1, got ", f.holdout));
+      o.held_out = f.holdout;
+    }
+    MEDAKV_ASSIGN_OR_RETURN(SynthCache generated, MakeSynthCache(o));
+    synth = std::make_unique<SynthCache>(std::move(generated));
+    in = &synth->input;
+    source = absl::StrCat("synthetic (seed ", o.seed, o.text_only ? ", text only)" : ")");
+  } else {
+    MEDAKV_ASSIGN_OR_RETURN(safetensors::File file, safetensors::File::Open(f.input));
+    absl::StatusOr<std::unique_ptr<LoadedCache>> l = LoadCache(std::move(file), layout);
+    if (!l.ok()) return absl::Status(l.status().code(), absl::StrCat(f.input, ": ", l.status().message()));
+    loaded = *std::move(l);
+    in = &loaded->input;
+  }
+  const std::unique_ptr<Backend> backend = MakeCpuBackend();
+  EvalCallback progress;
+  if (f.verbose) {
+    progress = [](const EvalResult& r) {
+      std::cerr << absl::StrFormat("%s rho %g: kept %.2f%%, mean rel error %.6f (compress %.2f s, error %.2f s)\n",
+                                   PolicyName(r.policy), r.rho, 100.0 * r.kept_fraction, r.mean_rel_error,
+                                   r.compress_seconds, r.error_seconds);
+    };
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  absl::StatusOr<std::vector<EvalResult>> evaluated;
+  if (f.synth_future) {
+    std::vector<TensorView> held_out;
+    for (size_t l = 0; l < in->layers.size(); ++l) held_out.push_back(synth->HeldOutQuery(static_cast<int64_t>(l)));
+    evaluated = EvaluateHeldOut(*in, held_out, runs, *backend, progress);
+  } else {
+    evaluated = Evaluate(*in, f.holdout, runs, *backend, progress);
+  }
+  if (!evaluated.ok()) {
+    return absl::Status(evaluated.status().code(), absl::StrCat(source, ": ", evaluated.status().message()));
+  }
+  const std::vector<EvalResult>& results = *evaluated;
+  const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (!f.csv.empty()) MEDAKV_RETURN_IF_ERROR(WriteTextFile(f.csv, EvalCsv(results)));
+  if (!f.layers_csv.empty()) MEDAKV_RETURN_IF_ERROR(WriteTextFile(f.layers_csv, EvalLayersCsv(results)));
+
+  const int64_t layers = static_cast<int64_t>(in->layers.size());
+  const int64_t q_tokens = in->layers[0].query.tokens;
+  if (f.json) {
+    nlohmann::json j;
+    j["input"] = source;
+    j["layers"] = layers;
+    j["tokens"] = in->tokens;
+    j["kv_heads"] = in->kv_heads;
+    j["q_heads"] = in->q_heads;
+    j["head_dim"] = in->head_dim;
+    j["dtype"] = DTypeName(in->dtype);
+    j["holdout"] = f.holdout;
+    j["future"] = f.synth_future ? "generated rows after the prompt" : "last query rows of each layer";
+    j["seconds"] = total_s;
+    nlohmann::json runs_json = nlohmann::json::array();
+    for (const EvalResult& r : results) {
+      nlohmann::json per_layer = nlohmann::json::array();
+      for (size_t l = 0; l < r.layer_error.size(); ++l) {
+        per_layer.push_back({{"layer", l},
+                             {"budget", r.layer_budget[l]},
+                             {"entropy", r.layer_entropy[l]},
+                             {"rel_error", r.layer_error[l]}});
+      }
+      runs_json.push_back({{"policy", PolicyName(r.policy)},
+                           {"rho", r.rho},
+                           {"kept_fraction", r.kept_fraction},
+                           {"tokens_in", r.tokens_in},
+                           {"tokens_kept", r.tokens_kept},
+                           {"mean_rel_error", r.mean_rel_error},
+                           {"error_terms", r.error_terms},
+                           {"seconds", {{"compress", r.compress_seconds}, {"error", r.error_seconds}}},
+                           {"per_layer", per_layer}});
+    }
+    j["results"] = runs_json;
+    nlohmann::json verdicts = nlohmann::json::array();
+    for (const MedaComparison& c : CompareMedaToUniform(results)) {
+      verdicts.push_back({{"rho", c.rho},
+                          {"meda_error", c.meda_error},
+                          {"best_uniform_policy", PolicyName(c.best_uniform)},
+                          {"best_uniform_error", c.best_uniform_error},
+                          {"meda_beats_uniform", c.meda_beats_uniform}});
+    }
+    j["meda_vs_uniform"] = verdicts;
+    std::cout << j.dump(2) << "\n";
+    return absl::OkStatus();
+  }
+  std::cout << absl::StrFormat(
+      "%s: %d layers x %d tokens, %d kv heads, %d query heads, head_dim %d, %s\n"
+      "query rows per layer: %d observed (compress), %d held out%s; error: mean over %d rows x %d heads x %d "
+      "layers of ||o' - o|| / ||o||\n\n",
+      source, layers, in->tokens, in->kv_heads, in->q_heads, in->head_dim, DTypeName(in->dtype),
+      f.synth_future ? q_tokens : q_tokens - f.holdout, f.holdout, f.synth_future ? " (after the prompt)" : "",
+      f.holdout, in->q_heads, layers);
+  std::cout << FormatEvalTable(results);
+  if (f.verbose) std::cout << absl::StrFormat("\ntotal %.1f s\n", total_s);
+  return absl::OkStatus();
+}
+
 void AddCompressCommand(CLI::App& app, CompressFlags& f) {
   CLI::App* c = app.add_subcommand("compress", "Compress a cache file with a policy (CPU backend)");
   c->add_option("input", f.input, "Input cache (.safetensors)")->required();
@@ -176,6 +329,44 @@ void AddSynthCommand(CLI::App& app, SynthFlags& f) {
   s->add_option("--seed", o.seed, "Random seed")->capture_default_str();
 }
 
+void AddEvalCommand(CLI::App& app, EvalFlags& f) {
+  CLI::App* e = app.add_subcommand("eval", "Fidelity of policies: attention-output error on held-out queries");
+  e->add_option("input", f.input, "Cache with queries (.safetensors)");
+  e->add_flag("--synth", f.synth, "Evaluate a generated cache (the synth flags below)");
+  e->add_option("--layout", f.layout, "Dims order of the file's (or the generated) tensors: hnd or nhd")
+      ->capture_default_str();
+  e->add_option("--holdout", f.holdout, "Last query rows of each layer held out as the future (>= 1)")
+      ->capture_default_str();
+  e->add_option("--policies", f.policies, "Comma list of policies")->capture_default_str();
+  e->add_option("--rhos", f.rhos, "Comma list of rho values in (0, 1]")->capture_default_str();
+  f.policy.Add(e, /*with_policy=*/false);
+  CLI::Option* rho = e->get_option("--rho");
+  rho->group("");  // hidden: eval takes --rhos
+  f.rho = rho;
+  e->add_option("--csv", f.csv, "Write policy,rho,kept_fraction,mean_rel_error rows to FILE");
+  e->add_option("--layers-csv", f.layers_csv, "Write policy,rho,layer,budget,entropy,rel_error rows to FILE");
+  e->add_flag("--json", f.json, "Print the results as JSON");
+  e->add_flag("-v,--verbose", f.verbose, "Progress on stderr after each run");
+  SynthOptions& o = f.synth_flags.options;
+  const auto synth_option = [&](const std::string& name, auto& value, const std::string& help) {
+    f.synth_only.push_back(e->add_option(name, value, help)->capture_default_str());
+  };
+  synth_option("--layers", o.layers, "--synth: layers");
+  synth_option("--kv-heads", o.kv_heads, "--synth: KV heads");
+  synth_option("--q-heads", o.q_heads, "--synth: query heads (a multiple of kv heads)");
+  synth_option("--tokens", o.tokens, "--synth: tokens in the cache");
+  synth_option("--head-dim", o.head_dim, "--synth: head size");
+  synth_option("--q-tokens", o.q_tokens, "--synth: query rows (the last positions), observed + held out");
+  synth_option("--dtype", f.synth_flags.dtype, "--synth: float16 | bfloat16 | float32");
+  f.synth_only.push_back(
+      e->add_option("--visual", f.synth_flags.visual, "--synth: visual span START:LENGTH (repeatable)"));
+  f.synth_only.push_back(e->add_flag("--text-only", o.text_only, "--synth: no visual tokens"));
+  f.synth_only.push_back(e->add_flag("--synth-future", f.synth_future,
+                                     "--synth: the future is --holdout generated query rows after the prompt "
+                                     "(text rows at positions T, T+1, ...); the policy sees all --q-tokens rows"));
+  synth_option("--seed", o.seed, "--synth: random seed");
+}
+
 int Main(int argc, char** argv) {
   CLI::App app{"medakv: KV cache compression (MEDA and baselines)"};
   app.require_subcommand(1);
@@ -183,6 +374,8 @@ int Main(int argc, char** argv) {
   SynthFlags synth;
   AddCompressCommand(app, compress);
   AddSynthCommand(app, synth);
+  EvalFlags eval;
+  AddEvalCommand(app, eval);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -193,6 +386,8 @@ int Main(int argc, char** argv) {
     status = RunCompress(compress);
   } else if (app.got_subcommand("synth")) {
     status = RunSynth(synth);
+  } else if (app.got_subcommand("eval")) {
+    status = RunEval(eval);
   }
   if (!status.ok()) {
     std::cerr << "medakv: error: " << status.message() << "\n";
