@@ -4,9 +4,11 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <string_view>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "kernels/ops/op_args.h"
 
 namespace medakv {
@@ -32,5 +34,11 @@ class Backend {
 
 // The CPU backend (multi-threaded with OpenMP where built with it).
 std::unique_ptr<Backend> MakeCpuBackend();
+
+// --backend=auto|cpu|cuda. auto takes CUDA only when a device answers (and
+// the CUDA backend is built); cuda without a device is FAILED_PRECONDITION.
+// `why`, when given, receives a line for the log saying what was chosen.
+[[nodiscard]] absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(std::string_view name,
+                                                                   std::string* why = nullptr);
 
 }  // namespace medakv

@@ -130,7 +130,9 @@ absl::Status ValidateCacheInput(const CacheInput& in) {
 }
 
 absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOptions& options,
-                                        const Backend& backend) {
+                                        const Backend& backend, const std::atomic<bool>* cancelled) {
+  auto stop = [cancelled] { return cancelled != nullptr && cancelled->load(std::memory_order_relaxed); };
+  const absl::Status cancel_status = absl::CancelledError("compression cancelled");
   MEDAKV_RETURN_IF_ERROR(ValidateOptions(options));
   MEDAKV_RETURN_IF_ERROR(ValidateCacheInput(in));
   const PolicyPlan plan = PlanFor(options.policy);
@@ -157,6 +159,7 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
   const bool need_stats = plan.scorer != Scorer::kNone || plan.budget == BudgetRule::kEntropy;
   const float scale = options.scale > 0.f ? options.scale : 1.f / std::sqrt(static_cast<float>(in.head_dim));
   for (int64_t l = 0; l < layers && need_stats; ++l) {
+    if (stop()) return cancel_status;
     const LayerInput& layer = in.layers[l];
     std::vector<float>& s = scores[l];
     s.resize(kv_heads * tokens);
@@ -232,6 +235,7 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
   t0 = std::chrono::steady_clock::now();
   const std::vector<float> no_scores(plan.scorer == Scorer::kNone ? kv_heads * tokens : 0, 0.f);
   for (int64_t l = 0; l < layers; ++l) {
+    if (stop()) return cancel_status;
     const LayerInput& layer = in.layers[l];
     LayerResult& r = result.layers[l];
     r.entropy = entropy[l];

@@ -2,6 +2,7 @@
 // layers, then selection, merging and compaction per layer (ALGORITHM.md).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -67,8 +68,11 @@ struct CompressResult {
 // before any output memory is reserved.
 [[nodiscard]] absl::Status ValidateCacheInput(const CacheInput& input);
 
+// `cancelled`, when given, is polled between layers: once it reads true the
+// call returns CANCELLED and frees what it allocated.
 [[nodiscard]] absl::StatusOr<CompressResult> Compress(const CacheInput& input, const CompressOptions& options,
-                                                      const Backend& backend);
+                                                      const Backend& backend,
+                                                      const std::atomic<bool>* cancelled = nullptr);
 
 // Expands (start, length) spans of visual tokens into a modality vector.
 struct ModalitySpan {

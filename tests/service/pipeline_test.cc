@@ -362,3 +362,18 @@ TEST(ModalityFromSpansTest, ExpandsAndRejects) {
 
 }  // namespace
 }  // namespace medakv
+
+namespace medakv {
+namespace {
+
+TEST(PipelineCancelTest, CancelledFlagStopsTheCall) {
+  TestCache c = MakeCache(DType::kFloat16, Layout::kHND, 3, 2, 2, 40, 8, 4, test::VisualPattern::kMiddle, 21);
+  std::atomic<bool> cancelled{true};
+  absl::StatusOr<CompressResult> r = Compress(c.input, CompressOptions{}, *MakeCpuBackend(), &cancelled);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled);
+  cancelled = false;
+  EXPECT_TRUE(Compress(c.input, CompressOptions{}, *MakeCpuBackend(), &cancelled).ok());
+}
+
+}  // namespace
+}  // namespace medakv

@@ -1,0 +1,181 @@
+// The Compress stream: header -> slot -> chunks -> compute -> results.
+#include <chrono>
+#include <optional>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "service/compress/pipeline.h"
+#include "service/server/assembler.h"
+#include "service/server/convert.h"
+#include "service/server/result_stream.h"
+#include "service/server/service.h"
+
+namespace medakv::server {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double SecondsSince(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest, v1::CompressResponse> {
+ public:
+  explicit CompressReactor(ServiceContext* ctx) : ctx_(ctx) {
+    ctx_->inflight.fetch_add(1);
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client closed its side (or the call is cancelled)
+      if (cancelled_.load()) return Fail(absl::CancelledError("cancelled during the upload"));
+      if (!spec_) return Fail(absl::InvalidArgumentError("the stream ended before the header"));
+      return ReceiveDone();
+    }
+    if (!spec_) return OnHeader();
+    if (!request_.has_chunk()) {
+      return Fail(absl::InvalidArgumentError(
+          request_.has_header() ? "a second header: the header comes once, first" : "empty request message"));
+    }
+    if (absl::Status s = assembler_->Add(request_.chunk()); !s.ok()) return Fail(s);
+    request_.Clear();
+    StartRead(&request_);
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) return Fail(absl::CancelledError("the client went away during the download"));
+    WriteNext();
+  }
+
+  void OnCancel() override {
+    cancelled_.store(true);
+    bool waiting;
+    {
+      absl::MutexLock lock(&mu_);
+      waiting = waiting_slot_;
+    }
+    if (waiting) ctx_->admission.Cancel(ticket_);
+  }
+
+  void OnDone() override {
+    if (slot_held_) ctx_->admission.Release();
+    ctx_->inflight.fetch_sub(1);
+    delete this;
+  }
+
+ private:
+  void OnHeader() {
+    if (!request_.has_header()) return Fail(absl::InvalidArgumentError("the first message must be a header"));
+    const v1::CompressHeader& h = request_.header();
+    absl::StatusOr<CacheSpec> spec = SpecFromHeader(h, ctx_->options.max_request_bytes);
+    if (!spec.ok()) return Fail(spec.status());
+    if (h.stats() == v1::STATS_FORM_NONE) {
+      return Fail(absl::InvalidArgumentError("header.stats: Compress needs queries or precomputed statistics"));
+    }
+    absl::StatusOr<CompressOptions> options = OptionsFromProto(h.policy());
+    if (!options.ok()) return Fail(options.status());
+    absl::StatusOr<int64_t> chunk = ResponseChunkSize(h.max_response_chunk_bytes(), ctx_->options);
+    if (!chunk.ok()) return Fail(chunk.status());
+    chunk_bytes_ = *chunk;
+    options_ = *options;
+    spec_ = *std::move(spec);
+    request_.Clear();
+    {
+      absl::MutexLock lock(&mu_);
+      waiting_slot_ = true;
+      ticket_ = Admission::NewTicket();
+    }
+    // OnSlot may run (and finish the call) before Acquire returns: nothing after it.
+    ctx_->admission.Acquire(ticket_, [this](absl::Status s) { OnSlot(std::move(s)); });
+  }
+
+  void OnSlot(absl::Status s) {
+    {
+      absl::MutexLock lock(&mu_);
+      waiting_slot_ = false;
+    }
+    if (!s.ok()) return Fail(s);
+    slot_held_ = true;
+    if (cancelled_.load()) return Fail(absl::CancelledError("cancelled while waiting for a slot"));
+    absl::StatusOr<CacheAssembler> assembler = CacheAssembler::Create(*spec_);
+    if (!assembler.ok()) return Fail(assembler.status());
+    assembler_.emplace(*std::move(assembler));
+    receive_start_ = Clock::now();
+    StartRead(&request_);
+  }
+
+  void ReceiveDone() {
+    if (absl::Status s = assembler_->Finish(); !s.ok()) return Fail(s);
+    receive_seconds_ = SecondsSince(receive_start_);
+    ctx_->pool.Submit([this] { Compute(); });
+  }
+
+  void Compute() {
+    absl::StatusOr<CompressResult> result =
+        medakv::Compress(assembler_->input(), options_, *ctx_->backend, &cancelled_);
+    bytes_in_ = assembler_->bytes_received();
+    assembler_.reset();  // the request's tensors are no longer needed
+    if (!result.ok()) return Fail(result.status());
+    v1::StageTimes times;
+    times.set_receive_seconds(receive_seconds_);
+    times.set_statistics_seconds(result->seconds.statistics);
+    times.set_allocate_seconds(result->seconds.allocate);
+    times.set_select_merge_seconds(result->seconds.select_merge);
+    result_ = *std::move(result);
+    stream_.emplace(SlicesOf(result_), chunk_bytes_);
+    summary_times_ = times;
+    send_start_ = Clock::now();
+    WriteNext();
+  }
+
+  void WriteNext() {
+    response_.Clear();
+    if (stream_->Next(&response_)) {
+      StartWrite(&response_);
+      return;
+    }
+    if (summary_sent_) return Finish(grpc::Status::OK);
+    summary_sent_ = true;
+    v1::CompressSummary* s = response_.mutable_summary();
+    s->set_tokens_in(result_.tokens_in);
+    s->set_tokens_kept(result_.tokens_kept);
+    s->set_bytes_in(bytes_in_);
+    s->set_bytes_out(stream_->bytes_sent());
+    *s->mutable_times() = summary_times_;
+    s->mutable_times()->set_send_seconds(SecondsSince(send_start_));
+    s->set_backend(ctx_->backend_name);
+    StartWrite(&response_);
+  }
+
+  void Fail(const absl::Status& s) {
+    assembler_.reset();
+    Finish(ToGrpc(s));
+  }
+
+  ServiceContext* ctx_;
+  v1::CompressRequest request_;
+  v1::CompressResponse response_;
+  std::atomic<bool> cancelled_{false};
+  absl::Mutex mu_;
+  bool waiting_slot_ = false;
+  uint64_t ticket_ = 0;
+  bool slot_held_ = false;
+  std::optional<CacheSpec> spec_;
+  CompressOptions options_;
+  int64_t chunk_bytes_ = 0;
+  std::optional<CacheAssembler> assembler_;
+  CompressResult result_;
+  std::optional<ResultStream> stream_;
+  v1::StageTimes summary_times_;
+  bool summary_sent_ = false;
+  int64_t bytes_in_ = 0;
+  double receive_seconds_ = 0;
+  Clock::time_point receive_start_, send_start_;
+};
+
+}  // namespace
+
+grpc::ServerBidiReactor<v1::CompressRequest, v1::CompressResponse>* MedakvService::Compress(
+    grpc::CallbackServerContext* context) {
+  return new CompressReactor(ctx_);
+}
+
+}  // namespace medakv::server

@@ -1,0 +1,66 @@
+// medakv-server: the gRPC KV cache compression service.
+#include <csignal>
+#include <cstdlib>
+#include <iostream>
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/time/time.h"
+#include "service/server/server.h"
+
+ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address host:port (port 0: any free port)");
+ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9464", "Prometheus /metrics address (metrics arrive with issue 7)");
+ABSL_FLAG(std::string, backend, "auto", "auto | cpu | cuda (auto: CUDA when a device answers)");
+ABSL_FLAG(int64_t, host_cache_bytes, int64_t{8} << 30, "Byte budget of the host tier of the cache store");
+ABSL_FLAG(int64_t, device_cache_bytes, 0, "Byte budget of the device tier (CUDA backend)");
+ABSL_FLAG(int64_t, max_request_bytes, int64_t{8} << 30, "Largest cache (all tensors) one request may send");
+ABSL_FLAG(int64_t, chunk_bytes, int64_t{4} << 20, "Size of response chunks");
+ABSL_FLAG(int64_t, max_message_bytes, int64_t{16} << 20, "Largest gRPC message accepted");
+ABSL_FLAG(int, max_inflight, 4, "Compressions and uploads holding memory at once; more wait for --queue_timeout");
+ABSL_FLAG(absl::Duration, queue_timeout, absl::Seconds(30), "How long a request waits for a slot");
+ABSL_FLAG(int, threads, 0, "Compute worker threads (0: --max_inflight)");
+ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(25), "On SIGTERM, how long in-flight calls may finish");
+
+namespace {
+
+volatile std::sig_atomic_t g_signal = 0;
+void OnSignal(int sig) { g_signal = sig; }
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  setenv("OMP_WAIT_POLICY", "passive", /*overwrite=*/0);
+  absl::SetProgramUsageMessage("medakv-server: compresses and stores LLM KV caches over gRPC");
+  absl::ParseCommandLine(argc, argv);
+  medakv::server::ServerOptions o;
+  o.listen = absl::GetFlag(FLAGS_listen);
+  o.backend = absl::GetFlag(FLAGS_backend);
+  o.host_cache_bytes = absl::GetFlag(FLAGS_host_cache_bytes);
+  o.device_cache_bytes = absl::GetFlag(FLAGS_device_cache_bytes);
+  o.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
+  o.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
+  o.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  o.max_inflight = absl::GetFlag(FLAGS_max_inflight);
+  o.queue_timeout = absl::GetFlag(FLAGS_queue_timeout);
+  o.threads = absl::GetFlag(FLAGS_threads);
+  o.shutdown_grace = absl::GetFlag(FLAGS_shutdown_grace);
+
+  std::signal(SIGTERM, OnSignal);
+  std::signal(SIGINT, OnSignal);
+  auto server = medakv::server::MedakvServer::Start(o);
+  if (!server.ok()) {
+    std::cerr << "medakv-server: error: " << server.status().message() << std::endl;
+    return 1;
+  }
+  std::cerr << "medakv-server: listening on port " << (*server)->port() << " (" << (*server)->backend_reason()
+            << ")" << std::endl;
+  while (g_signal == 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  std::cerr << "medakv-server: signal " << g_signal << ", shutting down (grace "
+            << absl::FormatDuration(o.shutdown_grace) << ")" << std::endl;
+  (*server)->Shutdown();
+  (*server)->Wait();
+  std::cerr << "medakv-server: stopped" << std::endl;
+  return 0;
+}

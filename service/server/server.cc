@@ -1,0 +1,112 @@
+#include "service/server/server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+#include "service/server/service.h"
+
+namespace medakv::server {
+namespace {
+
+absl::Status ValidateServerOptions(const ServerOptions& o) {
+  if (o.listen.empty()) return absl::InvalidArgumentError("--listen must not be empty");
+  if (o.host_cache_bytes < 0 || o.device_cache_bytes < 0) {
+    return absl::InvalidArgumentError("--host_cache_bytes and --device_cache_bytes must be >= 0");
+  }
+  if (o.max_request_bytes <= 0) return absl::InvalidArgumentError("--max_request_bytes must be > 0");
+  if (o.chunk_bytes <= 0) return absl::InvalidArgumentError("--chunk_bytes must be > 0");
+  if (o.max_message_bytes < (int64_t{64} << 10) || o.max_message_bytes > (int64_t{1} << 30)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max_message_bytes must be in [64 KiB, 1 GiB], got ", o.max_message_bytes));
+  }
+  if (o.max_inflight < 1) return absl::InvalidArgumentError("--max_inflight must be >= 1");
+  if (o.threads < 0) return absl::InvalidArgumentError("--threads must be >= 0");
+  if (o.queue_timeout < absl::ZeroDuration() || o.shutdown_grace < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--queue_timeout and --shutdown_grace must be >= 0");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+grpc::Status ToGrpc(const absl::Status& s) {
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+ServiceContext::ServiceContext(const ServerOptions& o, std::unique_ptr<Backend> b, std::string name)
+    : options(o),
+      backend(std::move(b)),
+      backend_name(std::move(name)),
+      admission(o.max_inflight, o.queue_timeout),
+      store(StoreOptions{o.host_cache_bytes, o.device_cache_bytes}),
+      pool(o.threads > 0 ? o.threads : o.max_inflight) {}
+
+struct MedakvServer::Impl {
+  std::unique_ptr<ServiceContext> ctx;
+  std::unique_ptr<MedakvService> service;
+  std::unique_ptr<grpc::Server> server;
+  std::string backend_reason;
+  bool shut_down = false;
+};
+
+MedakvServer::MedakvServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+MedakvServer::~MedakvServer() {
+  Shutdown();
+  Wait();
+}
+
+absl::StatusOr<std::unique_ptr<MedakvServer>> MedakvServer::Start(const ServerOptions& options) {
+  if (absl::Status s = ValidateServerOptions(options); !s.ok()) return s;
+  auto impl = std::make_unique<Impl>();
+  absl::StatusOr<std::unique_ptr<Backend>> backend = MakeBackend(options.backend, &impl->backend_reason);
+  if (!backend.ok()) return backend.status();
+  const std::string name((*backend)->Name());
+  impl->ctx = std::make_unique<ServiceContext>(options, *std::move(backend), name);
+  impl->service = std::make_unique<MedakvService>(impl->ctx.get());
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(impl->service.get());
+  builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
+  builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  impl->server = builder.BuildAndStart();
+  if (impl->server == nullptr || port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen,
+                                               " (address in use, or not a valid host:port)"));
+  }
+  impl->server->GetHealthCheckService()->SetServingStatus(true);
+  std::unique_ptr<MedakvServer> server(new MedakvServer(std::move(impl)));
+  server->port_ = port;
+  return server;
+}
+
+const std::string& MedakvServer::backend() const { return impl_->ctx->backend_name; }
+const std::string& MedakvServer::backend_reason() const { return impl_->backend_reason; }
+
+std::shared_ptr<grpc::Channel> MedakvServer::InProcessChannel() {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(static_cast<int>(impl_->ctx->options.max_message_bytes));
+  args.SetMaxSendMessageSize(static_cast<int>(impl_->ctx->options.max_message_bytes));
+  return impl_->server->InProcessChannel(args);
+}
+
+void MedakvServer::Shutdown() {
+  if (impl_->shut_down) return;
+  impl_->shut_down = true;
+  impl_->server->GetHealthCheckService()->SetServingStatus(false);
+  const auto deadline = std::chrono::system_clock::now() +
+                        std::chrono::milliseconds(absl::ToInt64Milliseconds(impl_->ctx->options.shutdown_grace));
+  impl_->server->Shutdown(deadline);  // stop accepting; cancel what is left at the deadline
+}
+
+void MedakvServer::Wait() { impl_->server->Wait(); }
+
+}  // namespace medakv::server

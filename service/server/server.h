@@ -1,0 +1,55 @@
+// The medakv server: options, start-up and shutdown.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace grpc {
+class Server;
+class Channel;
+}  // namespace grpc
+
+namespace medakv::server {
+
+struct ServerOptions {
+  std::string listen = "0.0.0.0:50051";  // host:port; port 0 picks a free port
+  std::string backend = "auto";          // auto | cpu | cuda
+  int64_t host_cache_bytes = int64_t{8} << 30;
+  int64_t device_cache_bytes = 0;  // 0 with the CPU backend: no device tier
+  int64_t max_request_bytes = int64_t{8} << 30;
+  int64_t chunk_bytes = int64_t{4} << 20;  // response chunks (requests: any size up to max_message_bytes)
+  int64_t max_message_bytes = int64_t{16} << 20;
+  int max_inflight = 4;                       // compressions and uploads holding memory at once
+  absl::Duration queue_timeout = absl::Seconds(30);  // wait for a slot, then RESOURCE_EXHAUSTED
+  int threads = 0;                            // compute workers; 0: max_inflight
+  absl::Duration shutdown_grace = absl::Seconds(25);
+};
+
+class MedakvServer {
+ public:
+  // Validates the options, picks the backend, binds and starts serving.
+  static absl::StatusOr<std::unique_ptr<MedakvServer>> Start(const ServerOptions& options);
+  ~MedakvServer();
+
+  int port() const { return port_; }             // the bound port (useful with port 0)
+  const std::string& backend() const;            // the backend in use
+  const std::string& backend_reason() const;     // why (for the start-up log)
+  std::shared_ptr<grpc::Channel> InProcessChannel();  // for tests
+
+  // Stops accepting calls, lets in-flight calls finish within the grace, then
+  // cancels what remains. Idempotent.
+  void Shutdown();
+  void Wait();
+
+ private:
+  struct Impl;
+  explicit MedakvServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+  int port_ = 0;
+};
+
+}  // namespace medakv::server

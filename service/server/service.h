@@ -1,0 +1,56 @@
+// The gRPC service: the Compress stream and the cache store RPCs, on the
+// callback API. Compute runs on the WorkerPool, never on gRPC's threads.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "kernels/backend.h"
+#include "medakv/v1/medakv.grpc.pb.h"
+#include "service/server/admission.h"
+#include "service/server/server.h"
+#include "service/store/cache_store.h"
+
+namespace medakv::server {
+
+struct ServiceContext {
+  ServiceContext(const ServerOptions& o, std::unique_ptr<Backend> b, std::string backend_name);
+
+  const ServerOptions options;
+  const std::unique_ptr<Backend> backend;
+  const std::string backend_name;
+  Admission admission;
+  CacheStore store;
+  std::atomic<int> inflight{0};
+  WorkerPool pool;  // last: its threads stop first
+};
+
+class MedakvService final : public medakv::v1::Medakv::CallbackService {
+ public:
+  explicit MedakvService(ServiceContext* ctx) : ctx_(ctx) {}
+
+  grpc::ServerBidiReactor<v1::CompressRequest, v1::CompressResponse>* Compress(
+      grpc::CallbackServerContext* context) override;
+  grpc::ServerReadReactor<v1::PutCacheRequest>* PutCache(grpc::CallbackServerContext* context,
+                                                          v1::PutCacheResponse* response) override;
+  grpc::ServerUnaryReactor* CompressCache(grpc::CallbackServerContext* context,
+                                          const v1::CompressCacheRequest* request,
+                                          v1::CompressCacheResponse* response) override;
+  grpc::ServerWriteReactor<v1::GetCacheResponse>* GetCache(grpc::CallbackServerContext* context,
+                                                           const v1::GetCacheRequest* request) override;
+  grpc::ServerUnaryReactor* DeleteCache(grpc::CallbackServerContext* context, const v1::DeleteCacheRequest* request,
+                                        v1::DeleteCacheResponse* response) override;
+  grpc::ServerUnaryReactor* ListCaches(grpc::CallbackServerContext* context, const v1::ListCachesRequest* request,
+                                       v1::ListCachesResponse* response) override;
+  grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* context, const v1::StatsRequest* request,
+                                  v1::StatsResponse* response) override;
+
+ private:
+  ServiceContext* ctx_;
+};
+
+// absl::Status -> grpc::Status (the canonical codes share their numbers).
+grpc::Status ToGrpc(const absl::Status& s);
+
+}  // namespace medakv::server

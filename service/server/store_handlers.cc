@@ -1,0 +1,397 @@
+// The cache store RPCs: PutCache, CompressCache, GetCache, DeleteCache,
+// ListCaches and Stats.
+#include <chrono>
+#include <numeric>
+#include <optional>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "service/server/assembler.h"
+#include "service/server/convert.h"
+#include "service/server/result_stream.h"
+#include "service/server/service.h"
+
+namespace medakv::server {
+namespace {
+
+int64_t UnixMs(absl::Time t) { return t == absl::InfiniteFuture() ? 0 : absl::ToUnixMillis(t); }
+
+void ToProto(const CacheSummary& s, v1::CacheInfo* info) {
+  info->set_cache_id(s.id);
+  v1::CacheShape* shape = info->mutable_shape();
+  const CacheDescription& d = s.description;
+  shape->set_layers(static_cast<int32_t>(d.layers));
+  shape->set_kv_heads(static_cast<int32_t>(d.kv_heads));
+  shape->set_q_heads(static_cast<int32_t>(d.q_heads));
+  shape->set_head_dim(static_cast<int32_t>(d.head_dim));
+  shape->set_tokens(d.tokens);
+  shape->set_dtype(DTypeToProto(d.dtype));
+  shape->set_layout(LayoutToProto(d.layout));
+  for (const ModalitySpan& span : d.modality) {
+    v1::ModalitySpan* m = shape->add_modality();
+    m->set_start(span.start);
+    m->set_length(span.length);
+    m->set_modality(span.modality == Modality::kVisual ? v1::MODALITY_VISUAL : v1::MODALITY_TEXT);
+  }
+  info->set_bytes(s.bytes);
+  for (int64_t t : s.layer_tokens) info->add_layer_tokens(t);
+  info->set_compressed(s.compressed);
+  info->set_policy(s.policy);
+  info->set_created_unix_ms(absl::ToUnixMillis(s.created));
+  info->set_expires_unix_ms(UnixMs(s.expires));
+  info->set_tier(TierName(s.tier));
+}
+
+absl::Status WithField(const absl::Status& s, absl::string_view field) {
+  return absl::Status(s.code(), absl::StrCat(field, ": ", s.message()));
+}
+
+// A stored cache built from a completed upload (tensors copied into the entry).
+std::unique_ptr<StoredCache> StoredFromUpload(const CacheAssembler& a, const std::string& id) {
+  const CacheSpec& spec = a.spec();
+  auto cache = std::make_unique<StoredCache>();
+  cache->id = id;
+  CacheDescription& d = cache->description;
+  d.layers = spec.layers;
+  d.kv_heads = spec.kv_heads;
+  d.q_heads = spec.q_heads;
+  d.head_dim = spec.head_dim;
+  d.tokens = spec.tokens;
+  d.dtype = spec.dtype;
+  d.layout = spec.layout;
+  d.modality = SpansFromModality(spec.modality);
+  cache->stats = spec.stats == SpecStats::kQueries       ? KeptStats::kQueries
+                 : spec.stats == SpecStats::kPrecomputed ? KeptStats::kPrecomputed
+                                                         : KeptStats::kNone;
+  cache->q_tokens = spec.q_tokens;
+  cache->score_heads = spec.score_heads;
+  auto bytes = [&](int64_t l, v1::TensorKind k) {
+    const absl::string_view t = a.tensor(l, k);
+    return std::vector<uint8_t>(t.begin(), t.end());
+  };
+  cache->layers.resize(spec.layers);
+  for (int64_t l = 0; l < spec.layers; ++l) {
+    StoredLayer& s = cache->layers[l];
+    s.key = bytes(l, v1::TENSOR_KIND_KEY);
+    s.value = bytes(l, v1::TENSOR_KIND_VALUE);
+    s.tokens = spec.tokens;
+    s.positions.resize(spec.kv_heads * spec.tokens);
+    for (int64_t h = 0; h < spec.kv_heads; ++h) {
+      std::iota(s.positions.begin() + h * spec.tokens, s.positions.begin() + (h + 1) * spec.tokens, 0);
+    }
+    const LayerInput& in = a.input().layers[l];
+    if (spec.stats == SpecStats::kQueries) {
+      s.query = bytes(l, v1::TENSOR_KIND_QUERY);
+      s.query_positions = in.query_positions;
+    } else if (spec.stats == SpecStats::kPrecomputed) {
+      s.scores.assign(in.scores, in.scores + spec.score_heads * spec.tokens);
+      s.score_entropy = in.entropy;
+    }
+  }
+  cache->bytes = cache->ComputeBytes();
+  return cache;
+}
+
+// ---- PutCache -------------------------------------------------------------------
+
+class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
+ public:
+  PutReactor(ServiceContext* ctx, v1::PutCacheResponse* response) : ctx_(ctx), response_(response) {
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      if (cancelled_.load()) return Fail(absl::CancelledError("cancelled during the upload"));
+      if (!assembler_) return Fail(absl::InvalidArgumentError("the stream ended before the header"));
+      if (absl::Status s = assembler_->Finish(); !s.ok()) return Fail(s);
+      ctx_->pool.Submit([this] { Commit(); });
+      return;
+    }
+    if (!assembler_) return OnHeader();
+    if (!request_.has_chunk()) {
+      return Fail(absl::InvalidArgumentError(
+          request_.has_header() ? "a second header: the header comes once, first" : "empty request message"));
+    }
+    if (absl::Status s = assembler_->Add(request_.chunk()); !s.ok()) return Fail(s);
+    request_.Clear();
+    StartRead(&request_);
+  }
+
+  void OnCancel() override { cancelled_.store(true); }
+  void OnDone() override { delete this; }
+
+ private:
+  void OnHeader() {
+    if (!request_.has_header()) return Fail(absl::InvalidArgumentError("the first message must be a header"));
+    const v1::PutCacheHeader& h = request_.header();
+    if (absl::Status s = ValidateCacheId(h.cache_id()); !s.ok()) return Fail(WithField(s, "header.cache_id"));
+    if (h.ttl_seconds() < 0) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat("header.ttl_seconds must be >= 0, got ", h.ttl_seconds())));
+    }
+    absl::StatusOr<CacheSpec> spec = SpecFromHeader(h, ctx_->options.max_request_bytes);
+    if (!spec.ok()) return Fail(spec.status());
+    if (!h.overwrite() && ctx_->store.Contains(h.cache_id())) {  // early: before the bytes travel
+      return Fail(absl::AlreadyExistsError(
+          absl::StrCat("cache '", h.cache_id(), "' exists (set overwrite to replace it)")));
+    }
+    absl::StatusOr<int64_t> total = TotalBytes(*spec);
+    if (!total.ok()) return Fail(total.status());
+    // The entry also keeps int32 positions per kv head and token.
+    const int64_t positions = spec->layers * spec->kv_heads * spec->tokens * 4;
+    absl::StatusOr<Reservation> reservation = ctx_->store.Reserve(Tier::kHost, *total + positions);
+    if (!reservation.ok()) return Fail(reservation.status());
+    absl::StatusOr<CacheAssembler> assembler = CacheAssembler::Create(*spec);
+    if (!assembler.ok()) return Fail(assembler.status());
+    id_ = h.cache_id();
+    overwrite_ = h.overwrite();
+    ttl_ = absl::Seconds(h.ttl_seconds());
+    reservation_.emplace(*std::move(reservation));
+    assembler_.emplace(*std::move(assembler));
+    request_.Clear();
+    StartRead(&request_);
+  }
+
+  void Commit() {
+    std::unique_ptr<StoredCache> cache = StoredFromUpload(*assembler_, id_);
+    assembler_.reset();
+    absl::StatusOr<CacheSummary> summary = ctx_->store.Commit(std::move(*reservation_), std::move(cache), overwrite_, ttl_);
+    reservation_.reset();
+    if (!summary.ok()) return Fail(summary.status());
+    ToProto(*summary, response_->mutable_info());
+    Finish(grpc::Status::OK);
+  }
+
+  void Fail(const absl::Status& s) {
+    assembler_.reset();
+    reservation_.reset();  // releases the bytes
+    Finish(ToGrpc(s));
+  }
+
+  ServiceContext* ctx_;
+  v1::PutCacheResponse* response_;
+  v1::PutCacheRequest request_;
+  std::atomic<bool> cancelled_{false};
+  std::optional<CacheAssembler> assembler_;
+  std::optional<Reservation> reservation_;
+  std::string id_;
+  bool overwrite_ = false;
+  absl::Duration ttl_;
+};
+
+// ---- CompressCache ------------------------------------------------------------------
+
+class CompressCacheReactor final : public grpc::ServerUnaryReactor {
+ public:
+  CompressCacheReactor(ServiceContext* ctx, const v1::CompressCacheRequest* request,
+                       v1::CompressCacheResponse* response)
+      : ctx_(ctx), request_(request), response_(response) {
+    if (absl::Status s = ValidateCacheId(request->cache_id()); !s.ok()) {
+      Fail(WithField(s, "cache_id"));
+      return;
+    }
+    absl::StatusOr<CompressOptions> options = OptionsFromProto(request->policy());
+    if (!options.ok()) {
+      Fail(options.status());
+      return;
+    }
+    options_ = *options;
+    {
+      absl::MutexLock lock(&mu_);
+      waiting_slot_ = true;
+      ticket_ = Admission::NewTicket();
+    }
+    ctx_->admission.Acquire(ticket_, [this](absl::Status s) { OnSlot(std::move(s)); });
+  }
+
+  void OnCancel() override {
+    cancelled_.store(true);
+    bool waiting;
+    {
+      absl::MutexLock lock(&mu_);
+      waiting = waiting_slot_;
+    }
+    if (waiting) ctx_->admission.Cancel(ticket_);
+  }
+
+  void OnDone() override {
+    if (slot_held_) ctx_->admission.Release();
+    delete this;
+  }
+
+ private:
+  void OnSlot(absl::Status s) {
+    {
+      absl::MutexLock lock(&mu_);
+      waiting_slot_ = false;
+    }
+    if (!s.ok()) return Fail(s);
+    slot_held_ = true;
+    ctx_->pool.Submit([this] { Compute(); });
+  }
+
+  void Compute() {
+    const auto t0 = std::chrono::steady_clock::now();
+    absl::StatusOr<std::shared_ptr<const StoredCache>> entry = ctx_->store.Get(request_->cache_id());
+    if (!entry.ok()) return Fail(entry.status());
+    absl::StatusOr<CacheInput> input = CompressionInput(**entry);
+    if (!input.ok()) return Fail(input.status());
+    absl::StatusOr<CompressResult> result = medakv::Compress(*input, options_, *ctx_->backend, &cancelled_);
+    if (!result.ok()) return Fail(result.status());
+    v1::CompressSummary* summary = response_->mutable_summary();
+    summary->set_tokens_in(result->tokens_in);
+    summary->set_tokens_kept(result->tokens_kept);
+    summary->mutable_times()->set_statistics_seconds(result->seconds.statistics);
+    summary->mutable_times()->set_allocate_seconds(result->seconds.allocate);
+    summary->mutable_times()->set_select_merge_seconds(result->seconds.select_merge);
+    summary->set_backend(ctx_->backend_name);
+    for (size_t l = 0; l < result->layers.size(); ++l) {
+      medakv::ToProto(static_cast<int32_t>(l), result->layers[l], response_->add_layers());
+    }
+    std::unique_ptr<StoredCache> next = MakeCompressedCache(**entry, *std::move(result), PolicyName(options_.policy));
+    const int64_t bytes_in = (*entry)->bytes;
+    absl::StatusOr<CacheSummary> replaced = ctx_->store.Replace(*std::move(entry), std::move(next));
+    if (!replaced.ok()) return Fail(replaced.status());
+    summary->set_bytes_in(bytes_in);
+    summary->set_bytes_out(replaced->bytes);
+    summary->mutable_times()->set_send_seconds(0);
+    ToProto(*replaced, response_->mutable_info());
+    (void)t0;
+    Finish(grpc::Status::OK);
+  }
+
+  void Fail(const absl::Status& s) { Finish(ToGrpc(s)); }
+
+  ServiceContext* ctx_;
+  const v1::CompressCacheRequest* request_;
+  v1::CompressCacheResponse* response_;
+  CompressOptions options_;
+  std::atomic<bool> cancelled_{false};
+  absl::Mutex mu_;
+  bool waiting_slot_ = false;
+  uint64_t ticket_ = 0;
+  bool slot_held_ = false;
+};
+
+// ---- GetCache -------------------------------------------------------------------------
+
+class GetReactor final : public grpc::ServerWriteReactor<v1::GetCacheResponse> {
+ public:
+  GetReactor(ServiceContext* ctx, const v1::GetCacheRequest* request) : ctx_(ctx) {
+    absl::StatusOr<std::shared_ptr<const StoredCache>> entry = ctx_->store.Get(request->cache_id());
+    if (!entry.ok()) {
+      Finish(ToGrpc(entry.status()));
+      return;
+    }
+    entry_ = *std::move(entry);  // holding it keeps it from eviction until the download ends
+    const int32_t layers = static_cast<int32_t>(entry_->layers.size());
+    const int32_t begin = request->layer_begin();
+    const int32_t end = request->layer_end() == 0 ? layers : request->layer_end();
+    if (begin < 0 || begin >= end || end > layers) {
+      Finish(ToGrpc(absl::InvalidArgumentError(absl::StrCat("layer range [", request->layer_begin(), ", ",
+                                                            request->layer_end(), ") is not within [0, ", layers,
+                                                            ") (layer_end 0 means every layer)"))));
+      return;
+    }
+    absl::StatusOr<int64_t> chunk = ResponseChunkSize(request->max_response_chunk_bytes(), ctx_->options);
+    if (!chunk.ok()) {
+      Finish(ToGrpc(WithField(chunk.status(), "max_response_chunk_bytes")));
+      return;
+    }
+    std::vector<LayerSlices> slices;
+    for (int32_t l = begin; l < end; ++l) {
+      const StoredLayer& s = entry_->layers[l];
+      slices.push_back(LayerSlices{l, s.tokens, s.entropy, s.alpha, s.key, s.value,
+                                   absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(s.positions.data()),
+                                                             s.positions.size() * 4)});
+    }
+    stream_.emplace(std::move(slices), *chunk);
+    ToProto(Summarize(*entry_), response_.mutable_info());
+    StartWrite(&response_);
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away during the download"));
+      return;
+    }
+    response_.Clear();
+    if (stream_->Next(&response_)) {
+      StartWrite(&response_);
+    } else {
+      Finish(grpc::Status::OK);
+    }
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  ServiceContext* ctx_;
+  std::shared_ptr<const StoredCache> entry_;
+  std::optional<ResultStream> stream_;
+  v1::GetCacheResponse response_;
+};
+
+}  // namespace
+
+grpc::ServerReadReactor<v1::PutCacheRequest>* MedakvService::PutCache(grpc::CallbackServerContext* context,
+                                                                       v1::PutCacheResponse* response) {
+  return new PutReactor(ctx_, response);
+}
+
+grpc::ServerUnaryReactor* MedakvService::CompressCache(grpc::CallbackServerContext* context,
+                                                       const v1::CompressCacheRequest* request,
+                                                       v1::CompressCacheResponse* response) {
+  return new CompressCacheReactor(ctx_, request, response);
+}
+
+grpc::ServerWriteReactor<v1::GetCacheResponse>* MedakvService::GetCache(grpc::CallbackServerContext* context,
+                                                                        const v1::GetCacheRequest* request) {
+  return new GetReactor(ctx_, request);
+}
+
+grpc::ServerUnaryReactor* MedakvService::DeleteCache(grpc::CallbackServerContext* context,
+                                                     const v1::DeleteCacheRequest* request,
+                                                     v1::DeleteCacheResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  absl::StatusOr<int64_t> freed = ctx_->store.Delete(request->cache_id());
+  if (freed.ok()) response->set_bytes_freed(*freed);
+  reactor->Finish(ToGrpc(freed.status()));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* MedakvService::ListCaches(grpc::CallbackServerContext* context,
+                                                    const v1::ListCachesRequest* request,
+                                                    v1::ListCachesResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (request->limit() < 0) {
+    reactor->Finish(ToGrpc(absl::InvalidArgumentError(absl::StrCat("limit must be >= 0, got ", request->limit()))));
+    return reactor;
+  }
+  for (const CacheSummary& s : ctx_->store.List(request->prefix(), request->limit() == 0 ? 1000 : request->limit())) {
+    ToProto(s, response->add_caches());
+  }
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* MedakvService::Stats(grpc::CallbackServerContext* context, const v1::StatsRequest* request,
+                                               v1::StatsResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  for (const TierStats& t : ctx_->store.Stats()) {
+    if (!ctx_->store.has_tier(t.tier)) continue;
+    v1::TierStats* out = response->add_tiers();
+    out->set_tier(TierName(t.tier));
+    out->set_capacity_bytes(t.capacity_bytes);
+    out->set_used_bytes(t.used_bytes);
+    out->set_entries(t.entries);
+    out->set_evictions(t.evictions());
+  }
+  response->set_inflight_compressions(ctx_->inflight.load());
+  response->set_backend(ctx_->backend_name);
+  response->set_version(MEDAKV_VERSION);
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace medakv::server

@@ -1,0 +1,625 @@
+#include "service/store/cache_store.h"
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "kernels/common/status.h"
+#include "kernels/common/tensor_util.h"
+
+namespace medakv {
+namespace store_internal {
+
+// The byte counters of every tier, shared by the store, its reservations and
+// the deleters of its entries. `mu` is a leaf lock: nothing is called while it
+// is held, so a deleter may run anywhere (with or without the store mutex).
+class Accounting {
+ public:
+  struct Counters {
+    int64_t used = 0;      // reserved + every live object
+    int64_t reserved = 0;  // reservations not yet committed
+    int64_t doomed = 0;    // live objects removed from the map that nobody holds: freed right away
+  };
+
+  Counters Get(Tier tier) const {
+    absl::MutexLock lock(&mu_);
+    return tiers_[static_cast<int>(tier)];
+  }
+  void Reserve(Tier tier, int64_t bytes) {
+    absl::MutexLock lock(&mu_);
+    Counters& c = tiers_[static_cast<int>(tier)];
+    c.used += bytes;
+    c.reserved += bytes;
+  }
+  void CancelReservation(Tier tier, int64_t bytes) {
+    absl::MutexLock lock(&mu_);
+    Counters& c = tiers_[static_cast<int>(tier)];
+    c.used -= bytes;
+    c.reserved -= bytes;
+  }
+  // A reservation of `reserved` bytes becomes an object of `bytes` <= reserved.
+  void CommitReservation(Tier tier, int64_t reserved, int64_t bytes) {
+    absl::MutexLock lock(&mu_);
+    Counters& c = tiers_[static_cast<int>(tier)];
+    c.reserved -= reserved;
+    c.used -= reserved - bytes;
+  }
+  void ChargeObject(Tier tier, int64_t bytes) {
+    absl::MutexLock lock(&mu_);
+    tiers_[static_cast<int>(tier)].used += bytes;
+  }
+  void Doom(Tier tier, int64_t bytes) {
+    absl::MutexLock lock(&mu_);
+    tiers_[static_cast<int>(tier)].doomed += bytes;
+  }
+  void ReleaseObject(Tier tier, int64_t bytes, bool doomed) {
+    absl::MutexLock lock(&mu_);
+    Counters& c = tiers_[static_cast<int>(tier)];
+    c.used -= bytes;
+    if (doomed) c.doomed -= bytes;
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  Counters tiers_[kNumTiers] ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace store_internal
+
+namespace {
+
+using store_internal::Accounting;
+
+// Largest size of one dimension; keeps every product below 2^62 bytes.
+constexpr int64_t kMaxDim = int64_t{1} << 24;
+
+// Releases the bytes of a committed cache when its last reference drops.
+// `doomed` is set (under the store mutex, through std::get_deleter) only when
+// the store removes an entry that nobody else references: the thread that
+// removed it holds the last reference and runs this deleter itself.
+struct CacheDeleter {
+  std::shared_ptr<Accounting> accounting;
+  Tier tier = Tier::kHost;
+  int64_t bytes = 0;
+  bool doomed = false;
+
+  void operator()(const StoredCache* cache) const {
+    delete cache;  // free the memory first, then report it free
+    accounting->ReleaseObject(tier, bytes, doomed);
+  }
+};
+
+std::string QuoteId(absl::string_view id) {
+  constexpr size_t kShown = 64;
+  std::string quoted = absl::StrCat("\"", absl::CHexEscape(id.substr(0, kShown)), "\"");
+  if (id.size() > kShown) absl::StrAppend(&quoted, "...");
+  return quoted;
+}
+
+bool IdChar(char c) {
+  return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
+         c == ':' || c == '/' || c == '-';
+}
+
+absl::Status CheckSize(absl::string_view prefix, absl::string_view name, int64_t got, int64_t expected) {
+  if (got == expected) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(prefix, name, ": ", got, " bytes, expected ", expected));
+}
+
+absl::Status CheckPositions(absl::string_view prefix, absl::string_view name, const std::vector<int32_t>& p,
+                            int64_t tokens) {
+  for (size_t i = 0; i < p.size(); ++i) {
+    if (p[i] < 0 || p[i] >= tokens) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(prefix, name, "[", i, "] is ", p[i], ", outside [0, ", tokens, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+template <typename T>
+int64_t ByteSize(const std::vector<T>& v) {
+  return static_cast<int64_t>(v.size() * sizeof(T));
+}
+
+}  // namespace
+
+const char* TierName(Tier tier) {
+  switch (tier) {
+    case Tier::kHost:
+      return "host";
+    case Tier::kDevice:
+      return "device";
+  }
+  return "unknown";
+}
+
+absl::Status ValidateCacheId(absl::string_view id) {
+  if (id.empty() || id.size() > kMaxCacheIdBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("cache id ", QuoteId(id), " must be 1-", kMaxCacheIdBytes,
+                                                   " bytes, got ", id.size()));
+  }
+  for (size_t i = 0; i < id.size(); ++i) {
+    if (!IdChar(id[i])) {
+      return absl::InvalidArgumentError(absl::StrCat("cache id ", QuoteId(id), ": byte ", i,
+                                                     " is outside [A-Za-z0-9._:/-]"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+int64_t StoredCache::ComputeBytes() const {
+  int64_t bytes = 0;
+  for (const StoredLayer& l : layers) {
+    bytes += ByteSize(l.key) + ByteSize(l.value) + ByteSize(l.positions) + ByteSize(l.query) +
+             ByteSize(l.query_positions) + ByteSize(l.scores);
+  }
+  return bytes;
+}
+
+absl::Status ValidateStoredCache(const StoredCache& cache) {
+  MEDAKV_RETURN_IF_ERROR(ValidateCacheId(cache.id));
+  const CacheDescription& d = cache.description;
+  const std::pair<const char*, int64_t> dims[] = {
+      {"layers", d.layers}, {"kv_heads", d.kv_heads}, {"head_dim", d.head_dim}, {"tokens", d.tokens}};
+  for (const auto& [name, v] : dims) {
+    if (v <= 0 || v > kMaxDim) {
+      return absl::InvalidArgumentError(absl::StrCat(name, " must be in [1, ", kMaxDim, "], got ", v));
+    }
+  }
+  if (d.q_heads < 0 || d.q_heads > kMaxDim) {
+    return absl::InvalidArgumentError(absl::StrCat("q_heads must be in [0, ", kMaxDim, "], got ", d.q_heads));
+  }
+  if (d.tokens > INT32_MAX) return absl::InvalidArgumentError("tokens: positions are int32");
+  if (d.dtype != DType::kFloat16 && d.dtype != DType::kBFloat16 && d.dtype != DType::kFloat32) {
+    return absl::InvalidArgumentError("dtype: expected float16, bfloat16 or float32");
+  }
+  if (d.layout != Layout::kHND && d.layout != Layout::kNHD) {
+    return absl::InvalidArgumentError("layout: expected HND or NHD");
+  }
+  MEDAKV_RETURN_IF_ERROR(ModalityFromSpans(d.tokens, d.modality).status());
+  if (static_cast<int64_t>(cache.layers.size()) != d.layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layers: ", cache.layers.size(), " stored for a description of ", d.layers));
+  }
+  switch (cache.stats) {
+    case KeptStats::kNone:
+      break;
+    case KeptStats::kQueries:
+      if (d.q_heads <= 0 || d.q_heads % d.kv_heads != 0) {
+        return absl::InvalidArgumentError(absl::StrCat("q_heads (", d.q_heads,
+                                                       ") must be a positive multiple of kv_heads (", d.kv_heads,
+                                                       ") when queries are kept"));
+      }
+      if (cache.q_tokens <= 0 || cache.q_tokens > d.tokens) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("q_tokens must be in [1, tokens=", d.tokens, "], got ", cache.q_tokens));
+      }
+      break;
+    case KeptStats::kPrecomputed:
+      if (cache.score_heads != d.kv_heads && (d.q_heads <= 0 || cache.score_heads != d.q_heads)) {
+        return absl::InvalidArgumentError(absl::StrCat("score_heads (", cache.score_heads,
+                                                       ") must be kv_heads (", d.kv_heads, ") or q_heads (",
+                                                       d.q_heads, ")"));
+      }
+      break;
+    default:
+      return absl::InvalidArgumentError("stats: unknown form");
+  }
+  const int64_t dsize = DTypeSize(d.dtype);
+  for (int64_t l = 0; l < d.layers; ++l) {
+    const StoredLayer& layer = cache.layers[l];
+    const std::string prefix = absl::StrCat("layer ", l, " ");
+    if (layer.tokens < 0 || layer.tokens > d.tokens) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(prefix, "tokens must be in [0, ", d.tokens, "], got ", layer.tokens));
+    }
+    const int64_t kv_bytes = d.kv_heads * layer.tokens * d.head_dim * dsize;
+    MEDAKV_RETURN_IF_ERROR(CheckSize(prefix, "key", ByteSize(layer.key), kv_bytes));
+    MEDAKV_RETURN_IF_ERROR(CheckSize(prefix, "value", ByteSize(layer.value), kv_bytes));
+    if (!(layer.positions.empty() && layer.tokens == d.tokens)) {
+      MEDAKV_RETURN_IF_ERROR(
+          CheckSize(prefix, "positions", ByteSize(layer.positions), d.kv_heads * layer.tokens * 4));
+      MEDAKV_RETURN_IF_ERROR(CheckPositions(prefix, "positions", layer.positions, d.tokens));
+    }
+    if (!std::isfinite(layer.entropy) || !std::isfinite(layer.alpha)) {
+      return absl::InvalidArgumentError(absl::StrCat(prefix, "entropy and alpha must be finite"));
+    }
+    const bool queries = cache.stats == KeptStats::kQueries;
+    const bool scores = cache.stats == KeptStats::kPrecomputed;
+    MEDAKV_RETURN_IF_ERROR(CheckSize(prefix, "query", ByteSize(layer.query),
+                                     queries ? d.q_heads * cache.q_tokens * d.head_dim * dsize : 0));
+    if (!layer.query_positions.empty()) {
+      MEDAKV_RETURN_IF_ERROR(CheckSize(prefix, "query_positions", ByteSize(layer.query_positions),
+                                       queries ? cache.q_tokens * 4 : 0));
+      MEDAKV_RETURN_IF_ERROR(CheckPositions(prefix, "query_positions", layer.query_positions, d.tokens));
+    }
+    MEDAKV_RETURN_IF_ERROR(
+        CheckSize(prefix, "scores", ByteSize(layer.scores), scores ? cache.score_heads * d.tokens * 4 : 0));
+    if (scores && !std::isfinite(layer.score_entropy)) {
+      return absl::InvalidArgumentError(absl::StrCat(prefix, "entropy is not finite (", layer.score_entropy, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+CacheSummary Summarize(const StoredCache& cache) {
+  CacheSummary s;
+  s.id = cache.id;
+  s.description = cache.description;
+  s.stats = cache.stats;
+  s.bytes = cache.bytes;
+  s.layer_tokens.reserve(cache.layers.size());
+  for (const StoredLayer& l : cache.layers) s.layer_tokens.push_back(l.tokens);
+  s.compressed = cache.compressed;
+  s.policy = cache.policy;
+  s.created = cache.created;
+  s.expires = cache.expires;
+  s.tier = cache.tier;
+  return s;
+}
+
+absl::StatusOr<CacheInput> CompressionInput(const StoredCache& cache) {
+  const CacheDescription& d = cache.description;
+  if (cache.compressed) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cache ", QuoteId(cache.id), " is already compressed (policy ", cache.policy, ")"));
+  }
+  if (cache.stats == KeptStats::kNone) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cache ", QuoteId(cache.id), " was stored without attention statistics"));
+  }
+  CacheInput in;
+  in.kv_heads = d.kv_heads;
+  in.q_heads = d.q_heads;
+  in.head_dim = d.head_dim;
+  in.tokens = d.tokens;
+  in.dtype = d.dtype;
+  in.layout = d.layout;
+  if (!d.modality.empty()) {
+    MEDAKV_ASSIGN_OR_RETURN(in.modality, ModalityFromSpans(d.tokens, d.modality));
+  }
+  in.stats = cache.stats == KeptStats::kQueries ? StatsForm::kQueries : StatsForm::kPrecomputed;
+  in.layers.reserve(cache.layers.size());
+  for (size_t l = 0; l < cache.layers.size(); ++l) {
+    const StoredLayer& s = cache.layers[l];
+    if (s.tokens != d.tokens) {
+      return absl::FailedPreconditionError(absl::StrCat("cache ", QuoteId(cache.id), ": layer ", l, " keeps ",
+                                                        s.tokens, " of ", d.tokens, " tokens"));
+    }
+    LayerInput li;
+    li.key = TensorView{s.key.data(), d.dtype, d.layout, d.kv_heads, d.tokens, d.head_dim};
+    li.value = TensorView{s.value.data(), d.dtype, d.layout, d.kv_heads, d.tokens, d.head_dim};
+    if (cache.stats == KeptStats::kQueries) {
+      li.query = TensorView{s.query.data(), d.dtype, d.layout, d.q_heads, cache.q_tokens, d.head_dim};
+      li.query_positions = s.query_positions;
+    } else {
+      li.scores = s.scores.data();
+      li.score_heads = cache.score_heads;
+      li.entropy = s.score_entropy;
+    }
+    in.layers.push_back(std::move(li));
+  }
+  return in;
+}
+
+std::unique_ptr<StoredCache> MakeCompressedCache(const StoredCache& original, CompressResult result,
+                                                 std::string policy) {
+  auto cache = std::make_unique<StoredCache>();
+  cache->id = original.id;
+  cache->description = original.description;
+  cache->stats = KeptStats::kNone;
+  cache->compressed = true;
+  cache->policy = std::move(policy);
+  cache->layers.reserve(result.layers.size());
+  for (LayerResult& r : result.layers) {
+    StoredLayer l;
+    l.key = std::move(r.key);
+    l.value = std::move(r.value);
+    l.positions = std::move(r.positions);
+    l.tokens = r.budget;
+    l.entropy = r.entropy;
+    l.alpha = r.alpha;
+    cache->layers.push_back(std::move(l));
+  }
+  return cache;
+}
+
+// ---- Reservation -----------------------------------------------------------------
+
+Reservation::Reservation(Reservation&& other) noexcept
+    : accounting_(std::move(other.accounting_)), tier_(other.tier_), bytes_(std::exchange(other.bytes_, 0)) {}
+
+Reservation& Reservation::operator=(Reservation&& other) noexcept {
+  if (this != &other) {
+    Cancel();
+    accounting_ = std::move(other.accounting_);
+    tier_ = other.tier_;
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+Reservation::~Reservation() { Cancel(); }
+
+void Reservation::Cancel() {
+  if (accounting_ != nullptr) accounting_->CancelReservation(tier_, bytes_);
+  accounting_.reset();
+  bytes_ = 0;
+}
+
+// ---- CacheStore ------------------------------------------------------------------
+
+CacheStore::CacheStore(StoreOptions options)
+    : capacity_{std::max<int64_t>(options.host_capacity_bytes, 0), std::max<int64_t>(options.device_capacity_bytes, 0)},
+      clock_(options.clock ? std::move(options.clock) : std::function<absl::Time()>([] { return absl::Now(); })),
+      accounting_(std::make_shared<Accounting>()) {}
+
+CacheStore::~CacheStore() = default;
+
+int64_t CacheStore::used_bytes(Tier tier) const { return accounting_->Get(tier).used; }
+
+absl::Status CacheStore::CheckTier(Tier tier) const {
+  if (tier != Tier::kHost && tier != Tier::kDevice) return absl::InvalidArgumentError("unknown tier");
+  if (!has_tier(tier)) {
+    return absl::FailedPreconditionError(absl::StrCat("the store has no ", TierName(tier), " tier"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Reservation> CacheStore::Reserve(Tier tier, int64_t bytes) {
+  MEDAKV_RETURN_IF_ERROR(CheckTier(tier));
+  if (bytes < 0) return absl::InvalidArgumentError(absl::StrCat("cannot reserve ", bytes, " bytes"));
+  if (bytes > capacity(tier)) {
+    return absl::ResourceExhaustedError(absl::StrCat("a cache of ", bytes, " bytes exceeds the ", TierName(tier),
+                                                     " tier's capacity of ", capacity(tier), " bytes"));
+  }
+  Graveyard graveyard;  // destroyed after the lock is released
+  absl::MutexLock lock(&mu_);
+  SweepLocked(clock_(), &graveyard);
+  MEDAKV_RETURN_IF_ERROR(MakeRoomLocked(tier, bytes, 0, &graveyard));
+  accounting_->Reserve(tier, bytes);
+  return Reservation(accounting_, tier, bytes);
+}
+
+absl::StatusOr<CacheSummary> CacheStore::Commit(Reservation reservation, std::unique_ptr<StoredCache> cache,
+                                                bool overwrite, absl::Duration ttl) {
+  if (reservation.accounting_ != accounting_) {
+    return absl::FailedPreconditionError(reservation.valid() ? "the reservation belongs to another store"
+                                                             : "the reservation was already used or cancelled");
+  }
+  if (cache == nullptr) return absl::InvalidArgumentError("no cache to commit");
+  MEDAKV_RETURN_IF_ERROR(ValidateStoredCache(*cache));
+  const int64_t bytes = cache->ComputeBytes();
+  if (bytes > reservation.bytes()) {
+    return absl::FailedPreconditionError(absl::StrCat("cache ", QuoteId(cache->id), " has ", bytes,
+                                                      " bytes, more than the ", reservation.bytes(), " reserved"));
+  }
+  Graveyard graveyard;
+  absl::MutexLock lock(&mu_);
+  const absl::Time now = clock_();
+  SweepLocked(now, &graveyard);
+  const auto it = entries_.find(cache->id);
+  if (it != entries_.end() && !overwrite) {
+    return absl::AlreadyExistsError(absl::StrCat("cache ", QuoteId(cache->id), " is already stored"));
+  }
+  cache->created = now;
+  cache->expires = ttl > absl::ZeroDuration() ? now + ttl : absl::InfiniteFuture();
+  cache->tier = reservation.tier();
+  cache->bytes = bytes;
+  accounting_->CommitReservation(reservation.tier(), reservation.bytes(), bytes);
+  reservation.accounting_.reset();
+  reservation.bytes_ = 0;
+  std::shared_ptr<const StoredCache> owned = Own(std::move(cache));
+  if (it != entries_.end()) RemoveLocked(it, &graveyard);
+  CacheSummary summary = Summarize(*owned);
+  InsertLocked(std::move(owned));
+  return summary;
+}
+
+absl::StatusOr<CacheSummary> CacheStore::Put(Tier tier, std::unique_ptr<StoredCache> cache, bool overwrite,
+                                             absl::Duration ttl) {
+  if (cache == nullptr) return absl::InvalidArgumentError("no cache to put");
+  MEDAKV_RETURN_IF_ERROR(ValidateStoredCache(*cache));  // before anything is evicted for it
+  MEDAKV_ASSIGN_OR_RETURN(Reservation reservation, Reserve(tier, cache->ComputeBytes()));
+  return Commit(std::move(reservation), std::move(cache), overwrite, ttl);
+}
+
+absl::StatusOr<std::shared_ptr<const StoredCache>> CacheStore::Get(absl::string_view id) {
+  MEDAKV_RETURN_IF_ERROR(ValidateCacheId(id));
+  Graveyard graveyard;
+  absl::MutexLock lock(&mu_);
+  SweepLocked(clock_(), &graveyard);
+  const auto it = entries_.find(id);
+  if (it == entries_.end()) return absl::NotFoundError(absl::StrCat("cache ", QuoteId(id), " is not stored"));
+  TouchLocked(it);
+  return it->second.cache;
+}
+
+bool CacheStore::Contains(absl::string_view id) {
+  Graveyard graveyard;
+  absl::MutexLock lock(&mu_);
+  SweepLocked(clock_(), &graveyard);
+  return entries_.find(id) != entries_.end();
+}
+
+std::vector<CacheSummary> CacheStore::List(absl::string_view prefix, int64_t limit) {
+  std::vector<CacheSummary> out;
+  Graveyard graveyard;
+  absl::MutexLock lock(&mu_);
+  SweepLocked(clock_(), &graveyard);
+  for (auto it = entries_.lower_bound(prefix); it != entries_.end() && absl::StartsWith(it->first, prefix); ++it) {
+    if (limit > 0 && static_cast<int64_t>(out.size()) >= limit) break;
+    out.push_back(Summarize(*it->second.cache));
+  }
+  return out;
+}
+
+absl::StatusOr<int64_t> CacheStore::Delete(absl::string_view id) {
+  MEDAKV_RETURN_IF_ERROR(ValidateCacheId(id));
+  Graveyard graveyard;
+  absl::MutexLock lock(&mu_);
+  SweepLocked(clock_(), &graveyard);
+  const auto it = entries_.find(id);
+  if (it == entries_.end()) return absl::NotFoundError(absl::StrCat("cache ", QuoteId(id), " is not stored"));
+  const int64_t bytes = it->second.cache->bytes;
+  ++deleted_[Index(it->second.cache->tier)];
+  RemoveLocked(it, &graveyard);
+  return bytes;
+}
+
+absl::StatusOr<CacheSummary> CacheStore::Replace(std::shared_ptr<const StoredCache> expected,
+                                                 std::unique_ptr<StoredCache> next) {
+  if (expected == nullptr || next == nullptr) return absl::InvalidArgumentError("Replace needs both caches");
+  if (next->id.empty()) next->id = expected->id;
+  if (next->id != expected->id) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cache ", QuoteId(next->id), " cannot replace cache ", QuoteId(expected->id)));
+  }
+  MEDAKV_RETURN_IF_ERROR(ValidateStoredCache(*next));
+  const Tier tier = expected->tier;
+  const int64_t bytes = next->ComputeBytes();
+  if (bytes > capacity(tier)) {
+    return absl::ResourceExhaustedError(absl::StrCat("a cache of ", bytes, " bytes exceeds the ", TierName(tier),
+                                                     " tier's capacity of ", capacity(tier), " bytes"));
+  }
+  Graveyard graveyard;
+  absl::MutexLock lock(&mu_);
+  SweepLocked(clock_(), &graveyard);
+  const auto it = entries_.find(expected->id);
+  if (it == entries_.end()) {
+    return absl::NotFoundError(absl::StrCat("cache ", QuoteId(expected->id), " was deleted or expired"));
+  }
+  if (it->second.cache != expected) {
+    return absl::AbortedError(absl::StrCat("cache ", QuoteId(expected->id), " changed since it was read"));
+  }
+  // Referenced only by the map and `expected`: gone once replaced.
+  const int64_t extra_room = it->second.cache.use_count() == 2 ? expected->bytes : 0;
+  MEDAKV_RETURN_IF_ERROR(MakeRoomLocked(tier, bytes, extra_room, &graveyard));
+  next->created = expected->created;
+  next->expires = expected->expires;
+  next->tier = tier;
+  next->bytes = bytes;
+  accounting_->ChargeObject(tier, bytes);
+  std::shared_ptr<const StoredCache> owned = Own(std::move(next));
+  expected.reset();  // so that RemoveLocked sees whether anyone else holds the old object
+  RemoveLocked(it, &graveyard);
+  CacheSummary summary = Summarize(*owned);
+  InsertLocked(std::move(owned));
+  return summary;
+}
+
+std::vector<TierStats> CacheStore::Stats() {
+  std::vector<TierStats> out;
+  Graveyard graveyard;
+  absl::MutexLock lock(&mu_);
+  SweepLocked(clock_(), &graveyard);
+  for (Tier tier : {Tier::kHost, Tier::kDevice}) {
+    if (!has_tier(tier)) continue;
+    const int t = Index(tier);
+    const Accounting::Counters c = accounting_->Get(tier);
+    TierStats s;
+    s.tier = tier;
+    s.capacity_bytes = capacity(tier);
+    s.used_bytes = c.used;
+    s.reserved_bytes = c.reserved;
+    s.stored_bytes = stored_bytes_[t];
+    s.held_bytes = c.used - c.reserved - stored_bytes_[t];
+    s.entries = static_cast<int64_t>(lru_[t].size());
+    s.evicted_lru = evicted_lru_[t];
+    s.expired = expired_[t];
+    s.deleted = deleted_[t];
+    out.push_back(s);
+  }
+  return out;
+}
+
+int64_t CacheStore::Sweep() {
+  Graveyard graveyard;
+  absl::MutexLock lock(&mu_);
+  return SweepLocked(clock_(), &graveyard);
+}
+
+// ---- internals -------------------------------------------------------------------
+
+int64_t CacheStore::SweepLocked(absl::Time now, Graveyard* graveyard) {
+  int64_t swept = 0;
+  while (!expiry_.empty() && expiry_.begin()->first <= now) {
+    const auto it = entries_.find(expiry_.begin()->second);
+    ++expired_[Index(it->second.cache->tier)];
+    RemoveLocked(it, graveyard);  // erases the expiry_ element
+    ++swept;
+  }
+  return swept;
+}
+
+void CacheStore::RemoveLocked(EntryMap::iterator it, Graveyard* graveyard) {
+  std::shared_ptr<const StoredCache> cache = std::move(it->second.cache);
+  const int t = Index(cache->tier);
+  lru_[t].erase(it->second.lru);
+  if (cache->expires != absl::InfiniteFuture()) expiry_.erase({cache->expires, cache->id});
+  stored_bytes_[t] -= cache->bytes;
+  entries_.erase(it);
+  // No reference is made without mu_, so a count of 1 stays 1: this thread
+  // drops the last reference when the graveyard goes, after mu_ is released.
+  if (cache.use_count() == 1) {
+    std::get_deleter<CacheDeleter>(cache)->doomed = true;
+    accounting_->Doom(cache->tier, cache->bytes);
+  }
+  graveyard->push_back(std::move(cache));
+}
+
+void CacheStore::InsertLocked(std::shared_ptr<const StoredCache> cache) {
+  const int t = Index(cache->tier);
+  lru_[t].push_front(cache->id);
+  if (cache->expires != absl::InfiniteFuture()) expiry_.emplace(cache->expires, cache->id);
+  stored_bytes_[t] += cache->bytes;
+  const std::string& id = cache->id;
+  entries_.insert_or_assign(id, Entry{std::move(cache), lru_[t].begin()});
+}
+
+void CacheStore::TouchLocked(EntryMap::iterator it) {
+  auto& lru = lru_[Index(it->second.cache->tier)];
+  lru.splice(lru.begin(), lru, it->second.lru);
+}
+
+absl::Status CacheStore::MakeRoomLocked(Tier tier, int64_t bytes, int64_t extra_room, Graveyard* graveyard) {
+  const int t = Index(tier);
+  const Accounting::Counters c = accounting_->Get(tier);
+  // Doomed objects are being freed by the threads that removed them.
+  const int64_t free = capacity(tier) - (c.used - c.doomed) + extra_room;
+  if (bytes <= free) return absl::OkStatus();
+  std::vector<EntryMap::iterator> victims;
+  int64_t gain = 0;
+  for (auto id = lru_[t].rbegin(); id != lru_[t].rend() && free + gain < bytes; ++id) {
+    const auto it = entries_.find(*id);
+    if (it->second.cache.use_count() == 1) {
+      victims.push_back(it);
+      gain += it->second.cache->bytes;
+    }
+  }
+  if (free + gain < bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "cannot make room for ", bytes, " bytes in the ", TierName(tier), " tier: capacity ", capacity(tier),
+        ", used ", c.used - c.doomed, " (", c.reserved, " reserved by uploads in progress, ",
+        c.used - c.doomed - c.reserved - stored_bytes_[t], " held by readers after removal, ", stored_bytes_[t],
+        " stored of which ", stored_bytes_[t] - gain, " referenced by readers)"));
+  }
+  for (const auto it : victims) {
+    ++evicted_lru_[t];
+    RemoveLocked(it, graveyard);
+  }
+  return absl::OkStatus();
+}
+
+std::shared_ptr<const StoredCache> CacheStore::Own(std::unique_ptr<StoredCache> cache) {
+  const Tier tier = cache->tier;
+  const int64_t bytes = cache->bytes;
+  return std::shared_ptr<const StoredCache>(cache.release(), CacheDeleter{accounting_, tier, bytes});
+}
+
+}  // namespace medakv
