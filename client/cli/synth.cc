@@ -495,15 +495,17 @@ absl::Status ValidateSynthOptions(const SynthOptions& o) {
   MEDAKV_RETURN_IF_ERROR(CheckFraction("--visual-sink-fraction", o.visual_sink_fraction));
   MEDAKV_RETURN_IF_ERROR(CheckFraction("--visual-head-fraction", o.visual_head_fraction));
   if (o.image_clusters < 1 || o.image_clusters > kMaxDim) {
-    return absl::InvalidArgumentError(absl::StrCat("--image-clusters must be in [1, ", kMaxDim, "], got ", o.image_clusters));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--image-clusters must be in [1, ", kMaxDim, "], got ", o.image_clusters));
   }
   constexpr double kMaxSharpness = 10.0;  // keeps logits, keys and queries well inside fp16
   if (!(o.sharpness_min >= 0.0 && o.sharpness_min <= kMaxSharpness)) {
-    return absl::InvalidArgumentError(absl::StrCat("--sharpness-min must be in [0, ", kMaxSharpness, "], got ", o.sharpness_min));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--sharpness-min must be in [0, ", kMaxSharpness, "], got ", o.sharpness_min));
   }
   if (!(o.sharpness_max >= o.sharpness_min && o.sharpness_max <= kMaxSharpness)) {
-    return absl::InvalidArgumentError(absl::StrCat("--sharpness-max must be in [--sharpness-min (", o.sharpness_min, "), ",
-                                                   kMaxSharpness, "], got ", o.sharpness_max));
+    return absl::InvalidArgumentError(absl::StrCat("--sharpness-max must be in [--sharpness-min (", o.sharpness_min,
+                                                   "), ", kMaxSharpness, "], got ", o.sharpness_max));
   }
   if (o.held_out < 0 || o.held_out > INT32_MAX - o.tokens) {
     return absl::InvalidArgumentError(
@@ -546,7 +548,8 @@ TensorView SynthCache::Query(int64_t layer) const {
 
 TensorView SynthCache::HeldOutQuery(int64_t layer) const {
   const int64_t held = static_cast<int64_t>(held_out_positions.size());
-  return TensorView{layers[layer].held_out_query.data(), input.dtype, input.layout, input.q_heads, held, input.head_dim};
+  return TensorView{
+      layers[layer].held_out_query.data(), input.dtype, input.layout, input.q_heads, held, input.head_dim};
 }
 
 absl::StatusOr<SynthCache> MakeSynthCache(const SynthOptions& o) {
@@ -556,7 +559,9 @@ absl::StatusOr<SynthCache> MakeSynthCache(const SynthOptions& o) {
   Plan plan = MakePlan(o, spans, std::move(modality));
 
   SynthCache cache;
-  for (int64_t i = 0; i < o.q_tokens; ++i) cache.query_positions.push_back(static_cast<int32_t>(o.tokens - o.q_tokens + i));
+  for (int64_t i = 0; i < o.q_tokens; ++i) {
+    cache.query_positions.push_back(static_cast<int32_t>(o.tokens - o.q_tokens + i));
+  }
   for (int64_t i = 0; i < o.held_out; ++i) cache.held_out_positions.push_back(static_cast<int32_t>(o.tokens + i));
   cache.layers.resize(o.layers);
   cpu::ParallelFor(o.layers, [&](int64_t l) { MakeLayer(o, plan, o.held_out, l, &cache.layers[l]); });

@@ -3,8 +3,8 @@
 // formulas and constants):
 //   - attention sinks: the first `sinks` tokens, which every query attends to,
 //     and a few visual sinks inside each image;
-//   - a recency bias: a partial rotary (RoPE-like) subspace, so that a query
-//     scores nearby keys higher;
+//   - a recency bias: every key has a component along a direction the
+//     queries share, growing (logarithmically) towards the end of the prompt;
 //   - images (the `visual` spans) whose keys are near duplicates around a few
 //     centres per image, with values correlated with the keys' centre;
 //   - heavy-hitter text tokens that the queries align with;
@@ -42,13 +42,13 @@ struct SynthOptions {
   uint64_t seed = 0;
 
   // Structure (docs/synthetic.md); flag names in the error messages.
-  int64_t sinks = 4;                  // --sinks: attention-sink tokens at positions [0, sinks)
-  double heavy_fraction = 0.03;       // --heavy-fraction: share of the other text tokens that are heavy hitters
-  int64_t image_clusters = 8;         // --image-clusters: key/value centres per image (at most its length)
+  int64_t sinks = 4;                   // --sinks: attention-sink tokens at positions [0, sinks)
+  double heavy_fraction = 0.03;        // --heavy-fraction: share of the other text tokens that are heavy hitters
+  int64_t image_clusters = 8;          // --image-clusters: key/value centres per image (at most its length)
   double visual_sink_fraction = 0.01;  // --visual-sink-fraction: share of an image's tokens that are visual sinks
-  double visual_head_fraction = 0.5;  // --visual-head-fraction: share of a layer's query heads that read images
-  double sharpness_min = 0.1;         // --sharpness-min: logit gain of the flattest layer
-  double sharpness_max = 1.25;        // --sharpness-max: logit gain of the most peaked layer
+  double visual_head_fraction = 0.5;   // --visual-head-fraction: share of a layer's query heads that read images
+  double sharpness_min = 0.1;          // --sharpness-min: logit gain of the flattest layer
+  double sharpness_max = 1.25;         // --sharpness-max: logit gain of the most peaked layer
   int64_t held_out = 0;  // --held-out: query rows after the prompt, for evaluation (in memory, never in the file)
 };
 
@@ -85,11 +85,11 @@ struct SynthCache {
   std::vector<int32_t> query_positions;     // [q_tokens]: tokens - q_tokens, ..., tokens - 1
   std::vector<int32_t> held_out_positions;  // [held_out]: tokens, ..., tokens + held_out - 1 (text rows)
   // Ground truth, for tests and evaluation.
-  std::vector<uint8_t> role;               // [tokens] TokenRole
-  std::vector<int32_t> image;              // [tokens] index of the token's visual span (by start), -1 for text
-  std::vector<int32_t> cluster;            // [tokens] global visual cluster id, -1 for text and (visual) sinks
-  std::vector<int32_t> target_clusters;    // clusters that visual query heads read (one per image, at most 4)
-  CacheInput input;                        // views into `layers`; queries or precomputed statistics
+  std::vector<uint8_t> role;             // [tokens] TokenRole
+  std::vector<int32_t> image;            // [tokens] index of the token's visual span (by start), -1 for text
+  std::vector<int32_t> cluster;          // [tokens] global visual cluster id, -1 for text and (visual) sinks
+  std::vector<int32_t> target_clusters;  // clusters that visual query heads read (one per image, at most 4)
+  CacheInput input;                      // views into `layers`; queries or precomputed statistics
 
   // Views of a layer's query rows and held-out rows (options' dtype and layout).
   TensorView Query(int64_t layer) const;

@@ -36,7 +36,7 @@ SynthOptions StructureOptions() {
   o.head_dim = 64;
   o.q_tokens = 32;
   o.dtype = DType::kFloat32;
-  o.seed = getenv("SYNTH_SEED") ? atoi(getenv("SYNTH_SEED")) : 7;
+  o.seed = 7;
   return o;
 }
 
@@ -167,7 +167,8 @@ TEST(SynthStructureTest, HeavyHittersTakeMoreAttentionThanOtherText) {
     }
     return false;
   };
-  const double h = MeanScore(a, [&](int64_t j) { return j < first_query && heavy(j); }, AllLayers(a.cache));
+  auto early_heavy = [&](int64_t j) { return j < first_query && heavy(j); };
+  const double h = MeanScore(a, early_heavy, AllLayers(a.cache));
   EXPECT_GT(h, 4.0 * MeanScore(a, near_heavy, AllLayers(a.cache)));
 }
 
@@ -190,7 +191,6 @@ TEST(SynthStructureTest, VisualKeysOfARegionAreNearDuplicates) {
   const Analysed& a = Structure();
   for (const LayerInput& layer : a.cache.input.layers) {
     const auto [same, other] = ClusterCosines(a.cache, layer.key, 4);
-    printf("kcos %.3f %.3f\n", same, other);
     EXPECT_GT(same, 0.8);
     EXPECT_LT(other, 0.3);
   }
@@ -200,7 +200,6 @@ TEST(SynthStructureTest, VisualValuesFollowTheKeysRegion) {
   const Analysed& a = Structure();
   for (const LayerInput& layer : a.cache.input.layers) {
     const auto [same, other] = ClusterCosines(a.cache, layer.value, 4);
-    printf("vcos %.3f %.3f\n", same, other);
     EXPECT_GT(same, 0.7);
     EXPECT_LT(other, 0.2);
   }
@@ -589,7 +588,9 @@ TEST(SynthTest, PrecomputedStatisticsMatchTheReference) {
     ASSERT_EQ(layer.score_heads, o.kv_heads);
     const reference::RefStats s = Stats(queries->input, queries->input.layers[l]);
     EXPECT_NEAR(layer.entropy, s.entropy, 1e-3);
-    for (int64_t i = 0; i < o.kv_heads * o.tokens; ++i) EXPECT_NEAR(layer.scores[i], s.scores[i], 1e-3 + 1e-4 * s.scores[i]);
+    for (int64_t i = 0; i < o.kv_heads * o.tokens; ++i) {
+      EXPECT_NEAR(layer.scores[i], s.scores[i], 1e-3 + 1e-4 * s.scores[i]);
+    }
   }
 }
 
