@@ -1,25 +1,35 @@
 // medakv: the command-line tool. `medakv compress` runs a policy on a cache
-// file with the CPU backend; `medakv synth` writes a synthetic cache file;
-// `medakv eval` measures the fidelity of policies (docs/evaluation.md).
-// Errors print one line "medakv: error: ..." on stderr and exit non-zero.
+// file with the CPU backend, or on a medakv server (`--server`); `medakv
+// health` asks a server whether it serves; `medakv synth` writes a synthetic
+// cache file; `medakv eval` measures the fidelity of policies
+// (docs/evaluation.md). Errors print one line "medakv: error: ..." on stderr
+// and exit non-zero.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <new>
+#include <optional>
 #include <string>
 
 #include <CLI/CLI.hpp>
+#include <grpcpp/grpcpp.h>
 #include <nlohmann/json.hpp>
 
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/time.h"
 #include "client/cli/cache_file.h"
 #include "client/cli/eval.h"
 #include "client/cli/policy_flags.h"
 #include "client/cli/synth.h"
+#include "client/cpp/remote.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "kernels/common/status.h"
 #include "kernels/common/tensor_util.h"
 
@@ -34,6 +44,18 @@ struct CompressFlags {
   bool json = false;
   bool verbose = false;
   PolicyFlags policy;
+  std::string server;                      // host:port; empty: compress here
+  double timeout = 0;                      // seconds, with --server; only when given
+  int64_t chunk_bytes = int64_t{4} << 20;  // request chunks, with --server
+  const CLI::Option* server_opt = nullptr;
+  const CLI::Option* timeout_opt = nullptr;
+  std::vector<const CLI::Option*> server_only;  // refused without --server
+};
+
+struct HealthFlags {
+  std::string server;
+  double timeout = 5;
+  bool json = false;
 };
 
 struct SynthFlags {
@@ -61,7 +83,77 @@ struct EvalFlags {
   std::vector<const CLI::Option*> synth_only;  // the synth flags, refused without --synth
 };
 
+// A channel to `server` that takes messages of any size (the server's
+// --max_message_bytes is the limit that applies).
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& server) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  args.SetMaxSendMessageSize(-1);
+  return grpc::CreateCustomChannel(server, grpc::InsecureChannelCredentials(), args);
+}
+
+// One line naming the server and the gRPC status code, e.g.
+// "cannot reach server 127.0.0.1:1: UNAVAILABLE: failed to connect to all addresses; ...".
+absl::Status RemoteError(const std::string& server, const absl::Status& s) {
+  std::string message = absl::StrReplaceAll(s.message(), {{"\r", " "}, {"\n", " "}});
+  const std::string where = s.code() == absl::StatusCode::kUnavailable ? absl::StrCat("cannot reach server ", server)
+                                                                       : absl::StrCat("server ", server);
+  if (s.code() == absl::StatusCode::kResourceExhausted && absl::StrContains(message, "larger than max")) {
+    absl::StrAppend(&message, " (--chunk-bytes must stay under the server's --max_message_bytes)");
+  }
+  return absl::Status(s.code(), absl::StrCat(where, ": ", absl::StatusCodeToString(s.code()), ": ", message));
+}
+
+absl::Status CheckServer(const std::string& server) {
+  if (server.empty()) return absl::InvalidArgumentError("--server: expected host:port, got an empty string");
+  return absl::OkStatus();
+}
+
+absl::Status CheckTimeout(double seconds) {
+  if (!(seconds > 0 && seconds <= 1e9)) {
+    return absl::InvalidArgumentError(absl::StrCat("--timeout must be > 0 seconds, got ", seconds));
+  }
+  return absl::OkStatus();
+}
+
+// The result of one compression and where it ran.
+struct Compressed {
+  CompressResult result;
+  std::string backend;                         // the backend that compressed
+  std::optional<v1::CompressSummary> summary;  // with --server: the server's
+  double round_trip_s = 0;                     // with --server: the Compress call, client side
+};
+
+absl::StatusOr<Compressed> CompressOnServer(const CompressFlags& f, const CacheInput& in,
+                                            const CompressOptions& options) {
+  RemoteOptions remote;
+  remote.chunk_bytes = f.chunk_bytes;
+  if (f.timeout_opt->count() > 0) remote.timeout = absl::Seconds(f.timeout);
+  const std::unique_ptr<v1::Medakv::Stub> stub = v1::Medakv::NewStub(MakeChannel(f.server));
+  const auto t0 = std::chrono::steady_clock::now();
+  absl::StatusOr<RemoteResult> got = CompressRemote(*stub, in, options, remote);
+  if (!got.ok()) return RemoteError(f.server, got.status());
+  Compressed c;
+  c.round_trip_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  c.result = std::move(got->result);
+  c.backend = got->summary.backend();
+  c.summary = std::move(got->summary);
+  return c;
+}
+
 absl::Status RunCompress(CompressFlags& f) {
+  const bool remote = f.server_opt->count() > 0;
+  if (remote) {
+    MEDAKV_RETURN_IF_ERROR(CheckServer(f.server));
+    if (f.timeout_opt->count() > 0) MEDAKV_RETURN_IF_ERROR(CheckTimeout(f.timeout));
+    if (f.chunk_bytes <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("--chunk-bytes must be > 0, got ", f.chunk_bytes));
+    }
+  } else {
+    for (const CLI::Option* opt : f.server_only) {
+      if (opt->count() > 0) return absl::InvalidArgumentError(absl::StrCat(opt->get_name(), " needs --server"));
+    }
+  }
   MEDAKV_ASSIGN_OR_RETURN(const CompressOptions options, f.policy.Resolve());
   MEDAKV_ASSIGN_OR_RETURN(const Layout layout, ParseLayout(f.layout));
   const auto t0 = std::chrono::steady_clock::now();
@@ -69,9 +161,18 @@ absl::Status RunCompress(CompressFlags& f) {
   absl::StatusOr<std::unique_ptr<LoadedCache>> loaded = LoadCache(std::move(file), layout);
   if (!loaded.ok()) return absl::Status(loaded.status().code(), absl::StrCat(f.input, ": ", loaded.status().message()));
   const CacheInput& in = (*loaded)->input;
-  const std::unique_ptr<Backend> backend = MakeCpuBackend();
-  MEDAKV_ASSIGN_OR_RETURN(const CompressResult result, Compress(in, options, *backend));
+  Compressed c;
+  if (remote) {
+    MEDAKV_ASSIGN_OR_RETURN(c, CompressOnServer(f, in, options));
+  } else {
+    const std::unique_ptr<Backend> backend = MakeCpuBackend();
+    MEDAKV_ASSIGN_OR_RETURN(c.result, Compress(in, options, *backend));
+    c.backend = std::string(backend->Name());
+  }
+  const CompressResult& result = c.result;
   const CompressOptions& o = options;
+  // The same metadata on both paths, so that a file compressed on a server
+  // equals the local one byte for byte when the backends agree.
   const std::vector<std::pair<std::string, std::string>> metadata = {
       {"format", "medakv.compressed.v1"},
       {"layout", LayoutName(in.layout)},
@@ -93,7 +194,7 @@ absl::Status RunCompress(CompressFlags& f) {
       {"window", absl::StrCat(o.window)},
       {"pool_kernel", absl::StrCat(o.pool_kernel)},
       {"pyramid_beta", absl::StrCat(o.pyramid_beta)},
-      {"backend", std::string(backend->Name())},
+      {"backend", c.backend},
   };
   const auto t_write = std::chrono::steady_clock::now();
   MEDAKV_RETURN_IF_ERROR(WriteCompressed(result, in, metadata, f.output));
@@ -102,11 +203,14 @@ absl::Status RunCompress(CompressFlags& f) {
 
   const int64_t bytes_per_token = 2 * in.kv_heads * in.head_dim * DTypeSize(in.dtype);
   const int64_t bytes_in = result.tokens_in * bytes_per_token, bytes_out = result.tokens_kept * bytes_per_token;
+  const v1::StageTimes* server_times = c.summary ? &c.summary->times() : nullptr;
   if (f.json) {
     nlohmann::json j;
     j["input"] = f.input;
     j["output"] = f.output;
     j["policy"] = PolicyName(o.policy);
+    j["backend"] = c.backend;
+    if (remote) j["server"] = f.server;
     j["layers"] = in.layers.size();
     j["tokens"] = in.tokens;
     j["tokens_in"] = result.tokens_in;
@@ -118,6 +222,11 @@ absl::Status RunCompress(CompressFlags& f) {
                     {"select_merge", result.seconds.select_merge},
                     {"write", write_s},
                     {"total", total_s}};
+    if (server_times != nullptr) {
+      j["seconds"]["receive"] = server_times->receive_seconds();
+      j["seconds"]["send"] = server_times->send_seconds();
+      j["seconds"]["round_trip"] = c.round_trip_s;
+    }
     nlohmann::json per_layer = nlohmann::json::array();
     for (const LayerResult& r : result.layers) {
       per_layer.push_back({{"entropy", r.entropy}, {"alpha", r.alpha}, {"budget", r.budget}});
@@ -127,12 +236,22 @@ absl::Status RunCompress(CompressFlags& f) {
     return absl::OkStatus();
   }
   std::cout << absl::StrFormat(
-      "%s: %d layers x %d tokens, policy %s: kept %d of %d tokens (%.1f%%), KV %.1f MiB -> %.1f MiB\n"
-      "time: statistics %.3f s, allocate %.3f s, select+merge %.3f s, write %.3f s, total %.3f s\n",
-      f.output, in.layers.size(), in.tokens, PolicyName(o.policy), result.tokens_kept, result.tokens_in,
+      "%s: %d layers x %d tokens, policy %s: kept %d of %d tokens (%.1f%%), KV %.1f MiB -> %.1f MiB%s\n", f.output,
+      in.layers.size(), in.tokens, PolicyName(o.policy), result.tokens_kept, result.tokens_in,
       100.0 * static_cast<double>(result.tokens_kept) / static_cast<double>(result.tokens_in),
-      static_cast<double>(bytes_in) / (1 << 20), static_cast<double>(bytes_out) / (1 << 20), result.seconds.statistics,
-      result.seconds.allocate, result.seconds.select_merge, write_s, total_s);
+      static_cast<double>(bytes_in) / (1 << 20), static_cast<double>(bytes_out) / (1 << 20),
+      remote ? absl::StrFormat(" on server %s (%s)", f.server, c.backend) : "");
+  if (server_times != nullptr) {
+    std::cout << absl::StrFormat(
+        "time: server: receive %.3f s, statistics %.3f s, allocate %.3f s, select+merge %.3f s, send %.3f s; "
+        "round trip %.3f s, write %.3f s, total %.3f s\n",
+        server_times->receive_seconds(), result.seconds.statistics, result.seconds.allocate,
+        result.seconds.select_merge, server_times->send_seconds(), c.round_trip_s, write_s, total_s);
+  } else {
+    std::cout << absl::StrFormat(
+        "time: statistics %.3f s, allocate %.3f s, select+merge %.3f s, write %.3f s, total %.3f s\n",
+        result.seconds.statistics, result.seconds.allocate, result.seconds.select_merge, write_s, total_s);
+  }
   if (f.verbose) {
     std::cout << "layer  entropy    alpha  budget\n";
     for (size_t l = 0; l < result.layers.size(); ++l) {
@@ -141,6 +260,36 @@ absl::Status RunCompress(CompressFlags& f) {
     }
   }
   return absl::OkStatus();
+}
+
+// grpc.health.v1.Health/Check of the whole server: prints the answer and
+// returns whether it is SERVING.
+absl::StatusOr<bool> RunHealth(const HealthFlags& f) {
+  MEDAKV_RETURN_IF_ERROR(CheckServer(f.server));
+  MEDAKV_RETURN_IF_ERROR(CheckTimeout(f.timeout));
+  const auto stub = grpc::health::v1::Health::NewStub(MakeChannel(f.server));
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() +
+                       std::chrono::milliseconds(static_cast<int64_t>(f.timeout * 1000.0)));
+  grpc::health::v1::HealthCheckResponse response;
+  const auto t0 = std::chrono::steady_clock::now();
+  const grpc::Status status = stub->Check(&context, grpc::health::v1::HealthCheckRequest(), &response);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (!status.ok()) {
+    return RemoteError(f.server,
+                       absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message()));
+  }
+  const std::string name = grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status());
+  if (f.json) {
+    nlohmann::json j;
+    j["server"] = f.server;
+    j["status"] = name;
+    j["seconds"] = seconds;
+    std::cout << j.dump(2) << "\n";
+  } else {
+    std::cout << name << "\n";
+  }
+  return response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
 }
 
 // "START:LEN" -> a visual span.
@@ -302,13 +451,27 @@ absl::Status RunEval(EvalFlags& f) {
 }
 
 void AddCompressCommand(CLI::App& app, CompressFlags& f) {
-  CLI::App* c = app.add_subcommand("compress", "Compress a cache file with a policy (CPU backend)");
+  CLI::App* c = app.add_subcommand(
+      "compress", "Compress a cache file with a policy (CPU backend, or on a medakv server with --server)");
   c->add_option("input", f.input, "Input cache (.safetensors)")->required();
   c->add_option("-o,--output", f.output, "Output file (.safetensors)")->required();
   c->add_option("--layout", f.layout, "Dims order of the file's tensors: hnd or nhd")->capture_default_str();
   f.policy.Add(c);
   c->add_flag("--json", f.json, "Print the summary as JSON");
   c->add_flag("-v,--verbose", f.verbose, "Print entropy, alpha and budget per layer");
+  f.server_opt = c->add_option("--server", f.server, "Compress on the medakv server at host:port (gRPC)");
+  f.timeout_opt = c->add_option("--timeout", f.timeout, "--server: deadline of the call in seconds [none]");
+  f.server_only.push_back(f.timeout_opt);
+  f.server_only.push_back(
+      c->add_option("--chunk-bytes", f.chunk_bytes, "--server: bytes per request chunk")->capture_default_str());
+}
+
+void AddHealthCommand(CLI::App& app, HealthFlags& f) {
+  CLI::App* h = app.add_subcommand(
+      "health", "Ask a medakv server whether it serves: prints SERVING or NOT_SERVING; exit 0 only when SERVING");
+  h->add_option("--server", f.server, "The server's host:port")->required();
+  h->add_option("--timeout", f.timeout, "Deadline in seconds")->capture_default_str();
+  h->add_flag("--json", f.json, "Print the answer as JSON");
 }
 
 void AddSynthCommand(CLI::App& app, SynthFlags& f) {
@@ -376,6 +539,8 @@ int Main(int argc, char** argv) {
   AddSynthCommand(app, synth);
   EvalFlags eval;
   AddEvalCommand(app, eval);
+  HealthFlags health;
+  AddHealthCommand(app, health);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -388,6 +553,10 @@ int Main(int argc, char** argv) {
     status = RunSynth(synth);
   } else if (app.got_subcommand("eval")) {
     status = RunEval(eval);
+  } else if (app.got_subcommand("health")) {
+    const absl::StatusOr<bool> serving = RunHealth(health);
+    if (serving.ok() && !*serving) return kExitError;  // the printed status says why
+    status = serving.status();
   }
   if (!status.ok()) {
     std::cerr << "medakv: error: " << status.message() << "\n";

@@ -1,9 +1,17 @@
 #include "client/cpp/remote.h"
 
+#include <fcntl.h>
 #include <grpcpp/grpcpp.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <random>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "service/server/convert.h"
@@ -52,6 +60,31 @@ grpc::Status Unavailable(const char* what) { return grpc::Status(grpc::StatusCod
 absl::Status FromGrpc(const grpc::Status& s) {
   return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
 }
+
+absl::Status ErrnoError(int err, absl::string_view what) {
+  const std::string message = absl::StrCat(what, ": ", std::strerror(err));
+  switch (err) {
+    case EEXIST:
+      return absl::AlreadyExistsError(message);
+    case EACCES:
+    case EPERM:
+      return absl::PermissionDeniedError(message);
+    case ENOMEM:
+    case ENOSPC:
+    case EMFILE:
+    case ENFILE:
+    case EFBIG:
+      return absl::ResourceExhaustedError(message);
+    case EINVAL:
+    case ENAMETOOLONG:
+      return absl::InvalidArgumentError(message);
+    default:
+      return absl::InternalError(message);
+  }
+}
+
+// Tensors in a shared-memory region start at 64-byte boundaries.
+int64_t AlignUp(int64_t n) { return (n + 63) & ~int64_t{63}; }
 
 }  // namespace
 
@@ -103,17 +136,114 @@ v1::Policy PolicyToProto(const CompressOptions& o) {
   return p;
 }
 
+// ---- SharedMemoryRegion -------------------------------------------------------------
+
+SharedMemoryRegion::SharedMemoryRegion(std::string shm_name, uint8_t* data, int64_t size)
+    : shm_name_(std::move(shm_name)), data_(data), size_(size) {}
+
+SharedMemoryRegion::~SharedMemoryRegion() {
+  munmap(data_, static_cast<size_t>(size_));
+  shm_unlink(shm_name_.c_str());
+}
+
+absl::StatusOr<std::unique_ptr<SharedMemoryRegion>> SharedMemoryRegion::Create(int64_t size) {
+  if (size <= 0) return absl::InvalidArgumentError(absl::StrCat("shared-memory size must be > 0, got ", size));
+  static std::atomic<uint64_t> counter{0};
+  std::random_device entropy;
+  for (int attempt = 0;; ++attempt) {
+    const std::string name = absl::StrCat("/medakv-", getpid(), "-", counter.fetch_add(1), "-",
+                                          absl::Hex(static_cast<uint64_t>(entropy()) << 32 | entropy()));
+    const int fd = shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    if (fd < 0) {
+      if (errno == EEXIST && attempt < 8) continue;
+      return ErrnoError(errno, absl::StrCat("shm_open(", name, ")"));
+    }
+    if (ftruncate(fd, size) != 0) {
+      const int err = errno;
+      close(fd);
+      shm_unlink(name.c_str());
+      return ErrnoError(err, absl::StrCat("ftruncate(", name, ", ", size, ")"));
+    }
+    void* data = mmap(nullptr, static_cast<size_t>(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    const int err = errno;
+    close(fd);
+    if (data == MAP_FAILED) {
+      shm_unlink(name.c_str());
+      return ErrnoError(err, absl::StrCat("mmap(", name, ", ", size, ")"));
+    }
+    return std::unique_ptr<SharedMemoryRegion>(new SharedMemoryRegion(name, static_cast<uint8_t*>(data), size));
+  }
+}
+
+// ---- SharedMemoryLease --------------------------------------------------------------
+
+SharedMemoryLease::SharedMemoryLease(v1::Medakv::StubInterface& stub, const SharedMemoryRegion& region,
+                                     std::string name)
+    : stub_(stub), region_(region), name_(std::move(name)) {}
+
+absl::StatusOr<std::unique_ptr<SharedMemoryLease>> SharedMemoryLease::Register(v1::Medakv::StubInterface& stub,
+                                                                              const SharedMemoryRegion& region,
+                                                                              std::string name,
+                                                                              absl::Duration timeout) {
+  std::unique_ptr<SharedMemoryLease> lease(new SharedMemoryLease(stub, region, std::move(name)));
+  v1::RegisterSharedMemoryRequest request;
+  request.set_region(lease->name_);
+  request.set_shm_name(region.shm_name());
+  request.set_size(region.size());
+  lease->thread_ = std::thread(&SharedMemoryLease::Run, lease.get(),
+                               stub.RegisterSharedMemory(&lease->context_, request));
+  if (!lease->registered_.WaitForNotificationWithTimeout(timeout)) {
+    return absl::DeadlineExceededError(  // the destructor cancels the stream
+        absl::StrCat("no answer to RegisterSharedMemory('", lease->name_, "') within ", absl::FormatDuration(timeout)));
+  }
+  if (absl::Status s = lease->end_status(); !s.ok() || lease->ended()) {
+    return s.ok() ? absl::UnavailableError("the lease stream ended at once") : s;
+  }
+  return lease;
+}
+
+void SharedMemoryLease::Run(std::unique_ptr<grpc::ClientReaderInterface<v1::RegisterSharedMemoryResponse>> reader) {
+  v1::RegisterSharedMemoryResponse response;
+  if (reader->Read(&response)) {
+    registered_.Notify();
+    while (reader->Read(&response)) {
+    }
+  }
+  const grpc::Status status = reader->Finish();
+  {
+    absl::MutexLock lock(&mu_);
+    status_ = FromGrpc(status);
+  }
+  ended_.Notify();
+  if (!registered_.HasBeenNotified()) registered_.Notify();
+}
+
+SharedMemoryLease::~SharedMemoryLease() {
+  context_.TryCancel();
+  if (thread_.joinable()) thread_.join();
+}
+
+absl::Status SharedMemoryLease::end_status() const {
+  absl::MutexLock lock(&mu_);
+  return status_;
+}
+
+absl::Status SharedMemoryLease::Release() {
+  grpc::ClientContext context;
+  v1::UnregisterSharedMemoryRequest request;
+  request.set_region(name_);
+  v1::UnregisterSharedMemoryResponse response;
+  const grpc::Status status = stub_.UnregisterSharedMemory(&context, request, &response);
+  if (status.ok()) ended_.WaitForNotification();
+  return FromGrpc(status);
+}
+
+// ---- CompressRemote -----------------------------------------------------------------
+
 absl::StatusOr<RemoteResult> CompressRemote(v1::Medakv::StubInterface& stub, const CacheInput& in,
                                             const CompressOptions& options, const RemoteOptions& remote) {
   if (remote.chunk_bytes <= 0) return absl::InvalidArgumentError("chunk_bytes must be > 0");
   if (absl::Status s = ValidateCacheInput(in); !s.ok()) return s;
-  grpc::ClientContext context;
-  if (remote.timeout != absl::InfiniteDuration()) {
-    context.set_deadline(std::chrono::system_clock::now() +
-                         std::chrono::milliseconds(absl::ToInt64Milliseconds(remote.timeout)));
-  }
-  std::unique_ptr<grpc::ClientReaderWriterInterface<v1::CompressRequest, v1::CompressResponse>> stream =
-      stub.Compress(&context);
 
   // Header.
   CacheSpec spec;
@@ -138,10 +268,78 @@ absl::StatusOr<RemoteResult> CompressRemote(v1::Medakv::StubInterface& stub, con
   } else {
     spec.score_heads = in.layers[0].score_heads;
   }
+
+  // Every tensor of the request, in the order they are sent.
+  struct Piece {
+    int32_t layer;
+    v1::TensorKind kind;
+    const void* data;
+    int64_t size;
+  };
+  std::vector<Piece> pieces;
+  for (size_t l = 0; l < in.layers.size(); ++l) {
+    const LayerInput& layer = in.layers[l];
+    const int32_t li = static_cast<int32_t>(l);
+    pieces.push_back({li, v1::TENSOR_KIND_KEY, layer.key.data, layer.key.NumBytes()});
+    pieces.push_back({li, v1::TENSOR_KIND_VALUE, layer.value.data, layer.value.NumBytes()});
+    if (queries) {
+      pieces.push_back({li, v1::TENSOR_KIND_QUERY, layer.query.data, layer.query.NumBytes()});
+      if (spec.has_query_positions) {
+        pieces.push_back({li, v1::TENSOR_KIND_QUERY_POSITIONS, layer.query_positions.data(),
+                          static_cast<int64_t>(layer.query_positions.size() * sizeof(int32_t))});
+      }
+    } else {
+      pieces.push_back({li, v1::TENSOR_KIND_SCORES, layer.scores, layer.score_heads * in.tokens * 4});
+      pieces.push_back({li, v1::TENSOR_KIND_ENTROPY, &layer.entropy, 4});
+    }
+  }
+
+  // Where the tensors go in the shared-memory region: the input from 0, the
+  // output area after it.
+  const SharedMemoryLease* shm = remote.shared_memory;
+  const bool shm_in = shm != nullptr && remote.shm_input;
+  const bool shm_out = shm != nullptr && remote.shm_output;
+  std::vector<int64_t> shm_offsets;  // of each piece
+  int64_t output_offset = 0, output_length = 0;
+  if (shm_in) {
+    int64_t end = 0;
+    for (const Piece& p : pieces) {
+      shm_offsets.push_back(end);
+      end = AlignUp(end + p.size);
+    }
+    if (end > shm->region().size()) {
+      return absl::ResourceExhaustedError(absl::StrCat("the shared-memory region '", shm->name(), "' has ",
+                                                       shm->region().size(), " bytes; the input needs ", end));
+    }
+    output_offset = end;
+  }
+  if (shm_out) {
+    output_length = shm->region().size() - output_offset;
+    if (output_length <= 0) {
+      return absl::ResourceExhaustedError(absl::StrCat("the shared-memory region '", shm->name(),
+                                                       "' has no room for the results after the input (",
+                                                       output_offset, " bytes)"));
+    }
+  }
+
+  grpc::ClientContext context;
+  if (remote.timeout != absl::InfiniteDuration()) {
+    context.set_deadline(std::chrono::system_clock::now() +
+                         std::chrono::milliseconds(absl::ToInt64Milliseconds(remote.timeout)));
+  }
+  std::unique_ptr<grpc::ClientReaderWriterInterface<v1::CompressRequest, v1::CompressResponse>> stream =
+      stub.Compress(&context);
+
   v1::CompressRequest request;
   ToProto(spec, request.mutable_header());
   *request.mutable_header()->mutable_policy() = PolicyToProto(options);
   request.mutable_header()->set_max_response_chunk_bytes(remote.response_chunk_bytes);
+  if (shm_out) {
+    v1::SharedMemoryRef* out = request.mutable_header()->mutable_output();
+    out->set_region(shm->name());
+    out->set_offset(output_offset);
+    out->set_length(output_length);
+  }
   bool ok = stream->Write(request);
 
   auto send = [&](int32_t layer, v1::TensorKind kind, int64_t offset, const uint8_t* data, int64_t n) {
@@ -153,22 +351,23 @@ absl::StatusOr<RemoteResult> CompressRemote(v1::Medakv::StubInterface& stub, con
     c->set_data(data, static_cast<size_t>(n));
     return stream->Write(request);
   };
-  for (size_t l = 0; l < in.layers.size() && ok; ++l) {
-    const LayerInput& layer = in.layers[l];
-    const int32_t li = static_cast<int32_t>(l);
-    ok = SendTensor(li, v1::TENSOR_KIND_KEY, layer.key.data, layer.key.NumBytes(), remote.chunk_bytes, send) &&
-         SendTensor(li, v1::TENSOR_KIND_VALUE, layer.value.data, layer.value.NumBytes(), remote.chunk_bytes, send);
-    if (ok && queries) {
-      ok = SendTensor(li, v1::TENSOR_KIND_QUERY, layer.query.data, layer.query.NumBytes(), remote.chunk_bytes, send);
-      if (ok && spec.has_query_positions) {
-        ok = SendTensor(li, v1::TENSOR_KIND_QUERY_POSITIONS, layer.query_positions.data(),
-                        static_cast<int64_t>(layer.query_positions.size() * sizeof(int32_t)), remote.chunk_bytes, send);
-      }
-    } else if (ok) {
-      ok = SendTensor(li, v1::TENSOR_KIND_SCORES, layer.scores, layer.score_heads * in.tokens * 4, remote.chunk_bytes,
-                      send) &&
-           SendTensor(li, v1::TENSOR_KIND_ENTROPY, &layer.entropy, 4, remote.chunk_bytes, send);
+  for (size_t i = 0; i < pieces.size() && ok; ++i) {
+    const Piece& p = pieces[i];
+    if (!shm_in) {
+      ok = SendTensor(p.layer, p.kind, p.data, p.size, remote.chunk_bytes, send);
+      continue;
     }
+    std::memcpy(shm->region().data() + shm_offsets[i], p.data, static_cast<size_t>(p.size));
+    request.Clear();
+    v1::TensorChunk* c = request.mutable_chunk();
+    c->set_layer(p.layer);
+    c->set_tensor(p.kind);
+    c->set_offset(0);
+    v1::SharedMemoryRef* ref = c->mutable_shm();
+    ref->set_region(shm->name());
+    ref->set_offset(shm_offsets[i]);
+    ref->set_length(p.size);
+    ok = stream->Write(request);
   }
   if (ok) stream->WritesDone();
 
@@ -206,12 +405,28 @@ absl::StatusOr<RemoteResult> CompressRemote(v1::Medakv::StubInterface& stub, con
                                                                 : nullptr;
       const int64_t size = c.tensor() == v1::TENSOR_KIND_POSITIONS ? static_cast<int64_t>(r.positions.size() * 4)
                                                                    : static_cast<int64_t>(r.key.size());
-      if (base == nullptr || c.offset() < 0 || c.offset() + static_cast<int64_t>(c.data().size()) > size) {
+      // The payload: bytes in the message, or a ref into the output area.
+      const uint8_t* payload = reinterpret_cast<const uint8_t*>(c.data().data());
+      int64_t length = static_cast<int64_t>(c.data().size());
+      if (c.has_shm()) {
+        const v1::SharedMemoryRef& ref = c.shm();
+        const bool inside = shm_out && ref.region() == shm->name() && ref.offset() >= output_offset &&
+                            ref.length() > 0 && ref.offset() <= output_offset + output_length &&
+                            ref.length() <= output_offset + output_length - ref.offset();
+        if (!inside) {
+          context.TryCancel();
+          return absl::InternalError(
+              absl::StrCat("server sent a shared-memory ref outside the output area: ", ref.ShortDebugString()));
+        }
+        payload = shm->region().data() + ref.offset();
+        length = ref.length();
+      }
+      if (base == nullptr || c.offset() < 0 || c.offset() > size || length > size - c.offset()) {
         context.TryCancel();
         return absl::InternalError(absl::StrCat("server sent an invalid chunk (layer ", c.layer(), ", tensor ",
                                                 c.tensor(), ", offset ", c.offset(), ")"));
       }
-      std::memcpy(base + c.offset(), c.data().data(), c.data().size());
+      std::memcpy(base + c.offset(), payload, static_cast<size_t>(length));
     } else if (response.has_summary()) {
       out.summary = response.summary();
       out.result.tokens_in = out.summary.tokens_in();

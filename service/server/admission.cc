@@ -105,6 +105,40 @@ void Admission::TimerLoop() {
   }
 }
 
+SlotClaim::~SlotClaim() {
+  bool held;
+  {
+    absl::MutexLock lock(&mu_);
+    held = held_;
+  }
+  if (held) admission_->Release();
+}
+
+void SlotClaim::Request(Admission::Callback done) {
+  {
+    absl::MutexLock lock(&mu_);
+    waiting_ = true;
+    ticket_ = Admission::NewTicket();
+  }
+  admission_->Acquire(ticket_, [this, done = std::move(done)](absl::Status s) {
+    {
+      absl::MutexLock lock(&mu_);
+      waiting_ = false;
+      held_ = s.ok();
+    }
+    done(std::move(s));
+  });
+}
+
+void SlotClaim::Cancel() {
+  bool waiting;
+  {
+    absl::MutexLock lock(&mu_);
+    waiting = waiting_;
+  }
+  if (waiting) admission_->Cancel(ticket_);
+}
+
 WorkerPool::WorkerPool(int threads) {
   for (int i = 0; i < (threads < 1 ? 1 : threads); ++i) {
     threads_.emplace_back([this] {

@@ -63,6 +63,30 @@ class Admission {
   std::thread timer_;
 };
 
+// A call's claim on one admission slot: asks for it (asynchronously), can
+// withdraw while waiting, and releases a held slot when destroyed (so a
+// reactor that owns one releases its slot in OnDone by being deleted).
+class SlotClaim {
+ public:
+  explicit SlotClaim(Admission* admission) : admission_(admission) {}
+  ~SlotClaim();
+  SlotClaim(const SlotClaim&) = delete;
+  SlotClaim& operator=(const SlotClaim&) = delete;
+
+  // `done` gets OK with the slot held, or the reason there is none. It may
+  // run before Request returns: the caller must not touch state after it.
+  void Request(Admission::Callback done);
+  // Withdraws a pending request (its callback gets CANCELLED); no-op otherwise.
+  void Cancel();
+
+ private:
+  Admission* const admission_;
+  absl::Mutex mu_;
+  bool waiting_ ABSL_GUARDED_BY(mu_) = false;
+  bool held_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t ticket_ = 0;
+};
+
 // A fixed set of threads running closures in FIFO order.
 class WorkerPool {
  public:

@@ -56,10 +56,22 @@ absl::string_view CacheAssembler::tensor(int64_t layer, v1::TensorKind kind) con
 }
 
 absl::Status CacheAssembler::Add(const v1::TensorChunk& chunk) {
+  if (chunk.has_shm()) {
+    return absl::InvalidArgumentError(absl::StrCat("chunk of layer ", chunk.layer(), " ",
+                                                   TensorKindName(chunk.tensor()),
+                                                   ": a shared-memory ref (chunk.shm) where bytes were expected"));
+  }
   return Add(chunk.layer(), chunk.tensor(), chunk.offset(), chunk.data());
 }
 
 absl::Status CacheAssembler::Add(int32_t layer, v1::TensorKind kind, int64_t offset, absl::string_view data) {
+  return AddFrom(layer, kind, offset, static_cast<int64_t>(data.size()), [&](void* dst, int64_t size) {
+    std::memcpy(dst, data.data(), static_cast<size_t>(size));
+    return absl::OkStatus();
+  });
+}
+
+absl::Status CacheAssembler::AddFrom(int32_t layer, v1::TensorKind kind, int64_t offset, int64_t size, CopyFn copy) {
   if (finished_) {
     return absl::FailedPreconditionError(
         absl::StrCat("chunk of layer ", layer, " ", TensorKindName(kind), " after the cache was complete"));
@@ -84,14 +96,13 @@ absl::Status CacheAssembler::Add(int32_t layer, v1::TensorKind kind, int64_t off
     return absl::InvalidArgumentError(
         absl::StrCat(name, " was already received (", t->expected, " bytes); each tensor is sent once"));
   }
-  if (data.empty()) {
+  if (size <= 0) {
     return absl::InvalidArgumentError(absl::StrCat(name, ": empty chunk at offset ", offset));
   }
   if (offset != t->received) {
     return absl::InvalidArgumentError(absl::StrCat(name, ": chunk at offset ", offset, ", expected offset ",
                                                    t->received, " (the chunks of a tensor arrive in order)"));
   }
-  const int64_t size = static_cast<int64_t>(data.size());
   if (size > t->expected - t->received) {
     return absl::InvalidArgumentError(absl::StrCat(name, ": chunk [", offset, ", ", offset + size,
                                                    ") runs past the tensor's end (", t->expected, " bytes)"));
@@ -104,7 +115,7 @@ absl::Status CacheAssembler::Add(int32_t layer, v1::TensorKind kind, int64_t off
     }
     bytes_allocated_ += words * 4;
   }
-  std::memcpy(reinterpret_cast<char*>(t->data.get()) + t->received, data.data(), data.size());
+  MEDAKV_RETURN_IF_ERROR(copy(reinterpret_cast<char*>(t->data.get()) + t->received, size));
   t->received += size;
   bytes_received_ += size;
   return absl::OkStatus();

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "medakv/v1/medakv.pb.h"
@@ -43,8 +44,20 @@ class CacheAssembler {
   // RESOURCE_EXHAUSTED when the buffer cannot be allocated;
   // FAILED_PRECONDITION after a successful Finish. A rejected chunk changes
   // nothing.
+  // A chunk whose payload is a shared-memory ref (chunk.shm) is
+  // INVALID_ARGUMENT here: the server resolves refs (CallRegions) and calls
+  // AddFrom.
   [[nodiscard]] absl::Status Add(const medakv::v1::TensorChunk& chunk);
   [[nodiscard]] absl::Status Add(int32_t layer, medakv::v1::TensorKind kind, int64_t offset, absl::string_view data);
+
+  // Writes a chunk's `size` bytes to `dst`; a non-OK status rejects the chunk.
+  using CopyFn = absl::FunctionRef<absl::Status(void* dst, int64_t size)>;
+  // As Add, for bytes that the caller copies itself (from a shared-memory
+  // region): the same checks with `size` as the chunk's length, then `copy`
+  // runs once. If it fails, the tensor stays as it was (its buffer may stay
+  // allocated) and its status is returned.
+  [[nodiscard]] absl::Status AddFrom(int32_t layer, medakv::v1::TensorKind kind, int64_t offset, int64_t size,
+                                     CopyFn copy);
 
   // Every expected tensor complete (else INVALID_ARGUMENT naming the first
   // incomplete one, in layer order, and how many of its bytes arrived), then

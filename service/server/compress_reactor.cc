@@ -9,6 +9,7 @@
 #include "service/server/convert.h"
 #include "service/server/result_stream.h"
 #include "service/server/service.h"
+#include "service/server/shared_memory.h"
 
 namespace medakv::server {
 namespace {
@@ -19,7 +20,8 @@ double SecondsSince(Clock::time_point t) { return std::chrono::duration<double>(
 
 class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest, v1::CompressResponse> {
  public:
-  explicit CompressReactor(ServiceContext* ctx) : ctx_(ctx) {
+  CompressReactor(ServiceContext* ctx, absl::Status shm_access)
+      : ctx_(ctx), regions_(&ctx->shm, std::move(shm_access)) {
     ctx_->inflight.fetch_add(1);
     StartRead(&request_);
   }
@@ -35,7 +37,7 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
       return Fail(absl::InvalidArgumentError(
           request_.has_header() ? "a second header: the header comes once, first" : "empty request message"));
     }
-    if (absl::Status s = assembler_->Add(request_.chunk()); !s.ok()) return Fail(s);
+    if (absl::Status s = regions_.AddChunk(request_.chunk(), &*assembler_); !s.ok()) return Fail(s);
     request_.Clear();
     StartRead(&request_);
   }
@@ -47,16 +49,10 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
 
   void OnCancel() override {
     cancelled_.store(true);
-    bool waiting;
-    {
-      absl::MutexLock lock(&mu_);
-      waiting = waiting_slot_;
-    }
-    if (waiting) ctx_->admission.Cancel(ticket_);
+    slot_.Cancel();
   }
 
   void OnDone() override {
-    if (slot_held_) ctx_->admission.Release();
     ctx_->inflight.fetch_sub(1);
     delete this;
   }
@@ -74,26 +70,22 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
     if (!options.ok()) return Fail(options.status());
     absl::StatusOr<int64_t> chunk = ResponseChunkSize(h.max_response_chunk_bytes(), ctx_->options);
     if (!chunk.ok()) return Fail(chunk.status());
+    if (h.has_output()) {  // checked (and the region held) before the upload
+      absl::StatusOr<const MappedRegion*> region = regions_.Check(h.output(), "header.output");
+      if (!region.ok()) return Fail(region.status());
+      output_region_ = *region;
+      output_ = h.output();
+    }
     chunk_bytes_ = *chunk;
     options_ = *options;
     spec_ = *std::move(spec);
     request_.Clear();
-    {
-      absl::MutexLock lock(&mu_);
-      waiting_slot_ = true;
-      ticket_ = Admission::NewTicket();
-    }
-    // OnSlot may run (and finish the call) before Acquire returns: nothing after it.
-    ctx_->admission.Acquire(ticket_, [this](absl::Status s) { OnSlot(std::move(s)); });
+    // OnSlot may run (and finish the call) before Request returns: nothing after it.
+    slot_.Request([this](absl::Status s) { OnSlot(std::move(s)); });
   }
 
   void OnSlot(absl::Status s) {
-    {
-      absl::MutexLock lock(&mu_);
-      waiting_slot_ = false;
-    }
     if (!s.ok()) return Fail(s);
-    slot_held_ = true;
     if (cancelled_.load()) return Fail(absl::CancelledError("cancelled while waiting for a slot"));
     absl::StatusOr<CacheAssembler> assembler = CacheAssembler::Create(*spec_);
     if (!assembler.ok()) return Fail(assembler.status());
@@ -120,7 +112,12 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
     times.set_allocate_seconds(result->seconds.allocate);
     times.set_select_merge_seconds(result->seconds.select_merge);
     result_ = *std::move(result);
-    stream_.emplace(SlicesOf(result_), chunk_bytes_);
+    std::vector<LayerSlices> slices = SlicesOf(result_);
+    if (output_region_ != nullptr) {
+      if (absl::Status s = WriteResults(slices, *output_region_, output_, "header.output"); !s.ok()) return Fail(s);
+    }
+    stream_.emplace(std::move(slices), chunk_bytes_);
+    if (output_region_ != nullptr) stream_->UseSharedMemory(output_.region(), output_.offset());
     summary_times_ = times;
     send_start_ = Clock::now();
     WriteNext();
@@ -154,13 +151,13 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
   v1::CompressRequest request_;
   v1::CompressResponse response_;
   std::atomic<bool> cancelled_{false};
-  absl::Mutex mu_;
-  bool waiting_slot_ = false;
-  uint64_t ticket_ = 0;
-  bool slot_held_ = false;
+  SlotClaim slot_{&ctx_->admission};  // released when the reactor is deleted
   std::optional<CacheSpec> spec_;
   CompressOptions options_;
   int64_t chunk_bytes_ = 0;
+  CallRegions regions_;  // held until the call ends
+  const MappedRegion* output_region_ = nullptr;  // set: results go into output_
+  v1::SharedMemoryRef output_;
   std::optional<CacheAssembler> assembler_;
   CompressResult result_;
   std::optional<ResultStream> stream_;
@@ -175,7 +172,7 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
 
 grpc::ServerBidiReactor<v1::CompressRequest, v1::CompressResponse>* MedakvService::Compress(
     grpc::CallbackServerContext* context) {
-  return new CompressReactor(ctx_);
+  return new CompressReactor(ctx_, SharedMemoryAccess(*context, ctx_->options));
 }
 
 }  // namespace medakv::server

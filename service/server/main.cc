@@ -22,6 +22,10 @@ ABSL_FLAG(int, max_inflight, 4, "Compressions and uploads holding memory at once
 ABSL_FLAG(absl::Duration, queue_timeout, absl::Seconds(30), "How long a request waits for a slot");
 ABSL_FLAG(int, threads, 0, "Compute worker threads (0: --max_inflight)");
 ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(25), "On SIGTERM, how long in-flight calls may finish");
+ABSL_FLAG(int, max_shm_regions, 64, "Shared-memory regions registered at once (0: no shared-memory data plane)");
+ABSL_FLAG(int64_t, max_shm_bytes, int64_t{64} << 30, "Sum of the sizes of the shared-memory regions registered at once");
+ABSL_FLAG(bool, shm_allow_remote, false,
+          "Let callers that are not on this node (not loopback, a Unix socket or in-process) use shared memory");
 
 namespace {
 
@@ -46,6 +50,9 @@ int main(int argc, char** argv) {
   o.queue_timeout = absl::GetFlag(FLAGS_queue_timeout);
   o.threads = absl::GetFlag(FLAGS_threads);
   o.shutdown_grace = absl::GetFlag(FLAGS_shutdown_grace);
+  o.max_shm_regions = absl::GetFlag(FLAGS_max_shm_regions);
+  o.max_shm_bytes = absl::GetFlag(FLAGS_max_shm_bytes);
+  o.shm_allow_remote = absl::GetFlag(FLAGS_shm_allow_remote);
 
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGINT, OnSignal);

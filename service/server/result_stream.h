@@ -1,10 +1,13 @@
 // Streams compressed layers as messages: per layer a LayerInfo, then its key,
 // value and positions tensors in chunks of at most `chunk_bytes` each.
 // Used by Compress (CompressResponse) and GetCache (GetCacheResponse): both
-// messages have `layer` (LayerInfo) and `chunk` (TensorChunk) fields.
+// messages have `layer` (LayerInfo) and `chunk` (TensorChunk) fields. With a
+// shared-memory output area the tensors are written into the region first
+// (WriteResults) and the chunks are refs to them.
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -12,6 +15,7 @@
 #include "medakv/v1/medakv.pb.h"
 #include "service/compress/pipeline.h"
 #include "service/server/server.h"
+#include "service/server/shared_memory.h"
 
 namespace medakv::server {
 
@@ -26,6 +30,18 @@ struct LayerSlices {
 // Views of every layer of a compression result (which must outlive them).
 std::vector<LayerSlices> SlicesOf(const CompressResult& result);
 
+// The bytes of every layer's key, value and positions (overflow-checked:
+// RESOURCE_EXHAUSTED when the sum does not fit in int64).
+[[nodiscard]] absl::StatusOr<int64_t> ResultBytes(const std::vector<LayerSlices>& layers);
+
+// Writes the results into the output area `area` of `region` (the area was
+// checked against the region): layer by layer, key, value then positions,
+// consecutively from area.offset. RESOURCE_EXHAUSTED naming `field` and the
+// size needed when they do not fit in area.length, before anything is
+// written; FAILED_PRECONDITION when the region's memory faults.
+[[nodiscard]] absl::Status WriteResults(const std::vector<LayerSlices>& layers, const MappedRegion& region,
+                                        const v1::SharedMemoryRef& area, absl::string_view field);
+
 // The response chunk size: the client's wish (validated; 0: the server's
 // --chunk_bytes), capped so that a message fits under --max_message_bytes.
 [[nodiscard]] absl::StatusOr<int64_t> ResponseChunkSize(int64_t requested, const ServerOptions& options);
@@ -33,6 +49,10 @@ std::vector<LayerSlices> SlicesOf(const CompressResult& result);
 class ResultStream {
  public:
   ResultStream(std::vector<LayerSlices> layers, int64_t chunk_bytes);
+
+  // The results were written with WriteResults into `region` from `offset`:
+  // each tensor becomes one chunk whose payload is a ref to its bytes there.
+  void UseSharedMemory(std::string region, int64_t offset);
 
   // Fills `out` with the next LayerInfo or TensorChunk; false when done.
   template <typename Msg>
@@ -65,6 +85,9 @@ class ResultStream {
   int phase_ = 0;  // 0 info, 1 key, 2 value, 3 positions
   int64_t offset_ = 0;
   int64_t bytes_sent_ = 0;
+  bool shm_ = false;
+  std::string shm_region_;
+  int64_t shm_offset_ = 0;  // where the next tensor lies in the region
 };
 
 }  // namespace medakv::server

@@ -28,6 +28,9 @@ absl::Status ValidateServerOptions(const ServerOptions& o) {
   if (o.queue_timeout < absl::ZeroDuration() || o.shutdown_grace < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--queue_timeout and --shutdown_grace must be >= 0");
   }
+  if (o.max_shm_regions < 0 || o.max_shm_bytes < 0) {
+    return absl::InvalidArgumentError("--max_shm_regions and --max_shm_bytes must be >= 0 (0: no shared memory)");
+  }
   return absl::OkStatus();
 }
 
@@ -43,6 +46,7 @@ ServiceContext::ServiceContext(const ServerOptions& o, std::unique_ptr<Backend> 
       backend_name(std::move(name)),
       admission(o.max_inflight, o.queue_timeout),
       store(StoreOptions{o.host_cache_bytes, o.device_cache_bytes}),
+      shm(o.max_shm_bytes, o.max_shm_regions),
       pool(o.threads > 0 ? o.threads : o.max_inflight) {}
 
 struct MedakvServer::Impl {
@@ -102,6 +106,8 @@ void MedakvServer::Shutdown() {
   if (impl_->shut_down) return;
   impl_->shut_down = true;
   impl_->server->GetHealthCheckService()->SetServingStatus(false);
+  // Leases stay open until released: end them now, not at the grace's end.
+  impl_->ctx->shm.Shutdown();
   const auto deadline = std::chrono::system_clock::now() +
                         std::chrono::milliseconds(absl::ToInt64Milliseconds(impl_->ctx->options.shutdown_grace));
   impl_->server->Shutdown(deadline);  // stop accepting; cancel what is left at the deadline

@@ -27,6 +27,12 @@ struct ServerOptions {
   absl::Duration queue_timeout = absl::Seconds(30);  // wait for a slot, then RESOURCE_EXHAUSTED
   int threads = 0;                            // compute workers; 0: max_inflight
   absl::Duration shutdown_grace = absl::Seconds(25);
+  // The shared-memory data plane (docs/shared_memory.md): regions registered
+  // at once, the sum of their sizes, and whether callers that are not on
+  // this node (not loopback, a Unix socket or in-process) may use it.
+  int max_shm_regions = 64;
+  int64_t max_shm_bytes = int64_t{64} << 30;
+  bool shm_allow_remote = false;
 };
 
 class MedakvServer {
@@ -40,8 +46,9 @@ class MedakvServer {
   const std::string& backend_reason() const;     // why (for the start-up log)
   std::shared_ptr<grpc::Channel> InProcessChannel();  // for tests
 
-  // Stops accepting calls, lets in-flight calls finish within the grace, then
-  // cancels what remains. Idempotent.
+  // Ends every shared-memory lease (UNAVAILABLE), stops accepting calls,
+  // lets in-flight calls finish within the grace, then cancels what remains.
+  // Idempotent.
   void Shutdown();
   void Wait();
 

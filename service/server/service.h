@@ -10,6 +10,7 @@
 #include "medakv/v1/medakv.grpc.pb.h"
 #include "service/server/admission.h"
 #include "service/server/server.h"
+#include "service/server/shared_memory.h"
 #include "service/store/cache_store.h"
 
 namespace medakv::server {
@@ -22,6 +23,7 @@ struct ServiceContext {
   const std::string backend_name;
   Admission admission;
   CacheStore store;
+  SharedMemoryRegistry shm;
   std::atomic<int> inflight{0};
   WorkerPool pool;  // last: its threads stop first
 };
@@ -45,6 +47,11 @@ class MedakvService final : public medakv::v1::Medakv::CallbackService {
                                        v1::ListCachesResponse* response) override;
   grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* context, const v1::StatsRequest* request,
                                   v1::StatsResponse* response) override;
+  grpc::ServerWriteReactor<v1::RegisterSharedMemoryResponse>* RegisterSharedMemory(
+      grpc::CallbackServerContext* context, const v1::RegisterSharedMemoryRequest* request) override;
+  grpc::ServerUnaryReactor* UnregisterSharedMemory(grpc::CallbackServerContext* context,
+                                                   const v1::UnregisterSharedMemoryRequest* request,
+                                                   v1::UnregisterSharedMemoryResponse* response) override;
 
  private:
   ServiceContext* ctx_;
@@ -52,5 +59,9 @@ class MedakvService final : public medakv::v1::Medakv::CallbackService {
 
 // absl::Status -> grpc::Status (the canonical codes share their numbers).
 grpc::Status ToGrpc(const absl::Status& s);
+
+// Whether the caller may use the shared-memory data plane: OK for a peer on
+// this node (IsLocalPeer) or with --shm_allow_remote, else PERMISSION_DENIED.
+absl::Status SharedMemoryAccess(const grpc::CallbackServerContext& context, const ServerOptions& options);
 
 }  // namespace medakv::server

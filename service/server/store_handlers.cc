@@ -10,6 +10,7 @@
 #include "service/server/convert.h"
 #include "service/server/result_stream.h"
 #include "service/server/service.h"
+#include "service/server/shared_memory.h"
 
 namespace medakv::server {
 namespace {
@@ -96,7 +97,8 @@ std::unique_ptr<StoredCache> StoredFromUpload(const CacheAssembler& a, const std
 
 class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
  public:
-  PutReactor(ServiceContext* ctx, v1::PutCacheResponse* response) : ctx_(ctx), response_(response) {
+  PutReactor(ServiceContext* ctx, v1::PutCacheResponse* response, absl::Status shm_access)
+      : ctx_(ctx), response_(response), regions_(&ctx->shm, std::move(shm_access)) {
     StartRead(&request_);
   }
 
@@ -113,7 +115,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
       return Fail(absl::InvalidArgumentError(
           request_.has_header() ? "a second header: the header comes once, first" : "empty request message"));
     }
-    if (absl::Status s = assembler_->Add(request_.chunk()); !s.ok()) return Fail(s);
+    if (absl::Status s = regions_.AddChunk(request_.chunk(), &*assembler_); !s.ok()) return Fail(s);
     request_.Clear();
     StartRead(&request_);
   }
@@ -172,6 +174,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
   v1::PutCacheResponse* response_;
   v1::PutCacheRequest request_;
   std::atomic<bool> cancelled_{false};
+  CallRegions regions_;  // held until the call ends
   std::optional<CacheAssembler> assembler_;
   std::optional<Reservation> reservation_;
   std::string id_;
@@ -196,37 +199,22 @@ class CompressCacheReactor final : public grpc::ServerUnaryReactor {
       return;
     }
     options_ = *options;
-    {
-      absl::MutexLock lock(&mu_);
-      waiting_slot_ = true;
-      ticket_ = Admission::NewTicket();
-    }
-    ctx_->admission.Acquire(ticket_, [this](absl::Status s) { OnSlot(std::move(s)); });
+    // OnSlot may run (and finish the call) before Request returns: nothing after it.
+    slot_.Request([this](absl::Status s) { OnSlot(std::move(s)); });
   }
 
   void OnCancel() override {
     cancelled_.store(true);
-    bool waiting;
-    {
-      absl::MutexLock lock(&mu_);
-      waiting = waiting_slot_;
-    }
-    if (waiting) ctx_->admission.Cancel(ticket_);
+    slot_.Cancel();
   }
 
   void OnDone() override {
-    if (slot_held_) ctx_->admission.Release();
     delete this;
   }
 
  private:
   void OnSlot(absl::Status s) {
-    {
-      absl::MutexLock lock(&mu_);
-      waiting_slot_ = false;
-    }
     if (!s.ok()) return Fail(s);
-    slot_held_ = true;
     ctx_->pool.Submit([this] { Compute(); });
   }
 
@@ -267,17 +255,24 @@ class CompressCacheReactor final : public grpc::ServerUnaryReactor {
   v1::CompressCacheResponse* response_;
   CompressOptions options_;
   std::atomic<bool> cancelled_{false};
-  absl::Mutex mu_;
-  bool waiting_slot_ = false;
-  uint64_t ticket_ = 0;
-  bool slot_held_ = false;
+  SlotClaim slot_{&ctx_->admission};  // released when the reactor is deleted
 };
 
 // ---- GetCache -------------------------------------------------------------------------
 
 class GetReactor final : public grpc::ServerWriteReactor<v1::GetCacheResponse> {
  public:
-  GetReactor(ServiceContext* ctx, const v1::GetCacheRequest* request) : ctx_(ctx) {
+  GetReactor(ServiceContext* ctx, const v1::GetCacheRequest* request, absl::Status shm_access)
+      : ctx_(ctx), regions_(&ctx->shm, std::move(shm_access)) {
+    const MappedRegion* output = nullptr;
+    if (request->has_output()) {  // before the lookup, which counts as a use of the entry
+      absl::StatusOr<const MappedRegion*> region = regions_.Check(request->output(), "output");
+      if (!region.ok()) {
+        Finish(ToGrpc(region.status()));
+        return;
+      }
+      output = *region;
+    }
     absl::StatusOr<std::shared_ptr<const StoredCache>> entry = ctx_->store.Get(request->cache_id());
     if (!entry.ok()) {
       Finish(ToGrpc(entry.status()));
@@ -305,7 +300,15 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetCacheResponse> {
                                    absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(s.positions.data()),
                                                              s.positions.size() * 4)});
     }
+    if (output != nullptr) {
+      // A memcpy on this gRPC thread, as the byte path copies into messages here.
+      if (absl::Status s = WriteResults(slices, *output, request->output(), "output"); !s.ok()) {
+        Finish(ToGrpc(s));
+        return;
+      }
+    }
     stream_.emplace(std::move(slices), *chunk);
+    if (output != nullptr) stream_->UseSharedMemory(request->output().region(), request->output().offset());
     ToProto(Summarize(*entry_), response_.mutable_info());
     StartWrite(&response_);
   }
@@ -327,6 +330,7 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetCacheResponse> {
 
  private:
   ServiceContext* ctx_;
+  CallRegions regions_;  // held until the call ends
   std::shared_ptr<const StoredCache> entry_;
   std::optional<ResultStream> stream_;
   v1::GetCacheResponse response_;
@@ -336,7 +340,7 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetCacheResponse> {
 
 grpc::ServerReadReactor<v1::PutCacheRequest>* MedakvService::PutCache(grpc::CallbackServerContext* context,
                                                                        v1::PutCacheResponse* response) {
-  return new PutReactor(ctx_, response);
+  return new PutReactor(ctx_, response, SharedMemoryAccess(*context, ctx_->options));
 }
 
 grpc::ServerUnaryReactor* MedakvService::CompressCache(grpc::CallbackServerContext* context,
@@ -347,7 +351,7 @@ grpc::ServerUnaryReactor* MedakvService::CompressCache(grpc::CallbackServerConte
 
 grpc::ServerWriteReactor<v1::GetCacheResponse>* MedakvService::GetCache(grpc::CallbackServerContext* context,
                                                                         const v1::GetCacheRequest* request) {
-  return new GetReactor(ctx_, request);
+  return new GetReactor(ctx_, request, SharedMemoryAccess(*context, ctx_->options));
 }
 
 grpc::ServerUnaryReactor* MedakvService::DeleteCache(grpc::CallbackServerContext* context,
@@ -388,6 +392,7 @@ grpc::ServerUnaryReactor* MedakvService::Stats(grpc::CallbackServerContext* cont
     out->set_evictions(t.evictions());
   }
   response->set_inflight_compressions(ctx_->inflight.load());
+  response->set_shared_memory_regions(ctx_->shm.regions());
   response->set_backend(ctx_->backend_name);
   response->set_version(MEDAKV_VERSION);
   reactor->Finish(grpc::Status::OK);

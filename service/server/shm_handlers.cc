@@ -1,0 +1,137 @@
+// The shared-memory RPCs: RegisterSharedMemory (a lease stream) and
+// UnregisterSharedMemory.
+#include <memory>
+#include <optional>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "service/server/service.h"
+#include "service/server/shared_memory.h"
+
+namespace medakv::server {
+namespace {
+
+using LeaseResponse = v1::RegisterSharedMemoryResponse;
+
+// The end of a lease stream, shared by the reactor and the registry's revoke
+// callback, which may run on any thread and outlive the reactor: Finish is
+// called exactly once, and never while the one write is in flight (then the
+// status waits for OnWriteDone). The reactor pointer is used only before
+// Finish, so it is alive whenever it is used.
+class LeaseEnd {
+ public:
+  explicit LeaseEnd(grpc::ServerWriteReactor<LeaseResponse>* reactor) : reactor_(reactor) {}
+
+  // Ends the stream with `status` (the first status wins).
+  void End(const grpc::Status& status) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_ || pending_.has_value()) return;
+      if (writing_) {
+        pending_ = status;
+        return;
+      }
+      finished_ = true;
+    }
+    reactor_->Finish(status);  // may run OnDone (and delete the reactor) at once
+  }
+
+  // The response was written (ok) or could not be (the client went away).
+  void WriteDone(bool ok) {
+    std::optional<grpc::Status> status;
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      if (!ok && !pending_.has_value()) {
+        pending_ = grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+      }
+      if (pending_.has_value() && !finished_) {
+        finished_ = true;
+        status = pending_;
+      }
+    }
+    if (status.has_value()) reactor_->Finish(*status);
+  }
+
+ private:
+  grpc::ServerWriteReactor<LeaseResponse>* const reactor_;
+  absl::Mutex mu_;
+  bool writing_ = true;  // the response is written first thing
+  bool finished_ = false;
+  std::optional<grpc::Status> pending_;
+};
+
+class LeaseReactor final : public grpc::ServerWriteReactor<LeaseResponse> {
+ public:
+  LeaseReactor(ServiceContext* ctx, const v1::RegisterSharedMemoryRequest& request, absl::Status access)
+      : ctx_(ctx), region_(request.region()), end_(std::make_shared<LeaseEnd>(this)) {
+    if (!access.ok()) {
+      Finish(ToGrpc(access));
+      return;
+    }
+    std::weak_ptr<LeaseEnd> end = end_;
+    absl::StatusOr<uint64_t> lease = ctx_->shm.Register(request, [end](const absl::Status& s) {
+      if (std::shared_ptr<LeaseEnd> e = end.lock()) e->End(ToGrpc(s));
+    });
+    if (!lease.ok()) {
+      Finish(ToGrpc(lease.status()));
+      return;
+    }
+    lease_ = *lease;
+    response_.set_region(request.region());
+    response_.set_shm_name(request.shm_name());
+    response_.set_size(request.size());
+    StartWrite(&response_);
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) ctx_->shm.Remove(region_, lease_);
+    end_->WriteDone(ok);  // may finish the call: nothing after it
+  }
+
+  // The client cancelled, its connection dropped or the deadline passed.
+  void OnCancel() override {
+    if (lease_ != 0) ctx_->shm.Remove(region_, lease_);
+    end_->End(grpc::Status(grpc::StatusCode::CANCELLED, "the lease was cancelled"));
+  }
+
+  void OnDone() override {
+    if (lease_ != 0) ctx_->shm.Remove(region_, lease_);  // no-op unless still registered
+    delete this;
+  }
+
+ private:
+  ServiceContext* ctx_;
+  const std::string region_;
+  uint64_t lease_ = 0;  // 0: not registered
+  // Owned here; the registry's revoke callback holds a weak_ptr and keeps it
+  // alive while it runs, even if the reactor is deleted meanwhile.
+  std::shared_ptr<LeaseEnd> end_;
+  LeaseResponse response_;
+};
+
+}  // namespace
+
+absl::Status SharedMemoryAccess(const grpc::CallbackServerContext& context, const ServerOptions& options) {
+  if (options.shm_allow_remote) return absl::OkStatus();
+  const std::string peer = context.peer();
+  if (IsLocalPeer(peer)) return absl::OkStatus();
+  return absl::PermissionDeniedError(absl::StrCat("shared memory is only for clients on the server's node; the peer ",
+                                                  peer, " is not (see --shm_allow_remote)"));
+}
+
+grpc::ServerWriteReactor<v1::RegisterSharedMemoryResponse>* MedakvService::RegisterSharedMemory(
+    grpc::CallbackServerContext* context, const v1::RegisterSharedMemoryRequest* request) {
+  return new LeaseReactor(ctx_, *request, SharedMemoryAccess(*context, ctx_->options));
+}
+
+grpc::ServerUnaryReactor* MedakvService::UnregisterSharedMemory(grpc::CallbackServerContext* context,
+                                                                const v1::UnregisterSharedMemoryRequest* request,
+                                                                v1::UnregisterSharedMemoryResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  absl::Status access = SharedMemoryAccess(*context, ctx_->options);
+  reactor->Finish(ToGrpc(access.ok() ? ctx_->shm.Unregister(request->region()) : access));
+  return reactor;
+}
+
+}  // namespace medakv::server
