@@ -61,27 +61,6 @@ absl::Status FromGrpc(const grpc::Status& s) {
   return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
 }
 
-absl::Status ErrnoError(int err, absl::string_view what) {
-  const std::string message = absl::StrCat(what, ": ", std::strerror(err));
-  switch (err) {
-    case EEXIST:
-      return absl::AlreadyExistsError(message);
-    case EACCES:
-    case EPERM:
-      return absl::PermissionDeniedError(message);
-    case ENOMEM:
-    case ENOSPC:
-    case EMFILE:
-    case ENFILE:
-    case EFBIG:
-      return absl::ResourceExhaustedError(message);
-    case EINVAL:
-    case ENAMETOOLONG:
-      return absl::InvalidArgumentError(message);
-    default:
-      return absl::InternalError(message);
-  }
-}
 
 // Tensors in a shared-memory region start at 64-byte boundaries.
 int64_t AlignUp(int64_t n) { return (n + 63) & ~int64_t{63}; }
@@ -156,20 +135,20 @@ absl::StatusOr<std::unique_ptr<SharedMemoryRegion>> SharedMemoryRegion::Create(i
     const int fd = shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
     if (fd < 0) {
       if (errno == EEXIST && attempt < 8) continue;
-      return ErrnoError(errno, absl::StrCat("shm_open(", name, ")"));
+      return absl::ErrnoToStatus(errno, absl::StrCat("shm_open(", name, ")"));
     }
     if (ftruncate(fd, size) != 0) {
       const int err = errno;
       close(fd);
       shm_unlink(name.c_str());
-      return ErrnoError(err, absl::StrCat("ftruncate(", name, ", ", size, ")"));
+      return absl::ErrnoToStatus(err, absl::StrCat("ftruncate(", name, ", ", size, ")"));
     }
     void* data = mmap(nullptr, static_cast<size_t>(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     const int err = errno;
     close(fd);
     if (data == MAP_FAILED) {
       shm_unlink(name.c_str());
-      return ErrnoError(err, absl::StrCat("mmap(", name, ", ", size, ")"));
+      return absl::ErrnoToStatus(err, absl::StrCat("mmap(", name, ", ", size, ")"));
     }
     return std::unique_ptr<SharedMemoryRegion>(new SharedMemoryRegion(name, static_cast<uint8_t*>(data), size));
   }

@@ -33,11 +33,7 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
       return ReceiveDone();
     }
     if (!spec_) return OnHeader();
-    if (!request_.has_chunk()) {
-      return Fail(absl::InvalidArgumentError(
-          request_.has_header() ? "a second header: the header comes once, first" : "empty request message"));
-    }
-    if (absl::Status s = regions_.AddChunk(request_.chunk(), &*assembler_); !s.ok()) return Fail(s);
+    if (absl::Status s = regions_.AddChunkMessage(request_, &*assembler_); !s.ok()) return Fail(s);
     request_.Clear();
     StartRead(&request_);
   }

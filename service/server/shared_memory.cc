@@ -93,25 +93,6 @@ absl::Status ValidateShmName(absl::string_view name) {
   return absl::OkStatus();
 }
 
-absl::Status ErrnoStatus(int err, absl::string_view what) {
-  const std::string message = absl::StrCat(what, ": ", std::strerror(err));
-  switch (err) {
-    case ENOENT:
-      return absl::NotFoundError(message);
-    case EACCES:
-    case EPERM:
-      return absl::PermissionDeniedError(message);
-    case ENOMEM:
-    case EMFILE:
-    case ENFILE:
-      return absl::ResourceExhaustedError(message);
-    case EINVAL:
-    case ENAMETOOLONG:
-      return absl::InvalidArgumentError(message);
-    default:
-      return absl::InternalError(message);
-  }
-}
 
 // The address of an IPv4 or IPv6 peer ("ipv4:127.0.0.1:5", "ipv6:[::1]:5",
 // "ipv6:%5B::1%5D:5"), without the port.
@@ -180,14 +161,14 @@ absl::StatusOr<std::shared_ptr<MappedRegion>> MappedRegion::Map(std::string regi
   const int fd = shm_open(shm_name.c_str(), O_RDWR, 0);
   if (fd < 0) {
     const int err = errno;
-    return ErrnoStatus(err, absl::StrCat("shm_name '", shm_name, "': cannot open the shared-memory object",
+    return absl::ErrnoToStatus(err, absl::StrCat("shm_name '", shm_name, "': cannot open the shared-memory object",
                                          err == ENOENT ? " (the client creates it before registering)" : ""));
   }
   struct stat st {};
   if (fstat(fd, &st) != 0) {
     const int err = errno;
     close(fd);
-    return ErrnoStatus(err, absl::StrCat("shm_name '", shm_name, "': fstat"));
+    return absl::ErrnoToStatus(err, absl::StrCat("shm_name '", shm_name, "': fstat"));
   }
   if (!S_ISREG(st.st_mode)) {
     close(fd);
@@ -201,7 +182,7 @@ absl::StatusOr<std::shared_ptr<MappedRegion>> MappedRegion::Map(std::string regi
   void* base = mmap(nullptr, static_cast<size_t>(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   const int err = errno;
   close(fd);  // the mapping keeps the object
-  if (base == MAP_FAILED) return ErrnoStatus(err, absl::StrCat("shm_name '", shm_name, "': mmap of ", size, " bytes"));
+  if (base == MAP_FAILED) return absl::ErrnoToStatus(err, absl::StrCat("shm_name '", shm_name, "': mmap of ", size, " bytes"));
   return std::shared_ptr<MappedRegion>(new MappedRegion(std::move(region), std::move(shm_name), size, base));
 }
 

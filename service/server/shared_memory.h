@@ -152,6 +152,17 @@ class CallRegions {
   // with shm.length as the chunk's size).
   [[nodiscard]] absl::Status AddChunk(const v1::TensorChunk& chunk, CacheAssembler* assembler);
 
+  // An upload message after the header (CompressRequest or PutCacheRequest):
+  // must be a chunk, which is added as by AddChunk.
+  template <typename Request>
+  [[nodiscard]] absl::Status AddChunkMessage(const Request& request, CacheAssembler* assembler) {
+    if (!request.has_chunk()) {
+      return absl::InvalidArgumentError(request.has_header() ? "a second header: the header comes once, first"
+                                                             : "empty request message");
+    }
+    return AddChunk(request.chunk(), assembler);
+  }
+
  private:
   const SharedMemoryRegistry* registry_;
   absl::Status access_;

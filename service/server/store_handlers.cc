@@ -111,11 +111,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
       return;
     }
     if (!assembler_) return OnHeader();
-    if (!request_.has_chunk()) {
-      return Fail(absl::InvalidArgumentError(
-          request_.has_header() ? "a second header: the header comes once, first" : "empty request message"));
-    }
-    if (absl::Status s = regions_.AddChunk(request_.chunk(), &*assembler_); !s.ok()) return Fail(s);
+    if (absl::Status s = regions_.AddChunkMessage(request_, &*assembler_); !s.ok()) return Fail(s);
     request_.Clear();
     StartRead(&request_);
   }
