@@ -19,6 +19,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "tests/kernels/test_util.h"
+#include "tests/service/test_cache.h"
 #include "tests/reference/reference.h"
 
 namespace medakv {
@@ -29,38 +30,14 @@ using test::MakeTensor;
 using test::RandomTensor;
 
 // A random query-form cache; keeps the tensors alive for the views.
-struct TestCache {
-  std::vector<HostTensor> keys, values, queries;
-  CacheInput input;
-};
+using test::TestCache;
 
 TestCache MakeCache(DType dtype, Layout layout, int64_t layers, int64_t kv_heads, int64_t group, int64_t tokens,
                     int64_t head_dim, int64_t q_tokens, uint64_t seed,
                     test::VisualPattern pattern = test::VisualPattern::kMiddle) {
-  TestCache c;
-  CacheInput& in = c.input;
-  in.kv_heads = kv_heads;
-  in.q_heads = kv_heads * group;
-  in.head_dim = head_dim;
-  in.tokens = tokens;
-  in.dtype = dtype;
-  in.layout = layout;
-  in.modality = test::MakeModality(pattern, tokens);
-  in.stats = StatsForm::kQueries;
-  for (int64_t l = 0; l < layers; ++l) {
-    const double spread = 0.5 + 0.4 * static_cast<double>(l);  // entropies (and MEDA budgets) differ per layer
-    c.keys.push_back(RandomTensor(dtype, layout, kv_heads, tokens, head_dim, seed + 3 * l, spread));
-    c.values.push_back(RandomTensor(dtype, layout, kv_heads, tokens, head_dim, seed + 3 * l + 1));
-    c.queries.push_back(RandomTensor(dtype, layout, in.q_heads, q_tokens, head_dim, seed + 3 * l + 2));
-  }
-  for (int64_t l = 0; l < layers; ++l) {
-    LayerInput layer;
-    layer.key = c.keys[l].view();
-    layer.value = c.values[l].view();
-    layer.query = c.queries[l].view();
-    in.layers.push_back(layer);
-  }
-  return c;
+  return test::MakeTestCache({.dtype = dtype, .layout = layout, .layers = layers, .kv_heads = kv_heads, .group = group,
+                              .tokens = tokens, .head_dim = head_dim, .q_tokens = q_tokens, .pattern = pattern,
+                              .seed = seed});
 }
 
 CompressOptions RunOptions(PolicyKind policy, double rho) {

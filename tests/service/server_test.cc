@@ -15,6 +15,7 @@
 #include "medakv/v1/medakv.grpc.pb.h"
 #include "service/server/convert.h"
 #include "tests/kernels/test_util.h"
+#include "tests/service/test_cache.h"
 
 namespace medakv {
 namespace {
@@ -23,61 +24,14 @@ using server::MedakvServer;
 using server::ServerOptions;
 using test::HostTensor;
 
-struct TestCache {
-  std::vector<HostTensor> keys, values, queries;
-  std::vector<std::vector<float>> scores;
-  CacheInput input;
-};
+using test::ExpectSameResult;
+using test::TestCache;
 
 TestCache MakeCache(DType dtype, Layout layout, int64_t layers, int64_t kv_heads, int64_t group, int64_t tokens,
                     int64_t head_dim, int64_t q_tokens, bool precomputed, uint64_t seed) {
-  TestCache c;
-  CacheInput& in = c.input;
-  in.kv_heads = kv_heads;
-  in.q_heads = kv_heads * group;
-  in.head_dim = head_dim;
-  in.tokens = tokens;
-  in.dtype = dtype;
-  in.layout = layout;
-  in.modality = test::MakeModality(test::VisualPattern::kMiddle, tokens);
-  in.stats = precomputed ? StatsForm::kPrecomputed : StatsForm::kQueries;
-  test::Rng rng(seed);
-  for (int64_t l = 0; l < layers; ++l) {
-    c.keys.push_back(test::RandomTensor(dtype, layout, kv_heads, tokens, head_dim, seed + 3 * l, 0.5 + 0.3 * l));
-    c.values.push_back(test::RandomTensor(dtype, layout, kv_heads, tokens, head_dim, seed + 3 * l + 1));
-    c.queries.push_back(test::RandomTensor(dtype, layout, in.q_heads, q_tokens, head_dim, seed + 3 * l + 2));
-    std::vector<float> s(kv_heads * tokens);
-    for (float& x : s) x = static_cast<float>(rng.Uniform());
-    c.scores.push_back(std::move(s));
-  }
-  for (int64_t l = 0; l < layers; ++l) {
-    LayerInput layer;
-    layer.key = c.keys[l].view();
-    layer.value = c.values[l].view();
-    if (precomputed) {
-      layer.scores = c.scores[l].data();
-      layer.score_heads = kv_heads;
-      layer.entropy = 1.f + 0.5f * static_cast<float>(l);
-    } else {
-      layer.query = c.queries[l].view();
-    }
-    in.layers.push_back(layer);
-  }
-  return c;
-}
-
-void ExpectSameResult(const CompressResult& got, const CompressResult& want) {
-  ASSERT_EQ(got.layers.size(), want.layers.size());
-  EXPECT_EQ(got.tokens_in, want.tokens_in);
-  EXPECT_EQ(got.tokens_kept, want.tokens_kept);
-  for (size_t l = 0; l < want.layers.size(); ++l) {
-    EXPECT_EQ(got.layers[l].budget, want.layers[l].budget) << "layer " << l;
-    EXPECT_EQ(got.layers[l].entropy, want.layers[l].entropy) << "layer " << l;
-    EXPECT_EQ(got.layers[l].alpha, want.layers[l].alpha) << "layer " << l;
-    EXPECT_EQ(got.layers[l].positions, want.layers[l].positions) << "layer " << l;
-    EXPECT_TRUE(got.layers[l].key == want.layers[l].key) << "layer " << l << " keys differ";
-    EXPECT_TRUE(got.layers[l].value == want.layers[l].value) << "layer " << l << " values differ";
-  }
+  return test::MakeTestCache({.dtype = dtype, .layout = layout, .layers = layers, .kv_heads = kv_heads, .group = group,
+                              .tokens = tokens, .head_dim = head_dim, .q_tokens = q_tokens, .precomputed = precomputed,
+                              .spread_step = 0.3, .seed = seed});
 }
 
 class ServerTest : public ::testing::Test {
