@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/common/status.h"
 #include "service/server/convert.h"
 
 namespace medakv {
@@ -225,28 +226,8 @@ absl::StatusOr<RemoteResult> CompressRemote(v1::Medakv::StubInterface& stub, con
   if (absl::Status s = ValidateCacheInput(in); !s.ok()) return s;
 
   // Header.
-  CacheSpec spec;
-  spec.layers = static_cast<int64_t>(in.layers.size());
-  spec.kv_heads = in.kv_heads;
-  spec.q_heads = in.q_heads;
-  spec.head_dim = in.head_dim;
-  spec.tokens = in.tokens;
-  spec.dtype = in.dtype;
-  spec.layout = in.layout;
-  spec.modality = in.modality;
-  const bool queries = in.stats == StatsForm::kQueries;
-  spec.stats = queries ? SpecStats::kQueries : SpecStats::kPrecomputed;
-  if (queries) {
-    spec.q_tokens = in.layers[0].query.tokens;
-    spec.has_query_positions = !in.layers[0].query_positions.empty();
-    for (const LayerInput& l : in.layers) {
-      if (l.query.tokens != spec.q_tokens || l.query_positions.empty() == spec.has_query_positions) {
-        return absl::InvalidArgumentError("the Compress API needs the same q_tokens (and positions) in every layer");
-      }
-    }
-  } else {
-    spec.score_heads = in.layers[0].score_heads;
-  }
+  MEDAKV_ASSIGN_OR_RETURN(const CacheSpec spec, SpecFromInput(in));
+  const bool queries = spec.stats == SpecStats::kQueries;
 
   // Every tensor of the request, in the order they are sent.
   struct Piece {

@@ -594,6 +594,33 @@ v1::StatsForm StatsToProto(SpecStats stats) {
 
 // ---- domain -> proto -----------------------------------------------------------------
 
+absl::StatusOr<CacheSpec> SpecFromInput(const CacheInput& in) {
+  CacheSpec spec;
+  spec.layers = static_cast<int64_t>(in.layers.size());
+  spec.kv_heads = in.kv_heads;
+  spec.q_heads = in.q_heads;
+  spec.head_dim = in.head_dim;
+  spec.tokens = in.tokens;
+  spec.dtype = in.dtype;
+  spec.layout = in.layout;
+  spec.modality = in.modality;
+  const bool queries = in.stats == StatsForm::kQueries;
+  spec.stats = queries ? SpecStats::kQueries : SpecStats::kPrecomputed;
+  if (in.layers.empty()) return spec;
+  if (queries) {
+    spec.q_tokens = in.layers[0].query.tokens;
+    spec.has_query_positions = !in.layers[0].query_positions.empty();
+    for (const LayerInput& l : in.layers) {
+      if (l.query.tokens != spec.q_tokens || l.query_positions.empty() == spec.has_query_positions) {
+        return absl::InvalidArgumentError("the Compress API needs the same q_tokens (and positions) in every layer");
+      }
+    }
+  } else {
+    spec.score_heads = in.layers[0].score_heads;
+  }
+  return spec;
+}
+
 std::vector<ModalitySpan> SpansFromModality(const std::vector<uint8_t>& modality) {
   std::vector<ModalitySpan> spans;
   const int64_t n = static_cast<int64_t>(modality.size());

@@ -139,6 +139,11 @@ medakv::v1::StatsForm StatsToProto(SpecStats stats);
 
 // Shape, dtype, layout and the modality as spans (one VISUAL span per run of
 // visual tokens; text is the default). Clears what `shape` held.
+// The spec of a library CacheInput (what a client sends in its header).
+// INVALID_ARGUMENT when the layers differ in q_tokens or in whether they carry
+// query positions: the wire format has one value for all layers.
+[[nodiscard]] absl::StatusOr<CacheSpec> SpecFromInput(const CacheInput& input);
+
 void ToProto(const CacheSpec& spec, medakv::v1::CacheShape* shape);
 // The statistics fields of a header (stats, q_tokens, query_positions, score_heads).
 void ToProto(const CacheSpec& spec, medakv::v1::CompressHeader* header);

@@ -1043,3 +1043,46 @@ TEST(ChunkRanges, ResponseChunkBytes) {
 
 }  // namespace
 }  // namespace medakv
+
+namespace medakv {
+namespace {
+
+TEST(SpecFromInputTest, CopiesTheShapeAndRejectsMixedQueryRows) {
+  CacheInput in;
+  in.kv_heads = 2;
+  in.q_heads = 4;
+  in.head_dim = 8;
+  in.tokens = 16;
+  in.dtype = DType::kBFloat16;
+  in.layout = Layout::kNHD;
+  in.modality.assign(16, 0);
+  in.modality[3] = 1;
+  LayerInput a, b;
+  a.query.tokens = 4;
+  b.query.tokens = 4;
+  in.layers = {a, b};
+  absl::StatusOr<CacheSpec> spec = SpecFromInput(in);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->layers, 2);
+  EXPECT_EQ(spec->q_heads, 4);
+  EXPECT_EQ(spec->dtype, DType::kBFloat16);
+  EXPECT_EQ(spec->layout, Layout::kNHD);
+  EXPECT_EQ(spec->modality, in.modality);
+  EXPECT_EQ(spec->stats, SpecStats::kQueries);
+  EXPECT_EQ(spec->q_tokens, 4);
+  EXPECT_FALSE(spec->has_query_positions);
+  in.layers[1].query.tokens = 5;
+  EXPECT_EQ(SpecFromInput(in).status().code(), absl::StatusCode::kInvalidArgument);
+  in.layers[1].query.tokens = 4;
+  in.layers[1].query_positions = {12, 13, 14, 15};
+  EXPECT_EQ(SpecFromInput(in).status().code(), absl::StatusCode::kInvalidArgument);
+  in.stats = StatsForm::kPrecomputed;
+  in.layers[0].score_heads = 4;
+  spec = SpecFromInput(in);
+  ASSERT_TRUE(spec.ok());
+  EXPECT_EQ(spec->stats, SpecStats::kPrecomputed);
+  EXPECT_EQ(spec->score_heads, 4);
+}
+
+}  // namespace
+}  // namespace medakv

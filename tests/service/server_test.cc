@@ -15,6 +15,7 @@
 #include "medakv/v1/medakv.grpc.pb.h"
 #include "service/server/convert.h"
 #include "tests/kernels/test_util.h"
+#include "tests/service/grpc_test_util.h"
 #include "tests/service/test_cache.h"
 
 namespace medakv {
@@ -25,7 +26,10 @@ using server::ServerOptions;
 using test::HostTensor;
 
 using test::ExpectSameResult;
+using test::ExpectStatus;
+using test::SendRaw;
 using test::TestCache;
+using test::ValidHeader;
 
 TestCache MakeCache(DType dtype, Layout layout, int64_t layers, int64_t kv_heads, int64_t group, int64_t tokens,
                     int64_t head_dim, int64_t q_tokens, bool precomputed, uint64_t seed) {
@@ -146,34 +150,6 @@ TEST_F(ServerTest, StartFailsClearly) {
 
 // ---- malformed Compress streams -------------------------------------------------------
 
-// Sends the given messages, half-closes, and returns the final status.
-grpc::Status SendRaw(v1::Medakv::Stub& stub, const std::vector<v1::CompressRequest>& messages) {
-  grpc::ClientContext ctx;
-  auto stream = stub.Compress(&ctx);
-  for (const auto& m : messages) {
-    if (!stream->Write(m)) break;
-  }
-  stream->WritesDone();
-  v1::CompressResponse r;
-  while (stream->Read(&r)) {
-  }
-  return stream->Finish();
-}
-
-v1::CompressRequest ValidHeader() {
-  v1::CompressRequest req;
-  v1::CompressHeader* h = req.mutable_header();
-  h->mutable_shape()->set_layers(1);
-  h->mutable_shape()->set_kv_heads(1);
-  h->mutable_shape()->set_q_heads(1);
-  h->mutable_shape()->set_head_dim(4);
-  h->mutable_shape()->set_tokens(8);
-  h->mutable_shape()->set_dtype(v1::DTYPE_FLOAT32);
-  h->set_stats(v1::STATS_FORM_QUERIES);
-  h->set_q_tokens(2);
-  return req;
-}
-
 v1::CompressRequest Chunk(int32_t layer, v1::TensorKind kind, int64_t offset, int64_t bytes) {
   v1::CompressRequest req;
   v1::TensorChunk* c = req.mutable_chunk();
@@ -183,11 +159,6 @@ v1::CompressRequest Chunk(int32_t layer, v1::TensorKind kind, int64_t offset, in
   std::vector<float> v(bytes / 4, 0.5f);
   c->set_data(reinterpret_cast<const char*>(v.data()), bytes);
   return req;
-}
-
-void ExpectStatus(const grpc::Status& s, grpc::StatusCode code, const std::string& fragment) {
-  EXPECT_EQ(s.error_code(), code) << s.error_message();
-  EXPECT_NE(s.error_message().find(fragment), std::string::npos) << s.error_message();
 }
 
 TEST_F(ServerTest, MalformedCompressStreams) {
@@ -255,17 +226,7 @@ grpc::Status Put(v1::Medakv::Stub& stub, const TestCache& c, const std::string& 
   v1::PutCacheHeader* h = req.mutable_header();
   h->set_cache_id(id);
   h->set_overwrite(overwrite);
-  CacheSpec spec;
-  spec.layers = static_cast<int64_t>(c.input.layers.size());
-  spec.kv_heads = c.input.kv_heads;
-  spec.q_heads = c.input.q_heads;
-  spec.head_dim = c.input.head_dim;
-  spec.tokens = c.input.tokens;
-  spec.dtype = c.input.dtype;
-  spec.layout = c.input.layout;
-  spec.modality = c.input.modality;
-  spec.stats = SpecStats::kQueries;
-  spec.q_tokens = c.input.layers[0].query.tokens;
+  const CacheSpec spec = *SpecFromInput(c.input);
   ToProto(spec, h);
   bool ok = writer->Write(req);
   auto send = [&](int32_t layer, v1::TensorKind kind, int64_t offset, const uint8_t* data, int64_t n) {

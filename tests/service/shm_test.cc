@@ -22,6 +22,7 @@
 #include "service/server/server.h"
 #include "service/server/shared_memory.h"
 #include "tests/kernels/test_util.h"
+#include "tests/service/grpc_test_util.h"
 #include "tests/service/test_cache.h"
 
 namespace medakv {
@@ -36,18 +37,16 @@ using test::HostTensor;
 // ---- helpers ------------------------------------------------------------------------
 
 using test::ExpectSameResult;
+using test::ExpectStatus;
+using test::SendRaw;
 using test::TestCache;
+using test::ValidHeader;
 
 TestCache MakeCache(DType dtype, Layout layout, int64_t layers, int64_t kv_heads, int64_t group, int64_t tokens,
                     int64_t head_dim, int64_t q_tokens, bool precomputed, uint64_t seed) {
   return test::MakeTestCache({.dtype = dtype, .layout = layout, .layers = layers, .kv_heads = kv_heads, .group = group,
                               .tokens = tokens, .head_dim = head_dim, .q_tokens = q_tokens, .precomputed = precomputed,
                               .spread_step = 0.3, .seed = seed});
-}
-
-void ExpectStatus(const grpc::Status& s, grpc::StatusCode code, const std::string& fragment) {
-  EXPECT_EQ(s.error_code(), code) << s.error_message();
-  EXPECT_NE(s.error_message().find(fragment), std::string::npos) << "'" << fragment << "' not in: " << s.error_message();
 }
 
 void ExpectStatus(const absl::Status& s, absl::StatusCode code, const std::string& fragment) {
@@ -217,16 +216,7 @@ TEST_F(ShmTest, ResultsComeAsRefsLaidOutConsecutively) {
   grpc::ClientContext ctx;
   auto stream = stub_->Compress(&ctx);
   v1::CompressRequest req;
-  CacheSpec spec;
-  spec.layers = 2;
-  spec.kv_heads = 2;
-  spec.q_heads = 4;
-  spec.head_dim = 8;
-  spec.tokens = 64;
-  spec.dtype = DType::kFloat16;
-  spec.modality = c.input.modality;
-  spec.stats = SpecStats::kQueries;
-  spec.q_tokens = 4;
+  const CacheSpec spec = *SpecFromInput(c.input);
   ToProto(spec, req.mutable_header());
   *req.mutable_header()->mutable_policy() = PolicyToProto(o);
   *req.mutable_header()->mutable_output() = Ref("out", 100, 60000);
@@ -283,17 +273,7 @@ grpc::Status PutViaShm(v1::Medakv::Stub& stub, const TestCache& c, const std::st
   v1::PutCacheRequest req;
   v1::PutCacheHeader* h = req.mutable_header();
   h->set_cache_id(id);
-  CacheSpec spec;
-  spec.layers = static_cast<int64_t>(c.input.layers.size());
-  spec.kv_heads = c.input.kv_heads;
-  spec.q_heads = c.input.q_heads;
-  spec.head_dim = c.input.head_dim;
-  spec.tokens = c.input.tokens;
-  spec.dtype = c.input.dtype;
-  spec.layout = c.input.layout;
-  spec.modality = c.input.modality;
-  spec.stats = SpecStats::kQueries;
-  spec.q_tokens = c.input.layers[0].query.tokens;
+  const CacheSpec spec = *SpecFromInput(c.input);
   ToProto(spec, h);
   bool ok = writer->Write(req);
   int64_t at = base;
@@ -427,16 +407,7 @@ TEST_F(ShmTest, OutputAreaTooSmallIsResourceExhaustedBeforeAnyWrite) {
     grpc::ClientContext ctx;
     auto stream = stub_->Compress(&ctx);
     v1::CompressRequest req;
-    CacheSpec spec;
-    spec.layers = 2;
-    spec.kv_heads = 2;
-    spec.q_heads = 4;
-    spec.head_dim = 16;
-    spec.tokens = 100;
-    spec.dtype = DType::kFloat16;
-    spec.modality = c.input.modality;
-    spec.stats = SpecStats::kQueries;
-    spec.q_tokens = 4;
+    const CacheSpec spec = *SpecFromInput(c.input);
     ToProto(spec, req.mutable_header());
     *req.mutable_header()->mutable_policy() = PolicyToProto(o);
     *req.mutable_header()->mutable_output() = Ref("small", 0, length);
@@ -502,36 +473,6 @@ TEST_F(ShmTest, OutputAreaTooSmallIsResourceExhaustedBeforeAnyWrite) {
 }
 
 // ---- invalid refs ---------------------------------------------------------------------------
-
-// Sends the given messages, half-closes, and returns the final status.
-grpc::Status SendRaw(v1::Medakv::Stub& stub, const std::vector<v1::CompressRequest>& messages) {
-  grpc::ClientContext ctx;
-  auto stream = stub.Compress(&ctx);
-  for (const auto& m : messages) {
-    if (!stream->Write(m)) break;
-  }
-  stream->WritesDone();
-  v1::CompressResponse r;
-  while (stream->Read(&r)) {
-  }
-  return stream->Finish();
-}
-
-// One layer, kv_heads 1, head_dim 4, 8 tokens, f32: key and value 128 bytes,
-// query (2 rows) 32 bytes.
-v1::CompressRequest ValidHeader() {
-  v1::CompressRequest req;
-  v1::CompressHeader* h = req.mutable_header();
-  h->mutable_shape()->set_layers(1);
-  h->mutable_shape()->set_kv_heads(1);
-  h->mutable_shape()->set_q_heads(1);
-  h->mutable_shape()->set_head_dim(4);
-  h->mutable_shape()->set_tokens(8);
-  h->mutable_shape()->set_dtype(v1::DTYPE_FLOAT32);
-  h->set_stats(v1::STATS_FORM_QUERIES);
-  h->set_q_tokens(2);
-  return req;
-}
 
 v1::CompressRequest ShmChunk(v1::TensorKind kind, int64_t offset, const v1::SharedMemoryRef& ref,
                              int32_t layer = 0) {
@@ -736,16 +677,7 @@ TEST_F(ShmTest, CancellingTheLeaseUnregistersWhileAHoldingCallCompletes) {
   grpc::ClientContext ctx;
   auto stream = stub_->Compress(&ctx);
   v1::CompressRequest req;
-  CacheSpec spec;
-  spec.layers = 3;
-  spec.kv_heads = 2;
-  spec.q_heads = 4;
-  spec.head_dim = 16;
-  spec.tokens = 128;
-  spec.dtype = DType::kFloat16;
-  spec.modality = c.input.modality;
-  spec.stats = SpecStats::kQueries;
-  spec.q_tokens = 8;
+  const CacheSpec spec = *SpecFromInput(c.input);
   ToProto(spec, req.mutable_header());
   *req.mutable_header()->mutable_policy() = PolicyToProto(o);
   *req.mutable_header()->mutable_output() = Ref("held", 512 << 10, 512 << 10);
@@ -824,17 +756,7 @@ TEST_F(ShmTest, ACallKeepsReadingARegionReleasedAfterItsFirstRef) {
   grpc::ClientContext ctx;
   auto stream = stub_->Compress(&ctx);
   v1::CompressRequest header;
-  CacheSpec spec;
-  spec.layers = 2;
-  spec.kv_heads = 2;
-  spec.q_heads = 4;
-  spec.head_dim = 8;
-  spec.tokens = 96;
-  spec.dtype = DType::kFloat32;
-  spec.layout = Layout::kNHD;
-  spec.modality = c.input.modality;
-  spec.stats = SpecStats::kQueries;
-  spec.q_tokens = 4;
+  const CacheSpec spec = *SpecFromInput(c.input);
   ToProto(spec, header.mutable_header());
   *header.mutable_header()->mutable_policy() = PolicyToProto(o);
   ASSERT_TRUE(stream->Write(header));
