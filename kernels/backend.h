@@ -35,6 +35,11 @@ class Backend {
 // The CPU backend (multi-threaded with OpenMP where built with it).
 std::unique_ptr<Backend> MakeCpuBackend();
 
+// The CUDA backend on the current device (kernels/cuda). FAILED_PRECONDITION
+// when this binary was built without CUDA; a CUDA error when the device
+// cannot be used.
+[[nodiscard]] absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend();
+
 // --backend=auto|cpu|cuda. auto takes CUDA only when a device answers (and
 // the CUDA backend is built); cuda without a device is FAILED_PRECONDITION.
 // `why`, when given, receives a line for the log saying what was chosen.

@@ -18,6 +18,7 @@
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 #include "kernels/ops/attention_math.h"
+#include "kernels/ops/validate.h"
 
 namespace medakv::cpu {
 namespace {
@@ -25,50 +26,6 @@ namespace {
 constexpr int64_t kRowBlock = 4;     // query rows per pass-1 task
 constexpr int64_t kKeyTile = 128;    // keys per tile (fp32 tile of D=128 is 64 KiB)
 
-absl::Status ValidateStats(const AttentionStatsArgs& a, const AttentionStatsOutput* out) {
-  const TensorView& k = a.key;
-  const TensorView& q = a.query;
-  if (k.heads <= 0 || k.tokens <= 0 || k.head_dim <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("attention stats: key shape must be positive, got [",
-                                                   k.heads, ", ", k.tokens, ", ", k.head_dim, "]"));
-  }
-  if (q.heads <= 0 || q.heads % k.heads != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("attention stats: q_heads (", q.heads,
-                                                   ") must be a positive multiple of kv_heads (", k.heads, ")"));
-  }
-  if (q.tokens <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("attention stats: query needs at least one row, got ", q.tokens));
-  }
-  if (q.head_dim != k.head_dim) {
-    return absl::InvalidArgumentError(absl::StrCat("attention stats: query head_dim (", q.head_dim,
-                                                   ") must equal key head_dim (", k.head_dim, ")"));
-  }
-  MEDAKV_RETURN_IF_ERROR(CheckView(k, "attention stats: key", k.heads, k.tokens, k.head_dim));
-  MEDAKV_RETURN_IF_ERROR(CheckView(q, "attention stats: query", q.heads, q.tokens, q.head_dim));
-  if (!(a.scale > 0.f) || !std::isfinite(a.scale)) {
-    return absl::InvalidArgumentError(absl::StrCat("attention stats: scale must be finite and > 0, got ", a.scale));
-  }
-  if (a.entropy_heads != EntropyHeads::kMeanAttention && a.entropy_heads != EntropyHeads::kMeanEntropy) {
-    return absl::InvalidArgumentError("attention stats: unknown entropy_heads");
-  }
-  if (a.entropy_source != EntropySource::kCrossModal && a.entropy_source != EntropySource::kCausal) {
-    return absl::InvalidArgumentError("attention stats: unknown entropy_source");
-  }
-  if (a.score_rows_begin < 0 || a.score_rows_begin > q.tokens) {
-    return absl::InvalidArgumentError(absl::StrCat("attention stats: score_rows_begin must be in [0, ", q.tokens,
-                                                   "], got ", a.score_rows_begin));
-  }
-  if (a.query_positions == nullptr || a.modality == nullptr || out == nullptr || out->scores == nullptr) {
-    return absl::InvalidArgumentError("attention stats: positions, modality and scores must be non-null");
-  }
-  for (int64_t i = 0; i < q.tokens; ++i) {
-    if (a.query_positions[i] < 0 || a.query_positions[i] >= k.tokens) {
-      return absl::InvalidArgumentError(absl::StrCat("attention stats: query position ", i, " is ",
-                                                     a.query_positions[i], ", outside [0, ", k.tokens, ")"));
-    }
-  }
-  return absl::OkStatus();
-}
 
 // A dense fp32 HND [heads, tokens, head_dim] copy of a view, or the view's own
 // memory when it already is one.
@@ -98,7 +55,7 @@ class F32Hnd {
 }  // namespace
 
 absl::Status AttentionStats(const AttentionStatsArgs& a, AttentionStatsOutput* out) {
-  MEDAKV_RETURN_IF_ERROR(ValidateStats(a, out));
+  MEDAKV_RETURN_IF_ERROR(ValidateAttentionStats(a, out));
   const int64_t kv_heads = a.key.heads, tokens = a.key.tokens, d = a.key.head_dim;
   const int64_t q_heads = a.query.heads, rows = a.query.tokens, group = q_heads / kv_heads;
   const int32_t* pos = a.query_positions;

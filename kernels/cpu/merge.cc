@@ -12,52 +12,13 @@
 #include "kernels/cpu/parallel.h"
 #include "kernels/ops/attention_math.h"
 #include "kernels/ops/merge_math.h"
+#include "kernels/ops/validate.h"
 
 namespace medakv::cpu {
 namespace {
 
 constexpr int64_t kEvictedBlock = 128;  // evicted tokens per parallel task
 
-absl::Status ValidateMerge(const MergeArgs& a, const MutableTensorView& ok, const MutableTensorView& ov) {
-  const int64_t h = a.key.heads, t = a.key.tokens, d = a.key.head_dim;
-  if (h <= 0 || t <= 0 || d <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("merge: key shape must be positive, got [", h, ", ", t, ", ", d, "]"));
-  }
-  MEDAKV_RETURN_IF_ERROR(CheckView(a.key, "merge: key", h, t, d));
-  MEDAKV_RETURN_IF_ERROR(CheckView(a.value, "merge: value", h, t, d));
-  if (a.value.dtype != a.key.dtype || a.value.layout != a.key.layout) {
-    return absl::InvalidArgumentError("merge: value must have the key's dtype and layout");
-  }
-  if (a.budget < 1 || a.budget > t) {
-    return absl::InvalidArgumentError(absl::StrCat("merge: budget must be in [1, ", t, "], got ", a.budget));
-  }
-  if (a.mode != MergeMode::kAverage && a.mode != MergeMode::kPivotal && a.mode != MergeMode::kWeighted &&
-      a.mode != MergeMode::kNone) {
-    return absl::InvalidArgumentError("merge: unknown merge mode");
-  }
-  if (a.threshold != MergeThreshold::kNone && a.threshold != MergeThreshold::kMean) {
-    return absl::InvalidArgumentError("merge: unknown merge threshold");
-  }
-  if (a.kept == nullptr) return absl::InvalidArgumentError("merge: kept positions are null");
-  for (int64_t head = 0; head < h; ++head) {
-    const int32_t* k = a.kept + head * a.budget;
-    for (int64_t b = 0; b < a.budget; ++b) {
-      if (k[b] < 0 || k[b] >= t || (b > 0 && k[b] <= k[b - 1])) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "merge: kept positions of head ", head, " must be strictly ascending in [0, ", t,
-            "), found ", k[b], " at index ", b));
-      }
-    }
-  }
-  MEDAKV_RETURN_IF_ERROR(CheckView(AsConst(ok), "merge: output key", h, a.budget, d));
-  MEDAKV_RETURN_IF_ERROR(CheckView(AsConst(ov), "merge: output value", h, a.budget, d));
-  if (ok.dtype != a.key.dtype || ok.layout != a.key.layout || ov.dtype != a.key.dtype ||
-      ov.layout != a.key.layout) {
-    return absl::InvalidArgumentError("merge: outputs must have the input dtype and layout");
-  }
-  return absl::OkStatus();
-}
 
 // Copies the kept rows of one head unchanged (bit-exact).
 void GatherHead(const TensorView& in, const int32_t* kept, int64_t budget, int64_t head,

@@ -1,25 +1,15 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
+#include "kernels/common/status.h"
 #include "kernels/ops/pool_math.h"
+#include "kernels/ops/validate.h"
 
 namespace medakv::cpu {
 
 absl::Status PoolScores(const float* in, int64_t heads, int64_t tokens, int64_t length, int64_t kernel,
                         float* out) {
-  if (heads <= 0 || tokens <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("pool: heads and tokens must be > 0, got ", heads, " and ", tokens));
-  }
-  if (length < 0 || length > tokens) {
-    return absl::InvalidArgumentError(absl::StrCat("pool: length must be in [0, ", tokens, "], got ", length));
-  }
-  if (kernel < 1 || kernel % 2 == 0) {
-    return absl::InvalidArgumentError(absl::StrCat("pool: kernel must be odd and >= 1, got ", kernel));
-  }
-  if (in == nullptr || out == nullptr || in == out) {
-    return absl::InvalidArgumentError("pool: input and output must be distinct non-null buffers");
-  }
+  MEDAKV_RETURN_IF_ERROR(ValidatePoolScores(in, heads, tokens, length, kernel, out));
   ParallelFor(heads, [&](int64_t h) {
     const float* row = in + h * tokens;
     float* dst = out + h * tokens;

@@ -1,21 +1,15 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/common/status.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/ops/validate.h"
 
 namespace medakv::cpu {
 
 absl::Status ReduceScores(const float* scores, int64_t score_heads, int64_t kv_heads, int64_t tokens,
                           float* out) {
-  if (kv_heads <= 0 || tokens <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("scores: kv_heads and tokens must be > 0, got ", kv_heads, " and ", tokens));
-  }
-  if (score_heads <= 0 || score_heads % kv_heads != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "scores: heads (", score_heads, ") must be kv_heads (", kv_heads, ") or q_heads, a multiple of it"));
-  }
-  if (scores == nullptr || out == nullptr) return absl::InvalidArgumentError("scores: no data");
+  MEDAKV_RETURN_IF_ERROR(ValidateReduceScores(scores, score_heads, kv_heads, tokens, out));
   const int64_t group = score_heads / kv_heads;
   for (int64_t i = 0; i < score_heads * tokens; ++i) {
     if (!std::isfinite(scores[i])) {

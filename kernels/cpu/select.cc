@@ -9,36 +9,11 @@
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 #include "kernels/ops/select_math.h"
+#include "kernels/ops/validate.h"
 
 namespace medakv::cpu {
 namespace {
 
-absl::Status ValidateSelect(const SelectArgs& a, const int32_t* kept) {
-  if (a.kv_heads <= 0 || a.tokens <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("select: kv_heads and tokens must be > 0, got ", a.kv_heads, " and ", a.tokens));
-  }
-  if (a.tokens > INT32_MAX) {
-    return absl::InvalidArgumentError(absl::StrCat("select: tokens (", a.tokens, ") exceed int32 positions"));
-  }
-  if (a.budget < 1 || a.budget > a.tokens) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("select: budget must be in [1, tokens=", a.tokens, "], got ", a.budget));
-  }
-  if (!(a.recent_fraction >= 0.0 && a.recent_fraction <= 1.0)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("recent_fraction must be in [0, 1], got ", a.recent_fraction));
-  }
-  if (a.sinks < 0) return absl::InvalidArgumentError(absl::StrCat("select: sinks must be >= 0, got ", a.sinks));
-  if (a.text_prior != TextPrior::kAdditive && a.text_prior != TextPrior::kKeepAllText &&
-      a.text_prior != TextPrior::kNone) {
-    return absl::InvalidArgumentError("select: unknown text_prior");
-  }
-  if (a.scores == nullptr || a.modality == nullptr || kept == nullptr) {
-    return absl::InvalidArgumentError("select: scores, modality and output must be non-null");
-  }
-  return absl::OkStatus();
-}
 
 // Selects `budget` tokens of one head's scores [tokens]: the first `sinks`,
 // the last `recent`, and the best of the rest; writes them ascending.
@@ -79,9 +54,8 @@ void SelectOne(const float* scores, const uint8_t* modality, int64_t tokens, int
 
 absl::Status SelectTokens(const SelectArgs& a, int32_t* kept) {
   if (absl::Status s = ValidateSelect(a, kept); !s.ok()) return s;
-  const int64_t sinks = std::min(a.sinks, a.budget);
-  const int64_t recent = std::min(a.recent_tokens >= 0 ? a.recent_tokens : RecentCount(a.recent_fraction, a.budget),
-                                  a.budget - sinks);
+  const SelectCounts counts = SelectWindowCounts(a);
+  const int64_t sinks = counts.sinks, recent = counts.recent;
   if (a.shared_selection) {
     // One kept set for the layer: raw scores summed over heads, then the prior.
     std::vector<float> summed(a.tokens, 0.f);

@@ -17,3 +17,17 @@ int DeviceCount() {
 }
 
 }  // namespace medakv::cuda
+
+namespace medakv::cuda {
+
+int MultiprocessorCount() {
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  return count > 0 ? count : 1;
+}
+
+}  // namespace medakv::cuda

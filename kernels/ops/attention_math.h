@@ -45,6 +45,21 @@ struct OnlineSoftmaxEntropy {
       sum_dx += e * (x - max);
     }
   }
+  // Combines the state of another part of the same row (split over keys):
+  // the result equals adding the other part's logits, up to rounding. The
+  // CUDA statistics kernel splits long rows and merges in a fixed order.
+  MEDAKV_HOST_DEVICE void Merge(const OnlineSoftmaxEntropy& o) {
+    if (!(o.sum > 0.f)) return;
+    if (!(sum > 0.f)) {
+      *this = o;
+      return;
+    }
+    const float m = o.max > max ? o.max : max;
+    const float sa = expf(max - m), sb = expf(o.max - m);
+    sum_dx = sa * (sum_dx + (max - m) * sum) + sb * (o.sum_dx + (o.max - m) * o.sum);
+    sum = sa * sum + sb * o.sum;
+    max = m;
+  }
   MEDAKV_HOST_DEVICE bool Empty() const { return sum == 0.f; }
   MEDAKV_HOST_DEVICE float Lse() const { return sum > 0.f ? max + logf(sum) : -INFINITY; }
   MEDAKV_HOST_DEVICE float Entropy() const {
