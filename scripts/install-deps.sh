@@ -11,8 +11,12 @@ PACKAGES=(
   prometheus-cpp-dev
   nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  python3 python3-numpy
+  python3 python3-numpy python3-venv
   time
+  # Fuzzing (scripts/fuzz.sh): clang and libFuzzer's runtime.
+  clang-14 libclang-rt-14-dev
+  # The metrics end-to-end test: a real Prometheus and promtool.
+  prometheus
 )
 
 SUDO=""

@@ -21,7 +21,7 @@ double SecondsSince(Clock::time_point t) { return std::chrono::duration<double>(
 class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest, v1::CompressResponse> {
  public:
   CompressReactor(ServiceContext* ctx, absl::Status shm_access)
-      : ctx_(ctx), regions_(&ctx->shm, std::move(shm_access)) {
+      : ctx_(ctx), call_(ctx->metrics, Method::kCompress), regions_(&ctx->shm, std::move(shm_access)) {
     ctx_->inflight.fetch_add(1);
     StartRead(&request_);
   }
@@ -34,6 +34,7 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
     }
     if (!spec_) return OnHeader();
     if (absl::Status s = regions_.AddChunkMessage(request_, &*assembler_); !s.ok()) return Fail(s);
+    call_.ReceivedSoFar(assembler_->bytes_received());
     request_.Clear();
     StartRead(&request_);
   }
@@ -64,6 +65,7 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
     }
     absl::StatusOr<CompressOptions> options = OptionsFromProto(h.policy());
     if (!options.ok()) return Fail(options.status());
+    call_.set_policy(options->policy);
     absl::StatusOr<int64_t> chunk = ResponseChunkSize(h.max_response_chunk_bytes(), ctx_->options);
     if (!chunk.ok()) return Fail(chunk.status());
     if (h.has_output()) {  // checked (and the region held) before the upload
@@ -76,11 +78,13 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
     options_ = *options;
     spec_ = *std::move(spec);
     request_.Clear();
+    queue_start_ = Clock::now();
     // OnSlot may run (and finish the call) before Request returns: nothing after it.
     slot_.Request([this](absl::Status s) { OnSlot(std::move(s)); });
   }
 
   void OnSlot(absl::Status s) {
+    call_.QueueWait(SecondsSince(queue_start_));
     if (!s.ok()) return Fail(s);
     if (cancelled_.load()) return Fail(absl::CancelledError("cancelled while waiting for a slot"));
     absl::StatusOr<CacheAssembler> assembler = CacheAssembler::Create(*spec_);
@@ -93,6 +97,7 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
   void ReceiveDone() {
     if (absl::Status s = assembler_->Finish(); !s.ok()) return Fail(s);
     receive_seconds_ = SecondsSince(receive_start_);
+    call_.ObserveStage(Stage::kReceive, receive_seconds_);
     ctx_->pool.Submit([this] { Compute(); });
   }
 
@@ -102,6 +107,10 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
     bytes_in_ = assembler_->bytes_received();
     assembler_.reset();  // the request's tensors are no longer needed
     if (!result.ok()) return Fail(result.status());
+    call_.ObserveStage(Stage::kStatistics, result->seconds.statistics);
+    call_.ObserveStage(Stage::kAllocate, result->seconds.allocate);
+    call_.ObserveStage(Stage::kSelectMerge, result->seconds.select_merge);
+    call_.Compression(options_.policy, *result, spec_->tokens);
     v1::StageTimes times;
     times.set_receive_seconds(receive_seconds_);
     times.set_statistics_seconds(result->seconds.statistics);
@@ -122,28 +131,38 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
   void WriteNext() {
     response_.Clear();
     if (stream_->Next(&response_)) {
+      call_.SentSoFar(stream_->bytes_sent());
       StartWrite(&response_);
       return;
     }
-    if (summary_sent_) return Finish(grpc::Status::OK);
+    if (summary_sent_) return End(grpc::Status::OK);
     summary_sent_ = true;
+    const double send_seconds = SecondsSince(send_start_);
+    call_.ObserveStage(Stage::kSend, send_seconds);
     v1::CompressSummary* s = response_.mutable_summary();
     s->set_tokens_in(result_.tokens_in);
     s->set_tokens_kept(result_.tokens_kept);
     s->set_bytes_in(bytes_in_);
     s->set_bytes_out(stream_->bytes_sent());
     *s->mutable_times() = summary_times_;
-    s->mutable_times()->set_send_seconds(SecondsSince(send_start_));
+    s->mutable_times()->set_send_seconds(send_seconds);
     s->set_backend(ctx_->backend_name);
     StartWrite(&response_);
   }
 
   void Fail(const absl::Status& s) {
     assembler_.reset();
-    Finish(ToGrpc(s));
+    End(ToGrpc(s));
+  }
+
+  // Records the request, then finishes the call (which may delete the reactor).
+  void End(const grpc::Status& status) {
+    call_.End(static_cast<absl::StatusCode>(status.error_code()));
+    Finish(status);
   }
 
   ServiceContext* ctx_;
+  CallMetrics call_;
   v1::CompressRequest request_;
   v1::CompressResponse response_;
   std::atomic<bool> cancelled_{false};
@@ -161,7 +180,7 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
   bool summary_sent_ = false;
   int64_t bytes_in_ = 0;
   double receive_seconds_ = 0;
-  Clock::time_point receive_start_, send_start_;
+  Clock::time_point queue_start_, receive_start_, send_start_;
 };
 
 }  // namespace

@@ -6,12 +6,15 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include "absl/flags/usage.h"
 #include "absl/time/time.h"
 #include "service/server/server.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address host:port (port 0: any free port)");
-ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9464", "Prometheus /metrics address (metrics arrive with issue 7)");
+ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9464",
+          "Prometheus /metrics address host:port (port 0: any free port; empty: no metrics endpoint)");
 ABSL_FLAG(std::string, backend, "auto", "auto | cpu | cuda (auto: CUDA when a device answers)");
 ABSL_FLAG(int64_t, host_cache_bytes, int64_t{8} << 30, "Byte budget of the host tier of the cache store");
 ABSL_FLAG(int64_t, device_cache_bytes, 0, "Byte budget of the device tier (CUDA backend)");
@@ -36,7 +39,14 @@ void OnSignal(int sig) { g_signal = sig; }
 
 int main(int argc, char** argv) {
   setenv("OMP_WAIT_POLICY", "passive", /*overwrite=*/0);
-  absl::SetProgramUsageMessage("medakv-server: compresses and stores LLM KV caches over gRPC");
+  absl::SetProgramUsageMessage("compresses and stores LLM KV caches over gRPC (flags below)");
+  // --help lists the server's own flags (absl's default only matches flags
+  // defined in a file named like the binary, which would list none).
+  absl::FlagsUsageConfig usage;
+  usage.contains_help_flags = [](absl::string_view file) {
+    return absl::StrContains(file, "service/server/");
+  };
+  absl::SetFlagsUsageConfig(usage);
   absl::ParseCommandLine(argc, argv);
   medakv::server::ServerOptions o;
   o.listen = absl::GetFlag(FLAGS_listen);
@@ -53,6 +63,7 @@ int main(int argc, char** argv) {
   o.max_shm_regions = absl::GetFlag(FLAGS_max_shm_regions);
   o.max_shm_bytes = absl::GetFlag(FLAGS_max_shm_bytes);
   o.shm_allow_remote = absl::GetFlag(FLAGS_shm_allow_remote);
+  o.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
 
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGINT, OnSignal);
@@ -60,6 +71,9 @@ int main(int argc, char** argv) {
   if (!server.ok()) {
     std::cerr << "medakv-server: error: " << server.status().message() << std::endl;
     return 1;
+  }
+  if ((*server)->metrics_port() != 0) {
+    std::cerr << "medakv-server: metrics on port " << (*server)->metrics_port() << " (/metrics)" << std::endl;
   }
   std::cerr << "medakv-server: listening on port " << (*server)->port() << " (" << (*server)->backend_reason()
             << ")" << std::endl;

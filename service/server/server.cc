@@ -5,8 +5,11 @@
 #include <grpcpp/health_check_service_interface.h>
 
 #include <chrono>
+#include <exception>
 
 #include "absl/strings/str_cat.h"
+#include "prometheus/exposer.h"
+#include "service/server/metrics.h"
 #include "service/server/service.h"
 
 namespace medakv::server {
@@ -40,21 +43,37 @@ grpc::Status ToGrpc(const absl::Status& s) {
   return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
 }
 
-ServiceContext::ServiceContext(const ServerOptions& o, std::unique_ptr<Backend> b, std::string name)
+void FinishUnary(CallMetrics& call, grpc::ServerUnaryReactor* reactor, const grpc::Status& status) {
+  call.End(static_cast<absl::StatusCode>(status.error_code()));
+  reactor->Finish(status);
+}
+
+ServiceContext::ServiceContext(const ServerOptions& o, std::unique_ptr<Backend> b, std::string name,
+                               Metrics* m)
     : options(o),
       backend(std::move(b)),
       backend_name(std::move(name)),
+      metrics(m),
       admission(o.max_inflight, o.queue_timeout),
       store(StoreOptions{o.host_cache_bytes, o.device_cache_bytes}),
       shm(o.max_shm_bytes, o.max_shm_regions),
       pool(o.threads > 0 ? o.threads : o.max_inflight) {}
 
 struct MedakvServer::Impl {
+  // Destroyed in reverse order: the exposer (no more collections) before the
+  // context that the sampler reads, the context before the metrics it records into.
+  std::shared_ptr<Metrics> metrics;  // shared: the exposer holds a weak_ptr
   std::unique_ptr<ServiceContext> ctx;
   std::unique_ptr<MedakvService> service;
   std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<prometheus::Exposer> exposer;
   std::string backend_reason;
   bool shut_down = false;
+
+  ~Impl() {
+    exposer.reset();  // joins its threads: no collection runs from here on
+    if (metrics != nullptr) metrics->SetSampler({});
+  }
 };
 
 MedakvServer::MedakvServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -70,8 +89,36 @@ absl::StatusOr<std::unique_ptr<MedakvServer>> MedakvServer::Start(const ServerOp
   absl::StatusOr<std::unique_ptr<Backend>> backend = MakeBackend(options.backend, &impl->backend_reason);
   if (!backend.ok()) return backend.status();
   const std::string name((*backend)->Name());
-  impl->ctx = std::make_unique<ServiceContext>(options, *std::move(backend), name);
+  impl->metrics = std::make_shared<Metrics>(MEDAKV_VERSION, name);
+  impl->ctx = std::make_unique<ServiceContext>(options, *std::move(backend), name, impl->metrics.get());
   impl->service = std::make_unique<MedakvService>(impl->ctx.get());
+  ServiceContext* ctx = impl->ctx.get();
+  impl->metrics->SetSampler([ctx] {
+    MetricsSample s;
+    s.tiers = ctx->store.Stats();
+    s.admission_slots = ctx->options.max_inflight;
+    s.admission_in_use = ctx->admission.in_use();
+    s.admission_waiting = ctx->admission.waiting();
+    s.shm_regions = ctx->shm.regions();
+    s.shm_bytes = ctx->shm.registered_bytes();
+    return s;
+  });
+  int metrics_port = 0;
+  if (!options.metrics_listen.empty()) {
+    // Before the gRPC port: a server that cannot serve its metrics does not start.
+    try {
+      impl->exposer = std::make_unique<prometheus::Exposer>(options.metrics_listen, /*num_threads=*/2);
+    } catch (const std::exception& e) {  // civetweb cannot bind: prometheus-cpp throws
+      return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", options.metrics_listen,
+                                                 " (address in use, or not a valid host:port): ", e.what()));
+    }
+    impl->exposer->RegisterCollectable(impl->metrics, "/metrics");
+    const std::vector<int> ports = impl->exposer->GetListeningPorts();
+    if (ports.empty() || ports[0] <= 0) {
+      return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", options.metrics_listen));
+    }
+    metrics_port = ports[0];
+  }
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -89,10 +136,12 @@ absl::StatusOr<std::unique_ptr<MedakvServer>> MedakvServer::Start(const ServerOp
   impl->server->GetHealthCheckService()->SetServingStatus(true);
   std::unique_ptr<MedakvServer> server(new MedakvServer(std::move(impl)));
   server->port_ = port;
+  server->metrics_port_ = metrics_port;
   return server;
 }
 
 const std::string& MedakvServer::backend() const { return impl_->ctx->backend_name; }
+const Metrics& MedakvServer::metrics() const { return *impl_->metrics; }
 const std::string& MedakvServer::backend_reason() const { return impl_->backend_reason; }
 
 std::shared_ptr<grpc::Channel> MedakvServer::InProcessChannel() {

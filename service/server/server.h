@@ -15,6 +15,8 @@ class Channel;
 
 namespace medakv::server {
 
+class Metrics;
+
 struct ServerOptions {
   std::string listen = "0.0.0.0:50051";  // host:port; port 0 picks a free port
   std::string backend = "auto";          // auto | cpu | cuda
@@ -33,6 +35,9 @@ struct ServerOptions {
   int max_shm_regions = 64;
   int64_t max_shm_bytes = int64_t{64} << 30;
   bool shm_allow_remote = false;
+  // Prometheus /metrics (host:port; port 0 picks a free port). Empty: no
+  // metrics endpoint (the values are still recorded: MedakvServer::metrics()).
+  std::string metrics_listen;
 };
 
 class MedakvServer {
@@ -42,6 +47,8 @@ class MedakvServer {
   ~MedakvServer();
 
   int port() const { return port_; }             // the bound port (useful with port 0)
+  int metrics_port() const { return metrics_port_; }  // the /metrics port; 0 without metrics_listen
+  const Metrics& metrics() const;                // the server's metrics (Collect() reads them)
   const std::string& backend() const;            // the backend in use
   const std::string& backend_reason() const;     // why (for the start-up log)
   std::shared_ptr<grpc::Channel> InProcessChannel();  // for tests
@@ -57,6 +64,7 @@ class MedakvServer {
   explicit MedakvServer(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
   int port_ = 0;
+  int metrics_port_ = 0;
 };
 
 }  // namespace medakv::server

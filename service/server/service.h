@@ -9,6 +9,7 @@
 #include "kernels/backend.h"
 #include "medakv/v1/medakv.grpc.pb.h"
 #include "service/server/admission.h"
+#include "service/server/metrics.h"
 #include "service/server/server.h"
 #include "service/server/shared_memory.h"
 #include "service/store/cache_store.h"
@@ -16,11 +17,13 @@
 namespace medakv::server {
 
 struct ServiceContext {
-  ServiceContext(const ServerOptions& o, std::unique_ptr<Backend> b, std::string backend_name);
+  // `metrics` may be null (nothing is recorded); it must outlive the context.
+  ServiceContext(const ServerOptions& o, std::unique_ptr<Backend> b, std::string backend_name, Metrics* metrics);
 
   const ServerOptions options;
   const std::unique_ptr<Backend> backend;
   const std::string backend_name;
+  Metrics* const metrics;
   Admission admission;
   CacheStore store;
   SharedMemoryRegistry shm;
@@ -59,6 +62,10 @@ class MedakvService final : public medakv::v1::Medakv::CallbackService {
 
 // absl::Status -> grpc::Status (the canonical codes share their numbers).
 grpc::Status ToGrpc(const absl::Status& s);
+
+// Records the call's status in its metrics, then finishes it: for unary calls
+// answered on the gRPC thread (DefaultReactor).
+void FinishUnary(CallMetrics& call, grpc::ServerUnaryReactor* reactor, const grpc::Status& status);
 
 // Whether the caller may use the shared-memory data plane: OK for a peer on
 // this node (IsLocalPeer) or with --shm_allow_remote, else PERMISSION_DENIED.

@@ -20,7 +20,8 @@ using LeaseResponse = v1::RegisterSharedMemoryResponse;
 // Finish, so it is alive whenever it is used.
 class LeaseEnd {
  public:
-  explicit LeaseEnd(grpc::ServerWriteReactor<LeaseResponse>* reactor) : reactor_(reactor) {}
+  // `call` belongs to the reactor: the status is recorded there just before Finish.
+  LeaseEnd(grpc::ServerWriteReactor<LeaseResponse>* reactor, CallMetrics* call) : reactor_(reactor), call_(call) {}
 
   // Ends the stream with `status` (the first status wins).
   void End(const grpc::Status& status) {
@@ -33,6 +34,7 @@ class LeaseEnd {
       }
       finished_ = true;
     }
+    call_->End(static_cast<absl::StatusCode>(status.error_code()));
     reactor_->Finish(status);  // may run OnDone (and delete the reactor) at once
   }
 
@@ -50,11 +52,15 @@ class LeaseEnd {
         status = pending_;
       }
     }
-    if (status.has_value()) reactor_->Finish(*status);
+    if (status.has_value()) {
+      call_->End(static_cast<absl::StatusCode>(status->error_code()));
+      reactor_->Finish(*status);
+    }
   }
 
  private:
   grpc::ServerWriteReactor<LeaseResponse>* const reactor_;
+  CallMetrics* const call_;
   absl::Mutex mu_;
   bool writing_ = true;  // the response is written first thing
   bool finished_ = false;
@@ -64,9 +70,12 @@ class LeaseEnd {
 class LeaseReactor final : public grpc::ServerWriteReactor<LeaseResponse> {
  public:
   LeaseReactor(ServiceContext* ctx, const v1::RegisterSharedMemoryRequest& request, absl::Status access)
-      : ctx_(ctx), region_(request.region()), end_(std::make_shared<LeaseEnd>(this)) {
+      : ctx_(ctx),
+        call_(ctx->metrics, Method::kRegisterSharedMemory),
+        region_(request.region()),
+        end_(std::make_shared<LeaseEnd>(this, &call_)) {
     if (!access.ok()) {
-      Finish(ToGrpc(access));
+      End(ToGrpc(access));
       return;
     }
     std::weak_ptr<LeaseEnd> end = end_;
@@ -74,7 +83,7 @@ class LeaseReactor final : public grpc::ServerWriteReactor<LeaseResponse> {
       if (std::shared_ptr<LeaseEnd> e = end.lock()) e->End(ToGrpc(s));
     });
     if (!lease.ok()) {
-      Finish(ToGrpc(lease.status()));
+      End(ToGrpc(lease.status()));
       return;
     }
     lease_ = *lease;
@@ -101,7 +110,14 @@ class LeaseReactor final : public grpc::ServerWriteReactor<LeaseResponse> {
   }
 
  private:
+  // Before the first write: records the status, then finishes the call.
+  void End(const grpc::Status& status) {
+    call_.End(static_cast<absl::StatusCode>(status.error_code()));
+    Finish(status);
+  }
+
   ServiceContext* ctx_;
+  CallMetrics call_;
   const std::string region_;
   uint64_t lease_ = 0;  // 0: not registered
   // Owned here; the registry's revoke callback holds a weak_ptr and keeps it
@@ -128,9 +144,10 @@ grpc::ServerWriteReactor<v1::RegisterSharedMemoryResponse>* MedakvService::Regis
 grpc::ServerUnaryReactor* MedakvService::UnregisterSharedMemory(grpc::CallbackServerContext* context,
                                                                 const v1::UnregisterSharedMemoryRequest* request,
                                                                 v1::UnregisterSharedMemoryResponse* response) {
+  CallMetrics call(ctx_->metrics, Method::kUnregisterSharedMemory);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   absl::Status access = SharedMemoryAccess(*context, ctx_->options);
-  reactor->Finish(ToGrpc(access.ok() ? ctx_->shm.Unregister(request->region()) : access));
+  FinishUnary(call, reactor, ToGrpc(access.ok() ? ctx_->shm.Unregister(request->region()) : access));
   return reactor;
 }
 

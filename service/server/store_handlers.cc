@@ -15,6 +15,10 @@
 namespace medakv::server {
 namespace {
 
+using Clock = std::chrono::steady_clock;
+
+double SecondsSince(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
 int64_t UnixMs(absl::Time t) { return t == absl::InfiniteFuture() ? 0 : absl::ToUnixMillis(t); }
 
 void ToProto(const CacheSummary& s, v1::CacheInfo* info) {
@@ -98,7 +102,8 @@ std::unique_ptr<StoredCache> StoredFromUpload(const CacheAssembler& a, const std
 class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
  public:
   PutReactor(ServiceContext* ctx, v1::PutCacheResponse* response, absl::Status shm_access)
-      : ctx_(ctx), response_(response), regions_(&ctx->shm, std::move(shm_access)) {
+      : ctx_(ctx), call_(ctx->metrics, Method::kPutCache), response_(response),
+        regions_(&ctx->shm, std::move(shm_access)) {
     StartRead(&request_);
   }
 
@@ -107,11 +112,13 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
       if (cancelled_.load()) return Fail(absl::CancelledError("cancelled during the upload"));
       if (!assembler_) return Fail(absl::InvalidArgumentError("the stream ended before the header"));
       if (absl::Status s = assembler_->Finish(); !s.ok()) return Fail(s);
+      call_.ObserveStage(Stage::kReceive, SecondsSince(receive_start_));
       ctx_->pool.Submit([this] { Commit(); });
       return;
     }
     if (!assembler_) return OnHeader();
     if (absl::Status s = regions_.AddChunkMessage(request_, &*assembler_); !s.ok()) return Fail(s);
+    call_.ReceivedSoFar(assembler_->bytes_received());
     request_.Clear();
     StartRead(&request_);
   }
@@ -146,6 +153,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
     ttl_ = absl::Seconds(h.ttl_seconds());
     reservation_.emplace(*std::move(reservation));
     assembler_.emplace(*std::move(assembler));
+    receive_start_ = Clock::now();
     request_.Clear();
     StartRead(&request_);
   }
@@ -157,16 +165,23 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
     reservation_.reset();
     if (!summary.ok()) return Fail(summary.status());
     ToProto(*summary, response_->mutable_info());
-    Finish(grpc::Status::OK);
+    End(grpc::Status::OK);
   }
 
   void Fail(const absl::Status& s) {
     assembler_.reset();
     reservation_.reset();  // releases the bytes
-    Finish(ToGrpc(s));
+    End(ToGrpc(s));
+  }
+
+  // Records the request, then finishes the call (which may delete the reactor).
+  void End(const grpc::Status& status) {
+    call_.End(static_cast<absl::StatusCode>(status.error_code()));
+    Finish(status);
   }
 
   ServiceContext* ctx_;
+  CallMetrics call_;
   v1::PutCacheResponse* response_;
   v1::PutCacheRequest request_;
   std::atomic<bool> cancelled_{false};
@@ -176,6 +191,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
   std::string id_;
   bool overwrite_ = false;
   absl::Duration ttl_;
+  Clock::time_point receive_start_;
 };
 
 // ---- CompressCache ------------------------------------------------------------------
@@ -184,7 +200,7 @@ class CompressCacheReactor final : public grpc::ServerUnaryReactor {
  public:
   CompressCacheReactor(ServiceContext* ctx, const v1::CompressCacheRequest* request,
                        v1::CompressCacheResponse* response)
-      : ctx_(ctx), request_(request), response_(response) {
+      : ctx_(ctx), call_(ctx->metrics, Method::kCompressCache), request_(request), response_(response) {
     if (absl::Status s = ValidateCacheId(request->cache_id()); !s.ok()) {
       Fail(WithField(s, "cache_id"));
       return;
@@ -195,6 +211,8 @@ class CompressCacheReactor final : public grpc::ServerUnaryReactor {
       return;
     }
     options_ = *options;
+    call_.set_policy(options_.policy);
+    queue_start_ = Clock::now();
     // OnSlot may run (and finish the call) before Request returns: nothing after it.
     slot_.Request([this](absl::Status s) { OnSlot(std::move(s)); });
   }
@@ -210,6 +228,7 @@ class CompressCacheReactor final : public grpc::ServerUnaryReactor {
 
  private:
   void OnSlot(absl::Status s) {
+    call_.QueueWait(SecondsSince(queue_start_));
     if (!s.ok()) return Fail(s);
     ctx_->pool.Submit([this] { Compute(); });
   }
@@ -221,6 +240,10 @@ class CompressCacheReactor final : public grpc::ServerUnaryReactor {
     if (!input.ok()) return Fail(input.status());
     absl::StatusOr<CompressResult> result = medakv::Compress(*input, options_, *ctx_->backend, &cancelled_);
     if (!result.ok()) return Fail(result.status());
+    call_.ObserveStage(Stage::kStatistics, result->seconds.statistics);
+    call_.ObserveStage(Stage::kAllocate, result->seconds.allocate);
+    call_.ObserveStage(Stage::kSelectMerge, result->seconds.select_merge);
+    call_.Compression(options_.policy, *result, (*entry)->description.tokens);
     v1::CompressSummary* summary = response_->mutable_summary();
     summary->set_tokens_in(result->tokens_in);
     summary->set_tokens_kept(result->tokens_kept);
@@ -238,17 +261,25 @@ class CompressCacheReactor final : public grpc::ServerUnaryReactor {
     summary->set_bytes_in(bytes_in);
     summary->set_bytes_out(replaced->bytes);
     ToProto(*replaced, response_->mutable_info());
-    Finish(grpc::Status::OK);
+    End(grpc::Status::OK);
   }
 
-  void Fail(const absl::Status& s) { Finish(ToGrpc(s)); }
+  void Fail(const absl::Status& s) { End(ToGrpc(s)); }
+
+  // Records the request, then finishes the call (which may delete the reactor).
+  void End(const grpc::Status& status) {
+    call_.End(static_cast<absl::StatusCode>(status.error_code()));
+    Finish(status);
+  }
 
   ServiceContext* ctx_;
+  CallMetrics call_;
   const v1::CompressCacheRequest* request_;
   v1::CompressCacheResponse* response_;
   CompressOptions options_;
   std::atomic<bool> cancelled_{false};
   SlotClaim slot_{&ctx_->admission};  // released when the reactor is deleted
+  Clock::time_point queue_start_;
 };
 
 // ---- GetCache -------------------------------------------------------------------------
@@ -256,19 +287,19 @@ class CompressCacheReactor final : public grpc::ServerUnaryReactor {
 class GetReactor final : public grpc::ServerWriteReactor<v1::GetCacheResponse> {
  public:
   GetReactor(ServiceContext* ctx, const v1::GetCacheRequest* request, absl::Status shm_access)
-      : ctx_(ctx), regions_(&ctx->shm, std::move(shm_access)) {
+      : ctx_(ctx), call_(ctx->metrics, Method::kGetCache), regions_(&ctx->shm, std::move(shm_access)) {
     const MappedRegion* output = nullptr;
     if (request->has_output()) {  // before the lookup, which counts as a use of the entry
       absl::StatusOr<const MappedRegion*> region = regions_.Check(request->output(), "output");
       if (!region.ok()) {
-        Finish(ToGrpc(region.status()));
+        End(ToGrpc(region.status()));
         return;
       }
       output = *region;
     }
     absl::StatusOr<std::shared_ptr<const StoredCache>> entry = ctx_->store.Get(request->cache_id());
     if (!entry.ok()) {
-      Finish(ToGrpc(entry.status()));
+      End(ToGrpc(entry.status()));
       return;
     }
     entry_ = *std::move(entry);  // holding it keeps it from eviction until the download ends
@@ -276,14 +307,14 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetCacheResponse> {
     const int32_t begin = request->layer_begin();
     const int32_t end = request->layer_end() == 0 ? layers : request->layer_end();
     if (begin < 0 || begin >= end || end > layers) {
-      Finish(ToGrpc(absl::InvalidArgumentError(absl::StrCat("layer range [", request->layer_begin(), ", ",
+      End(ToGrpc(absl::InvalidArgumentError(absl::StrCat("layer range [", request->layer_begin(), ", ",
                                                             request->layer_end(), ") is not within [0, ", layers,
                                                             ") (layer_end 0 means every layer)"))));
       return;
     }
     absl::StatusOr<int64_t> chunk = ResponseChunkSize(request->max_response_chunk_bytes(), ctx_->options);
     if (!chunk.ok()) {
-      Finish(ToGrpc(WithField(chunk.status(), "max_response_chunk_bytes")));
+      End(ToGrpc(WithField(chunk.status(), "max_response_chunk_bytes")));
       return;
     }
     std::vector<LayerSlices> slices;
@@ -296,37 +327,48 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetCacheResponse> {
     if (output != nullptr) {
       // A memcpy on this gRPC thread, as the byte path copies into messages here.
       if (absl::Status s = WriteResults(slices, *output, request->output(), "output"); !s.ok()) {
-        Finish(ToGrpc(s));
+        End(ToGrpc(s));
         return;
       }
     }
     stream_.emplace(std::move(slices), *chunk);
     if (output != nullptr) stream_->UseSharedMemory(request->output().region(), request->output().offset());
     ToProto(Summarize(*entry_), response_.mutable_info());
+    send_start_ = Clock::now();
     StartWrite(&response_);
   }
 
   void OnWriteDone(bool ok) override {
     if (!ok) {
-      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away during the download"));
+      End(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away during the download"));
       return;
     }
     response_.Clear();
     if (stream_->Next(&response_)) {
+      call_.SentSoFar(stream_->bytes_sent());
       StartWrite(&response_);
     } else {
-      Finish(grpc::Status::OK);
+      call_.ObserveStage(Stage::kSend, SecondsSince(send_start_));
+      End(grpc::Status::OK);
     }
   }
 
   void OnDone() override { delete this; }
 
  private:
+  // Records the request, then finishes the call (which may delete the reactor).
+  void End(const grpc::Status& status) {
+    call_.End(static_cast<absl::StatusCode>(status.error_code()));
+    Finish(status);
+  }
+
   ServiceContext* ctx_;
+  CallMetrics call_;
   CallRegions regions_;  // held until the call ends
   std::shared_ptr<const StoredCache> entry_;
   std::optional<ResultStream> stream_;
   v1::GetCacheResponse response_;
+  Clock::time_point send_start_;
 };
 
 }  // namespace
@@ -350,30 +392,34 @@ grpc::ServerWriteReactor<v1::GetCacheResponse>* MedakvService::GetCache(grpc::Ca
 grpc::ServerUnaryReactor* MedakvService::DeleteCache(grpc::CallbackServerContext* context,
                                                      const v1::DeleteCacheRequest* request,
                                                      v1::DeleteCacheResponse* response) {
+  CallMetrics call(ctx_->metrics, Method::kDeleteCache);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   absl::StatusOr<int64_t> freed = ctx_->store.Delete(request->cache_id());
   if (freed.ok()) response->set_bytes_freed(*freed);
-  reactor->Finish(ToGrpc(freed.status()));
+  FinishUnary(call, reactor, ToGrpc(freed.status()));
   return reactor;
 }
 
 grpc::ServerUnaryReactor* MedakvService::ListCaches(grpc::CallbackServerContext* context,
                                                     const v1::ListCachesRequest* request,
                                                     v1::ListCachesResponse* response) {
+  CallMetrics call(ctx_->metrics, Method::kListCaches);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   if (request->limit() < 0) {
-    reactor->Finish(ToGrpc(absl::InvalidArgumentError(absl::StrCat("limit must be >= 0, got ", request->limit()))));
+    FinishUnary(call, reactor,
+                ToGrpc(absl::InvalidArgumentError(absl::StrCat("limit must be >= 0, got ", request->limit()))));
     return reactor;
   }
   for (const CacheSummary& s : ctx_->store.List(request->prefix(), request->limit() == 0 ? 1000 : request->limit())) {
     ToProto(s, response->add_caches());
   }
-  reactor->Finish(grpc::Status::OK);
+  FinishUnary(call, reactor, grpc::Status::OK);
   return reactor;
 }
 
 grpc::ServerUnaryReactor* MedakvService::Stats(grpc::CallbackServerContext* context, const v1::StatsRequest* request,
                                                v1::StatsResponse* response) {
+  CallMetrics call(ctx_->metrics, Method::kStats);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   for (const TierStats& t : ctx_->store.Stats()) {
     if (!ctx_->store.has_tier(t.tier)) continue;
@@ -388,7 +434,7 @@ grpc::ServerUnaryReactor* MedakvService::Stats(grpc::CallbackServerContext* cont
   response->set_shared_memory_regions(ctx_->shm.regions());
   response->set_backend(ctx_->backend_name);
   response->set_version(MEDAKV_VERSION);
-  reactor->Finish(grpc::Status::OK);
+  FinishUnary(call, reactor, grpc::Status::OK);
   return reactor;
 }
 

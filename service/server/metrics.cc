@@ -1,0 +1,383 @@
+#include "service/server/metrics.h"
+
+#include <chrono>
+#include <iterator>
+#include <string>
+#include <utility>
+
+#include "prometheus/labels.h"
+
+namespace medakv::server {
+namespace {
+
+using prometheus::Counter;
+using prometheus::Gauge;
+using prometheus::Histogram;
+using prometheus::Labels;
+
+// 100 us to 60 s, about three buckets a decade: the stages of a small cache
+// on a GPU take well under a millisecond, a long context on the CPU backend
+// tens of seconds; --queue_timeout is 30 s by default.
+const Histogram::BucketBoundaries& LatencyBuckets() {
+  static const Histogram::BucketBoundaries b{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                             0.25,   0.5,     1,      2.5,   5,      10,    20,   30,    60};
+  return b;
+}
+
+// Kept tokens over input tokens: rho is typically 0.05 - 0.5.
+const Histogram::BucketBoundaries& RatioBuckets() {
+  static const Histogram::BucketBoundaries b{0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3,
+                                             0.4,  0.5,  0.6,  0.7, 0.8,  0.9, 1};
+  return b;
+}
+
+// A layer's budget over its tokens: coarse, as there is one histogram per
+// layer (the heatmap uses _sum / _count, the mean).
+const Histogram::BucketBoundaries& LayerBudgetBuckets() {
+  static const Histogram::BucketBoundaries b{0.02, 0.05, 0.1, 0.2, 0.4, 0.7, 1};
+  return b;
+}
+
+int64_t NowNanos() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+bool HasStage(Method m, Stage s) {
+  switch (m) {
+    case Method::kCompress:
+      return true;
+    case Method::kCompressCache:
+      return s == Stage::kStatistics || s == Stage::kAllocate || s == Stage::kSelectMerge;
+    case Method::kPutCache:
+      return s == Stage::kReceive;
+    case Method::kGetCache:
+      return s == Stage::kSend;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+const char* MethodName(Method m) {
+  switch (m) {
+    case Method::kCompress:
+      return "Compress";
+    case Method::kPutCache:
+      return "PutCache";
+    case Method::kCompressCache:
+      return "CompressCache";
+    case Method::kGetCache:
+      return "GetCache";
+    case Method::kDeleteCache:
+      return "DeleteCache";
+    case Method::kListCaches:
+      return "ListCaches";
+    case Method::kStats:
+      return "Stats";
+    case Method::kRegisterSharedMemory:
+      return "RegisterSharedMemory";
+    case Method::kUnregisterSharedMemory:
+      return "UnregisterSharedMemory";
+  }
+  return "unknown";
+}
+
+const char* StageName(Stage s) {
+  switch (s) {
+    case Stage::kReceive:
+      return "receive";
+    case Stage::kStatistics:
+      return "statistics";
+    case Stage::kAllocate:
+      return "allocate";
+    case Stage::kSelectMerge:
+      return "select_merge";
+    case Stage::kSend:
+      return "send";
+  }
+  return "unknown";
+}
+
+const char* CodeName(absl::StatusCode code) {
+  static constexpr const char* kNames[] = {
+      "OK",        "CANCELLED",      "UNKNOWN",           "INVALID_ARGUMENT",   "DEADLINE_EXCEEDED",
+      "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+      "ABORTED",   "OUT_OF_RANGE",   "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
+      "DATA_LOSS", "UNAUTHENTICATED"};
+  const int i = static_cast<int>(code);
+  if (i < 0 || i >= static_cast<int>(std::size(kNames))) return "UNKNOWN";
+  return kNames[i];
+}
+
+Metrics::Metrics(const std::string& version, const std::string& backend)
+    : registry_(std::make_shared<prometheus::Registry>()),
+      requests_(prometheus::BuildCounter()
+                    .Name("medakv_requests_total")
+                    .Help("Calls that ended, by method, policy (\"none\" when the call has none) and gRPC status code")
+                    .Register(*registry_)),
+      request_duration_(prometheus::BuildHistogram()
+                            .Name("medakv_request_duration_seconds")
+                            .Help("Duration of calls from their start to their status, by method (for "
+                                  "RegisterSharedMemory: the lease)")
+                            .Register(*registry_)),
+      stage_duration_(prometheus::BuildHistogram()
+                          .Name("medakv_stage_duration_seconds")
+                          .Help("Duration of the stages of a call, by method and stage (receive, statistics, "
+                                "allocate, select_merge, send)")
+                          .Register(*registry_)),
+      queue_wait_(prometheus::BuildHistogram()
+                      .Name("medakv_queue_wait_seconds")
+                      .Help("Time compressions waited for an admission slot (--max_inflight), by method")
+                      .Register(*registry_)),
+      received_bytes_(prometheus::BuildCounter()
+                          .Name("medakv_received_bytes_total")
+                          .Help("Tensor bytes received (in messages or through shared memory), by method")
+                          .Register(*registry_)),
+      sent_bytes_(prometheus::BuildCounter()
+                      .Name("medakv_sent_bytes_total")
+                      .Help("Tensor bytes sent (in messages or through shared memory), by method")
+                      .Register(*registry_)),
+      inflight_(prometheus::BuildGauge()
+                    .Name("medakv_inflight_requests")
+                    .Help("Calls in progress, by method")
+                    .Register(*registry_)),
+      tokens_in_(prometheus::BuildCounter()
+                     .Name("medakv_tokens_in_total")
+                     .Help("Tokens (layers x tokens) of completed compressions, by policy")
+                     .Register(*registry_)),
+      tokens_kept_(prometheus::BuildCounter()
+                       .Name("medakv_tokens_kept_total")
+                       .Help("Tokens kept (the sum of the layer budgets) by completed compressions, by policy")
+                       .Register(*registry_)),
+      compression_ratio_(prometheus::BuildHistogram()
+                             .Name("medakv_compression_ratio")
+                             .Help("Kept tokens over input tokens of each completed compression, by policy")
+                             .Register(*registry_)),
+      layer_budget_(prometheus::BuildHistogram()
+                        .Name("medakv_meda_layer_budget_ratio")
+                        .Help("Budget of each layer over its tokens (B_l / T) in MEDA compressions, by layer "
+                              "index (layers from 128 on: \"other\")")
+                        .Register(*registry_)),
+      store_capacity_(prometheus::BuildGauge()
+                          .Name("medakv_store_capacity_bytes")
+                          .Help("Byte budget of the cache store, by tier")
+                          .Register(*registry_)),
+      store_used_(prometheus::BuildGauge()
+                      .Name("medakv_store_used_bytes")
+                      .Help("Bytes of the cache store in use (reserved by uploads, stored, and removed but still "
+                            "read), by tier")
+                      .Register(*registry_)),
+      store_entries_(
+          prometheus::BuildGauge().Name("medakv_store_entries").Help("Caches stored, by tier").Register(*registry_)),
+      store_evictions_(prometheus::BuildCounter()
+                           .Name("medakv_store_evictions_total")
+                           .Help("Caches evicted, by tier and reason (lru: to make room; expired: past their ttl)")
+                           .Register(*registry_)),
+      admission_slots_(prometheus::BuildGauge()
+                           .Name("medakv_admission_slots")
+                           .Help("Compressions that may hold memory at once (--max_inflight)")
+                           .Register(*registry_)),
+      admission_used_(prometheus::BuildGauge()
+                          .Name("medakv_admission_slots_used")
+                          .Help("Admission slots held by compressions")
+                          .Register(*registry_)),
+      queued_(prometheus::BuildGauge()
+                  .Name("medakv_queued_requests")
+                  .Help("Compressions waiting for an admission slot")
+                  .Register(*registry_)),
+      shm_regions_(prometheus::BuildGauge()
+                       .Name("medakv_shm_regions")
+                       .Help("Shared-memory regions registered")
+                       .Register(*registry_)),
+      shm_bytes_(prometheus::BuildGauge()
+                     .Name("medakv_shm_registered_bytes")
+                     .Help("Sum of the sizes of the shared-memory regions registered")
+                     .Register(*registry_)) {
+  prometheus::BuildGauge()
+      .Name("medakv_build_info")
+      .Help("Always 1: the server's version and the compute backend in use")
+      .Register(*registry_)
+      .Add({{"version", version}, {"backend", backend}})
+      .Set(1);
+  for (int i = 0; i < kNumMethods; ++i) {
+    const Method m = static_cast<Method>(i);
+    const std::string name = MethodName(m);
+    inflight_by_method_[i] = &inflight_.Add({{"method", name}});
+    duration_by_method_[i] = &request_duration_.Add({{"method", name}}, LatencyBuckets());
+    for (int s = 0; s < kNumStages; ++s) {
+      stage_by_method_[i][s] =
+          HasStage(m, static_cast<Stage>(s))
+              ? &stage_duration_.Add({{"method", name}, {"stage", StageName(static_cast<Stage>(s))}}, LatencyBuckets())
+              : nullptr;
+    }
+  }
+  // Series that dashboards and alerts read from the start (at 0): rate()
+  // sees a series' increases only after its first sample.
+  constexpr PolicyKind kPolicies[] = {PolicyKind::kFull, PolicyKind::kMeda,   PolicyKind::kStreamingLlm,
+                                      PolicyKind::kH2O,  PolicyKind::kSnapKV, PolicyKind::kPyramidKV,
+                                      PolicyKind::kLookM};
+  for (int i = 0; i < kNumMethods; ++i) {
+    const Method m = static_cast<Method>(i);
+    if (m == Method::kCompress || m == Method::kCompressCache) {
+      for (PolicyKind p : kPolicies) {
+        requests_.Add({{"method", MethodName(m)}, {"policy", PolicyName(p)}, {"code", "OK"}});
+      }
+    } else {
+      requests_.Add({{"method", MethodName(m)}, {"policy", kNoPolicy}, {"code", "OK"}});
+    }
+  }
+  for (PolicyKind p : kPolicies) {
+    tokens_in_.Add({{"policy", PolicyName(p)}});
+    tokens_kept_.Add({{"policy", PolicyName(p)}});
+  }
+  for (Method m : {Method::kCompress, Method::kCompressCache}) {
+    queue_wait_.Add({{"method", MethodName(m)}}, LatencyBuckets());
+  }
+  for (Method m : {Method::kCompress, Method::kPutCache}) received_bytes_.Add({{"method", MethodName(m)}});
+  for (Method m : {Method::kCompress, Method::kGetCache}) sent_bytes_.Add({{"method", MethodName(m)}});
+  admission_slots_.Add({});
+  admission_used_.Add({});
+  queued_.Add({});
+  shm_regions_.Add({});
+  shm_bytes_.Add({});
+}
+
+Metrics::~Metrics() = default;
+
+void Metrics::SetSampler(std::function<MetricsSample()> sampler) {
+  absl::MutexLock lock(&sample_mu_);
+  sampler_ = std::move(sampler);
+}
+
+std::vector<prometheus::MetricFamily> Metrics::Collect() const {
+  Sample();
+  return registry_->Collect();
+}
+
+void Metrics::Sample() const {
+  absl::MutexLock lock(&sample_mu_);
+  if (!sampler_) return;
+  const MetricsSample s = sampler_();
+  for (const TierStats& t : s.tiers) {
+    const int i = static_cast<int>(t.tier);
+    const Labels tier{{"tier", TierName(t.tier)}};
+    store_capacity_.Add(tier).Set(static_cast<double>(t.capacity_bytes));
+    store_used_.Add(tier).Set(static_cast<double>(t.used_bytes));
+    store_entries_.Add(tier).Set(static_cast<double>(t.entries));
+    const int64_t counts[2] = {t.evicted_lru, t.expired};
+    const char* reasons[2] = {"lru", "expired"};
+    for (int r = 0; r < 2; ++r) {
+      Counter& c = store_evictions_.Add({{"tier", TierName(t.tier)}, {"reason", reasons[r]}});
+      if (counts[r] > evictions_seen_[i][r]) {
+        c.Increment(static_cast<double>(counts[r] - evictions_seen_[i][r]));
+        evictions_seen_[i][r] = counts[r];
+      }
+    }
+  }
+  admission_slots_.Add({}).Set(s.admission_slots);
+  admission_used_.Add({}).Set(s.admission_in_use);
+  queued_.Add({}).Set(s.admission_waiting);
+  shm_regions_.Add({}).Set(s.shm_regions);
+  shm_bytes_.Add({}).Set(static_cast<double>(s.shm_bytes));
+}
+
+void Metrics::CallStarted(Method m) { inflight_by_method_[static_cast<int>(m)]->Increment(); }
+void Metrics::CallDone(Method m) { inflight_by_method_[static_cast<int>(m)]->Decrement(); }
+
+void Metrics::CallEnded(Method m, const char* policy, absl::StatusCode code, double seconds) {
+  requests_.Add({{"method", MethodName(m)}, {"policy", policy}, {"code", CodeName(code)}}).Increment();
+  duration_by_method_[static_cast<int>(m)]->Observe(seconds);
+}
+
+void Metrics::ObserveStage(Method m, Stage s, double seconds) {
+  Histogram* h = stage_by_method_[static_cast<int>(m)][static_cast<int>(s)];
+  if (h == nullptr) {  // a stage this method does not have (see HasStage): a series of its own
+    h = &stage_duration_.Add({{"method", MethodName(m)}, {"stage", StageName(s)}}, LatencyBuckets());
+  }
+  h->Observe(seconds);
+}
+
+void Metrics::ObserveQueueWait(Method m, double seconds) {
+  queue_wait_.Add({{"method", MethodName(m)}}, LatencyBuckets()).Observe(seconds);
+}
+
+void Metrics::AddReceivedBytes(Method m, int64_t bytes) {
+  if (bytes > 0) received_bytes_.Add({{"method", MethodName(m)}}).Increment(static_cast<double>(bytes));
+}
+
+void Metrics::AddSentBytes(Method m, int64_t bytes) {
+  if (bytes > 0) sent_bytes_.Add({{"method", MethodName(m)}}).Increment(static_cast<double>(bytes));
+}
+
+Histogram& Metrics::LayerBudget(int64_t layer) {
+  const size_t i = layer < kMaxBudgetLayers ? static_cast<size_t>(layer) : kMaxBudgetLayers;
+  absl::MutexLock lock(&layers_mu_);
+  if (layer_budget_by_layer_.size() <= i) layer_budget_by_layer_.resize(i + 1, nullptr);
+  Histogram*& h = layer_budget_by_layer_[i];
+  if (h == nullptr) {
+    const std::string label = i < kMaxBudgetLayers ? std::to_string(i) : "other";
+    h = &layer_budget_.Add({{"layer", label}}, LayerBudgetBuckets());
+  }
+  return *h;
+}
+
+void Metrics::ObserveCompression(PolicyKind policy, const CompressResult& result, int64_t tokens) {
+  const Labels labels{{"policy", PolicyName(policy)}};
+  tokens_in_.Add(labels).Increment(static_cast<double>(result.tokens_in));
+  tokens_kept_.Add(labels).Increment(static_cast<double>(result.tokens_kept));
+  if (result.tokens_in > 0) {
+    compression_ratio_.Add(labels, RatioBuckets())
+        .Observe(static_cast<double>(result.tokens_kept) / static_cast<double>(result.tokens_in));
+  }
+  if (policy != PolicyKind::kMeda || tokens <= 0) return;
+  for (size_t l = 0; l < result.layers.size(); ++l) {
+    LayerBudget(static_cast<int64_t>(l))
+        .Observe(static_cast<double>(result.layers[l].budget) / static_cast<double>(tokens));
+  }
+}
+
+// ---- CallMetrics ------------------------------------------------------------------
+
+CallMetrics::CallMetrics(Metrics* metrics, Method method) : metrics_(metrics), method_(method), start_ns_(NowNanos()) {
+  if (metrics_ != nullptr) metrics_->CallStarted(method_);
+}
+
+CallMetrics::~CallMetrics() {
+  if (metrics_ != nullptr) metrics_->CallDone(method_);
+}
+
+void CallMetrics::ObserveStage(server::Stage stage, double seconds) {
+  if (metrics_ != nullptr) metrics_->ObserveStage(method_, stage, seconds);
+}
+
+void CallMetrics::QueueWait(double seconds) {
+  if (metrics_ != nullptr) metrics_->ObserveQueueWait(method_, seconds);
+}
+
+void CallMetrics::ReceivedSoFar(int64_t bytes) {
+  if (bytes <= received_) return;
+  if (metrics_ != nullptr) metrics_->AddReceivedBytes(method_, bytes - received_);
+  received_ = bytes;
+}
+
+void CallMetrics::SentSoFar(int64_t bytes) {
+  if (bytes <= sent_) return;
+  if (metrics_ != nullptr) metrics_->AddSentBytes(method_, bytes - sent_);
+  sent_ = bytes;
+}
+
+void CallMetrics::Compression(PolicyKind policy, const CompressResult& result, int64_t tokens) {
+  if (metrics_ != nullptr) metrics_->ObserveCompression(policy, result, tokens);
+}
+
+void CallMetrics::End(absl::StatusCode code) {
+  if (ended_) return;
+  ended_ = true;
+  if (metrics_ != nullptr) {
+    metrics_->CallEnded(method_, policy_, code, static_cast<double>(NowNanos() - start_ns_) * 1e-9);
+  }
+}
+
+}  // namespace medakv::server

@@ -1,0 +1,183 @@
+// The Prometheus metrics of medakv-server (README.md, "Metrics", lists every
+// one with its labels). A Metrics object owns a prometheus::Registry with
+// typed families; the handlers record into it through a CallMetrics per call,
+// and the server's state (cache store, admission queue, shared memory) is
+// sampled at every collection. MedakvServer serves it on --metrics_listen
+// with prometheus-cpp's pull exposer; without one (in-process tests) the
+// values are read with Collect().
+//
+// Cardinality is bounded: every label value comes from a fixed set (method,
+// stage, policy, status code, tier, eviction reason) except `layer`, which is
+// capped at kMaxBudgetLayers values plus "other". No cache id, no peer.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
+#include "prometheus/collectable.h"
+#include "prometheus/counter.h"
+#include "prometheus/family.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/metric_family.h"
+#include "prometheus/registry.h"
+#include "service/compress/options.h"
+#include "service/compress/pipeline.h"
+#include "service/store/cache_store.h"
+
+namespace medakv::server {
+
+// The RPCs of medakv.v1.Medakv: the `method` label.
+enum class Method : uint8_t {
+  kCompress = 0,
+  kPutCache,
+  kCompressCache,
+  kGetCache,
+  kDeleteCache,
+  kListCaches,
+  kStats,
+  kRegisterSharedMemory,
+  kUnregisterSharedMemory,
+};
+inline constexpr int kNumMethods = 9;
+const char* MethodName(Method m);  // "Compress", ... (the proto's names)
+
+// The stages of a call: the `stage` label (StageTimes in the proto).
+enum class Stage : uint8_t { kReceive = 0, kStatistics, kAllocate, kSelectMerge, kSend };
+inline constexpr int kNumStages = 5;
+const char* StageName(Stage s);  // "receive", "statistics", "allocate", "select_merge", "send"
+
+// The canonical gRPC code name ("OK", "INVALID_ARGUMENT", ...); "UNKNOWN"
+// for a number outside the 17 codes.
+const char* CodeName(absl::StatusCode code);
+
+// The `policy` label of calls without one (every method but Compress and
+// CompressCache, and compressions rejected before their policy was read).
+inline constexpr char kNoPolicy[] = "none";
+
+// Layers 0 .. kMaxBudgetLayers-1 of a MEDA compression get their own `layer`
+// label on medakv_meda_layer_budget_ratio; deeper layers share "other".
+inline constexpr int kMaxBudgetLayers = 128;
+
+// The server's state, read at every collection.
+struct MetricsSample {
+  std::vector<TierStats> tiers;  // the configured tiers
+  int admission_slots = 0;       // --max_inflight
+  int admission_in_use = 0;
+  int admission_waiting = 0;
+  int shm_regions = 0;
+  int64_t shm_bytes = 0;
+};
+
+class Metrics final : public prometheus::Collectable {
+ public:
+  // `version` and `backend` label medakv_build_info.
+  Metrics(const std::string& version, const std::string& backend);
+  ~Metrics() override;
+  Metrics(const Metrics&) = delete;
+  Metrics& operator=(const Metrics&) = delete;
+
+  // Called at every collection to refresh the store, admission and shared
+  // memory gauges; an empty function (the default) leaves them as they are.
+  // Must outlive its use: reset it before what it reads is destroyed.
+  void SetSampler(std::function<MetricsSample()> sampler);
+
+  // Samples the server's state, then collects the registry. Thread-safe.
+  std::vector<prometheus::MetricFamily> Collect() const override;
+
+  // ---- recording (thread-safe; CallMetrics calls the per-call ones) ----
+  void CallStarted(Method m);  // in flight until CallDone
+  void CallDone(Method m);
+  void CallEnded(Method m, const char* policy, absl::StatusCode code, double seconds);
+  void ObserveStage(Method m, Stage s, double seconds);
+  void ObserveQueueWait(Method m, double seconds);
+  void AddReceivedBytes(Method m, int64_t bytes);
+  void AddSentBytes(Method m, int64_t bytes);
+  // A completed compression of `tokens` tokens per layer: tokens in and
+  // kept, the kept ratio, and for MEDA each layer's budget over `tokens`.
+  void ObserveCompression(PolicyKind policy, const CompressResult& result, int64_t tokens);
+
+ private:
+  void Sample() const;
+  prometheus::Histogram& LayerBudget(int64_t layer);
+
+  std::shared_ptr<prometheus::Registry> registry_;
+
+  prometheus::Family<prometheus::Counter>& requests_;
+  prometheus::Family<prometheus::Histogram>& request_duration_;
+  prometheus::Family<prometheus::Histogram>& stage_duration_;
+  prometheus::Family<prometheus::Histogram>& queue_wait_;
+  prometheus::Family<prometheus::Counter>& received_bytes_;
+  prometheus::Family<prometheus::Counter>& sent_bytes_;
+  prometheus::Family<prometheus::Gauge>& inflight_;
+  prometheus::Family<prometheus::Counter>& tokens_in_;
+  prometheus::Family<prometheus::Counter>& tokens_kept_;
+  prometheus::Family<prometheus::Histogram>& compression_ratio_;
+  prometheus::Family<prometheus::Histogram>& layer_budget_;
+  prometheus::Family<prometheus::Gauge>& store_capacity_;
+  prometheus::Family<prometheus::Gauge>& store_used_;
+  prometheus::Family<prometheus::Gauge>& store_entries_;
+  prometheus::Family<prometheus::Counter>& store_evictions_;
+  prometheus::Family<prometheus::Gauge>& admission_slots_;
+  prometheus::Family<prometheus::Gauge>& admission_used_;
+  prometheus::Family<prometheus::Gauge>& queued_;
+  prometheus::Family<prometheus::Gauge>& shm_regions_;
+  prometheus::Family<prometheus::Gauge>& shm_bytes_;
+
+  // Series created once: per method (in flight, durations, bytes) and per
+  // method and stage.
+  prometheus::Gauge* inflight_by_method_[kNumMethods];
+  prometheus::Histogram* duration_by_method_[kNumMethods];
+  prometheus::Histogram* stage_by_method_[kNumMethods][kNumStages];
+
+  absl::Mutex layers_mu_;
+  std::vector<prometheus::Histogram*> layer_budget_by_layer_ ABSL_GUARDED_BY(layers_mu_);  // created on first use
+
+  mutable absl::Mutex sample_mu_;
+  std::function<MetricsSample()> sampler_ ABSL_GUARDED_BY(sample_mu_);
+  // The store's eviction counts at the last sample ([tier][lru, expired]):
+  // the counters grow by the difference.
+  mutable int64_t evictions_seen_[kNumTiers][2] ABSL_GUARDED_BY(sample_mu_) = {};
+};
+
+// One call's metrics. Counts the call in flight from construction to
+// destruction (a reactor owns one and is deleted in OnDone), then once, at
+// End (just before the reactor calls Finish), the request with its code and
+// its duration since construction. With a null Metrics it records nothing.
+// A call uses it from one thread at a time.
+class CallMetrics {
+ public:
+  CallMetrics(Metrics* metrics, Method method);
+  ~CallMetrics();
+  CallMetrics(const CallMetrics&) = delete;
+  CallMetrics& operator=(const CallMetrics&) = delete;
+
+  void set_policy(PolicyKind policy) { policy_ = PolicyName(policy); }
+  void ObserveStage(Stage stage, double seconds);
+  void QueueWait(double seconds);
+  // The call's payload so far (cumulative bytes, as the assembler and the
+  // result stream count them): the counters grow by what is new.
+  void ReceivedSoFar(int64_t bytes);
+  void SentSoFar(int64_t bytes);
+  void Compression(PolicyKind policy, const CompressResult& result, int64_t tokens);
+  // Records the request; later calls are ignored.
+  void End(absl::StatusCode code);
+
+ private:
+  Metrics* const metrics_;
+  const Method method_;
+  const char* policy_ = kNoPolicy;
+  const int64_t start_ns_;  // steady clock
+  int64_t received_ = 0;
+  int64_t sent_ = 0;
+  bool ended_ = false;
+};
+
+}  // namespace medakv::server
