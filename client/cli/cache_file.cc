@@ -94,7 +94,10 @@ absl::StatusOr<std::unique_ptr<LoadedCache>> LoadCache(safetensors::File file, L
     const std::vector<std::string> parts = absl::StrSplit(t.name, '.');
     int64_t l = 0;
     static const char* kKnown[] = {"key", "value", "query", "query_positions", "scores", "entropy"};
+    // The index in canonical form: "layer.00.key" or "layer.+0.key" would be
+    // accepted here and then never looked up (silently ignored).
     const bool known = parts.size() == 3 && parts[0] == "layer" && absl::SimpleAtoi(parts[1], &l) && l >= 0 &&
+                       parts[1] == absl::StrCat(l) &&
                        std::find_if(std::begin(kKnown), std::end(kKnown),
                                     [&](const char* k) { return parts[2] == k; }) != std::end(kKnown);
     if (!known) {
@@ -105,7 +108,13 @@ absl::StatusOr<std::unique_ptr<LoadedCache>> LoadCache(safetensors::File file, L
     max_layer = std::max(max_layer, l);
   }
   if (max_layer < 0) return absl::InvalidArgumentError("no layer.0.key tensor: not a medakv cache file");
-  const int64_t layers = max_layer + 1;
+  // Every layer has at least two tensors (key, value), so a layer index at
+  // or past the tensor count names a layer that cannot be complete; the loop
+  // below stops with an error at the first incomplete layer, at or before
+  // that count. Bounding `layers` by it keeps a file that merely names
+  // layer.99999999.* from sizing the per-layer vectors, and INT64_MAX from
+  // overflowing (tests/fuzz/corpus/fuzz_safetensors/crash-*-layer-index*).
+  const int64_t layers = std::min(max_layer, static_cast<int64_t>(f.tensors().size())) + 1;
 
   const TensorInfo* key0 = Find(f, 0, "key");
   if (key0 == nullptr) return absl::InvalidArgumentError("missing tensor layer.0.key");
@@ -170,6 +179,11 @@ absl::StatusOr<std::unique_ptr<LoadedCache>> LoadCache(safetensors::File file, L
       if (q != nullptr) {
         return absl::InvalidArgumentError(
             absl::StrCat("layer ", l, " has queries but layer 0 has precomputed scores; give one form"));
+      }
+      if (Find(f, l, "query_positions") != nullptr) {  // would be ignored
+        return absl::InvalidArgumentError(absl::StrCat("tensor layer.", l,
+                                                       ".query_positions in a file with precomputed scores "
+                                                       "(query positions come only with queries)"));
       }
       if (s == nullptr) return absl::InvalidArgumentError(absl::StrCat("missing tensor layer.", l, ".scores"));
       if (s->type != ElementType::kF32 || s->shape.size() != 2 || s->shape[1] != in.tokens || s->shape[0] <= 0 ||

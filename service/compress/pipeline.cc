@@ -124,6 +124,14 @@ absl::Status ValidateCacheInput(const CacheInput& in) {
       if (!std::isfinite(layer.entropy)) {
         return absl::InvalidArgumentError(absl::StrCat(prefix, "entropy is not finite (", layer.entropy, ")"));
       }
+      // Before any statistics memory is reserved (the backends' ReduceScores
+      // would reject them only during the compression).
+      for (int64_t i = 0; i < layer.score_heads * in.tokens; ++i) {
+        if (!std::isfinite(layer.scores[i])) {
+          return absl::InvalidArgumentError(absl::StrCat(prefix, "scores: value at head ", i / in.tokens, ", token ",
+                                                         i % in.tokens, " is not finite (", layer.scores[i], ")"));
+        }
+      }
     }
   }
   return absl::OkStatus();

@@ -79,6 +79,39 @@ TEST(LoadCacheTest, MissingLayer) {
   ExpectError(b.Load(), "missing tensor layer.1.key");
 }
 
+// tests/fuzz/fuzz_safetensors (corpus/fuzz_safetensors/crash-*layer-index*):
+// a tiny file naming a huge layer index sized the per-layer vectors by it
+// (a length_error here; 16 GB for layer.99999999), and INT64_MAX overflowed.
+TEST(LoadCacheTest, HugeLayerIndexIsAMissingLayer) {
+  for (const char* index : {"9223372036854775806", "9223372036854775807"}) {
+    Builder b;
+    b.AddLayer(0);
+    b.Add(absl::StrCat("layer.", index, ".key"), ElementType::kF16, {b.kv, b.t, b.d});
+    ExpectError(b.Load(), "missing tensor layer.1.key");
+  }
+}
+
+// tests/fuzz/fuzz_safetensors (corpus/fuzz_safetensors/crash-ignored-*): these
+// tensors were accepted and never read.
+TEST(LoadCacheTest, NonCanonicalLayerIndexIsUnknown) {
+  for (const char* name : {"layer.00.key", "layer.+1.value", "layer. 1.key", "layer.01.query"}) {
+    Builder b;
+    b.AddLayer(0);
+    b.AddLayer(1);
+    b.Add(name, ElementType::kF16, {0});
+    ExpectError(b.Load(), absl::StrCat("unexpected tensor '", name, "'"));
+  }
+}
+
+TEST(LoadCacheTest, QueryPositionsWithPrecomputedScores) {
+  Builder b;
+  b.AddLayer(0, /*with_query=*/false);
+  b.Add("layer.0.scores", ElementType::kF32, {b.kv, b.t});
+  b.Add("layer.0.entropy", ElementType::kF32, {1});
+  b.Add("layer.0.query_positions", ElementType::kI32, {b.qt});
+  ExpectError(b.Load(), "tensor layer.0.query_positions in a file with precomputed scores");
+}
+
 TEST(LoadCacheTest, EmptyFileIsNotACache) {
   Builder b;
   ExpectError(b.Load(), "not a medakv cache file");

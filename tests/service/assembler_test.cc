@@ -477,6 +477,20 @@ TEST(CacheAssembler, FinishRejectsNonFiniteEntropy) {
   }
 }
 
+// Found by tests/fuzz/fuzz_assembler (corpus/fuzz_assembler/crash-nan-scores):
+// non-finite scores passed Finish and failed only in the compression.
+TEST(CacheAssembler, FinishRejectsNonFiniteScores) {
+  for (float x : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()}) {
+    const CacheSpec spec = SmallSpec(SpecStats::kPrecomputed);
+    Tensors tensors = RandomCache(spec, 8);
+    std::memcpy(&tensors[{1, v1::TENSOR_KIND_SCORES}][4 * 9], &x, 4);  // head 1, token 2 (tokens = 7)
+    CacheAssembler a = MakeAssembler(spec);
+    SendAllBut(a, tensors, {-1, v1::TENSOR_KIND_UNSPECIFIED}, 0);
+    EXPECT_INVALID(a.Finish(), "layer 1 scores: value at head 1, token 2 is not finite");
+    EXPECT_FALSE(a.finished());
+  }
+}
+
 TEST(CacheAssembler, AddAfterFinishAndFinishTwice) {
   const CacheSpec spec = SmallSpec(SpecStats::kNone);
   const Tensors tensors = RandomCache(spec, 8);
