@@ -9,11 +9,5 @@ build=${MEDAKV_BUILD_DIR:-$root/build}
 jobs=${MEDAKV_JOBS:-$(nproc)}
 
 bash "$root/scripts/install-deps.sh"
-
-launcher=()
-if command -v ccache >/dev/null 2>&1; then
-  launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
-fi
-cmake -S "$root" -B "$build" -G Ninja "${launcher[@]}"
-cmake --build "$build" -j"$jobs"
+MEDAKV_BUILD_DIR=$build MEDAKV_JOBS=$jobs bash "$root/scripts/build.sh"
 ctest --test-dir "$build" --output-on-failure --timeout 600 -j"$jobs" "$@"
