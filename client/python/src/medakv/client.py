@@ -1,0 +1,607 @@
+"""``medakv.Client``: the gRPC client of medakv-server.
+
+One ``Client`` holds one channel to one server and may be shared by threads.
+Every method checks its arguments first and raises ``ValueError`` or
+``TypeError`` before anything is sent; a call that fails on the way or on
+the server raises ``MedakvError`` carrying the gRPC status.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import grpc
+import numpy as np
+
+from . import _arrays, _health
+from ._cache import PreparedCache, prepare_cache
+from .errors import MedakvError
+from .options import build_policy
+from .types import (
+    CacheInfo,
+    CacheShape,
+    CompressCacheResult,
+    CompressResult,
+    CompressSummary,
+    LayerInfo,
+    LayerResult,
+    ModalitySpan,
+    ServerStats,
+    StageTimes,
+    StoredCache,
+    TierStats,
+)
+from .v1 import medakv_pb2 as pb
+from .v1 import medakv_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .options import PolicyOptions
+
+__all__ = ["Client", "DEFAULT_CHUNK_BYTES"]
+
+#: Request chunks: the tensors travel in pieces of at most this many bytes,
+#: well under the server's --max_message_bytes (16 MiB by default).
+DEFAULT_CHUNK_BYTES = 4 << 20
+# Bounds the server puts on max_response_chunk_bytes (service/server/convert.h).
+_MIN_RESPONSE_CHUNK = 1 << 10
+_MAX_RESPONSE_CHUNK = 64 << 20
+
+_CACHE_ID = re.compile(r"[A-Za-z0-9._:/-]{1,256}")
+_DTYPE_NAME = {pb.DTYPE_FLOAT16: "float16", pb.DTYPE_BFLOAT16: "bfloat16", pb.DTYPE_FLOAT32: "float32"}
+_LAYOUT_NAME = {pb.LAYOUT_UNSPECIFIED: "hnd", pb.LAYOUT_HND: "hnd", pb.LAYOUT_NHD: "nhd"}
+_TENSOR_NAME: Dict[int, str] = {pb.TENSOR_KIND_KEY: "key", pb.TENSOR_KIND_VALUE: "value", pb.TENSOR_KIND_POSITIONS: "positions"}
+
+
+class Client:
+    """A connection to one medakv server.
+
+    Args:
+        target: the server's ``host:port`` (any gRPC target: ``dns:///...``,
+            ``unix:/path``, ...).
+        timeout: default deadline of every call, in seconds (None: no
+            deadline). Each method's ``timeout`` overrides it.
+        chunk_bytes: default request chunk size; keep it under the server's
+            ``--max_message_bytes`` (16 MiB by default).
+        response_chunk_bytes: result chunk size asked of the server, in
+            [1 KiB, 64 MiB]; 0 lets the server choose (4 MiB).
+        wait_for_ready: wait (up to the deadline) for the server to become
+            reachable instead of failing at once with UNAVAILABLE.
+        credentials: ``grpc.ssl_channel_credentials(...)`` for TLS; None for
+            a plaintext channel.
+        channel_options: extra gRPC channel arguments, e.g.
+            ``[("grpc.lb_policy_name", "round_robin")]``.
+
+    The channel accepts messages of any size (the server's limits apply).
+    Use it as a context manager, or call ``close()``.
+    """
+
+    def __init__(self, target: str, *, timeout: Optional[float] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 response_chunk_bytes: int = 0, wait_for_ready: bool = False,
+                 credentials: Optional[grpc.ChannelCredentials] = None,
+                 channel_options: Sequence[Tuple[str, Any]] = ()) -> None:
+        if not isinstance(target, str) or not target.strip():
+            raise ValueError(f"target: expected 'host:port', got {target!r}")
+        self._target = target
+        self._timeout = _check_timeout(timeout)
+        self._chunk_bytes = _check_chunk_bytes(chunk_bytes)
+        self._response_chunk_bytes = _check_response_chunk_bytes(response_chunk_bytes)
+        if not isinstance(wait_for_ready, bool):
+            raise TypeError(f"wait_for_ready: expected a bool, got {type(wait_for_ready).__name__}")
+        self._wait_for_ready = wait_for_ready
+        options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
+                   *channel_options]
+        if credentials is not None:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.MedakvStub(self._channel)  # type: ignore[no-untyped-call]
+        self._health_check = self._channel.unary_unary(
+            _health.CHECK_METHOD, request_serializer=_health.HealthCheckRequest.SerializeToString,
+            response_deserializer=_health.HealthCheckResponse.FromString)
+
+    # ---- lifetime ------------------------------------------------------------
+
+    @property
+    def target(self) -> str:
+        """The server's address as given."""
+        return self._target
+
+    def close(self) -> None:
+        """Closes the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"medakv.Client({self._target!r})"
+
+    # ---- health ----------------------------------------------------------------
+
+    def health(self, service: str = "", *, timeout: Optional[float] = 5.0) -> str:
+        """``grpc.health.v1.Health/Check``: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN".
+
+        ``service`` "" asks about the whole server. A server that cannot be
+        reached raises ``MedakvError`` (UNAVAILABLE), it does not return a
+        status.
+        """
+        if not isinstance(service, str):
+            raise TypeError(f"service: expected a str, got {type(service).__name__}")
+        timeout = _check_timeout(timeout)
+        try:
+            response = self._health_check(_health.HealthCheckRequest(service=service), timeout=timeout,
+                                          wait_for_ready=self._wait_for_ready)
+        except grpc.RpcError as e:
+            raise self._error(e, "Health/Check") from None
+        return _health.status_name(response)
+
+    # ---- Compress ----------------------------------------------------------------
+
+    def compress(self, keys: Any, values: Any, queries: Any = None, *, query_positions: Any = None,
+                 scores: Any = None, entropy: Any = None, modality: Any = None, layout: str = "hnd",
+                 policy: str = "meda", rho: float = 0.2, timeout: Optional[float] = None,
+                 chunk_bytes: Optional[int] = None, response_chunk_bytes: Optional[int] = None,
+                 **options: "Unpack[PolicyOptions]") -> CompressResult:
+        """Compresses one prompt's KV cache on the server; nothing is stored there.
+
+        Args:
+            keys, values: one tensor per layer (a list, or one tensor stacked
+                over a leading layer dim), every layer the same shape
+                ``[kv_heads, tokens, head_dim]`` (layout "hnd") or
+                ``[tokens, kv_heads, head_dim]`` ("nhd") and dtype: NumPy
+                float16 / float32 / bfloat16 (``ml_dtypes.bfloat16``, or
+                ``uint16`` holding bfloat16 bit patterns), or torch
+                float16 / bfloat16 / float32 tensors (any device).
+            queries: the attention statistics as query rows: per layer
+                ``[q_heads, q_tokens, head_dim]`` ("hnd") or ``[q_tokens,
+                q_heads, head_dim]`` ("nhd") in the keys' dtype, post-RoPE as
+                the attention saw them; q_heads a multiple of kv_heads (GQA),
+                the same q_tokens in every layer.
+            query_positions: the rows' token positions (int, in [0, tokens)):
+                one vector for every layer, or one per layer; default the last
+                q_tokens positions.
+            scores, entropy: precomputed statistics instead of queries: per
+                layer float scores ``[kv_heads or q_heads, tokens]``
+                (accumulated attention; sent as float32) and one entropy E_l
+                per layer.
+            modality: which tokens are visual: per-token flags (0 text, 1
+                visual; array or list) or spans (``(start, length)`` tuples
+                or ``ModalitySpan``); None: all text.
+            layout: "hnd" or "nhd", the dims order of every tensor.
+            policy: "meda" (default), "full", "streaming_llm", "h2o",
+                "snapkv", "pyramidkv" or "look_m".
+            rho: fraction of the cache to keep, in (0, 1].
+            timeout: deadline in seconds (default: the client's).
+            chunk_bytes, response_chunk_bytes: override the client's.
+            **options: the policy's options (``medakv.options``): tau,
+                alpha_min, alpha_max, exact_total, entropy_heads,
+                entropy_source, recent_fraction, text_prior,
+                shared_selection, merge, merge_threshold, scale, sinks,
+                window, pool_kernel, pyramid_beta. Left out: the policy's
+                default.
+
+        Returns:
+            ``CompressResult`` with one ``LayerResult`` per layer (``key``,
+            ``value``, ``positions``, ``budget``, ``entropy``, ``alpha``) and
+            the server's summary. Tensors come back as the keys came in:
+            NumPy arrays (bfloat16 as ``ml_dtypes.bfloat16`` or ``uint16``,
+            as given) or torch tensors on the keys' device.
+
+        Raises:
+            TypeError, ValueError: a bad argument, before anything is sent.
+            MedakvError: the call failed (gRPC status and message).
+        """
+        policy_message = build_policy(policy, rho, options, caller="compress")
+        cache = prepare_cache(keys, values, queries, query_positions=query_positions, scores=scores,
+                              entropy=entropy, modality=modality, layout=layout, need_stats=True)
+        timeout = self._call_timeout(timeout)
+        chunk = self._chunk(chunk_bytes)
+        response_chunk = self._response_chunk(response_chunk_bytes)
+        header = pb.CompressHeader(shape=cache.shape(), policy=policy_message, stats=cache.stats,
+                                   q_tokens=cache.q_tokens, query_positions=cache.has_query_positions,
+                                   score_heads=cache.score_heads, max_response_chunk_bytes=response_chunk)
+
+        def requests() -> Iterator[pb.CompressRequest]:
+            yield pb.CompressRequest(header=header)
+            for layer, kind, offset, data in _chunks(cache.pieces, chunk):
+                yield pb.CompressRequest(chunk=pb.TensorChunk(layer=layer, tensor=kind, offset=offset, data=data))
+
+        assembler = _LayerAssembler(self._target, "Compress", range(cache.layers), cache, cache.output)
+        summary: Optional[pb.CompressSummary] = None
+        call = self._stub.Compress(requests(), timeout=timeout, wait_for_ready=self._wait_for_ready)
+        try:
+            for response in call:
+                which = response.WhichOneof("msg")
+                if which == "layer":
+                    assembler.info(response.layer)
+                elif which == "chunk":
+                    assembler.chunk(response.chunk)
+                elif which == "summary":
+                    summary = response.summary
+        except MedakvError:  # the answer broke the protocol (checked before RpcError: a subclass)
+            call.cancel()
+            raise
+        except grpc.RpcError as e:
+            raise self._error(e, "Compress") from None
+        except BaseException:  # e.g. KeyboardInterrupt: do not leave the call running
+            call.cancel()
+            raise
+        if summary is None:
+            raise MedakvError(grpc.StatusCode.INTERNAL, "server sent no summary at the end of the stream",
+                              target=self._target, method="Compress")
+        return CompressResult(layers=assembler.finish(), summary=_summary(summary), dtype=cache.dtype,
+                              layout=cache.layout, kv_heads=cache.kv_heads, head_dim=cache.head_dim,
+                              tokens=cache.tokens)
+
+    # ---- the cache store ------------------------------------------------------------
+
+    def put_cache(self, cache_id: str, keys: Any, values: Any, queries: Any = None, *, query_positions: Any = None,
+                  scores: Any = None, entropy: Any = None, modality: Any = None, layout: str = "hnd",
+                  ttl_seconds: int = 0, overwrite: bool = False, timeout: Optional[float] = None,
+                  chunk_bytes: Optional[int] = None) -> CacheInfo:
+        """Stores a cache on the server under ``cache_id`` (``PutCache``).
+
+        The tensors are given as to ``compress``; the statistics (queries,
+        or scores and entropy) are optional and are kept for a later
+        ``compress_cache``. ``cache_id``: 1-256 characters of
+        ``[A-Za-z0-9._:/-]`` (e.g. a hash of the prompt prefix).
+        ``ttl_seconds``: 0 keeps it until evicted or deleted. An existing id
+        is ALREADY_EXISTS unless ``overwrite``. Returns the stored entry's
+        ``CacheInfo``.
+        """
+        cache_id = _check_cache_id(cache_id)
+        if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, numbers.Integral):
+            raise TypeError(f"ttl_seconds: expected an int, got {type(ttl_seconds).__name__}")
+        if ttl_seconds < 0:
+            raise ValueError(f"ttl_seconds must be >= 0 (0: no expiry), got {ttl_seconds}")
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"overwrite: expected a bool, got {type(overwrite).__name__}")
+        cache = prepare_cache(keys, values, queries, query_positions=query_positions, scores=scores,
+                              entropy=entropy, modality=modality, layout=layout, need_stats=False)
+        timeout = self._call_timeout(timeout)
+        chunk = self._chunk(chunk_bytes)
+        header = pb.PutCacheHeader(cache_id=cache_id, shape=cache.shape(), stats=cache.stats,
+                                   q_tokens=cache.q_tokens, query_positions=cache.has_query_positions,
+                                   score_heads=cache.score_heads, ttl_seconds=int(ttl_seconds), overwrite=overwrite)
+
+        def requests() -> Iterator[pb.PutCacheRequest]:
+            yield pb.PutCacheRequest(header=header)
+            for layer, kind, offset, data in _chunks(cache.pieces, chunk):
+                yield pb.PutCacheRequest(chunk=pb.TensorChunk(layer=layer, tensor=kind, offset=offset, data=data))
+
+        try:
+            response = self._stub.PutCache(requests(), timeout=timeout, wait_for_ready=self._wait_for_ready)
+        except grpc.RpcError as e:
+            raise self._error(e, "PutCache") from None
+        return _cache_info(response.info)
+
+    def compress_cache(self, cache_id: str, policy: str = "meda", rho: float = 0.2, *,
+                       timeout: Optional[float] = None,
+                       **options: "Unpack[PolicyOptions]") -> CompressCacheResult:
+        """Compresses a stored cache in place with the statistics it was stored with (``CompressCache``).
+
+        ``policy``, ``rho`` and ``options`` as for ``compress``.
+        FAILED_PRECONDITION if the cache was stored without statistics or is
+        already compressed; NOT_FOUND for an unknown id. Returns the entry's
+        new ``CacheInfo``, the per-layer budgets and the summary; fetch the
+        compressed tensors with ``get_cache``.
+        """
+        cache_id = _check_cache_id(cache_id)
+        request = pb.CompressCacheRequest(cache_id=cache_id,
+                                          policy=build_policy(policy, rho, options, caller="compress_cache"))
+        timeout = self._call_timeout(timeout)
+        try:
+            response = self._stub.CompressCache(request, timeout=timeout, wait_for_ready=self._wait_for_ready)
+        except grpc.RpcError as e:
+            raise self._error(e, "CompressCache") from None
+        return CompressCacheResult(info=_cache_info(response.info),
+                                   layers=[_layer_info(i) for i in response.layers],
+                                   summary=_summary(response.summary))
+
+    def get_cache(self, cache_id: str, *, layer_begin: int = 0, layer_end: Optional[int] = None,
+                  tensors: str = "numpy", device: Any = None, timeout: Optional[float] = None,
+                  response_chunk_bytes: Optional[int] = None) -> StoredCache:
+        """Fetches a stored cache, all layers or ``[layer_begin, layer_end)`` (``GetCache``).
+
+        Each layer comes back as a ``LayerResult`` (``key``, ``value``,
+        ``positions``, ``budget``; ``entropy`` and ``alpha`` once compressed)
+        in the cache's dtype and layout. ``tensors``: "numpy" (bfloat16 as
+        ``uint16`` bit patterns; ``.view(ml_dtypes.bfloat16)`` converts) or
+        "torch" (on ``device``, default CPU; needs torch installed).
+        """
+        cache_id = _check_cache_id(cache_id)
+        begin = _check_int("layer_begin", layer_begin)
+        if begin < 0:
+            raise ValueError(f"layer_begin must be >= 0, got {begin}")
+        end = None if layer_end is None else _check_int("layer_end", layer_end)
+        if end is not None and end <= begin:
+            raise ValueError(f"layer_end ({end}) must be > layer_begin ({begin}), or None for every layer")
+        output = _output_for(tensors, device)
+        timeout = self._call_timeout(timeout)
+        request = pb.GetCacheRequest(cache_id=cache_id, layer_begin=begin, layer_end=end or 0,
+                                     max_response_chunk_bytes=self._response_chunk(response_chunk_bytes))
+        stored: Optional[StoredCache] = None
+        assembler: Optional[_LayerAssembler] = None
+        call = self._stub.GetCache(request, timeout=timeout, wait_for_ready=self._wait_for_ready)
+        try:
+            for response in call:
+                which = response.WhichOneof("msg")
+                if which == "info":
+                    if stored is not None:
+                        raise MedakvError(grpc.StatusCode.INTERNAL, "server sent the cache info twice",
+                                          target=self._target, method="GetCache")
+                    stored = StoredCache(info=_cache_info(response.info))
+                    shape = stored.info.shape
+                    if shape.dtype not in _arrays.KV_DTYPES or shape.layout not in ("hnd", "nhd") or min(
+                            shape.kv_heads, shape.head_dim, shape.tokens, shape.layers) <= 0:
+                        raise MedakvError(grpc.StatusCode.INTERNAL, f"server sent an invalid cache shape: {shape}",
+                                          target=self._target, method="GetCache")
+                    last = shape.layers if end is None else end
+                    if last > shape.layers:
+                        raise MedakvError(grpc.StatusCode.INTERNAL, f"server sent layers [{begin}, {last}) of a "
+                                          f"{shape.layers}-layer cache", target=self._target, method="GetCache")
+                    assembler = _LayerAssembler(self._target, "GetCache", range(begin, last), shape, output)
+                elif assembler is None:
+                    raise MedakvError(grpc.StatusCode.INTERNAL, "server sent layers before the cache info",
+                                      target=self._target, method="GetCache")
+                elif which == "layer":
+                    assembler.info(response.layer)
+                elif which == "chunk":
+                    assembler.chunk(response.chunk)
+        except MedakvError:  # the answer broke the protocol (checked before RpcError: a subclass)
+            call.cancel()
+            raise
+        except grpc.RpcError as e:
+            raise self._error(e, "GetCache") from None
+        except BaseException:  # e.g. KeyboardInterrupt: do not leave the call running
+            call.cancel()
+            raise
+        if stored is None or assembler is None:
+            raise MedakvError(grpc.StatusCode.INTERNAL, "server ended the stream without the cache info",
+                              target=self._target, method="GetCache")
+        stored.layers = assembler.finish()
+        return stored
+
+    def delete_cache(self, cache_id: str, *, timeout: Optional[float] = None) -> int:
+        """Deletes a stored cache; returns the bytes freed. NOT_FOUND for an unknown id."""
+        cache_id = _check_cache_id(cache_id)
+        timeout = self._call_timeout(timeout)
+        try:
+            response = self._stub.DeleteCache(pb.DeleteCacheRequest(cache_id=cache_id), timeout=timeout,
+                                              wait_for_ready=self._wait_for_ready)
+        except grpc.RpcError as e:
+            raise self._error(e, "DeleteCache") from None
+        return int(response.bytes_freed)
+
+    def list_caches(self, prefix: str = "", *, limit: int = 0, timeout: Optional[float] = None) -> List[CacheInfo]:
+        """The stored caches whose id starts with ``prefix``, at most ``limit`` (0: the server's 1000)."""
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix: expected a str, got {type(prefix).__name__}")
+        limit = _check_int("limit", limit)
+        if not (0 <= limit < 2**31):
+            raise ValueError(f"limit must be in [0, {2**31 - 1}] (0: the server's default), got {limit}")
+        timeout = self._call_timeout(timeout)
+        try:
+            response = self._stub.ListCaches(pb.ListCachesRequest(prefix=prefix, limit=limit), timeout=timeout,
+                                             wait_for_ready=self._wait_for_ready)
+        except grpc.RpcError as e:
+            raise self._error(e, "ListCaches") from None
+        return [_cache_info(c) for c in response.caches]
+
+    def stats(self, *, timeout: Optional[float] = None) -> ServerStats:
+        """The store's tiers (capacity, use, entries, evictions), compressions in flight, backend, version."""
+        timeout = self._call_timeout(timeout)
+        try:
+            r = self._stub.Stats(pb.StatsRequest(), timeout=timeout, wait_for_ready=self._wait_for_ready)
+        except grpc.RpcError as e:
+            raise self._error(e, "Stats") from None
+        return ServerStats(tiers=tuple(TierStats(t.tier, t.capacity_bytes, t.used_bytes, t.entries, t.evictions)
+                                       for t in r.tiers),
+                           inflight_compressions=r.inflight_compressions, backend=r.backend, version=r.version,
+                           shared_memory_regions=r.shared_memory_regions)
+
+    # ---- helpers -------------------------------------------------------------------
+
+    def _call_timeout(self, timeout: Optional[float]) -> Optional[float]:
+        return self._timeout if timeout is None else _check_timeout(timeout)
+
+    def _chunk(self, chunk_bytes: Optional[int]) -> int:
+        return self._chunk_bytes if chunk_bytes is None else _check_chunk_bytes(chunk_bytes)
+
+    def _response_chunk(self, response_chunk_bytes: Optional[int]) -> int:
+        if response_chunk_bytes is None:
+            return self._response_chunk_bytes
+        return _check_response_chunk_bytes(response_chunk_bytes)
+
+    def _error(self, e: grpc.RpcError, method: str) -> MedakvError:
+        # The RpcError of a call is also a grpc.Call (code() and details()).
+        code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
+        details = (e.details() if callable(getattr(e, "details", None)) else str(e)) or ""
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+            details += " (chunk_bytes must stay under the server's --max_message_bytes)"
+        return MedakvError(code or grpc.StatusCode.UNKNOWN, details, target=self._target, method=method)
+
+
+# ---- request chunks ----------------------------------------------------------------------
+
+
+def _chunks(pieces: Iterable[Tuple[int, "pb.TensorKind", memoryview]],
+            chunk_bytes: int) -> Iterator[Tuple[int, "pb.TensorKind", int, bytes]]:
+    """(layer, kind, offset, bytes) of every chunk: each tensor in order, in pieces of at most chunk_bytes."""
+    for layer, kind, data in pieces:
+        for offset in range(0, len(data), chunk_bytes):
+            yield layer, kind, offset, bytes(data[offset:offset + chunk_bytes])
+
+
+# ---- results --------------------------------------------------------------------------------
+
+
+class _LayerAssembler:
+    """Reassembles result layers (a LayerInfo, then key, value and positions chunks in order) and checks them."""
+
+    def __init__(self, target: str, method: str, layers: range, shape: Any, output: _arrays.Output) -> None:
+        self._target = target
+        self._method = method
+        self._expected = layers
+        self._kv_heads = int(shape.kv_heads)
+        self._head_dim = int(shape.head_dim)
+        self._tokens = int(shape.tokens)
+        self._dtype = shape.dtype
+        self._layout = shape.layout
+        self._itemsize = 4 if shape.dtype == "float32" else 2
+        self._output = output
+        self._info: Dict[int, pb.LayerInfo] = {}
+        self._buffers: Dict[Tuple[int, int], np.ndarray] = {}
+        self._received: Dict[Tuple[int, int], int] = {}
+
+    def _fail(self, message: str) -> MedakvError:
+        return MedakvError(grpc.StatusCode.INTERNAL, f"server sent {message}", target=self._target,
+                           method=self._method)
+
+    def info(self, info: pb.LayerInfo) -> None:
+        layer = int(info.layer)
+        if layer not in self._expected:
+            raise self._fail(f"a layer info for layer {layer}, outside the layers asked for "
+                             f"[{self._expected.start}, {self._expected.stop})")
+        if layer in self._info:
+            raise self._fail(f"layer {layer}'s info twice")
+        if not (1 <= info.budget <= self._tokens):
+            raise self._fail(f"layer {layer}'s budget {info.budget}, outside [1, tokens={self._tokens}]")
+        self._info[layer] = info
+        row = self._kv_heads * int(info.budget)
+        for kind, size in ((pb.TENSOR_KIND_KEY, row * self._head_dim * self._itemsize),
+                           (pb.TENSOR_KIND_VALUE, row * self._head_dim * self._itemsize),
+                           (pb.TENSOR_KIND_POSITIONS, row * 4)):
+            self._buffers[(layer, kind)] = np.empty(size, dtype=np.uint8)
+            self._received[(layer, kind)] = 0
+
+    def chunk(self, c: pb.TensorChunk) -> None:
+        key = (int(c.layer), int(c.tensor))
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            raise self._fail(f"a chunk of layer {c.layer} tensor {c.tensor} before that layer's info "
+                             "(or of a tensor kind that results do not have)")
+        if c.WhichOneof("payload") != "data":
+            raise self._fail(f"a chunk of layer {c.layer} without bytes (a shared-memory ref this client did "
+                             "not ask for)")
+        done = self._received[key]
+        data = c.data
+        if c.offset != done or len(data) > buffer.size - done:
+            raise self._fail(f"an out-of-order chunk of layer {c.layer}'s {_TENSOR_NAME[key[1]]} (offset {c.offset}, "
+                             f"{len(data)} bytes; {done} of {buffer.size} received)")
+        buffer[done:done + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        self._received[key] = done + len(data)
+
+    def finish(self) -> List[LayerResult]:
+        out = []
+        for layer in self._expected:
+            info = self._info.get(layer)
+            if info is None:
+                raise self._fail(f"no info for layer {layer}")
+            for kind in (pb.TENSOR_KIND_KEY, pb.TENSOR_KIND_VALUE, pb.TENSOR_KIND_POSITIONS):
+                size = self._buffers[(layer, kind)].size
+                if self._received[(layer, kind)] != size:
+                    raise self._fail(f"{self._received[(layer, kind)]} of the {size} bytes of layer {layer}'s "
+                                     f"{_TENSOR_NAME[kind]}")
+            budget = int(info.budget)
+            kv_shape = ((self._kv_heads, budget, self._head_dim) if self._layout == "hnd"
+                        else (budget, self._kv_heads, self._head_dim))
+            out.append(LayerResult(
+                layer=layer,
+                key=_arrays.to_output(self._buffers[(layer, pb.TENSOR_KIND_KEY)], self._dtype, kv_shape, self._output),
+                value=_arrays.to_output(self._buffers[(layer, pb.TENSOR_KIND_VALUE)], self._dtype, kv_shape,
+                                        self._output),
+                positions=_arrays.to_output(self._buffers[(layer, pb.TENSOR_KIND_POSITIONS)], "int32",
+                                            (self._kv_heads, budget), self._output),
+                budget=budget, entropy=float(info.entropy), alpha=float(info.alpha)))
+        return out
+
+
+def _output_for(tensors: str, device: Any) -> _arrays.Output:
+    if tensors == "numpy":
+        if device is not None:
+            raise ValueError("device goes with tensors='torch'")
+        return _arrays.Output()
+    if tensors == "torch":
+        try:
+            import torch
+        except ImportError:
+            raise ValueError("tensors='torch' needs PyTorch installed") from None
+        return _arrays.Output(torch_device=torch.device("cpu") if device is None else torch.device(device))
+    raise ValueError(f"tensors: expected 'numpy' or 'torch', got {tensors!r}")
+
+
+def _summary(s: pb.CompressSummary) -> CompressSummary:
+    t = s.times
+    return CompressSummary(
+        tokens_in=int(s.tokens_in), tokens_kept=int(s.tokens_kept), bytes_in=int(s.bytes_in),
+        bytes_out=int(s.bytes_out), backend=s.backend,
+        times=StageTimes(t.receive_seconds, t.statistics_seconds, t.allocate_seconds, t.select_merge_seconds,
+                         t.send_seconds))
+
+
+def _layer_info(i: pb.LayerInfo) -> LayerInfo:
+    return LayerInfo(layer=int(i.layer), budget=int(i.budget), entropy=float(i.entropy), alpha=float(i.alpha))
+
+
+def _cache_info(c: pb.CacheInfo) -> CacheInfo:
+    s = c.shape
+    shape = CacheShape(
+        layers=s.layers, kv_heads=s.kv_heads, q_heads=s.q_heads, head_dim=s.head_dim, tokens=s.tokens,
+        dtype=_DTYPE_NAME.get(s.dtype, "unspecified"), layout=_LAYOUT_NAME.get(s.layout, "unknown"),
+        modality=tuple(ModalitySpan(m.start, m.length, "visual" if m.modality == pb.MODALITY_VISUAL else "text")
+                       for m in s.modality))
+    return CacheInfo(cache_id=c.cache_id, shape=shape, bytes=int(c.bytes), layer_tokens=tuple(c.layer_tokens),
+                     compressed=c.compressed, policy=c.policy, created_unix_ms=int(c.created_unix_ms),
+                     expires_unix_ms=int(c.expires_unix_ms), tier=c.tier)
+
+
+# ---- argument checks ----------------------------------------------------------------------------
+
+
+def _check_int(name: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    return int(v)
+
+
+def _check_timeout(timeout: object) -> Optional[float]:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout: expected seconds as a number (or None), got {type(timeout).__name__}")
+    t = float(timeout)
+    if not (t > 0 and math.isfinite(t)):
+        raise ValueError(f"timeout must be > 0 seconds (None: no deadline), got {timeout}")
+    return t
+
+
+def _check_chunk_bytes(chunk_bytes: object) -> int:
+    n = _check_int("chunk_bytes", chunk_bytes)
+    if n <= 0:
+        raise ValueError(f"chunk_bytes must be > 0, got {n}")
+    return n
+
+
+def _check_response_chunk_bytes(response_chunk_bytes: object) -> int:
+    n = _check_int("response_chunk_bytes", response_chunk_bytes)
+    if n != 0 and not (_MIN_RESPONSE_CHUNK <= n <= _MAX_RESPONSE_CHUNK):
+        raise ValueError(f"response_chunk_bytes must be in [{_MIN_RESPONSE_CHUNK}, {_MAX_RESPONSE_CHUNK}] "
+                         f"(0: the server's default), got {n}")
+    return n
+
+
+def _check_cache_id(cache_id: object) -> str:
+    if not isinstance(cache_id, str):
+        raise TypeError(f"cache_id: expected a str, got {type(cache_id).__name__}")
+    if not _CACHE_ID.fullmatch(cache_id):
+        raise ValueError(f"cache_id must be 1-256 characters of [A-Za-z0-9._:/-], got {cache_id!r}")
+    return cache_id

@@ -1,0 +1,259 @@
+"""Policies and their options, checked on the client before anything is sent.
+
+Each policy starts from its own defaults (README "Policies"); an option left
+out (or passed as None) keeps the policy's default, exactly as a flag left
+out of ``medakv compress``. The checks are the server's (service/server/
+convert.cc), so a request that passes them is not refused for its policy.
+
+| option | policies | values (default) |
+|---|---|---|
+| ``tau`` | meda | finite > 0 (1) |
+| ``alpha_min``, ``alpha_max`` | meda | [0, 1] (0.01), (0, 1] (1.0); alpha_min <= alpha_max |
+| ``exact_total`` | meda | bool (True) |
+| ``entropy_heads`` | meda | "mean_attention", "mean_entropy" |
+| ``entropy_source`` | meda | "cross_modal", "causal" |
+| ``recent_fraction`` | meda, h2o, snapkv, pyramidkv, look_m | [0, 1] (0.5) |
+| ``text_prior`` | same | "additive", "keep_all_text", "none" (meda: additive, look_m: keep_all_text, others: none) |
+| ``shared_selection`` | same | bool (False) |
+| ``merge`` | same | "average", "pivotal", "weighted", "none" (meda: average, look_m: pivotal, others: none) |
+| ``merge_threshold`` | same | "none", "mean" (none) |
+| ``scale`` | same | finite >= 0; 0 means 1/sqrt(head_dim) (0) |
+| ``sinks`` | streaming_llm | int >= 0 (4) |
+| ``window`` | snapkv, pyramidkv | int >= 1 (64) |
+| ``pool_kernel`` | snapkv, pyramidkv | odd int >= 1 (5) |
+| ``pyramid_beta`` | pyramidkv | finite > 0 (20) |
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Dict, Mapping, Tuple, TypedDict
+
+from .v1 import medakv_pb2 as pb
+
+__all__ = ["OPTIONS", "POLICIES", "PolicyOptions", "build_policy", "options_of"]
+
+#: Every policy, by the name the CLI and the server use.
+POLICIES: Tuple[str, ...] = ("full", "meda", "streaming_llm", "h2o", "snapkv", "pyramidkv", "look_m")
+
+_SELECT = ("recent_fraction", "text_prior", "shared_selection", "merge", "merge_threshold", "scale")
+_OPTIONS_OF: Dict[str, Tuple[str, ...]] = {
+    "full": (),
+    "meda": ("tau", "alpha_min", "alpha_max", "exact_total", "entropy_heads", "entropy_source") + _SELECT,
+    "streaming_llm": ("sinks",),
+    "h2o": _SELECT,
+    "snapkv": ("window", "pool_kernel") + _SELECT,
+    "pyramidkv": ("window", "pool_kernel", "pyramid_beta") + _SELECT,
+    "look_m": _SELECT,
+}
+
+#: Every option name, in the order of the table above.
+OPTIONS: Tuple[str, ...] = (
+    "tau", "alpha_min", "alpha_max", "exact_total", "entropy_heads", "entropy_source", "recent_fraction",
+    "text_prior", "shared_selection", "merge", "merge_threshold", "scale", "sinks", "window", "pool_kernel",
+    "pyramid_beta",
+)
+
+_ENUMS: Dict[str, Dict[str, int]] = {
+    "entropy_heads": {"mean_attention": pb.ENTROPY_HEADS_MEAN_ATTENTION, "mean_entropy": pb.ENTROPY_HEADS_MEAN_ENTROPY},
+    "entropy_source": {"cross_modal": pb.ENTROPY_SOURCE_CROSS_MODAL, "causal": pb.ENTROPY_SOURCE_CAUSAL},
+    "text_prior": {"additive": pb.TEXT_PRIOR_ADDITIVE, "keep_all_text": pb.TEXT_PRIOR_KEEP_ALL_TEXT,
+                   "none": pb.TEXT_PRIOR_NONE},
+    "merge": {"average": pb.MERGE_MODE_AVERAGE, "pivotal": pb.MERGE_MODE_PIVOTAL, "weighted": pb.MERGE_MODE_WEIGHTED,
+              "none": pb.MERGE_MODE_NONE},
+    "merge_threshold": {"none": pb.MERGE_THRESHOLD_NONE, "mean": pb.MERGE_THRESHOLD_MEAN},
+}
+
+_INT32_MAX = 2**31 - 1
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+class PolicyOptions(TypedDict, total=False):
+    """The keyword options of ``Client.compress`` and ``Client.compress_cache`` (see the module doc)."""
+
+    tau: float
+    alpha_min: float
+    alpha_max: float
+    exact_total: bool
+    entropy_heads: str
+    entropy_source: str
+    recent_fraction: float
+    text_prior: str
+    shared_selection: bool
+    merge: str
+    merge_threshold: str
+    scale: float
+    sinks: int
+    window: int
+    pool_kernel: int
+    pyramid_beta: float
+
+
+def options_of(policy: str) -> Tuple[str, ...]:
+    """The option names that ``policy`` takes."""
+    return _OPTIONS_OF[_policy_name(policy)]
+
+
+def _key(s: str) -> str:
+    return s.strip().lower().replace("-", "_")
+
+
+def _policy_name(policy: object) -> str:
+    if not isinstance(policy, str):
+        raise TypeError(f"policy: expected a str (one of: {', '.join(POLICIES)}), got {type(policy).__name__}")
+    name = _key(policy)
+    if name not in _OPTIONS_OF:
+        raise ValueError(f"unknown policy {policy!r} (expected one of: {', '.join(POLICIES)})")
+    return name
+
+
+def _real(name: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
+    return float(v)
+
+
+def _int(name: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    return int(v)
+
+
+def _bool(name: str, v: object) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+    return v
+
+
+def _enum(name: str, v: object) -> int:
+    values = _ENUMS[name]
+    if not isinstance(v, str):
+        raise TypeError(f"{name}: expected a str (one of: {', '.join(values)}), got {type(v).__name__}")
+    if _key(v) not in values:
+        raise ValueError(f"unknown {name} {v!r} (expected one of: {', '.join(values)})")
+    return values[_key(v)]
+
+
+def check_rho(rho: object) -> float:
+    r = _real("rho", rho)
+    if not (0.0 < r <= 1.0):
+        raise ValueError(f"rho must be in (0, 1], got {rho}")
+    return r
+
+
+def build_policy(policy: str = "meda", rho: float = 0.2, options: Mapping[str, Any] | None = None,
+                 *, caller: str = "build_policy") -> pb.Policy:
+    """The ``medakv.v1.Policy`` message for ``policy``, ``rho`` and ``options``.
+
+    Only the options given (and not None) are set; the server fills in the
+    policy's defaults for the rest. Raises TypeError for an unknown option
+    name or a value of the wrong type, ValueError for an unknown policy, an
+    option the policy does not take, or a value out of range (the message
+    names the option and the range).
+    """
+    name = _policy_name(policy)
+    message = pb.Policy(rho=check_rho(rho))
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    for k in given:
+        if k not in OPTIONS:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {k!r} "
+                            f"(policy options: {', '.join(OPTIONS)})")
+        if k not in _OPTIONS_OF[name]:
+            takers = [p for p in POLICIES if k in _OPTIONS_OF[p]]
+            own = ", ".join(_OPTIONS_OF[name]) or "none"
+            raise ValueError(f"option {k!r} does not apply to policy {name!r} (it is an option of "
+                             f"{', '.join(takers)}); the options of {name!r} are: {own}")
+
+    # Options shared by the policies that select and merge.
+    def fill_select(s: pb.SelectOptions) -> None:
+        if "recent_fraction" in given:
+            v = _real("recent_fraction", given["recent_fraction"])
+            if not (0.0 <= v <= 1.0):
+                raise ValueError(f"recent_fraction must be in [0, 1], got {given['recent_fraction']}")
+            s.recent_fraction = v
+        if "text_prior" in given:
+            s.text_prior = _enum("text_prior", given["text_prior"])  # type: ignore[assignment]
+        if "shared_selection" in given:
+            s.shared_selection = _bool("shared_selection", given["shared_selection"])
+        if "merge" in given:
+            s.merge = _enum("merge", given["merge"])  # type: ignore[assignment]
+        if "merge_threshold" in given:
+            s.merge_threshold = _enum("merge_threshold", given["merge_threshold"])  # type: ignore[assignment]
+        if "scale" in given:
+            v = _real("scale", given["scale"])
+            if not (math.isfinite(v) and 0.0 <= v <= _FLOAT32_MAX):
+                raise ValueError(f"scale must be finite and >= 0 (0: 1/sqrt(head_dim)), got {given['scale']}")
+            s.scale = v
+
+    def window_and_kernel(m: Any) -> None:
+        if "window" in given:
+            v = _int("window", given["window"])
+            if not (1 <= v <= _INT32_MAX):
+                raise ValueError(f"window must be in [1, {_INT32_MAX}], got {v}")
+            m.window = v
+        if "pool_kernel" in given:
+            v = _int("pool_kernel", given["pool_kernel"])
+            if not (1 <= v <= _INT32_MAX) or v % 2 == 0:
+                raise ValueError(f"pool_kernel must be odd and in [1, {_INT32_MAX}], got {v}")
+            m.pool_kernel = v
+
+    def positive(k: str) -> float:
+        v = _real(k, given[k])
+        if not (math.isfinite(v) and v > 0.0):
+            raise ValueError(f"{k} must be finite and > 0, got {given[k]}")
+        return v
+
+    if name == "full":
+        message.full.SetInParent()
+    elif name == "meda":
+        m = message.meda
+        m.SetInParent()
+        if "tau" in given:
+            m.tau = positive("tau")
+        alpha_min, alpha_max = 0.01, 1.0
+        if "alpha_min" in given:
+            alpha_min = _real("alpha_min", given["alpha_min"])
+            if not (0.0 <= alpha_min <= 1.0):
+                raise ValueError(f"alpha_min must be in [0, 1], got {given['alpha_min']}")
+            m.alpha_min = alpha_min
+        if "alpha_max" in given:
+            alpha_max = _real("alpha_max", given["alpha_max"])
+            if not (0.0 < alpha_max <= 1.0):
+                raise ValueError(f"alpha_max must be in (0, 1], got {given['alpha_max']}")
+            m.alpha_max = alpha_max
+        if alpha_min > alpha_max:
+            raise ValueError(
+                f"alpha_min ({alpha_min}{'' if 'alpha_min' in given else ', the default'}) must not exceed "
+                f"alpha_max ({alpha_max}{'' if 'alpha_max' in given else ', the default'})")
+        if "exact_total" in given:
+            m.exact_total = _bool("exact_total", given["exact_total"])
+        if "entropy_heads" in given:
+            m.entropy_heads = _enum("entropy_heads", given["entropy_heads"])  # type: ignore[assignment]
+        if "entropy_source" in given:
+            m.entropy_source = _enum("entropy_source", given["entropy_source"])  # type: ignore[assignment]
+        fill_select(m.select)
+    elif name == "streaming_llm":
+        message.streaming_llm.SetInParent()
+        if "sinks" in given:
+            v = _int("sinks", given["sinks"])
+            if not (0 <= v <= _INT32_MAX):
+                raise ValueError(f"sinks must be in [0, {_INT32_MAX}], got {v}")
+            message.streaming_llm.sinks = v
+    elif name == "h2o":
+        message.h2o.SetInParent()
+        fill_select(message.h2o.select)
+    elif name == "snapkv":
+        message.snapkv.SetInParent()
+        window_and_kernel(message.snapkv)
+        fill_select(message.snapkv.select)
+    elif name == "pyramidkv":
+        message.pyramidkv.SetInParent()
+        window_and_kernel(message.pyramidkv)
+        if "pyramid_beta" in given:
+            message.pyramidkv.beta = positive("pyramid_beta")
+        fill_select(message.pyramidkv.select)
+    else:  # look_m
+        message.look_m.SetInParent()
+        fill_select(message.look_m.select)
+    return message
