@@ -216,7 +216,7 @@ absl::StatusOr<std::unique_ptr<LoadedCache>> LoadCache(safetensors::File file, L
 
 absl::Status WriteCompressed(const CompressResult& result, const CacheInput& input,
                              const std::vector<std::pair<std::string, std::string>>& metadata,
-                             const std::string& path) {
+                             const std::string& path, int64_t first_layer) {
   safetensors::Writer w;
   const ElementType kv_type = input.dtype == DType::kFloat16   ? ElementType::kF16
                               : input.dtype == DType::kBFloat16 ? ElementType::kBF16
@@ -229,7 +229,7 @@ absl::Status WriteCompressed(const CompressResult& result, const CacheInput& inp
   };
   for (int64_t l = 0; l < layers; ++l) {
     const LayerResult& r = result.layers[l];
-    const std::string p = absl::StrCat("layer.", l, ".");
+    const std::string p = absl::StrCat("layer.", first_layer + l, ".");
     entropy[l] = r.entropy;
     alpha[l] = static_cast<float>(r.alpha);
     budget[l] = static_cast<int32_t>(r.budget);

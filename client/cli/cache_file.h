@@ -38,9 +38,11 @@ struct LoadedCache {
 // Reads and checks every tensor; errors name the tensor and what was expected.
 [[nodiscard]] absl::StatusOr<std::unique_ptr<LoadedCache>> LoadCache(safetensors::File file, Layout layout);
 
-// Writes the compressed cache; `metadata` goes into __metadata__.
+// Writes the compressed cache; `metadata` goes into __metadata__. Only the
+// shape fields of `input` are used (kv_heads, head_dim, dtype, layout).
+// result.layers[i] is written as layer.{first_layer + i}.
 [[nodiscard]] absl::Status WriteCompressed(const CompressResult& result, const CacheInput& input,
                                            const std::vector<std::pair<std::string, std::string>>& metadata,
-                                           const std::string& path);
+                                           const std::string& path, int64_t first_layer = 0);
 
 }  // namespace medakv

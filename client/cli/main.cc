@@ -1,9 +1,9 @@
 // medakv: the command-line tool. `medakv compress` runs a policy on a cache
-// file with the CPU backend, or on a medakv server (`--server`); `medakv
-// health` asks a server whether it serves; `medakv synth` writes a synthetic
-// cache file; `medakv eval` measures the fidelity of policies
-// (docs/evaluation.md). Errors print one line "medakv: error: ..." on stderr
-// and exit non-zero.
+// file with the CPU backend, or on medakv servers (`--server`); `medakv synth`
+// writes a synthetic cache file; `medakv eval` measures the fidelity of
+// policies (docs/evaluation.md). put, get, delete, ls, stats, health and bench
+// talk to servers through medakv::Client (remote_commands.h, docs/client.md).
+// Errors print one line "medakv: error: ..." on stderr and exit non-zero.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -13,7 +13,6 @@
 #include <string>
 
 #include <CLI/CLI.hpp>
-#include <grpcpp/grpcpp.h>
 #include <nlohmann/json.hpp>
 
 #include "absl/status/status.h"
@@ -27,9 +26,10 @@
 #include "client/cli/cache_file.h"
 #include "client/cli/eval.h"
 #include "client/cli/policy_flags.h"
+#include "client/cli/progress.h"
+#include "client/cli/remote_commands.h"
 #include "client/cli/synth.h"
-#include "client/cpp/remote.h"
-#include "grpc/health/v1/health.grpc.pb.h"
+#include "client/cpp/client.h"
 #include "kernels/common/status.h"
 #include "kernels/common/tensor_util.h"
 
@@ -43,19 +43,9 @@ struct CompressFlags {
   std::string layout = "hnd";
   bool json = false;
   bool verbose = false;
+  bool no_progress = false;
   PolicyFlags policy;
-  std::string server;                      // host:port; empty: compress here
-  double timeout = 0;                      // seconds, with --server; only when given
-  int64_t chunk_bytes = int64_t{4} << 20;  // request chunks, with --server
-  const CLI::Option* server_opt = nullptr;
-  const CLI::Option* timeout_opt = nullptr;
-  std::vector<const CLI::Option*> server_only;  // refused without --server
-};
-
-struct HealthFlags {
-  std::string server;
-  double timeout = 5;
-  bool json = false;
+  ServerFlags server;  // --server given: compress there; its other flags are refused without it
 };
 
 struct SynthFlags {
@@ -83,74 +73,42 @@ struct EvalFlags {
   std::vector<const CLI::Option*> synth_only;  // the synth flags, refused without --synth
 };
 
-// A channel to `server` that takes messages of any size (the server's
-// --max_message_bytes is the limit that applies).
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& server) {
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(-1);
-  args.SetMaxSendMessageSize(-1);
-  return grpc::CreateCustomChannel(server, grpc::InsecureChannelCredentials(), args);
-}
-
-// One line naming the server and the gRPC status code, e.g.
-// "cannot reach server 127.0.0.1:1: UNAVAILABLE: failed to connect to all addresses; ...".
-absl::Status RemoteError(const std::string& server, const absl::Status& s) {
-  std::string message = absl::StrReplaceAll(s.message(), {{"\r", " "}, {"\n", " "}});
-  const std::string where = s.code() == absl::StatusCode::kUnavailable ? absl::StrCat("cannot reach server ", server)
-                                                                       : absl::StrCat("server ", server);
-  if (s.code() == absl::StatusCode::kResourceExhausted && absl::StrContains(message, "larger than max")) {
-    absl::StrAppend(&message, " (--chunk-bytes must stay under the server's --max_message_bytes)");
-  }
-  return absl::Status(s.code(), absl::StrCat(where, ": ", absl::StatusCodeToString(s.code()), ": ", message));
-}
-
-absl::Status CheckServer(const std::string& server) {
-  if (server.empty()) return absl::InvalidArgumentError("--server: expected host:port, got an empty string");
-  return absl::OkStatus();
-}
-
-absl::Status CheckTimeout(double seconds) {
-  if (!(seconds > 0 && seconds <= 1e9)) {
-    return absl::InvalidArgumentError(absl::StrCat("--timeout must be > 0 seconds, got ", seconds));
-  }
-  return absl::OkStatus();
-}
-
 // The result of one compression and where it ran.
 struct Compressed {
   CompressResult result;
   std::string backend;                         // the backend that compressed
   std::optional<v1::CompressSummary> summary;  // with --server: the server's
   double round_trip_s = 0;                     // with --server: the Compress call, client side
+  std::string server;                          // with --server: the replica that compressed
+  bool shared_memory = false;                  // with --server: the tensors went through shared memory
 };
 
-absl::StatusOr<Compressed> CompressOnServer(const CompressFlags& f, const CacheInput& in,
+absl::StatusOr<Compressed> CompressOnServer(const CompressFlags& f, Client& client, const CacheInput& in,
                                             const CompressOptions& options) {
-  RemoteOptions remote;
-  remote.chunk_bytes = f.chunk_bytes;
-  if (f.timeout_opt->count() > 0) remote.timeout = absl::Seconds(f.timeout);
-  const std::unique_ptr<v1::Medakv::Stub> stub = v1::Medakv::NewStub(MakeChannel(f.server));
+  ProgressBar bar("compress", !f.no_progress && !f.json);
+  CallOptions call;
+  call.progress = bar.Callback();
   const auto t0 = std::chrono::steady_clock::now();
-  absl::StatusOr<RemoteResult> got = CompressRemote(*stub, in, options, remote);
-  if (!got.ok()) return RemoteError(f.server, got.status());
+  absl::StatusOr<RemoteResult> got = client.Compress(in, options, call);
+  bar.Finish();
+  if (!got.ok()) return CliError(got.status());
   Compressed c;
   c.round_trip_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   c.result = std::move(got->result);
   c.backend = got->summary.backend();
   c.summary = std::move(got->summary);
+  c.server = got->target;
+  c.shared_memory = got->shared_memory;
   return c;
 }
 
 absl::Status RunCompress(CompressFlags& f) {
-  const bool remote = f.server_opt->count() > 0;
+  const bool remote = f.server.server_opt->count() > 0;
+  std::unique_ptr<Client> client;
   if (remote) {
-    MEDAKV_RETURN_IF_ERROR(CheckServer(f.server));
-    if (f.timeout_opt->count() > 0) MEDAKV_RETURN_IF_ERROR(CheckTimeout(f.timeout));
-    if (f.chunk_bytes <= 0) {
-      return absl::InvalidArgumentError(absl::StrCat("--chunk-bytes must be > 0, got ", f.chunk_bytes));
-    }
+    MEDAKV_ASSIGN_OR_RETURN(client, f.server.MakeClient());
   } else {
-    for (const CLI::Option* opt : f.server_only) {
+    for (const CLI::Option* opt : f.server.options) {
       if (opt->count() > 0) return absl::InvalidArgumentError(absl::StrCat(opt->get_name(), " needs --server"));
     }
   }
@@ -163,7 +121,7 @@ absl::Status RunCompress(CompressFlags& f) {
   const CacheInput& in = (*loaded)->input;
   Compressed c;
   if (remote) {
-    MEDAKV_ASSIGN_OR_RETURN(c, CompressOnServer(f, in, options));
+    MEDAKV_ASSIGN_OR_RETURN(c, CompressOnServer(f, *client, in, options));
   } else {
     const std::unique_ptr<Backend> backend = MakeCpuBackend();
     MEDAKV_ASSIGN_OR_RETURN(c.result, Compress(in, options, *backend));
@@ -210,7 +168,10 @@ absl::Status RunCompress(CompressFlags& f) {
     j["output"] = f.output;
     j["policy"] = PolicyName(o.policy);
     j["backend"] = c.backend;
-    if (remote) j["server"] = f.server;
+    if (remote) {
+      j["server"] = c.server;
+      j["shared_memory"] = c.shared_memory;
+    }
     j["layers"] = in.layers.size();
     j["tokens"] = in.tokens;
     j["tokens_in"] = result.tokens_in;
@@ -240,7 +201,7 @@ absl::Status RunCompress(CompressFlags& f) {
       in.layers.size(), in.tokens, PolicyName(o.policy), result.tokens_kept, result.tokens_in,
       100.0 * static_cast<double>(result.tokens_kept) / static_cast<double>(result.tokens_in),
       static_cast<double>(bytes_in) / (1 << 20), static_cast<double>(bytes_out) / (1 << 20),
-      remote ? absl::StrFormat(" on server %s (%s)", f.server, c.backend) : "");
+      remote ? absl::StrFormat(" on server %s (%s)", c.server, c.backend) : "");
   if (server_times != nullptr) {
     std::cout << absl::StrFormat(
         "time: server: receive %.3f s, statistics %.3f s, allocate %.3f s, select+merge %.3f s, send %.3f s; "
@@ -260,36 +221,6 @@ absl::Status RunCompress(CompressFlags& f) {
     }
   }
   return absl::OkStatus();
-}
-
-// grpc.health.v1.Health/Check of the whole server: prints the answer and
-// returns whether it is SERVING.
-absl::StatusOr<bool> RunHealth(const HealthFlags& f) {
-  MEDAKV_RETURN_IF_ERROR(CheckServer(f.server));
-  MEDAKV_RETURN_IF_ERROR(CheckTimeout(f.timeout));
-  const auto stub = grpc::health::v1::Health::NewStub(MakeChannel(f.server));
-  grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() +
-                       std::chrono::milliseconds(static_cast<int64_t>(f.timeout * 1000.0)));
-  grpc::health::v1::HealthCheckResponse response;
-  const auto t0 = std::chrono::steady_clock::now();
-  const grpc::Status status = stub->Check(&context, grpc::health::v1::HealthCheckRequest(), &response);
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  if (!status.ok()) {
-    return RemoteError(f.server,
-                       absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message()));
-  }
-  const std::string name = grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status());
-  if (f.json) {
-    nlohmann::json j;
-    j["server"] = f.server;
-    j["status"] = name;
-    j["seconds"] = seconds;
-    std::cout << j.dump(2) << "\n";
-  } else {
-    std::cout << name << "\n";
-  }
-  return response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
 }
 
 // "START:LEN" -> a visual span.
@@ -459,19 +390,12 @@ void AddCompressCommand(CLI::App& app, CompressFlags& f) {
   f.policy.Add(c);
   c->add_flag("--json", f.json, "Print the summary as JSON");
   c->add_flag("-v,--verbose", f.verbose, "Print entropy, alpha and budget per layer");
-  f.server_opt = c->add_option("--server", f.server, "Compress on the medakv server at host:port (gRPC)");
-  f.timeout_opt = c->add_option("--timeout", f.timeout, "--server: deadline of the call in seconds [none]");
-  f.server_only.push_back(f.timeout_opt);
-  f.server_only.push_back(
-      c->add_option("--chunk-bytes", f.chunk_bytes, "--server: bytes per request chunk")->capture_default_str());
-}
-
-void AddHealthCommand(CLI::App& app, HealthFlags& f) {
-  CLI::App* h = app.add_subcommand(
-      "health", "Ask a medakv server whether it serves: prints SERVING or NOT_SERVING; exit 0 only when SERVING");
-  h->add_option("--server", f.server, "The server's host:port")->required();
-  h->add_option("--timeout", f.timeout, "Deadline in seconds")->capture_default_str();
-  h->add_flag("--json", f.json, "Print the answer as JSON");
+  f.server.Add(c, /*required=*/false, /*with_verbose=*/false);
+  f.server.server_opt->description(
+      "Compress on medakv servers host:port (gRPC; repeatable or a comma list: the replicas, used in turn)");
+  f.server.server_opt->envname("");  // compress runs here unless --server is given
+  for (CLI::Option* opt : f.server.options) opt->description(absl::StrCat("--server: ", opt->get_description()));
+  c->add_flag("--no-progress", f.no_progress, "--server: no progress bar (drawn only when stderr is a terminal)");
 }
 
 void AddSynthCommand(CLI::App& app, SynthFlags& f) {
@@ -539,8 +463,8 @@ int Main(int argc, char** argv) {
   AddSynthCommand(app, synth);
   EvalFlags eval;
   AddEvalCommand(app, eval);
-  HealthFlags health;
-  AddHealthCommand(app, health);
+  RemoteCommands remote;
+  AddRemoteCommands(app, remote);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -553,10 +477,8 @@ int Main(int argc, char** argv) {
     status = RunSynth(synth);
   } else if (app.got_subcommand("eval")) {
     status = RunEval(eval);
-  } else if (app.got_subcommand("health")) {
-    const absl::StatusOr<bool> serving = RunHealth(health);
-    if (serving.ok() && !*serving) return kExitError;  // the printed status says why
-    status = serving.status();
+  } else if (const std::optional<int> code = RunRemoteCommand(app, remote)) {
+    return *code;
   }
   if (!status.ok()) {
     std::cerr << "medakv: error: " << status.message() << "\n";

@@ -18,6 +18,9 @@
 #include "service/server/convert.h"
 
 namespace medakv {
+
+using client_internal::FromGrpc;
+
 namespace {
 
 v1::TextPrior TextPriorProto(TextPrior p) {
@@ -55,16 +58,6 @@ void FillSelect(const CompressOptions& o, v1::SelectOptions* s) {
                                                                     : v1::MERGE_THRESHOLD_NONE);
   s->set_scale(o.scale);
 }
-
-grpc::Status Unavailable(const char* what) { return grpc::Status(grpc::StatusCode::UNAVAILABLE, what); }
-
-absl::Status FromGrpc(const grpc::Status& s) {
-  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
-}
-
-
-// Tensors in a shared-memory region start at 64-byte boundaries.
-int64_t AlignUp(int64_t n) { return (n + 63) & ~int64_t{63}; }
 
 }  // namespace
 
@@ -144,6 +137,17 @@ absl::StatusOr<std::unique_ptr<SharedMemoryRegion>> SharedMemoryRegion::Create(i
       shm_unlink(name.c_str());
       return absl::ErrnoToStatus(err, absl::StrCat("ftruncate(", name, ", ", size, ")"));
     }
+    // Commit the pages now: tmpfs grows lazily, and a write into a page that
+    // /dev/shm has no room for would be a SIGBUS in the middle of a copy.
+    if (const int err = posix_fallocate(fd, 0, size); err != 0) {
+      close(fd);
+      shm_unlink(name.c_str());
+      if (err == ENOSPC) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("/dev/shm has no room for a ", size, "-byte shared-memory object (", name, ")"));
+      }
+      return absl::ErrnoToStatus(err, absl::StrCat("posix_fallocate(", name, ", ", size, ")"));
+    }
     void* data = mmap(nullptr, static_cast<size_t>(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     const int err = errno;
     close(fd);
@@ -218,6 +222,150 @@ absl::Status SharedMemoryLease::Release() {
   return FromGrpc(status);
 }
 
+// ---- building blocks -----------------------------------------------------------------
+
+namespace client_internal {
+
+absl::Status FromGrpc(const grpc::Status& s) {
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+std::vector<TensorPiece> RequestTensors(const CacheInput& in, const CacheSpec& spec) {
+  std::vector<TensorPiece> pieces;
+  for (size_t l = 0; l < in.layers.size(); ++l) {
+    const LayerInput& layer = in.layers[l];
+    const int32_t li = static_cast<int32_t>(l);
+    pieces.push_back({li, v1::TENSOR_KIND_KEY, layer.key.data, layer.key.NumBytes()});
+    pieces.push_back({li, v1::TENSOR_KIND_VALUE, layer.value.data, layer.value.NumBytes()});
+    if (spec.stats == SpecStats::kQueries) {
+      pieces.push_back({li, v1::TENSOR_KIND_QUERY, layer.query.data, layer.query.NumBytes()});
+      if (spec.has_query_positions) {
+        pieces.push_back({li, v1::TENSOR_KIND_QUERY_POSITIONS, layer.query_positions.data(),
+                          static_cast<int64_t>(layer.query_positions.size() * sizeof(int32_t))});
+      }
+    } else if (spec.stats == SpecStats::kPrecomputed) {
+      pieces.push_back({li, v1::TENSOR_KIND_SCORES, layer.scores, layer.score_heads * in.tokens * 4});
+      pieces.push_back({li, v1::TENSOR_KIND_ENTROPY, &layer.entropy, 4});
+    }
+  }
+  return pieces;
+}
+
+std::vector<int64_t> ShmLayout(const std::vector<TensorPiece>& pieces, int64_t* end) {
+  std::vector<int64_t> offsets;
+  offsets.reserve(pieces.size());
+  int64_t at = 0;
+  for (const TensorPiece& p : pieces) {
+    offsets.push_back(at);
+    at = AlignUp(at + p.size);
+  }
+  *end = at;
+  return offsets;
+}
+
+ResultReader::ResultReader(const Shape& shape, const SharedMemoryLease* shm, int64_t area_offset,
+                           int64_t area_length, ProgressCallback progress)
+    : shape_(shape),
+      shm_(shm),
+      area_offset_(area_offset),
+      area_length_(area_length),
+      progress_(std::move(progress)),
+      layers_(static_cast<size_t>(std::max(shape.layers, 0))),
+      has_info_(layers_.size(), false),
+      received_(layers_.size() * 3, 0) {}
+
+absl::Status ResultReader::OnLayer(const v1::LayerInfo& info) {
+  const int64_t index = int64_t{info.layer()} - shape_.first_layer;
+  if (index < 0 || index >= shape_.layers || info.budget() < 1 || info.budget() > shape_.max_tokens) {
+    return absl::InternalError(absl::StrCat("the server sent an invalid layer info: ", info.ShortDebugString()));
+  }
+  if (has_info_[index]) {
+    return absl::InternalError(absl::StrCat("the server sent layer ", info.layer(), "'s info twice"));
+  }
+  has_info_[index] = true;
+  LayerResult& r = layers_[index];
+  r.budget = info.budget();
+  r.entropy = info.entropy();
+  r.alpha = info.alpha();
+  const int64_t row_bytes = shape_.head_dim * DTypeSize(shape_.dtype);
+  r.key.resize(static_cast<size_t>(shape_.kv_heads * r.budget * row_bytes));
+  r.value.resize(r.key.size());
+  r.positions.resize(static_cast<size_t>(shape_.kv_heads * r.budget));
+  return absl::OkStatus();
+}
+
+absl::Status ResultReader::OnChunk(const v1::TensorChunk& c) {
+  const int64_t index = int64_t{c.layer()} - shape_.first_layer;
+  if (index < 0 || index >= shape_.layers || !has_info_[index]) {
+    return absl::InternalError(absl::StrCat("the server sent a chunk of layer ", c.layer(),
+                                            " before its info or outside the layers asked for"));
+  }
+  LayerResult& r = layers_[index];
+  int slot = 0;
+  uint8_t* base = nullptr;
+  int64_t size = 0;
+  switch (c.tensor()) {
+    case v1::TENSOR_KIND_KEY:
+      slot = 0, base = r.key.data(), size = static_cast<int64_t>(r.key.size());
+      break;
+    case v1::TENSOR_KIND_VALUE:
+      slot = 1, base = r.value.data(), size = static_cast<int64_t>(r.value.size());
+      break;
+    case v1::TENSOR_KIND_POSITIONS:
+      slot = 2, base = reinterpret_cast<uint8_t*>(r.positions.data());
+      size = static_cast<int64_t>(r.positions.size() * sizeof(int32_t));
+      break;
+    default:
+      return absl::InternalError(absl::StrCat("the server sent a chunk of tensor kind ", c.tensor(), " in a result"));
+  }
+  // The payload: bytes in the message, or a ref into the output area.
+  const uint8_t* payload = reinterpret_cast<const uint8_t*>(c.data().data());
+  int64_t length = static_cast<int64_t>(c.data().size());
+  if (c.has_shm()) {
+    const v1::SharedMemoryRef& ref = c.shm();
+    const int64_t area_end = area_offset_ + area_length_;
+    const bool inside = shm_ != nullptr && ref.region() == shm_->name() && ref.offset() >= area_offset_ &&
+                        ref.length() > 0 && ref.offset() <= area_end && ref.length() <= area_end - ref.offset();
+    if (!inside) {
+      return absl::InternalError(
+          absl::StrCat("the server sent a shared-memory ref outside the output area: ", ref.ShortDebugString()));
+    }
+    payload = shm_->region().data() + ref.offset();
+    length = ref.length();
+  }
+  int64_t& got = received_[index * 3 + slot];
+  if (c.offset() != got || length > size - got) {
+    return absl::InternalError(absl::StrCat("the server sent an invalid chunk (layer ", c.layer(), ", ",
+                                            TensorKindName(c.tensor()), ", offset ", c.offset(), ", ", length,
+                                            " bytes; expected offset ", got, " of ", size, ")"));
+  }
+  std::memcpy(base + c.offset(), payload, static_cast<size_t>(length));
+  got += length;
+  received_total_ += length;
+  if (progress_) progress_(Transfer::kDownload, received_total_, expected_total_);
+  return absl::OkStatus();
+}
+
+absl::Status ResultReader::CheckComplete() const {
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const int64_t layer = shape_.first_layer + static_cast<int64_t>(i);
+    if (!has_info_[i]) return absl::InternalError(absl::StrCat("the server's results lack layer ", layer));
+    const LayerResult& r = layers_[i];
+    const int64_t want[3] = {static_cast<int64_t>(r.key.size()), static_cast<int64_t>(r.value.size()),
+                             static_cast<int64_t>(r.positions.size() * sizeof(int32_t))};
+    for (int slot = 0; slot < 3; ++slot) {
+      if (received_[i * 3 + slot] != want[slot]) {
+        return absl::InternalError(absl::StrCat("the server sent ", received_[i * 3 + slot], " of the ", want[slot],
+                                                " bytes of layer ", layer, "'s ",
+                                                slot == 0 ? "key" : slot == 1 ? "value" : "positions"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace client_internal
+
 // ---- CompressRemote -----------------------------------------------------------------
 
 absl::StatusOr<RemoteResult> CompressRemote(v1::Medakv::StubInterface& stub, const CacheInput& in,
@@ -227,32 +375,7 @@ absl::StatusOr<RemoteResult> CompressRemote(v1::Medakv::StubInterface& stub, con
 
   // Header.
   MEDAKV_ASSIGN_OR_RETURN(const CacheSpec spec, SpecFromInput(in));
-  const bool queries = spec.stats == SpecStats::kQueries;
-
-  // Every tensor of the request, in the order they are sent.
-  struct Piece {
-    int32_t layer;
-    v1::TensorKind kind;
-    const void* data;
-    int64_t size;
-  };
-  std::vector<Piece> pieces;
-  for (size_t l = 0; l < in.layers.size(); ++l) {
-    const LayerInput& layer = in.layers[l];
-    const int32_t li = static_cast<int32_t>(l);
-    pieces.push_back({li, v1::TENSOR_KIND_KEY, layer.key.data, layer.key.NumBytes()});
-    pieces.push_back({li, v1::TENSOR_KIND_VALUE, layer.value.data, layer.value.NumBytes()});
-    if (queries) {
-      pieces.push_back({li, v1::TENSOR_KIND_QUERY, layer.query.data, layer.query.NumBytes()});
-      if (spec.has_query_positions) {
-        pieces.push_back({li, v1::TENSOR_KIND_QUERY_POSITIONS, layer.query_positions.data(),
-                          static_cast<int64_t>(layer.query_positions.size() * sizeof(int32_t))});
-      }
-    } else {
-      pieces.push_back({li, v1::TENSOR_KIND_SCORES, layer.scores, layer.score_heads * in.tokens * 4});
-      pieces.push_back({li, v1::TENSOR_KIND_ENTROPY, &layer.entropy, 4});
-    }
-  }
+  const std::vector<client_internal::TensorPiece> pieces = client_internal::RequestTensors(in, spec);
 
   // Where the tensors go in the shared-memory region: the input from 0, the
   // output area after it.
@@ -263,10 +386,7 @@ absl::StatusOr<RemoteResult> CompressRemote(v1::Medakv::StubInterface& stub, con
   int64_t output_offset = 0, output_length = 0;
   if (shm_in) {
     int64_t end = 0;
-    for (const Piece& p : pieces) {
-      shm_offsets.push_back(end);
-      end = AlignUp(end + p.size);
-    }
+    shm_offsets = client_internal::ShmLayout(pieces, &end);
     if (end > shm->region().size()) {
       return absl::ResourceExhaustedError(absl::StrCat("the shared-memory region '", shm->name(), "' has ",
                                                        shm->region().size(), " bytes; the input needs ", end));
@@ -300,93 +420,29 @@ absl::StatusOr<RemoteResult> CompressRemote(v1::Medakv::StubInterface& stub, con
     out->set_offset(output_offset);
     out->set_length(output_length);
   }
-  bool ok = stream->Write(request);
-
-  auto send = [&](int32_t layer, v1::TensorKind kind, int64_t offset, const uint8_t* data, int64_t n) {
-    request.Clear();
-    v1::TensorChunk* c = request.mutable_chunk();
-    c->set_layer(layer);
-    c->set_tensor(kind);
-    c->set_offset(offset);
-    c->set_data(data, static_cast<size_t>(n));
-    return stream->Write(request);
-  };
-  for (size_t i = 0; i < pieces.size() && ok; ++i) {
-    const Piece& p = pieces[i];
-    if (!shm_in) {
-      ok = SendTensor(p.layer, p.kind, p.data, p.size, remote.chunk_bytes, send);
-      continue;
-    }
-    std::memcpy(shm->region().data() + shm_offsets[i], p.data, static_cast<size_t>(p.size));
-    request.Clear();
-    v1::TensorChunk* c = request.mutable_chunk();
-    c->set_layer(p.layer);
-    c->set_tensor(p.kind);
-    c->set_offset(0);
-    v1::SharedMemoryRef* ref = c->mutable_shm();
-    ref->set_region(shm->name());
-    ref->set_offset(shm_offsets[i]);
-    ref->set_length(p.size);
-    ok = stream->Write(request);
-  }
+  bool ok = stream->Write(request) &&
+            client_internal::WriteTensors<v1::CompressRequest>(*stream, pieces, remote.chunk_bytes,
+                                                               shm_in ? shm : nullptr, shm_offsets, remote.progress);
   if (ok) stream->WritesDone();
 
   // Results: per layer an info, then key, value and positions chunks in order.
+  client_internal::ResultReader::Shape shape;
+  shape.kv_heads = in.kv_heads;
+  shape.head_dim = in.head_dim;
+  shape.dtype = in.dtype;
+  shape.max_tokens = in.tokens;
+  shape.layers = static_cast<int32_t>(in.layers.size());
+  client_internal::ResultReader reader(shape, shm_out ? shm : nullptr, output_offset, output_length,
+                                       remote.progress);
   RemoteResult out;
-  out.result.layers.resize(in.layers.size());
   v1::CompressResponse response;
   bool summary = false;
-  const int64_t row_bytes = in.head_dim * DTypeSize(in.dtype);
   while (stream->Read(&response)) {
+    absl::Status s = absl::OkStatus();
     if (response.has_layer()) {
-      const v1::LayerInfo& info = response.layer();
-      if (info.layer() < 0 || info.layer() >= static_cast<int32_t>(in.layers.size()) || info.budget() < 1 ||
-          info.budget() > in.tokens) {
-        context.TryCancel();
-        return absl::InternalError(absl::StrCat("server sent an invalid layer info: ", info.ShortDebugString()));
-      }
-      LayerResult& r = out.result.layers[info.layer()];
-      r.budget = info.budget();
-      r.entropy = info.entropy();
-      r.alpha = info.alpha();
-      r.key.resize(in.kv_heads * r.budget * row_bytes);
-      r.value.resize(r.key.size());
-      r.positions.resize(in.kv_heads * r.budget);
+      s = reader.OnLayer(response.layer());
     } else if (response.has_chunk()) {
-      const v1::TensorChunk& c = response.chunk();
-      if (c.layer() < 0 || c.layer() >= static_cast<int32_t>(in.layers.size())) {
-        context.TryCancel();
-        return absl::InternalError("server sent a chunk of an unknown layer");
-      }
-      LayerResult& r = out.result.layers[c.layer()];
-      uint8_t* base = c.tensor() == v1::TENSOR_KIND_KEY     ? r.key.data()
-                      : c.tensor() == v1::TENSOR_KIND_VALUE ? r.value.data()
-                      : c.tensor() == v1::TENSOR_KIND_POSITIONS ? reinterpret_cast<uint8_t*>(r.positions.data())
-                                                                : nullptr;
-      const int64_t size = c.tensor() == v1::TENSOR_KIND_POSITIONS ? static_cast<int64_t>(r.positions.size() * 4)
-                                                                   : static_cast<int64_t>(r.key.size());
-      // The payload: bytes in the message, or a ref into the output area.
-      const uint8_t* payload = reinterpret_cast<const uint8_t*>(c.data().data());
-      int64_t length = static_cast<int64_t>(c.data().size());
-      if (c.has_shm()) {
-        const v1::SharedMemoryRef& ref = c.shm();
-        const bool inside = shm_out && ref.region() == shm->name() && ref.offset() >= output_offset &&
-                            ref.length() > 0 && ref.offset() <= output_offset + output_length &&
-                            ref.length() <= output_offset + output_length - ref.offset();
-        if (!inside) {
-          context.TryCancel();
-          return absl::InternalError(
-              absl::StrCat("server sent a shared-memory ref outside the output area: ", ref.ShortDebugString()));
-        }
-        payload = shm->region().data() + ref.offset();
-        length = ref.length();
-      }
-      if (base == nullptr || c.offset() < 0 || c.offset() > size || length > size - c.offset()) {
-        context.TryCancel();
-        return absl::InternalError(absl::StrCat("server sent an invalid chunk (layer ", c.layer(), ", tensor ",
-                                                c.tensor(), ", offset ", c.offset(), ")"));
-      }
-      std::memcpy(base + c.offset(), payload, static_cast<size_t>(length));
+      s = reader.OnChunk(response.chunk());
     } else if (response.has_summary()) {
       out.summary = response.summary();
       out.result.tokens_in = out.summary.tokens_in();
@@ -395,11 +451,20 @@ absl::StatusOr<RemoteResult> CompressRemote(v1::Medakv::StubInterface& stub, con
                             out.summary.times().select_merge_seconds()};
       summary = true;
     }
+    if (!s.ok()) {
+      context.TryCancel();
+      while (stream->Read(&response)) {
+      }
+      (void)stream->Finish();
+      return s;
+    }
   }
   const grpc::Status status = stream->Finish();
   if (!status.ok()) return FromGrpc(status);
-  if (!ok) return FromGrpc(Unavailable("the stream closed before the request was sent"));
+  if (!ok) return absl::UnavailableError("the stream closed before the request was sent");
   if (!summary) return absl::InternalError("the server ended the stream without a summary");
+  MEDAKV_RETURN_IF_ERROR(reader.CheckComplete());
+  out.result.layers = std::move(reader.layers());
   return out;
 }
 

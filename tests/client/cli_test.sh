@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
 # The medakv binary: synth -> compress works and reports what it did; bad
 # files and bad flags give one "medakv: error:" line and a non-zero exit.
-# With a medakv-server: `health` and `compress --server` (the same file as
-# the local compress).
+# With medakv-servers: `health` and `compress --server` (the same file as
+# the local compress, over shared memory and over the socket), `put`, `get`,
+# `ls`, `delete`, `stats` and `bench` over two replicas, then with one of
+# them down.
 # Usage: cli_test.sh PATH_TO_MEDAKV PATH_TO_MEDAKV_SERVER
 set -uo pipefail
 medakv=$1
 server_bin=$2
 dir=$(mktemp -d)
 server_pid=
+server2_pid=
+stop_server() {
+  local pid=$1
+  [ -n "$pid" ] || return 0
+  kill "$pid" 2>/dev/null
+  # Bounded: the server stops within its 1 s grace; then SIGKILL.
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null
+}
 cleanup() {
-  if [ -n "$server_pid" ]; then
-    kill "$server_pid" 2>/dev/null
-    # Bounded: the server stops within its 1 s grace; then SIGKILL.
-    for _ in $(seq 50); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$server_pid" 2>/dev/null
-    wait "$server_pid" 2>/dev/null
-  fi
+  stop_server "$server_pid"
+  stop_server "$server2_pid"
+  # Sanitizer builds: a server's report goes to the test's output (where
+  # scripts/sanitize.sh looks for reports).
+  for log in "$dir"/server*.err; do
+    [ -f "$log" ] && grep -Eq 'ERROR: (Address|Leak)Sanitizer|runtime error: ' "$log" && cat "$log"
+  done
   rm -rf "$dir"
 }
 trap cleanup EXIT
@@ -101,19 +113,33 @@ if meta_a != meta_b:
 PY
 }
 
-"$server_bin" --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 --backend=cpu --shutdown_grace=1s 2>"$dir/server.err" &
-server_pid=$!
-port=
-for _ in $(seq 100); do  # at most 10 s
-  port=$(sed -n 's/.*listening on port \([0-9][0-9]*\).*/\1/p' "$dir/server.err")
-  [ -n "$port" ] && break
-  kill -0 "$server_pid" 2>/dev/null || break
-  sleep 0.1
-done
-if [ -z "$port" ]; then
-  bad "medakv-server did not start: $(cat "$dir/server.err")"
+# Starts a server logging to $1; prints its port once it listens (empty if it
+# does not within 10 s) and leaves its pid in $started_pid.
+start_server() {
+  local log=$1 port=
+  "$server_bin" --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 --backend=cpu --shutdown_grace=1s 2>"$log" &
+  started_pid=$!
+}
+wait_port() {
+  local log=$1 pid=$2 port=
+  for _ in $(seq 100); do  # at most 10 s
+    port=$(sed -n 's/.*listening on port \([0-9][0-9]*\).*/\1/p' "$log")
+    [ -n "$port" ] && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "$port"
+}
+start_server "$dir/server.err"
+server_pid=$started_pid
+start_server "$dir/server2.err"
+server2_pid=$started_pid
+port=$(wait_port "$dir/server.err" "$server_pid")
+port2=$(wait_port "$dir/server2.err" "$server2_pid")
+if [ -z "$port" ] || [ -z "$port2" ]; then
+  bad "medakv-server did not start: $(cat "$dir/server.err" "$dir/server2.err")"
 else
-  ok "medakv-server on port $port"
+  ok "medakv-server on ports $port and $port2"
   addr=127.0.0.1:$port
   out=$("$medakv" health --server "$addr" 2>&1)
   if [ $? -eq 0 ] && [ "$out" = SERVING ]; then ok "health"; else bad "health: $out"; fi
@@ -136,6 +162,17 @@ else
   else
     bad "compress --server writes the local result: $err"
   fi
+  # On this host the tensors go through shared memory unless --no-shm.
+  json=$("$medakv" compress "$dir/in.safetensors" -o "$dir/remote_shm.safetensors" --rho 0.2 --server "$addr" --json)
+  json_bytes=$("$medakv" compress "$dir/in.safetensors" -o "$dir/remote_bytes.safetensors" --rho 0.2 --server "$addr" \
+    --no-shm --json)
+  if python3 -c 'import json,sys; assert json.loads(sys.argv[1])["shared_memory"] is True and json.loads(sys.argv[2])["shared_memory"] is False' \
+    "$json" "$json_bytes" && same_tensors "$dir/local.safetensors" "$dir/remote_shm.safetensors" &&
+    same_tensors "$dir/local.safetensors" "$dir/remote_bytes.safetensors"; then
+    ok "compress --server: shared memory by default, --no-shm, the same result"
+  else
+    bad "compress --server shared memory: $json $json_bytes"
+  fi
   # Another policy, a precomputed-statistics NHD cache, small request chunks.
   "$medakv" synth -o "$dir/pre.safetensors" --layers 2 --tokens 200 --kv-heads 2 --q-heads 4 --head-dim 16 \
     --q-tokens 8 --precomputed --layout nhd --dtype bfloat16 >/dev/null
@@ -154,9 +191,161 @@ else
   "$medakv" synth -o "$dir/long.safetensors" --layers 1 --kv-heads 1 --q-heads 1 --tokens 70000 --head-dim 128 \
     --q-tokens 4 --precomputed >/dev/null
   expect_error "chunk over the server's message limit" "server $addr: RESOURCE_EXHAUSTED: .*--chunk-bytes" \
-    compress "$dir/long.safetensors" -o "$dir/o.safetensors" --policy full --server "$addr" --chunk-bytes 20000000
-  expect_error "deadline" "server $addr: DEADLINE_EXCEEDED" compress "$dir/in.safetensors" -o "$dir/o.safetensors" \
-    --server "$addr" --timeout 0.000001
+    compress "$dir/long.safetensors" -o "$dir/o.safetensors" --policy full --server "$addr" --chunk-bytes 20000000 --no-shm
+  expect_error "deadline" "server $addr: DEADLINE_EXCEEDED" compress "$dir/long.safetensors" -o "$dir/o.safetensors" \
+    --server "$addr" --timeout 0.001 --no-shm
+
+  # ---- the store over two replicas ------------------------------------------------
+  addr2=127.0.0.1:$port2
+  both="$addr,$addr2"
+  placed_ok=1
+  for i in 1 2 3 4 5 6; do
+    out=$("$medakv" put "$dir/in.safetensors" --id "cli-$i" --server "$both" --ttl 3600 2>&1) || placed_ok=0
+    echo "$out" | grep -q "^put 'cli-$i' on server 127.0.0.1:[0-9]*: 3 layers x 300 tokens, .*shared memory" || placed_ok=0
+    echo "$out" >>"$dir/puts"
+  done
+  if [ $placed_ok -eq 1 ] && grep -q "on server $addr:" "$dir/puts" && grep -q "on server $addr2:" "$dir/puts"; then
+    ok "put: six ids over two replicas"
+  else
+    bad "put: $(cat "$dir/puts")"
+  fi
+  # The order of --server does not move an id.
+  json=$("$medakv" put "$dir/in.safetensors" --id cli-1 --server "$addr2" --server "$addr" --overwrite --no-shm --json)
+  if python3 -c 'import json,sys; j=json.loads(sys.argv[1]); assert j["shared_memory"] is False and j["bytes_sent"] > 0; assert ("on server %s:" % j["server"]) in open(sys.argv[2]).read().split("cli-2")[0]' \
+    "$json" "$dir/puts"; then
+    ok "put --overwrite --json: the same replica whatever the order of --server"
+  else
+    bad "put --overwrite --json: $json"
+  fi
+  expect_error "put: the id exists" "ALREADY_EXISTS: cache 'cli-2' exists" put "$dir/in.safetensors" --id cli-2 --server "$both"
+  expect_error "put: bad id" "byte 3 is outside" put "$dir/in.safetensors" --id "bad id" --server "$both"
+  out=$("$medakv" ls --server "$both" --prefix cli-)
+  if [ "$(echo "$out" | grep -c '^cli-')" -eq 6 ] && echo "$out" | head -1 | grep -q '^ID .*SERVER .*EXPIRES'; then
+    ok "ls"
+  else
+    bad "ls: $out"
+  fi
+  json=$("$medakv" ls --server "$both" --prefix cli- --limit 4 --json)
+  if python3 -c 'import json,sys; j=json.loads(sys.argv[1]); ids=[c["cache_id"] for c in j["caches"]]; assert ids==["cli-1","cli-2","cli-3","cli-4"], ids; assert not j["errors"] and j["caches"][0]["layers"]==3' "$json"; then
+    ok "ls --limit --json"
+  else
+    bad "ls --json: $json"
+  fi
+  out=$("$medakv" get cli-3 -o "$dir/got.safetensors" --server "$both" 2>&1)
+  if [ $? -eq 0 ] && echo "$out" | grep -q "got.safetensors: 'cli-3' from server .*: layers \[0, 3) of 3, 900 of 900 tokens kept" &&
+    python3 - "$dir/got.safetensors" "$dir/in.safetensors" <<'PY'
+import json, struct, sys
+def load(path):
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    return header, raw[8 + n:]
+got, got_data = load(sys.argv[1])
+src, src_data = load(sys.argv[2])
+assert got["__metadata__"]["cache_id"] == "cli-3"
+for l in range(3):
+    for t in ("key", "value"):
+        a, b = got["layer.%d.%s" % (l, t)], src["layer.%d.%s" % (l, t)]
+        assert a["shape"] == b["shape"] and a["dtype"] == b["dtype"]
+        assert got_data[a["data_offsets"][0]:a["data_offsets"][1]] == src_data[b["data_offsets"][0]:b["data_offsets"][1]]
+    assert got["layer.%d.positions" % l]["shape"] == [2, 300]
+PY
+  then
+    ok "get: the stored keys and values"
+  else
+    bad "get: $out"
+  fi
+  json=$("$medakv" get cli-3 -o "$dir/part.safetensors" --server "$both" --layers 1:3 --no-shm --json)
+  if python3 -c 'import json,sys; j=json.loads(sys.argv[1]); assert j["layer_begin"]==1 and j["layer_end"]==3 and j["shared_memory"] is False and j["tokens_kept"]==600' "$json" &&
+    python3 -c 'import json,struct,sys; raw=open(sys.argv[1],"rb").read(); h=json.loads(raw[8:8+struct.unpack("<Q",raw[:8])[0]]); assert "layer.1.key" in h and "layer.2.key" in h and "layer.0.key" not in h' "$dir/part.safetensors"; then
+    ok "get --layers --json"
+  else
+    bad "get --layers: $json"
+  fi
+  expect_error "get: unknown id" "NOT_FOUND" get cli-none -o "$dir/o.safetensors" --server "$both"
+  expect_error "get: bad --layers" "--layers '3:1'" get cli-3 -o "$dir/o.safetensors" --server "$both" --layers 3:1
+  json=$("$medakv" stats --server "$both" --json)
+  if python3 -c 'import json,sys; j=json.loads(sys.argv[1]); assert len(j["replicas"])==2 and not j["errors"]; assert j["total"]["tiers"][0]["entries"]==6' "$json"; then
+    ok "stats --json: two replicas, six entries"
+  else
+    bad "stats --json: $json"
+  fi
+  out=$("$medakv" stats --server "$both")
+  if echo "$out" | grep -q "^total (2 of 2) .* host "; then ok "stats"; else bad "stats: $out"; fi
+  out=$("$medakv" health --server "$both")
+  if [ $? -eq 0 ] && [ "$(echo "$out" | grep -c ': SERVING$')" -eq 2 ]; then ok "health of two"; else bad "health of two: $out"; fi
+  out=$("$medakv" delete cli-5 cli-6 --server "$both")
+  if [ $? -eq 0 ] && [ "$(echo "$out" | grep -c "^deleted 'cli-[56]' from server")" -eq 2 ]; then ok "delete"; else bad "delete: $out"; fi
+  expect_error "delete: gone" "NOT_FOUND" delete cli-5 --server "$both"
+  out=$(MEDAKV_SERVER="$both" "$medakv" ls --prefix cli- --json)
+  if python3 -c 'import json,sys; assert len(json.loads(sys.argv[1])["caches"])==4' "$out"; then
+    ok "MEDAKV_SERVER"
+  else
+    bad "MEDAKV_SERVER: $out"
+  fi
+
+  # bench: a short run of each operation.
+  for op in compress put get; do
+    json=$("$medakv" bench --server "$both" --op $op --concurrency 2 --duration 0.5 --layers 2 --tokens 256 \
+      --kv-heads 2 --q-heads 4 --head-dim 16 --q-tokens 8 --json 2>&1)
+    if python3 -c 'import json,sys; j=json.loads(sys.argv[1]); assert j["requests_ok"]>0 and j["requests_failed"]==0 and j["requests_per_s"]>0; l=j["latency_ms"]; assert 0<l["p50"]<=l["p90"]<=l["p99"]<=l["max"]; assert j["requests_shared_memory"]==j["requests_ok"]; assert (j["up_mb_per_s"]>0) == (sys.argv[2]!="get") and (j["down_mb_per_s"]>0) == (sys.argv[2]!="put")' "$json" "$op"; then
+      ok "bench --op $op --json"
+    else
+      bad "bench --op $op: $json"
+    fi
+  done
+  out=$("$medakv" bench --server "$addr" --concurrency 1 --duration 0.3 --layers 1 --tokens 64 --kv-heads 1 \
+    --q-heads 1 --head-dim 16 --q-tokens 4 --no-shm 2>&1)
+  if echo "$out" | grep -q "^requests: [1-9][0-9]* ok, 0 failed" && echo "$out" | grep -q "^latency ms: p50 " &&
+    echo "$out" | grep -q "shared memory: 0 of" && echo "$out" | grep -q "^errors: none"; then
+    ok "bench"
+  else
+    bad "bench: $out"
+  fi
+  # The bench leaves nothing behind.
+  json=$("$medakv" ls --server "$both" --prefix bench- --json)
+  if python3 -c 'import json,sys; assert json.loads(sys.argv[1])["caches"]==[]' "$json"; then
+    ok "bench cleans up"
+  else
+    bad "bench cleans up: $json"
+  fi
+  expect_error "bench: bad --op" "--op: expected compress, put or get" bench --server "$addr" --op nope --duration 0.1
+  expect_error "bench: bad --concurrency" "--concurrency must be in" bench --server "$addr" --concurrency 0
+
+  # ---- one replica down ------------------------------------------------------------
+  stop_server "$server2_pid"
+  server2_pid=
+  "$medakv" ls --server "$both" --prefix cli- >"$dir/out" 2>"$dir/err"
+  rc=$?
+  if [ $rc -ne 0 ] && grep -q "^medakv: error: cannot reach server $addr2: UNAVAILABLE" "$dir/err" &&
+    ! grep -q "$addr2" "$dir/out" && [ "$(grep -c "$addr " "$dir/out")" -eq "$(grep -c "^put 'cli-[1-4]' on server $addr:" "$dir/puts")" ]; then
+    ok "ls with a replica down: the live replica's caches and an error"
+  else
+    bad "ls with a replica down (rc=$rc): $(cat "$dir/out" "$dir/err")"
+  fi
+  down_id=$(sed -n "s/^put '\(cli-[1-4]\)' on server $addr2:.*/\1/p" "$dir/puts" | head -1)
+  up_id=$(sed -n "s/^put '\(cli-[1-4]\)' on server $addr:.*/\1/p" "$dir/puts" | head -1)
+  if [ -n "$down_id" ]; then
+    expect_error "get from the down replica" "cannot reach server $addr2 (the replica of cache '$down_id'): UNAVAILABLE" \
+      get "$down_id" -o "$dir/o.safetensors" --server "$both" --attempts 2
+  fi
+  if [ -n "$up_id" ] && "$medakv" get "$up_id" -o "$dir/up.safetensors" --server "$both" >/dev/null; then
+    ok "get from the live replica"
+  else
+    bad "get from the live replica ($up_id)"
+  fi
+  "$medakv" health --server "$both" >"$dir/out" 2>"$dir/err"
+  if [ $? -ne 0 ] && grep -q "^$addr: SERVING" "$dir/out" && grep -q "^$addr2: UNREACHABLE" "$dir/out"; then
+    ok "health with a replica down"
+  else
+    bad "health with a replica down: $(cat "$dir/out" "$dir/err")"
+  fi
+  "$medakv" stats --server "$both" --json >"$dir/out" 2>/dev/null
+  if [ $? -ne 0 ] && python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); assert len(j["replicas"])==1 and j["errors"][0]["code"]=="UNAVAILABLE"' "$dir/out"; then
+    ok "stats with a replica down"
+  else
+    bad "stats with a replica down: $(cat "$dir/out")"
+  fi
 fi
 # Port 1 on loopback: nothing listens there.
 expect_error "compress: server unreachable" "cannot reach server 127.0.0.1:1: UNAVAILABLE" \
