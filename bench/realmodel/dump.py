@@ -24,7 +24,8 @@ Checks, every prompt (recorded in the JSON; a failed check stops the dump):
     causal or sliding-window mask) against the model's own eager probabilities,
     last --check-rows rows of every layer;
   - the continuation decoded by this tool's prefix attention against transformers'
-    own path (sdpa, DynamicCache): prompt logits, teacher-forced logits, tokens.
+    own path (sdpa, DynamicCache): prompt logits, teacher-forced logits, tokens;
+  - the written files read back equal to the captured tensors.
 
   nice -n 19 .venv/bin/python dump.py --model smollm2 --out out
 """

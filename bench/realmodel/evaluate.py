@@ -196,7 +196,10 @@ def evaluate_prompt(model, args, out_dir, pid, runs, results_path, bar):
         capture.set_prefix([v[4] for v in variants], room=N)
         greedy = capture.greedy_prefix(model, tokens[0], T, N)
         t_decode = (time.time() - t0) / len(variants)
-        with open(results_path, "a") as f:
+        # One write(2) per line on an O_APPEND descriptor: concurrent evaluations (a --tag
+        # variant beside the main run) append to the same file without interleaving.
+        fd = os.open(results_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
             for j, (policy, rho, summary, cmd, comp) in enumerate(variants):
                 logp = torch.log_softmax(logits[j], dim=-1)
                 kl = kl_rows(logp_ref, logp)
@@ -222,8 +225,10 @@ def evaluate_prompt(model, args, out_dir, pid, runs, results_path, bar):
                        "reference_seconds": t_ref, "command": " ".join(os.path.relpath(c, REPO)
                                                                          if c.startswith("/") else c
                                                                          for c in cmd)}
-                f.write(json.dumps(rec) + "\n")
+                os.write(fd, (json.dumps(rec) + "\n").encode())
                 bar.update(1)
+        finally:
+            os.close(fd)
     os.rmdir(tmp)
 
 
@@ -231,7 +236,6 @@ def crosscheck(args, out_dir, pid, policies, rhos):
     """medakv eval on a cache it accepts (prompt rows 32..T-1 observed, the future rows held out)
     against this tool's error on `medakv compress` of the same observed rows."""
     import numpy as np
-    import torch
     from safetensors.numpy import load_file, save_file
 
     meta, full, future_q, tokens = load_dump(out_dir, pid)

@@ -87,6 +87,33 @@ def wins(rows, key, higher):
     return res
 
 
+def _dump_meta(out_dir):
+    for n in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
+        if n.endswith(".json") and n != "crosscheck.json":
+            with open(os.path.join(out_dir, n)) as f:
+                return json.load(f)
+    return {}
+
+
+def sliding_layers(out_dir):
+    return _dump_meta(out_dir).get("sliding_layers") or []
+
+
+def sliding_window(out_dir):
+    return _dump_meta(out_dir).get("sliding_window")
+
+
+def pairwise(rows, other, key, higher):
+    cell = {(r["prompt"], r["policy"], r["rho"]): r[key] for r in rows}
+    res = collections.Counter()
+    for (prompt, policy, rho), v in cell.items():
+        if policy != "meda" or (prompt, other, rho) not in cell:
+            continue
+        o = cell[(prompt, other, rho)]
+        res["win" if ((v > o) if higher else (v < o)) else "tie" if v == o else "loss"] += 1
+    return res
+
+
 def per_prompt(rows, policies):
     out = ["| prompt | kind | T | non-text | rho | " + " | ".join(policies) + " |",
            "|---|---|---|---|---|" + "---|" * len(policies)]
@@ -140,7 +167,7 @@ def plot(rows, model, path, policies):
                 ax.legend(fontsize=7)
     fig.suptitle(f"{model}: fidelity of compressed caches against the full cache", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=75)
     plt.close(fig)
 
 
@@ -199,6 +226,15 @@ def main():
         for key, label, higher, _ in METRICS:
             w = wins(rows_c, key, higher)
             md.append(f"| {label} | {w['win']} | {w['tie']} | {w['loss']} |")
+        md.append("\nMEDA against each policy alone, per prompt and rho (better / equal / worse):\n")
+        md.append("| metric | " + " | ".join(p for p in POLICIES if p != "meda") + " |")
+        md.append("|---|" + "---|" * (len(POLICIES) - 1))
+        for key, label, higher, _ in METRICS:
+            cells = []
+            for other in [p for p in POLICIES if p != "meda"]:
+                w = pairwise(rows_c, other, key, higher)
+                cells.append(f"{w['win']} / {w['tie']} / {w['loss']}")
+            md.append(f"| {label} | " + " | ".join(cells) + " |")
         md.append("\n## MEDA's layer budgets\n")
         md.append("Per rho, over the prompts: the smallest and largest layer budget as a fraction of T, and "
                   "how many layers keep every token (the alpha_max clamp) or at most 2% of them.\n")
@@ -213,6 +249,27 @@ def main():
             full_l = mean([sum(b == r["tokens"] for b in r["budgets"]) for r in x])
             tiny = mean([sum(b <= 0.02 * r["tokens"] for b in r["budgets"]) for r in x])
             md.append(f"| {rho:g} | {lo:.3f} | {hi:.3f} | {full_l:.1f} of {len(x[0]['budgets'])} | {tiny:.1f} |")
+        sliding = sliding_layers(os.path.join(args.out, model))
+        if sliding:
+            L = len(rows_c[0]["budgets"])
+            glob = [l for l in range(L) if l not in sliding]
+            md.append("\n## Global and sliding-window layers\n")
+            md.append(f"Layers {', '.join(map(str, glob))} attend over the whole prompt; the other {len(sliding)} only "
+                      "over the last {} tokens. MEDA's mean budget per layer of each kind (B_l / T), and the "
+                      "attention-output error of the global layers alone (the only layers where every kept token "
+                      "can still be seen), mean over the prompts:\n".format(sliding_window(os.path.join(args.out, model))))
+            md.append("| rho | MEDA B/T, global | MEDA B/T, sliding | " + " | ".join(
+                f"{p} error, global" for p in POLICIES) + " |")
+            md.append("|---|---|---|" + "---|" * len(POLICIES))
+            for rho in sorted({r["rho"] for r in rows_c}):
+                x = [r for r in rows_c if r["policy"] == "meda" and r["rho"] == rho]
+                g = mean([sum(r["budgets"][l] for l in glob) / (len(glob) * r["tokens"]) for r in x])
+                sl = mean([sum(r["budgets"][l] for l in sliding) / (len(sliding) * r["tokens"]) for r in x])
+                errs = [mean([r["attn_error_full_attention_layers"] for r in rows_c
+                              if r["policy"] == p and r["rho"] == rho]) for p in POLICIES]
+                best = min(errs)
+                md.append(f"| {rho:g} | {g:.3f} | {sl:.3f} | " + " | ".join(
+                    ("**{:.3f}**" if e == best else "{:.3f}").format(e) for e in errs) + " |")
         md.append("\n## Per prompt\n")
         md.append("Each cell: top-1 agreement / mean KL / matching greedy prefix (of 32 tokens) / attention-"
                   "output error.\n")
