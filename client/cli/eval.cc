@@ -11,6 +11,7 @@
 #include <fstream>
 #include <limits>
 #include <map>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -293,15 +294,40 @@ absl::StatusOr<std::vector<EvalResult>> EvaluateHeldOut(const CacheInput& observ
     references.emplace(scale, std::move(ref));
   }
 
+  // Runs whose options read the same statistics (StatisticsKeyFor: e.g. one
+  // policy at several rho) share one statistics stage; a key's statistics
+  // are dropped after its last run.
+  std::vector<StatisticsKey> keys;
+  std::vector<size_t> last_use;
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const StatisticsKey key = StatisticsKeyFor(runs[i]);
+    const auto it = std::find(keys.begin(), keys.end(), key);
+    if (it == keys.end()) {
+      keys.push_back(key);
+      last_use.push_back(i);
+    } else {
+      last_use[it - keys.begin()] = i;
+    }
+  }
+  std::vector<std::optional<Statistics>> statistics(keys.size());
+
   std::vector<EvalResult> results;
   results.reserve(runs.size());
-  for (const CompressOptions& options : runs) {
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const CompressOptions& options = runs[i];
     EvalResult r;
     r.policy = options.policy;
     r.rho = options.budget.rho;
     r.options = options;
     auto t0 = std::chrono::steady_clock::now();
-    absl::StatusOr<CompressResult> compressed = Compress(observed, options, backend);
+    const size_t k = std::find(keys.begin(), keys.end(), StatisticsKeyFor(options)) - keys.begin();
+    if (!statistics[k].has_value()) {
+      absl::StatusOr<Statistics> st = ComputeStatistics(observed, options, backend);
+      if (!st.ok()) return absl::Status(st.status().code(), absl::StrCat(RunName(options), ": ", st.status().message()));
+      statistics[k] = *std::move(st);
+    }
+    absl::StatusOr<CompressResult> compressed = Compress(observed, options, backend, nullptr, &*statistics[k]);
+    if (last_use[k] == i) statistics[k].reset();
     if (!compressed.ok()) {
       return absl::Status(compressed.status().code(),
                           absl::StrCat(RunName(options), ": ", compressed.status().message()));

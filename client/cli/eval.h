@@ -86,7 +86,9 @@ struct EvalResult {
   std::vector<double> layer_error;    // [layers] mean over the layer's terms
   std::vector<int64_t> layer_budget;  // [layers] B_l
   std::vector<float> layer_entropy;   // [layers] E_l (0 for policy full, which computes no statistics)
-  double compress_seconds = 0.0;      // the pipeline on the observed rows
+  double compress_seconds = 0.0;      // the pipeline on the observed rows (runs with the same
+                                      // StatisticsKey share one statistics stage, counted in the
+                                      // first of them)
   double error_seconds = 0.0;         // the compressed attention outputs and errors (the reference
                                       // outputs, computed once before the runs, are not counted)
 };

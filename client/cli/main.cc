@@ -32,6 +32,7 @@
 #include "client/cpp/client.h"
 #include "kernels/common/status.h"
 #include "kernels/common/tensor_util.h"
+#include "service/server/presets.h"
 
 namespace medakv {
 namespace {
@@ -45,6 +46,7 @@ struct CompressFlags {
   bool verbose = false;
   bool no_progress = false;
   PolicyFlags policy;
+  std::string preset;  // --preset: the server's preset (needs --server)
   ServerFlags server;  // --server given: compress there; its other flags are refused without it
 };
 
@@ -88,6 +90,8 @@ absl::StatusOr<Compressed> CompressOnServer(const CompressFlags& f, Client& clie
   ProgressBar bar("compress", !f.no_progress && !f.json);
   CallOptions call;
   call.progress = bar.Callback();
+  call.preset = f.preset;
+  if (!f.preset.empty() && f.policy.rho_given()) call.preset_rho = f.policy.rho();
   const auto t0 = std::chrono::steady_clock::now();
   absl::StatusOr<RemoteResult> got = client.Compress(in, options, call);
   bar.Finish();
@@ -111,8 +115,16 @@ absl::Status RunCompress(CompressFlags& f) {
     for (const CLI::Option* opt : f.server.options) {
       if (opt->count() > 0) return absl::InvalidArgumentError(absl::StrCat(opt->get_name(), " needs --server"));
     }
+    if (!f.preset.empty()) return absl::InvalidArgumentError("--preset needs --server (presets live on the server)");
   }
-  MEDAKV_ASSIGN_OR_RETURN(const CompressOptions options, f.policy.Resolve());
+  if (!f.preset.empty()) {
+    MEDAKV_RETURN_IF_ERROR(ValidatePresetName(f.preset));
+    if (const std::string flag = f.policy.FirstGiven(/*with_rho=*/false); !flag.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("--preset selects the server's policy and its options; ", flag,
+                                                     " cannot be combined with it (only --rho can)"));
+    }
+  }
+  MEDAKV_ASSIGN_OR_RETURN(CompressOptions options, f.policy.Resolve());
   MEDAKV_ASSIGN_OR_RETURN(const Layout layout, ParseLayout(f.layout));
   const auto t0 = std::chrono::steady_clock::now();
   MEDAKV_ASSIGN_OR_RETURN(safetensors::File file, safetensors::File::Open(f.input));
@@ -122,6 +134,17 @@ absl::Status RunCompress(CompressFlags& f) {
   Compressed c;
   if (remote) {
     MEDAKV_ASSIGN_OR_RETURN(c, CompressOnServer(f, *client, in, options));
+    if (!f.preset.empty()) {
+      // The options that the server's preset gave, for the file and the report.
+      v1::Policy ran = c.summary->policy();
+      ran.clear_preset();
+      absl::StatusOr<CompressOptions> o = OptionsFromProto(ran);
+      if (!o.ok()) {
+        return absl::InternalError(absl::StrCat("the server's summary names a policy this tool cannot read (",
+                                                o.status().message(), "); is the server newer?"));
+      }
+      options = *o;
+    }
   } else {
     const std::unique_ptr<Backend> backend = MakeCpuBackend();
     MEDAKV_ASSIGN_OR_RETURN(c.result, Compress(in, options, *backend));
@@ -154,8 +177,10 @@ absl::Status RunCompress(CompressFlags& f) {
       {"pyramid_beta", absl::StrCat(o.pyramid_beta)},
       {"backend", c.backend},
   };
+  std::vector<std::pair<std::string, std::string>> file_metadata = metadata;
+  if (!f.preset.empty()) file_metadata.emplace_back("preset", f.preset);
   const auto t_write = std::chrono::steady_clock::now();
-  MEDAKV_RETURN_IF_ERROR(WriteCompressed(result, in, metadata, f.output));
+  MEDAKV_RETURN_IF_ERROR(WriteCompressed(result, in, file_metadata, f.output));
   const double write_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_write).count();
   const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
@@ -167,6 +192,8 @@ absl::Status RunCompress(CompressFlags& f) {
     j["input"] = f.input;
     j["output"] = f.output;
     j["policy"] = PolicyName(o.policy);
+    if (!f.preset.empty()) j["preset"] = f.preset;
+    j["rho"] = o.budget.rho;
     j["backend"] = c.backend;
     if (remote) {
       j["server"] = c.server;
@@ -197,8 +224,9 @@ absl::Status RunCompress(CompressFlags& f) {
     return absl::OkStatus();
   }
   std::cout << absl::StrFormat(
-      "%s: %d layers x %d tokens, policy %s: kept %d of %d tokens (%.1f%%), KV %.1f MiB -> %.1f MiB%s\n", f.output,
-      in.layers.size(), in.tokens, PolicyName(o.policy), result.tokens_kept, result.tokens_in,
+      "%s: %d layers x %d tokens, policy %s%s: kept %d of %d tokens (%.1f%%), KV %.1f MiB -> %.1f MiB%s\n", f.output,
+      in.layers.size(), in.tokens, PolicyName(o.policy),
+      f.preset.empty() ? "" : absl::StrCat(" (preset ", f.preset, ")"), result.tokens_kept, result.tokens_in,
       100.0 * static_cast<double>(result.tokens_kept) / static_cast<double>(result.tokens_in),
       static_cast<double>(bytes_in) / (1 << 20), static_cast<double>(bytes_out) / (1 << 20),
       remote ? absl::StrFormat(" on server %s (%s)", c.server, c.backend) : "");
@@ -388,6 +416,9 @@ void AddCompressCommand(CLI::App& app, CompressFlags& f) {
   c->add_option("-o,--output", f.output, "Output file (.safetensors)")->required();
   c->add_option("--layout", f.layout, "Dims order of the file's tensors: hnd or nhd")->capture_default_str();
   f.policy.Add(c);
+  c->add_option("--preset", f.preset,
+                "--server: the server's policy preset NAME (--policy_presets; docs/presets.md) instead of --policy "
+                "and its options (--rho replaces the preset's rho)");
   c->add_flag("--json", f.json, "Print the summary as JSON");
   c->add_flag("-v,--verbose", f.verbose, "Print entropy, alpha and budget per layer");
   f.server.Add(c, /*required=*/false, /*with_verbose=*/false);

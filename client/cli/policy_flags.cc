@@ -10,8 +10,9 @@ CLI::Option* PolicyFlags::Opt(CLI::App* app, const std::string& name, auto& valu
 
 void PolicyFlags::Add(CLI::App* app, bool with_policy) {
   if (with_policy) {
-    app->add_option("--policy", policy_, "full | meda | streaming_llm | h2o | snapkv | pyramidkv | look_m")
-        ->capture_default_str();
+    policy_opt_ =
+        app->add_option("--policy", policy_, "full | meda | streaming_llm | h2o | snapkv | pyramidkv | look_m")
+            ->capture_default_str();
   }
   const CompressOptions d;
   rho_ = Opt(app, "--rho", v_.budget.rho, "Fraction of the cache to keep, (0, 1] [0.2]");
@@ -32,6 +33,16 @@ void PolicyFlags::Add(CLI::App* app, bool with_policy) {
   window_ = Opt(app, "--window", v_.window, "snapkv, pyramidkv: observation window in query rows [64]");
   pool_kernel_ = Opt(app, "--pool-kernel", v_.pool_kernel, "snapkv, pyramidkv: average pooling kernel [5]");
   beta_ = Opt(app, "--pyramid-beta", v_.pyramid_beta, "pyramidkv: min budget = (C - w) / beta [20]");
+}
+
+std::string PolicyFlags::FirstGiven(bool with_rho) const {
+  for (const CLI::Option* opt : {policy_opt_, rho_, tau_, alpha_min_, alpha_max_, exact_total_, recent_,
+                                 entropy_heads_opt_, entropy_source_opt_, text_prior_opt_, merge_opt_,
+                                 merge_threshold_opt_, shared_, scale_, sinks_, window_, pool_kernel_, beta_}) {
+    if (opt == nullptr || opt->count() == 0 || (opt == rho_ && !with_rho)) continue;
+    return opt->get_name();
+  }
+  return "";
 }
 
 absl::StatusOr<CompressOptions> PolicyFlags::Resolve() const {

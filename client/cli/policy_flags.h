@@ -22,13 +22,20 @@ class PolicyFlags {
   // The same for the --policy flag.
   absl::StatusOr<CompressOptions> Resolve() const;
 
+  // The name of the first policy flag given on the command line ("--tau"),
+  // --policy included, --rho only when `with_rho`; empty when none was.
+  std::string FirstGiven(bool with_rho) const;
+  // Whether --rho was given, and its value.
+  bool rho_given() const { return rho_ != nullptr && rho_->count() > 0; }
+  double rho() const { return v_.budget.rho; }
+
  private:
   CLI::Option* Opt(CLI::App* app, const std::string& name, auto& value, const std::string& help);
 
   std::string policy_ = "meda";
   CompressOptions v_;  // values as parsed; only given flags are used
   std::string entropy_heads_, entropy_source_, text_prior_, merge_, merge_threshold_;
-  CLI::Option *rho_ = nullptr, *tau_ = nullptr, *alpha_min_ = nullptr, *alpha_max_ = nullptr,
+  CLI::Option *policy_opt_ = nullptr, *rho_ = nullptr, *tau_ = nullptr, *alpha_min_ = nullptr, *alpha_max_ = nullptr,
               *exact_total_ = nullptr, *recent_ = nullptr, *entropy_heads_opt_ = nullptr,
               *entropy_source_opt_ = nullptr, *text_prior_opt_ = nullptr, *merge_opt_ = nullptr,
               *merge_threshold_opt_ = nullptr, *shared_ = nullptr, *scale_ = nullptr, *sinks_ = nullptr,

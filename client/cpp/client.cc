@@ -491,6 +491,8 @@ absl::StatusOr<RemoteResult> Client::Compress(const CacheInput& in, const Compre
   remote.chunk_bytes = options_.chunk_bytes;
   remote.response_chunk_bytes = options_.response_chunk_bytes;
   remote.progress = call.progress;
+  remote.preset = call.preset;
+  remote.preset_rho = call.preset_rho;
   int64_t input_end = 0;
   (void)client_internal::ShmLayout(client_internal::RequestTensors(in, spec), &input_end);
   std::optional<RegionLoan> loan =
@@ -567,7 +569,7 @@ absl::StatusOr<v1::CompressCacheResponse> Client::CompressCache(absl::string_vie
   SetDeadline(context, deadline);
   v1::CompressCacheRequest request;
   request.set_cache_id(std::string(cache_id));
-  *request.mutable_policy() = PolicyToProto(options);
+  *request.mutable_policy() = RequestPolicy(options, call.preset, call.preset_rho);
   v1::CompressCacheResponse response;
   const grpc::Status status = r.stub->CompressCache(&context, request, &response);
   if (!status.ok()) return WithReplica(r, cache_id, FromGrpc(status));

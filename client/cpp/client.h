@@ -128,6 +128,11 @@ struct CallOptions {
   // otherwise), InfiniteDuration: none.
   std::optional<absl::Duration> deadline;
   ProgressCallback progress;  // tensor bytes sent or received (remote.h)
+  // Compress and CompressCache: select the server's preset of this name
+  // instead of the options' policy; preset_rho > 0 replaces its rho
+  // (RemoteOptions::preset).
+  std::string preset;
+  double preset_rho = 0.0;
 };
 
 struct PutOptions {

@@ -21,91 +21,11 @@ namespace medakv {
 
 using client_internal::FromGrpc;
 
-namespace {
-
-v1::TextPrior TextPriorProto(TextPrior p) {
-  switch (p) {
-    case TextPrior::kAdditive:
-      return v1::TEXT_PRIOR_ADDITIVE;
-    case TextPrior::kKeepAllText:
-      return v1::TEXT_PRIOR_KEEP_ALL_TEXT;
-    case TextPrior::kNone:
-      return v1::TEXT_PRIOR_NONE;
-  }
-  return v1::TEXT_PRIOR_UNSPECIFIED;
-}
-
-v1::MergeMode MergeProto(MergeMode m) {
-  switch (m) {
-    case MergeMode::kAverage:
-      return v1::MERGE_MODE_AVERAGE;
-    case MergeMode::kPivotal:
-      return v1::MERGE_MODE_PIVOTAL;
-    case MergeMode::kWeighted:
-      return v1::MERGE_MODE_WEIGHTED;
-    case MergeMode::kNone:
-      return v1::MERGE_MODE_NONE;
-  }
-  return v1::MERGE_MODE_UNSPECIFIED;
-}
-
-void FillSelect(const CompressOptions& o, v1::SelectOptions* s) {
-  s->set_recent_fraction(o.recent_fraction);
-  s->set_text_prior(TextPriorProto(o.text_prior));
-  s->set_shared_selection(o.shared_selection);
-  s->set_merge(MergeProto(o.merge));
-  s->set_merge_threshold(o.merge_threshold == MergeThreshold::kMean ? v1::MERGE_THRESHOLD_MEAN
-                                                                    : v1::MERGE_THRESHOLD_NONE);
-  s->set_scale(o.scale);
-}
-
-}  // namespace
-
-v1::Policy PolicyToProto(const CompressOptions& o) {
+v1::Policy RequestPolicy(const CompressOptions& options, const std::string& preset, double preset_rho) {
+  if (preset.empty()) return PolicyToProto(options);
   v1::Policy p;
-  p.set_rho(o.budget.rho);
-  switch (o.policy) {
-    case PolicyKind::kFull:
-      p.mutable_full();
-      break;
-    case PolicyKind::kMeda: {
-      v1::MedaPolicy* m = p.mutable_meda();
-      m->set_tau(o.budget.tau);
-      m->set_alpha_min(o.budget.alpha_min);
-      m->set_alpha_max(o.budget.alpha_max);
-      m->set_exact_total(o.budget.exact_total);
-      m->set_entropy_heads(o.entropy_heads == EntropyHeads::kMeanEntropy ? v1::ENTROPY_HEADS_MEAN_ENTROPY
-                                                                         : v1::ENTROPY_HEADS_MEAN_ATTENTION);
-      m->set_entropy_source(o.entropy_source == EntropySource::kCausal ? v1::ENTROPY_SOURCE_CAUSAL
-                                                                       : v1::ENTROPY_SOURCE_CROSS_MODAL);
-      FillSelect(o, m->mutable_select());
-      break;
-    }
-    case PolicyKind::kStreamingLlm:
-      p.mutable_streaming_llm()->set_sinks(o.sinks);
-      break;
-    case PolicyKind::kH2O:
-      FillSelect(o, p.mutable_h2o()->mutable_select());
-      break;
-    case PolicyKind::kSnapKV: {
-      v1::SnapKVPolicy* s = p.mutable_snapkv();
-      s->set_window(o.window);
-      s->set_pool_kernel(o.pool_kernel);
-      FillSelect(o, s->mutable_select());
-      break;
-    }
-    case PolicyKind::kPyramidKV: {
-      v1::PyramidKVPolicy* s = p.mutable_pyramidkv();
-      s->set_window(o.window);
-      s->set_pool_kernel(o.pool_kernel);
-      s->set_beta(o.pyramid_beta);
-      FillSelect(o, s->mutable_select());
-      break;
-    }
-    case PolicyKind::kLookM:
-      FillSelect(o, p.mutable_look_m()->mutable_select());
-      break;
-  }
+  p.set_preset(preset);
+  p.set_rho(preset_rho);
   return p;
 }
 
@@ -412,7 +332,7 @@ absl::StatusOr<RemoteResult> CompressRemote(v1::Medakv::StubInterface& stub, con
 
   v1::CompressRequest request;
   ToProto(spec, request.mutable_header());
-  *request.mutable_header()->mutable_policy() = PolicyToProto(options);
+  *request.mutable_header()->mutable_policy() = RequestPolicy(options, remote.preset, remote.preset_rho);
   request.mutable_header()->set_max_response_chunk_bytes(remote.response_chunk_bytes);
   if (shm_out) {
     v1::SharedMemoryRef* out = request.mutable_header()->mutable_output();

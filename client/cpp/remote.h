@@ -27,9 +27,7 @@
 
 namespace medakv {
 
-// The proto Policy that the server turns back into exactly these options
-// (every option set explicitly).
-v1::Policy PolicyToProto(const CompressOptions& options);
+// PolicyToProto (service/server/convert.h) builds the requests' policies.
 
 // ---- the shared-memory data plane (Linux) ----------------------------------------
 
@@ -128,7 +126,17 @@ struct RemoteOptions {
   bool shm_input = true;   // with shared_memory: send the tensors as refs
   bool shm_output = true;  // with shared_memory: receive the results through the region
   ProgressCallback progress;  // optional
+  // Set: the request selects this preset of the server (docs/presets.md)
+  // instead of sending the options' policy, and `preset_rho` (when > 0)
+  // replaces the preset's rho. The options are still checked; the summary's
+  // `policy` says what the server ran.
+  std::string preset;
+  double preset_rho = 0.0;
 };
+
+// The policy a request sends: PolicyToProto(options), or with a preset the
+// preset's name and preset_rho.
+v1::Policy RequestPolicy(const CompressOptions& options, const std::string& preset, double preset_rho);
 
 struct RemoteResult {
   CompressResult result;  // layers as the library returns them

@@ -3,6 +3,8 @@
 #include <chrono>
 #include <cmath>
 #include <numeric>
+#include <optional>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/common/status.h"
@@ -137,44 +139,86 @@ absl::Status ValidateCacheInput(const CacheInput& in) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOptions& options,
-                                        const Backend& backend, const std::atomic<bool>* cancelled) {
+namespace {
+
+const char* ScorerName(Scorer s) {
+  switch (s) {
+    case Scorer::kNone:
+      return "none";
+    case Scorer::kAccumulated:
+      return "accumulated";
+    case Scorer::kWindowPooled:
+      return "window_pooled";
+  }
+  return "unknown";
+}
+
+}  // namespace
+
+std::string StatisticsKey::ToString() const {
+  if (!computed) return "none";
+  std::string s = absl::StrCat("scorer=", ScorerName(scorer), " entropy=", EntropySourceName(entropy_source), "/",
+                               EntropyHeadsName(entropy_heads), " scale=", scale);
+  if (scorer == Scorer::kWindowPooled) absl::StrAppend(&s, " window=", window, " pool_kernel=", pool_kernel);
+  return s;
+}
+
+StatisticsKey StatisticsKeyFor(const CompressOptions& options) {
+  const PolicyPlan plan = PlanFor(options.policy);
+  StatisticsKey key;
+  key.computed = plan.scorer != Scorer::kNone || plan.budget == BudgetRule::kEntropy;
+  if (!key.computed) return key;
+  key.scorer = plan.scorer;
+  // Only MEDA's budgets use the cross-modal entropy; the causal one costs nothing extra.
+  key.entropy_source = plan.budget == BudgetRule::kEntropy ? options.entropy_source : EntropySource::kCausal;
+  key.entropy_heads = options.entropy_heads;
+  key.scale = options.scale;
+  if (plan.scorer == Scorer::kWindowPooled) {
+    key.window = options.window;
+    key.pool_kernel = options.pool_kernel;
+  }
+  return key;
+}
+
+namespace {
+
+// The observation window of a layer, in query rows (precomputed statistics: the option).
+int64_t WindowRows(const CacheInput& in, const LayerInput& layer, int64_t window) {
+  return in.stats == StatsForm::kQueries ? std::min(window, layer.query.tokens) : window;
+}
+
+// The statistics stage on a validated input and options.
+absl::StatusOr<Statistics> StatisticsStage(const CacheInput& in, const CompressOptions& options,
+                                           const Backend& backend, const std::atomic<bool>* cancelled) {
   auto stop = [cancelled] { return cancelled != nullptr && cancelled->load(std::memory_order_relaxed); };
-  const absl::Status cancel_status = absl::CancelledError("compression cancelled");
-  MEDAKV_RETURN_IF_ERROR(ValidateOptions(options));
-  MEDAKV_RETURN_IF_ERROR(ValidateCacheInput(in));
+  const auto t0 = std::chrono::steady_clock::now();
   const PolicyPlan plan = PlanFor(options.policy);
   const int64_t layers = static_cast<int64_t>(in.layers.size());
   const int64_t kv_heads = in.kv_heads, tokens = in.tokens;
+  const bool queries = in.stats == StatsForm::kQueries;
+  Statistics st;
+  st.key = StatisticsKeyFor(options);
+  st.layers = layers;
+  st.kv_heads = kv_heads;
+  st.tokens = tokens;
+  st.scores.assign(layers, std::vector<float>());
+  st.entropy.assign(layers, 0.f);
+  if (!st.key.computed) {
+    st.seconds = Seconds(t0);
+    return st;
+  }
   const std::vector<uint8_t> modality =
       in.modality.empty() ? std::vector<uint8_t>(tokens, static_cast<uint8_t>(Modality::kText)) : in.modality;
-  const bool queries = in.stats == StatsForm::kQueries;
-  // The observation window, in query rows and in (the most recent) tokens.
-  auto window_rows = [&](const LayerInput& layer) {
-    return queries ? std::min(options.window, layer.query.tokens) : options.window;
-  };
-  int64_t window_tokens = tokens;
-  for (const LayerInput& layer : in.layers) window_tokens = std::min(window_tokens, window_rows(layer));
-
-  CompressResult result;
-  result.layers.resize(layers);
-  result.tokens_in = layers * tokens;
-
-  // Stage 1: statistics of every layer (scores for the scorer, entropy for MEDA's budgets).
-  auto t0 = std::chrono::steady_clock::now();
-  std::vector<std::vector<float>> scores(layers, std::vector<float>());
-  std::vector<float> entropy(layers, 0.f);
-  const bool need_stats = plan.scorer != Scorer::kNone || plan.budget == BudgetRule::kEntropy;
   const float scale = options.scale > 0.f ? options.scale : 1.f / std::sqrt(static_cast<float>(in.head_dim));
-  for (int64_t l = 0; l < layers && need_stats; ++l) {
-    if (stop()) return cancel_status;
+  for (int64_t l = 0; l < layers; ++l) {
+    if (stop()) return absl::CancelledError("compression cancelled");
     const LayerInput& layer = in.layers[l];
-    std::vector<float>& s = scores[l];
+    std::vector<float>& s = st.scores[l];
     s.resize(kv_heads * tokens);
-    const int64_t rows = window_rows(layer);
+    const int64_t rows = WindowRows(in, layer, options.window);
     if (!queries) {
       MEDAKV_RETURN_IF_ERROR(backend.ReduceScores(layer.scores, layer.score_heads, kv_heads, tokens, s.data()));
-      entropy[l] = layer.entropy;
+      st.entropy[l] = layer.entropy;
     } else {
       std::vector<int32_t> positions = layer.query_positions;
       if (positions.empty()) {
@@ -188,14 +232,13 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
       args.modality = modality.data();
       args.scale = scale;
       args.entropy_heads = options.entropy_heads;
-      // Only MEDA's budgets use the cross-modal entropy; the causal one costs nothing extra.
-      args.entropy_source = plan.budget == BudgetRule::kEntropy ? options.entropy_source : EntropySource::kCausal;
+      args.entropy_source = st.key.entropy_source;
       args.score_rows_begin = plan.scorer == Scorer::kWindowPooled ? layer.query.tokens - rows : 0;
       AttentionStatsOutput out;
       out.scores = s.data();
-      absl::Status st = backend.AttentionStats(args, &out);
-      if (!st.ok()) return absl::Status(st.code(), absl::StrCat("layer ", l, ": ", st.message()));
-      entropy[l] = out.entropy;
+      absl::Status status = backend.AttentionStats(args, &out);
+      if (!status.ok()) return absl::Status(status.code(), absl::StrCat("layer ", l, ": ", status.message()));
+      st.entropy[l] = out.entropy;
       if (plan.scorer == Scorer::kWindowPooled) {
         // Mean over the window's rows and the group's query heads.
         const float inv = 1.f / static_cast<float>(rows * (in.q_heads / kv_heads));
@@ -210,10 +253,77 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
       s.swap(pooled);
     }
   }
-  result.seconds.statistics = Seconds(t0);
+  st.seconds = Seconds(t0);
+  return st;
+}
+
+}  // namespace
+
+absl::StatusOr<Statistics> ComputeStatistics(const CacheInput& in, const CompressOptions& options,
+                                             const Backend& backend, const std::atomic<bool>* cancelled) {
+  MEDAKV_RETURN_IF_ERROR(ValidateOptions(options));
+  MEDAKV_RETURN_IF_ERROR(ValidateCacheInput(in));
+  return StatisticsStage(in, options, backend, cancelled);
+}
+
+absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOptions& options,
+                                        const Backend& backend, const std::atomic<bool>* cancelled,
+                                        const Statistics* statistics) {
+  auto stop = [cancelled] { return cancelled != nullptr && cancelled->load(std::memory_order_relaxed); };
+  const absl::Status cancel_status = absl::CancelledError("compression cancelled");
+  MEDAKV_RETURN_IF_ERROR(ValidateOptions(options));
+  MEDAKV_RETURN_IF_ERROR(ValidateCacheInput(in));
+  const PolicyPlan plan = PlanFor(options.policy);
+  const int64_t layers = static_cast<int64_t>(in.layers.size());
+  const int64_t kv_heads = in.kv_heads, tokens = in.tokens;
+  if (statistics != nullptr) {
+    const StatisticsKey key = StatisticsKeyFor(options);
+    if (!(statistics->key == key)) {
+      return absl::InvalidArgumentError(absl::StrCat("statistics: computed for other options (",
+                                                     statistics->key.ToString(), ") than these (", key.ToString(),
+                                                     ")"));
+    }
+    if (statistics->layers != layers || statistics->kv_heads != kv_heads || statistics->tokens != tokens ||
+        static_cast<int64_t>(statistics->scores.size()) != layers ||
+        static_cast<int64_t>(statistics->entropy.size()) != layers) {
+      return absl::InvalidArgumentError(absl::StrCat("statistics: computed for ", statistics->layers, " layers x ",
+                                                     statistics->kv_heads, " kv heads x ", statistics->tokens,
+                                                     " tokens, the cache has ", layers, " x ", kv_heads, " x ",
+                                                     tokens));
+    }
+    for (int64_t l = 0; l < layers && key.computed; ++l) {
+      if (static_cast<int64_t>(statistics->scores[l].size()) != kv_heads * tokens) {
+        return absl::InvalidArgumentError(absl::StrCat("statistics: layer ", l, " has ",
+                                                       statistics->scores[l].size(), " scores, expected ",
+                                                       kv_heads * tokens));
+      }
+    }
+  }
+  const std::vector<uint8_t> modality =
+      in.modality.empty() ? std::vector<uint8_t>(tokens, static_cast<uint8_t>(Modality::kText)) : in.modality;
+  // The observation window, in query rows and in (the most recent) tokens.
+  auto window_rows = [&](const LayerInput& layer) { return WindowRows(in, layer, options.window); };
+  int64_t window_tokens = tokens;
+  for (const LayerInput& layer : in.layers) window_tokens = std::min(window_tokens, window_rows(layer));
+
+  CompressResult result;
+  result.layers.resize(layers);
+  result.tokens_in = layers * tokens;
+
+  // Stage 1: statistics of every layer (scores for the scorer, entropy for MEDA's budgets).
+  std::optional<Statistics> computed;
+  if (statistics == nullptr) {
+    absl::StatusOr<Statistics> st = StatisticsStage(in, options, backend, cancelled);
+    if (!st.ok()) return st.status();
+    computed = *std::move(st);
+    statistics = &*computed;
+    result.seconds.statistics = computed->seconds;
+  }
+  const std::vector<std::vector<float>>& scores = statistics->scores;
+  const std::vector<float>& entropy = statistics->entropy;
 
   // Stage 2: budgets across layers.
-  t0 = std::chrono::steady_clock::now();
+  auto t0 = std::chrono::steady_clock::now();
   std::vector<int64_t> budget(layers, tokens);
   std::vector<double> alpha(layers, 1.0);
   switch (plan.budget) {

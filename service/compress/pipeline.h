@@ -4,12 +4,14 @@
 
 #include <atomic>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "kernels/backend.h"
 #include "kernels/common/tensor.h"
 #include "service/compress/options.h"
+#include "service/compress/policy.h"
 
 namespace medakv {
 
@@ -68,11 +70,61 @@ struct CompressResult {
 // before any output memory is reserved.
 [[nodiscard]] absl::Status ValidateCacheInput(const CacheInput& input);
 
+// ---- the statistics stage -----------------------------------------------------------
+
+// What the statistics stage (scores for the scorer, the entropy for the
+// budgets and the results) reads of the options, once the policy's plan
+// (PlanFor) is known. Two option sets with equal keys give bit-identical
+// statistics on the same input, whatever else differs (rho, tau, the clamps,
+// the selection and merge options, sinks, pyramid_beta, ...). Fields that the
+// stage does not read for the plan stay at their zero values, so that e.g.
+// snapkv and pyramidkv at the same window and kernel share a key.
+struct StatisticsKey {
+  bool computed = false;                                  // the plan needs statistics (a scorer or entropy budgets)
+  Scorer scorer = Scorer::kNone;                          // the plan's scorer
+  EntropySource entropy_source = EntropySource::kCausal;  // as the stage runs it: causal unless the budgets use it
+  EntropyHeads entropy_heads = EntropyHeads::kMeanAttention;
+  float scale = 0.f;        // options.scale (0: 1/sqrt(head_dim))
+  int64_t window = 0;       // window-pooled scorer: the observation window; else 0
+  int64_t pool_kernel = 0;  // window-pooled scorer: the pooling kernel; else 0
+
+  bool operator==(const StatisticsKey&) const = default;
+  // "none", or e.g. "scorer=accumulated entropy=cross_modal/mean_attention scale=0".
+  std::string ToString() const;
+};
+
+// The key of `options` (its policy's plan and the options the stage reads).
+StatisticsKey StatisticsKeyFor(const CompressOptions& options);
+
+// The per-layer result of the statistics stage for one input.
+struct Statistics {
+  StatisticsKey key;
+  int64_t layers = 0, kv_heads = 0, tokens = 0;  // the input's shape
+  std::vector<std::vector<float>> scores;        // [layers][kv_heads * tokens]; empty vectors when unused
+  std::vector<float> entropy;                    // [layers] E_l; 0 when not computed
+  double seconds = 0.0;                          // how long the stage took
+};
+
+// Stage 1 of Compress: validates the options and the input, then computes
+// the statistics that `options` needs (ALGORITHM.md; nothing when the policy
+// needs none). `cancelled` as for Compress.
+[[nodiscard]] absl::StatusOr<Statistics> ComputeStatistics(const CacheInput& input, const CompressOptions& options,
+                                                           const Backend& backend,
+                                                           const std::atomic<bool>* cancelled = nullptr);
+
+// ---- compression ----------------------------------------------------------------------
+
 // `cancelled`, when given, is polled between layers: once it reads true the
 // call returns CANCELLED and frees what it allocated.
+// `statistics`, when given, replaces the statistics stage: they must come
+// from ComputeStatistics of this same input with options of the same
+// StatisticsKey (INVALID_ARGUMENT otherwise, for a key or a shape that
+// differs; that the input is the same is the caller's promise). The result
+// is then bit for bit the one without them; its statistics time is 0.
 [[nodiscard]] absl::StatusOr<CompressResult> Compress(const CacheInput& input, const CompressOptions& options,
                                                       const Backend& backend,
-                                                      const std::atomic<bool>* cancelled = nullptr);
+                                                      const std::atomic<bool>* cancelled = nullptr,
+                                                      const Statistics* statistics = nullptr);
 
 // Expands (start, length) spans of visual tokens into a modality vector.
 struct ModalitySpan {

@@ -63,9 +63,10 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
     if (h.stats() == v1::STATS_FORM_NONE) {
       return Fail(absl::InvalidArgumentError("header.stats: Compress needs queries or precomputed statistics"));
     }
-    absl::StatusOr<CompressOptions> options = OptionsFromProto(h.policy());
-    if (!options.ok()) return Fail(options.status());
-    call_.set_policy(options->policy);
+    absl::StatusOr<ResolvedPolicy> policy = ctx_->presets->Resolve(h.policy());
+    if (!policy.ok()) return Fail(policy.status());
+    call_.set_policy(policy->options.policy);
+    call_.set_preset(policy->preset);
     absl::StatusOr<int64_t> chunk = ResponseChunkSize(h.max_response_chunk_bytes(), ctx_->options);
     if (!chunk.ok()) return Fail(chunk.status());
     if (h.has_output()) {  // checked (and the region held) before the upload
@@ -75,7 +76,8 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
       output_ = h.output();
     }
     chunk_bytes_ = *chunk;
-    options_ = *options;
+    options_ = policy->options;
+    preset_ = policy->preset;
     spec_ = *std::move(spec);
     request_.Clear();
     queue_start_ = Clock::now();
@@ -147,6 +149,8 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
     *s->mutable_times() = summary_times_;
     s->mutable_times()->set_send_seconds(send_seconds);
     s->set_backend(ctx_->backend_name);
+    *s->mutable_policy() = PolicyToProto(options_);
+    s->mutable_policy()->set_preset(preset_);
     StartWrite(&response_);
   }
 
@@ -169,6 +173,7 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
   SlotClaim slot_{&ctx_->admission};  // released when the reactor is deleted
   std::optional<CacheSpec> spec_;
   CompressOptions options_;
+  std::string preset_;  // the preset that gave options_ (empty: none)
   int64_t chunk_bytes_ = 0;
   CallRegions regions_;  // held until the call ends
   const MappedRegion* output_region_ = nullptr;  // set: results go into output_

@@ -243,6 +243,9 @@ absl::Status CheckSpans(const google::protobuf::RepeatedPtrField<v1::ModalitySpa
 // ---- policy ------------------------------------------------------------------------
 
 absl::StatusOr<CompressOptions> OptionsFromProto(const v1::Policy& policy) {
+  if (!policy.preset().empty()) {
+    return Invalid(absl::StrCat("policy.preset '", policy.preset(), "': this path takes no preset"));
+  }
   PolicyKind kind = PolicyKind::kMeda;
   switch (policy.kind_case()) {
     case v1::Policy::KIND_NOT_SET:
@@ -319,6 +322,94 @@ absl::StatusOr<CompressOptions> OptionsFromProto(const v1::Policy& policy) {
     return absl::Status(s.code(), absl::StrCat("policy: ", s.message()));
   }
   return o;
+}
+
+namespace {
+
+v1::TextPrior TextPriorToProto(TextPrior p) {
+  switch (p) {
+    case TextPrior::kAdditive:
+      return v1::TEXT_PRIOR_ADDITIVE;
+    case TextPrior::kKeepAllText:
+      return v1::TEXT_PRIOR_KEEP_ALL_TEXT;
+    case TextPrior::kNone:
+      return v1::TEXT_PRIOR_NONE;
+  }
+  return v1::TEXT_PRIOR_UNSPECIFIED;
+}
+
+v1::MergeMode MergeModeToProto(MergeMode m) {
+  switch (m) {
+    case MergeMode::kAverage:
+      return v1::MERGE_MODE_AVERAGE;
+    case MergeMode::kPivotal:
+      return v1::MERGE_MODE_PIVOTAL;
+    case MergeMode::kWeighted:
+      return v1::MERGE_MODE_WEIGHTED;
+    case MergeMode::kNone:
+      return v1::MERGE_MODE_NONE;
+  }
+  return v1::MERGE_MODE_UNSPECIFIED;
+}
+
+void SelectToProto(const CompressOptions& o, v1::SelectOptions* s) {
+  s->set_recent_fraction(o.recent_fraction);
+  s->set_text_prior(TextPriorToProto(o.text_prior));
+  s->set_shared_selection(o.shared_selection);
+  s->set_merge(MergeModeToProto(o.merge));
+  s->set_merge_threshold(o.merge_threshold == MergeThreshold::kMean ? v1::MERGE_THRESHOLD_MEAN
+                                                                    : v1::MERGE_THRESHOLD_NONE);
+  s->set_scale(o.scale);
+}
+
+}  // namespace
+
+v1::Policy PolicyToProto(const CompressOptions& o) {
+  v1::Policy p;
+  p.set_rho(o.budget.rho);
+  switch (o.policy) {
+    case PolicyKind::kFull:
+      p.mutable_full();
+      break;
+    case PolicyKind::kMeda: {
+      v1::MedaPolicy* m = p.mutable_meda();
+      m->set_tau(o.budget.tau);
+      m->set_alpha_min(o.budget.alpha_min);
+      m->set_alpha_max(o.budget.alpha_max);
+      m->set_exact_total(o.budget.exact_total);
+      m->set_entropy_heads(o.entropy_heads == EntropyHeads::kMeanEntropy ? v1::ENTROPY_HEADS_MEAN_ENTROPY
+                                                                         : v1::ENTROPY_HEADS_MEAN_ATTENTION);
+      m->set_entropy_source(o.entropy_source == EntropySource::kCausal ? v1::ENTROPY_SOURCE_CAUSAL
+                                                                       : v1::ENTROPY_SOURCE_CROSS_MODAL);
+      SelectToProto(o, m->mutable_select());
+      break;
+    }
+    case PolicyKind::kStreamingLlm:
+      p.mutable_streaming_llm()->set_sinks(o.sinks);
+      break;
+    case PolicyKind::kH2O:
+      SelectToProto(o, p.mutable_h2o()->mutable_select());
+      break;
+    case PolicyKind::kSnapKV: {
+      v1::SnapKVPolicy* m = p.mutable_snapkv();
+      m->set_window(o.window);
+      m->set_pool_kernel(o.pool_kernel);
+      SelectToProto(o, m->mutable_select());
+      break;
+    }
+    case PolicyKind::kPyramidKV: {
+      v1::PyramidKVPolicy* m = p.mutable_pyramidkv();
+      m->set_window(o.window);
+      m->set_pool_kernel(o.pool_kernel);
+      m->set_beta(o.pyramid_beta);
+      SelectToProto(o, m->mutable_select());
+      break;
+    }
+    case PolicyKind::kLookM:
+      SelectToProto(o, p.mutable_look_m()->mutable_select());
+      break;
+  }
+  return p;
 }
 
 // ---- cache description --------------------------------------------------------------

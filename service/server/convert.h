@@ -44,7 +44,13 @@ inline constexpr int64_t kDefaultChunkBytes = int64_t{4} << 20;
 // is range-checked with its path ("policy.meda.tau must be a finite number
 // > 0, got -1"), then ValidateOptions runs (its messages prefixed "policy: ").
 // Errors are INVALID_ARGUMENT.
+// A policy that names a preset (policy.preset) is INVALID_ARGUMENT here:
+// PresetTable::Resolve (service/server/presets.h) resolves those.
 [[nodiscard]] absl::StatusOr<CompressOptions> OptionsFromProto(const medakv::v1::Policy& policy);
+
+// The proto Policy that OptionsFromProto turns back into exactly these options
+// (every option of the policy set explicitly, rho included; no preset).
+medakv::v1::Policy PolicyToProto(const CompressOptions& options);
 
 // ---- cache description ---------------------------------------------------------
 

@@ -27,6 +27,9 @@ ABSL_FLAG(int, threads, 0, "Compute worker threads (0: --max_inflight)");
 ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(25), "On SIGTERM, how long in-flight calls may finish");
 ABSL_FLAG(int, max_shm_regions, 64, "Shared-memory regions registered at once (0: no shared-memory data plane)");
 ABSL_FLAG(int64_t, max_shm_bytes, int64_t{64} << 30, "Sum of the sizes of the shared-memory regions registered at once");
+ABSL_FLAG(std::string, policy_presets, "",
+          "Named policies: a PolicyPresets file in protobuf text format (docs/presets.md; `medakv tune` writes "
+          "one); requests select one by name, and one named \"default\" serves requests that name no policy");
 ABSL_FLAG(bool, shm_allow_remote, false,
           "Let callers that are not on this node (not loopback, a Unix socket or in-process) use shared memory");
 
@@ -64,6 +67,7 @@ int main(int argc, char** argv) {
   o.max_shm_bytes = absl::GetFlag(FLAGS_max_shm_bytes);
   o.shm_allow_remote = absl::GetFlag(FLAGS_shm_allow_remote);
   o.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  o.policy_presets = absl::GetFlag(FLAGS_policy_presets);
 
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGINT, OnSignal);
@@ -74,6 +78,10 @@ int main(int argc, char** argv) {
   }
   if ((*server)->metrics_port() != 0) {
     std::cerr << "medakv-server: metrics on port " << (*server)->metrics_port() << " (/metrics)" << std::endl;
+  }
+  if ((*server)->presets() != 0) {
+    std::cerr << "medakv-server: " << (*server)->presets() << " policy presets from " << o.policy_presets
+              << std::endl;
   }
   std::cerr << "medakv-server: listening on port " << (*server)->port() << " (" << (*server)->backend_reason()
             << ")" << std::endl;

@@ -111,12 +111,17 @@ const char* CodeName(absl::StatusCode code) {
   return kNames[i];
 }
 
-Metrics::Metrics(const std::string& version, const std::string& backend)
+Metrics::Metrics(const std::string& version, const std::string& backend, const std::vector<std::string>& presets)
     : registry_(std::make_shared<prometheus::Registry>()),
       requests_(prometheus::BuildCounter()
                     .Name("medakv_requests_total")
                     .Help("Calls that ended, by method, policy (\"none\" when the call has none) and gRPC status code")
                     .Register(*registry_)),
+      preset_requests_(prometheus::BuildCounter()
+                           .Name("medakv_preset_requests_total")
+                           .Help("Compress and CompressCache calls that ended, by method, policy preset "
+                                 "(--policy_presets; \"none\": no preset) and gRPC status code")
+                           .Register(*registry_)),
       request_duration_(prometheus::BuildHistogram()
                             .Name("medakv_request_duration_seconds")
                             .Help("Duration of calls from their start to their status, by method (for "
@@ -228,6 +233,12 @@ Metrics::Metrics(const std::string& version, const std::string& backend)
       requests_.Add({{"method", MethodName(m)}, {"policy", kNoPolicy}, {"code", "OK"}});
     }
   }
+  for (Method m : {Method::kCompress, Method::kCompressCache}) {
+    preset_requests_.Add({{"method", MethodName(m)}, {"preset", kNoPreset}, {"code", "OK"}});
+    for (const std::string& p : presets) {
+      preset_requests_.Add({{"method", MethodName(m)}, {"preset", p}, {"code", "OK"}});
+    }
+  }
   for (PolicyKind p : kPolicies) {
     tokens_in_.Add({{"policy", PolicyName(p)}});
     tokens_kept_.Add({{"policy", PolicyName(p)}});
@@ -289,6 +300,10 @@ void Metrics::CallDone(Method m) { inflight_by_method_[static_cast<int>(m)]->Dec
 void Metrics::CallEnded(Method m, const char* policy, absl::StatusCode code, double seconds) {
   requests_.Add({{"method", MethodName(m)}, {"policy", policy}, {"code", CodeName(code)}}).Increment();
   duration_by_method_[static_cast<int>(m)]->Observe(seconds);
+}
+
+void Metrics::PresetCallEnded(Method m, const std::string& preset, absl::StatusCode code) {
+  preset_requests_.Add({{"method", MethodName(m)}, {"preset", preset}, {"code", CodeName(code)}}).Increment();
 }
 
 void Metrics::ObserveStage(Method m, Stage s, double seconds) {
@@ -377,6 +392,9 @@ void CallMetrics::End(absl::StatusCode code) {
   ended_ = true;
   if (metrics_ != nullptr) {
     metrics_->CallEnded(method_, policy_, code, static_cast<double>(NowNanos() - start_ns_) * 1e-9);
+    if (method_ == Method::kCompress || method_ == Method::kCompressCache) {
+      metrics_->PresetCallEnded(method_, preset_, code);
+    }
   }
 }
 

@@ -61,6 +61,9 @@ const char* CodeName(absl::StatusCode code);
 // The `policy` label of calls without one (every method but Compress and
 // CompressCache, and compressions rejected before their policy was read).
 inline constexpr char kNoPolicy[] = "none";
+// The `preset` label of compressions that used no preset (docs/presets.md;
+// no preset may be named "none").
+inline constexpr char kNoPreset[] = "none";
 
 // Layers 0 .. kMaxBudgetLayers-1 of a MEDA compression get their own `layer`
 // label on medakv_meda_layer_budget_ratio; deeper layers share "other".
@@ -78,8 +81,9 @@ struct MetricsSample {
 
 class Metrics final : public prometheus::Collectable {
  public:
-  // `version` and `backend` label medakv_build_info.
-  Metrics(const std::string& version, const std::string& backend);
+  // `version` and `backend` label medakv_build_info; `presets` are the
+  // server's preset names (the `preset` label's values besides "none").
+  Metrics(const std::string& version, const std::string& backend, const std::vector<std::string>& presets = {});
   ~Metrics() override;
   Metrics(const Metrics&) = delete;
   Metrics& operator=(const Metrics&) = delete;
@@ -96,6 +100,8 @@ class Metrics final : public prometheus::Collectable {
   void CallStarted(Method m);  // in flight until CallDone
   void CallDone(Method m);
   void CallEnded(Method m, const char* policy, absl::StatusCode code, double seconds);
+  // A Compress or CompressCache call that ended: by preset (kNoPreset: none).
+  void PresetCallEnded(Method m, const std::string& preset, absl::StatusCode code);
   void ObserveStage(Method m, Stage s, double seconds);
   void ObserveQueueWait(Method m, double seconds);
   void AddReceivedBytes(Method m, int64_t bytes);
@@ -111,6 +117,7 @@ class Metrics final : public prometheus::Collectable {
   std::shared_ptr<prometheus::Registry> registry_;
 
   prometheus::Family<prometheus::Counter>& requests_;
+  prometheus::Family<prometheus::Counter>& preset_requests_;
   prometheus::Family<prometheus::Histogram>& request_duration_;
   prometheus::Family<prometheus::Histogram>& stage_duration_;
   prometheus::Family<prometheus::Histogram>& queue_wait_;
@@ -160,6 +167,9 @@ class CallMetrics {
   CallMetrics& operator=(const CallMetrics&) = delete;
 
   void set_policy(PolicyKind policy) { policy_ = PolicyName(policy); }
+  // The preset the call's policy came from (empty: none). Compress and
+  // CompressCache calls are also counted by preset when they end.
+  void set_preset(const std::string& preset) { preset_ = preset.empty() ? kNoPreset : preset; }
   void ObserveStage(Stage stage, double seconds);
   void QueueWait(double seconds);
   // The call's payload so far (cumulative bytes, as the assembler and the
@@ -174,6 +184,7 @@ class CallMetrics {
   Metrics* const metrics_;
   const Method method_;
   const char* policy_ = kNoPolicy;
+  std::string preset_ = kNoPreset;
   const int64_t start_ns_;  // steady clock
   int64_t received_ = 0;
   int64_t sent_ = 0;

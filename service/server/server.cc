@@ -49,11 +49,12 @@ void FinishUnary(CallMetrics& call, grpc::ServerUnaryReactor* reactor, const grp
 }
 
 ServiceContext::ServiceContext(const ServerOptions& o, std::unique_ptr<Backend> b, std::string name,
-                               Metrics* m)
+                               Metrics* m, std::shared_ptr<const PresetTable> p)
     : options(o),
       backend(std::move(b)),
       backend_name(std::move(name)),
       metrics(m),
+      presets(std::move(p)),
       admission(o.max_inflight, o.queue_timeout),
       store(StoreOptions{o.host_cache_bytes, o.device_cache_bytes}),
       shm(o.max_shm_bytes, o.max_shm_regions),
@@ -85,12 +86,20 @@ MedakvServer::~MedakvServer() {
 
 absl::StatusOr<std::unique_ptr<MedakvServer>> MedakvServer::Start(const ServerOptions& options) {
   if (absl::Status s = ValidateServerOptions(options); !s.ok()) return s;
+  std::shared_ptr<const PresetTable> presets = std::make_shared<PresetTable>();
+  if (!options.policy_presets.empty()) {
+    absl::StatusOr<std::shared_ptr<const PresetTable>> loaded = PresetTable::Load(options.policy_presets);
+    if (!loaded.ok()) return loaded.status();
+    presets = *std::move(loaded);
+  }
   auto impl = std::make_unique<Impl>();
   absl::StatusOr<std::unique_ptr<Backend>> backend = MakeBackend(options.backend, &impl->backend_reason);
   if (!backend.ok()) return backend.status();
   const std::string name((*backend)->Name());
-  impl->metrics = std::make_shared<Metrics>(MEDAKV_VERSION, name);
-  impl->ctx = std::make_unique<ServiceContext>(options, *std::move(backend), name, impl->metrics.get());
+  std::vector<std::string> preset_names;
+  for (const PresetTable::Preset& p : presets->presets()) preset_names.push_back(p.name);
+  impl->metrics = std::make_shared<Metrics>(MEDAKV_VERSION, name, preset_names);
+  impl->ctx = std::make_unique<ServiceContext>(options, *std::move(backend), name, impl->metrics.get(), presets);
   impl->service = std::make_unique<MedakvService>(impl->ctx.get());
   ServiceContext* ctx = impl->ctx.get();
   impl->metrics->SetSampler([ctx] {
@@ -143,6 +152,7 @@ absl::StatusOr<std::unique_ptr<MedakvServer>> MedakvServer::Start(const ServerOp
 const std::string& MedakvServer::backend() const { return impl_->ctx->backend_name; }
 const Metrics& MedakvServer::metrics() const { return *impl_->metrics; }
 const std::string& MedakvServer::backend_reason() const { return impl_->backend_reason; }
+size_t MedakvServer::presets() const { return impl_->ctx->presets->size(); }
 
 std::shared_ptr<grpc::Channel> MedakvServer::InProcessChannel() {
   grpc::ChannelArguments args;

@@ -38,6 +38,10 @@ struct ServerOptions {
   // Prometheus /metrics (host:port; port 0 picks a free port). Empty: no
   // metrics endpoint (the values are still recorded: MedakvServer::metrics()).
   std::string metrics_listen;
+  // Named policies (docs/presets.md): the path of a PolicyPresets file in
+  // protobuf text format, read at start-up (a file that cannot be read or
+  // checked stops the start, naming the line). Empty: no presets.
+  std::string policy_presets;
 };
 
 class MedakvServer {
@@ -51,6 +55,7 @@ class MedakvServer {
   const Metrics& metrics() const;                // the server's metrics (Collect() reads them)
   const std::string& backend() const;            // the backend in use
   const std::string& backend_reason() const;     // why (for the start-up log)
+  size_t presets() const;                        // presets loaded from policy_presets
   std::shared_ptr<grpc::Channel> InProcessChannel();  // for tests
 
   // Ends every shared-memory lease (UNAVAILABLE), stops accepting calls,

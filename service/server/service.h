@@ -10,6 +10,7 @@
 #include "medakv/v1/medakv.grpc.pb.h"
 #include "service/server/admission.h"
 #include "service/server/metrics.h"
+#include "service/server/presets.h"
 #include "service/server/server.h"
 #include "service/server/shared_memory.h"
 #include "service/store/cache_store.h"
@@ -18,12 +19,14 @@ namespace medakv::server {
 
 struct ServiceContext {
   // `metrics` may be null (nothing is recorded); it must outlive the context.
-  ServiceContext(const ServerOptions& o, std::unique_ptr<Backend> b, std::string backend_name, Metrics* metrics);
+  ServiceContext(const ServerOptions& o, std::unique_ptr<Backend> b, std::string backend_name, Metrics* metrics,
+                 std::shared_ptr<const PresetTable> presets = std::make_shared<PresetTable>());
 
   const ServerOptions options;
   const std::unique_ptr<Backend> backend;
   const std::string backend_name;
   Metrics* const metrics;
+  const std::shared_ptr<const PresetTable> presets;  // never null; empty without --policy_presets
   Admission admission;
   CacheStore store;
   SharedMemoryRegistry shm;

@@ -205,13 +205,15 @@ class CompressCacheReactor final : public grpc::ServerUnaryReactor {
       Fail(WithField(s, "cache_id"));
       return;
     }
-    absl::StatusOr<CompressOptions> options = OptionsFromProto(request->policy());
-    if (!options.ok()) {
-      Fail(options.status());
+    absl::StatusOr<ResolvedPolicy> policy = ctx_->presets->Resolve(request->policy());
+    if (!policy.ok()) {
+      Fail(policy.status());
       return;
     }
-    options_ = *options;
+    options_ = policy->options;
+    preset_ = policy->preset;
     call_.set_policy(options_.policy);
+    call_.set_preset(preset_);
     queue_start_ = Clock::now();
     // OnSlot may run (and finish the call) before Request returns: nothing after it.
     slot_.Request([this](absl::Status s) { OnSlot(std::move(s)); });
@@ -251,6 +253,8 @@ class CompressCacheReactor final : public grpc::ServerUnaryReactor {
     summary->mutable_times()->set_allocate_seconds(result->seconds.allocate);
     summary->mutable_times()->set_select_merge_seconds(result->seconds.select_merge);
     summary->set_backend(ctx_->backend_name);
+    *summary->mutable_policy() = PolicyToProto(options_);
+    summary->mutable_policy()->set_preset(preset_);
     for (size_t l = 0; l < result->layers.size(); ++l) {
       medakv::ToProto(static_cast<int32_t>(l), result->layers[l], response_->add_layers());
     }
@@ -277,6 +281,7 @@ class CompressCacheReactor final : public grpc::ServerUnaryReactor {
   const v1::CompressCacheRequest* request_;
   v1::CompressCacheResponse* response_;
   CompressOptions options_;
+  std::string preset_;  // the preset that gave options_ (empty: none)
   std::atomic<bool> cancelled_{false};
   SlotClaim slot_{&ctx_->admission};  // released when the reactor is deleted
   Clock::time_point queue_start_;

@@ -100,6 +100,7 @@ def load(path):
     header = json.loads(raw[8:8 + n])
     meta = header.pop("__metadata__", {})
     meta.pop("backend", None)
+    meta.pop("preset", None)  # compress --preset names the server's preset
     data = raw[8 + n:]
     tensors = {k: (v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]]) for k, v in header.items()}
     return tensors, meta
@@ -115,9 +116,13 @@ PY
 
 # Starts a server logging to $1; prints its port once it listens (empty if it
 # does not within 10 s) and leaves its pid in $started_pid.
+cat >"$dir/presets.txtpb" <<'EOF'
+preset { name: "soft" description: "meda, flatter budgets, no merge" policy { rho: 0.1 meda { tau: 5 select { merge: MERGE_MODE_NONE } } } }
+EOF
 start_server() {
   local log=$1 port=
-  "$server_bin" --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 --backend=cpu --shutdown_grace=1s 2>"$log" &
+  "$server_bin" --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 --backend=cpu --shutdown_grace=1s \
+    --policy_presets="$dir/presets.txtpb" 2>"$log" &
   started_pid=$!
 }
 wait_port() {
@@ -185,6 +190,27 @@ else
   else
     bad "compress --server --json: $json"
   fi
+  # A preset of the server: the same as its options given here; --rho replaces its rho.
+  "$medakv" compress "$dir/in.safetensors" -o "$dir/local_soft.safetensors" --policy meda --tau 5 --merge none \
+    --rho 0.1 >/dev/null
+  json=$("$medakv" compress "$dir/in.safetensors" -o "$dir/remote_soft.safetensors" --preset soft --server "$addr" --json 2>&1)
+  if python3 -c 'import json,sys; j=json.load(sys.stdin); assert j["preset"]=="soft" and j["policy"]=="meda" and j["rho"]==0.1 and j["tokens_kept"]==90, j' <<<"$json" &&
+    same_tensors "$dir/local_soft.safetensors" "$dir/remote_soft.safetensors" &&
+    python3 -c 'import json,struct,sys; raw=open(sys.argv[1],"rb").read(); n=struct.unpack("<Q",raw[:8])[0]; m=json.loads(raw[8:8+n])["__metadata__"]; assert m["preset"]=="soft" and m["tau"]=="5" and m["merge"]=="none", m' "$dir/remote_soft.safetensors"; then
+    ok "compress --preset: the server's preset, its options in the file"
+  else
+    bad "compress --preset: $json"
+  fi
+  out=$("$medakv" compress "$dir/in.safetensors" -o "$dir/remote_soft5.safetensors" --preset soft --rho 0.5 --server "$addr" 2>&1)
+  if [ $? -eq 0 ] && echo "$out" | grep -q "policy meda (preset soft): kept 450 of 900 tokens"; then
+    ok "compress --preset --rho"
+  else
+    bad "compress --preset --rho: $out"
+  fi
+  expect_error "unknown preset" "no such preset (this server has: soft)" compress "$dir/in.safetensors" \
+    -o "$dir/o.safetensors" --preset sharp --server "$addr"
+  expect_error "preset with a policy option" "--tau cannot be combined with it" compress "$dir/in.safetensors" \
+    -o "$dir/o.safetensors" --preset soft --tau 2 --server "$addr"
   expect_error "bad pool kernel with --server" "pool_kernel must be odd" compress "$dir/in.safetensors" \
     -o "$dir/o.safetensors" --policy snapkv --pool-kernel 4 --server "$addr"
   # A 17.9 MB key in one chunk is over the server's 16 MiB --max_message_bytes.
@@ -348,6 +374,7 @@ PY
   fi
 fi
 # Port 1 on loopback: nothing listens there.
+expect_error "preset without --server" "--preset needs --server" compress "$dir/in.safetensors" -o "$dir/o.safetensors" --preset soft
 expect_error "compress: server unreachable" "cannot reach server 127.0.0.1:1: UNAVAILABLE" \
   compress "$dir/in.safetensors" -o "$dir/o.safetensors" --server 127.0.0.1:1 --timeout 5
 expect_error "health: server unreachable" "cannot reach server 127.0.0.1:1: UNAVAILABLE" health --server 127.0.0.1:1

@@ -13,6 +13,8 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <set>
@@ -143,6 +145,46 @@ class MetricsServerTest : public ::testing::Test {
   std::unique_ptr<MedakvServer> server_;
   std::unique_ptr<v1::Medakv::Stub> stub_;
 };
+
+TEST_F(MetricsServerTest, CompressionsAreCountedByPreset) {
+  const std::string path = absl::StrCat(testing::TempDir(), "/metrics_presets_", getpid(), ".txtpb");
+  std::ofstream(path) << "preset { name: \"fast\" policy { rho: 0.1 streaming_llm {} } }\n";
+  ServerOptions o;
+  o.policy_presets = path;
+  StartServer(o);
+  {
+    const Collected fresh = Collect();
+    for (const char* method : {"Compress", "CompressCache"}) {
+      for (const char* preset : {"none", "fast"}) {
+        EXPECT_EQ(fresh.Value("medakv_preset_requests_total", {{"method", method}, {"preset", preset}, {"code", "OK"}}),
+                  0)
+            << method << " " << preset;
+      }
+    }
+  }
+  TestCache c = MakeCache(2, 50, 9);
+  RemoteOptions fast;
+  fast.preset = "fast";
+  ASSERT_TRUE(CompressRemote(*stub_, c.input, CompressOptions{}, fast).ok());
+  ASSERT_TRUE(CompressRemote(*stub_, c.input, CompressOptions{}, fast).ok());
+  ASSERT_TRUE(CompressRemote(*stub_, c.input, DefaultOptions(PolicyKind::kH2O)).ok());
+  RemoteOptions unknown;
+  unknown.preset = "slow";
+  EXPECT_FALSE(CompressRemote(*stub_, c.input, CompressOptions{}, unknown).ok());
+  ExpectNoneInFlight("Compress");
+  const Collected m = Collect();
+  EXPECT_EQ(m.Value("medakv_preset_requests_total", {{"method", "Compress"}, {"preset", "fast"}, {"code", "OK"}}), 2);
+  EXPECT_EQ(m.Value("medakv_preset_requests_total", {{"method", "Compress"}, {"preset", "none"}, {"code", "OK"}}), 1);
+  // A name the server does not have is never a label value.
+  EXPECT_FALSE(m.Has("medakv_preset_requests_total",
+                     {{"method", "Compress"}, {"preset", "slow"}, {"code", "INVALID_ARGUMENT"}}));
+  EXPECT_EQ(m.Value("medakv_preset_requests_total",
+                    {{"method", "Compress"}, {"preset", "none"}, {"code", "INVALID_ARGUMENT"}}),
+            1);
+  // The preset's policy is the `policy` label of the usual counters.
+  EXPECT_EQ(m.Value("medakv_requests_total", {{"method", "Compress"}, {"policy", "streaming_llm"}, {"code", "OK"}}), 2);
+  std::remove(path.c_str());
+}
 
 TEST_F(MetricsServerTest, CompressRecordsRequestsStagesBytesTokensAndBudgets) {
   StartServer();

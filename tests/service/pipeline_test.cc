@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <numeric>
 #include <set>
 #include <string>
@@ -340,6 +341,138 @@ TEST(ModalityFromSpansTest, ExpandsAndRejects) {
 
 namespace medakv {
 namespace {
+
+// ---- the statistics stage alone, and statistics shared between runs ----------
+
+// Options of every policy, some with non-default statistics options.
+std::vector<CompressOptions> StatisticsRuns() {
+  std::vector<CompressOptions> runs;
+  for (PolicyKind p : {PolicyKind::kFull, PolicyKind::kMeda, PolicyKind::kStreamingLlm, PolicyKind::kH2O,
+                       PolicyKind::kSnapKV, PolicyKind::kPyramidKV, PolicyKind::kLookM}) {
+    CompressOptions o = DefaultOptions(p);
+    o.budget.rho = 0.3;
+    runs.push_back(o);
+  }
+  CompressOptions meda = DefaultOptions(PolicyKind::kMeda);
+  meda.entropy_source = EntropySource::kCausal;
+  meda.entropy_heads = EntropyHeads::kMeanEntropy;
+  meda.scale = 0.2f;
+  runs.push_back(meda);
+  CompressOptions snap = DefaultOptions(PolicyKind::kSnapKV);
+  snap.window = 3;
+  snap.pool_kernel = 3;
+  runs.push_back(snap);
+  return runs;
+}
+
+class SharedStatisticsTest : public ::testing::TestWithParam<std::tuple<DType, Layout, bool>> {};
+
+TEST_P(SharedStatisticsTest, GivenStatisticsGiveTheSameResult) {
+  const auto [dtype, layout, precomputed] = GetParam();
+  TestCache c = test::MakeTestCache({.dtype = dtype, .layout = layout, .layers = 3, .kv_heads = 2, .group = 3,
+                                     .tokens = 41, .head_dim = 16, .q_tokens = 7, .pattern = test::VisualPattern::kMiddle,
+                                     .precomputed = precomputed, .seed = 5});
+  auto backend = MakeCpuBackend();
+  for (const CompressOptions& o : StatisticsRuns()) {
+    const std::string what = absl::StrCat(PolicyName(o.policy), " ", StatisticsKeyFor(o).ToString());
+    absl::StatusOr<CompressResult> plain = Compress(c.input, o, *backend);
+    ASSERT_TRUE(plain.ok()) << what << ": " << plain.status();
+    absl::StatusOr<Statistics> st = ComputeStatistics(c.input, o, *backend);
+    ASSERT_TRUE(st.ok()) << what << ": " << st.status();
+    EXPECT_EQ(st->key, StatisticsKeyFor(o)) << what;
+    // Every rho and budget option reuses the same statistics.
+    for (double rho : {0.05, 0.3, 0.77, 1.0}) {
+      CompressOptions r = o;
+      r.budget.rho = rho;
+      if (o.policy == PolicyKind::kMeda) r.budget.tau = rho * 4;
+      absl::StatusOr<CompressResult> want = Compress(c.input, r, *backend);
+      absl::StatusOr<CompressResult> got = Compress(c.input, r, *backend, nullptr, &*st);
+      ASSERT_TRUE(want.ok() && got.ok()) << what << " rho " << rho << ": " << want.status() << " " << got.status();
+      {
+        SCOPED_TRACE(absl::StrCat(what, " rho ", rho));
+        test::ExpectSameResult(*got, *want);
+      }
+      EXPECT_EQ(got->seconds.statistics, 0.0) << what;
+    }
+    absl::StatusOr<CompressResult> same = Compress(c.input, o, *backend, nullptr, &*st);
+    ASSERT_TRUE(same.ok()) << what << ": " << same.status();
+    {
+      SCOPED_TRACE(what);
+      test::ExpectSameResult(*same, *plain);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllDTypesLayouts, SharedStatisticsTest,
+                         ::testing::Combine(::testing::Values(DType::kFloat16, DType::kBFloat16, DType::kFloat32),
+                                            ::testing::Values(Layout::kHND, Layout::kNHD), ::testing::Bool()));
+
+TEST(StatisticsKeyTest, SharedOnlyWhereTheStageReadsTheSame) {
+  const CompressOptions meda = DefaultOptions(PolicyKind::kMeda);
+  const CompressOptions h2o = DefaultOptions(PolicyKind::kH2O);
+  const CompressOptions look_m = DefaultOptions(PolicyKind::kLookM);
+  const CompressOptions snap = DefaultOptions(PolicyKind::kSnapKV);
+  const CompressOptions pyramid = DefaultOptions(PolicyKind::kPyramidKV);
+  // No statistics at all.
+  EXPECT_FALSE(StatisticsKeyFor(DefaultOptions(PolicyKind::kFull)).computed);
+  EXPECT_FALSE(StatisticsKeyFor(DefaultOptions(PolicyKind::kStreamingLlm)).computed);
+  EXPECT_EQ(StatisticsKeyFor(DefaultOptions(PolicyKind::kFull)).ToString(), "none");
+  // Same scorer, and only MEDA's budgets read the cross-modal entropy.
+  EXPECT_EQ(StatisticsKeyFor(h2o), StatisticsKeyFor(look_m));
+  EXPECT_NE(StatisticsKeyFor(h2o), StatisticsKeyFor(meda));
+  CompressOptions h2o_cross = h2o;
+  h2o_cross.entropy_source = EntropySource::kCrossModal;
+  EXPECT_EQ(StatisticsKeyFor(h2o), StatisticsKeyFor(h2o_cross));
+  // SnapKV and PyramidKV share theirs at the same window and kernel.
+  EXPECT_EQ(StatisticsKeyFor(snap), StatisticsKeyFor(pyramid));
+  CompressOptions snap_window = snap;
+  snap_window.window = 32;
+  EXPECT_NE(StatisticsKeyFor(snap), StatisticsKeyFor(snap_window));
+  // The window does not matter to the accumulated scorer.
+  CompressOptions h2o_window = h2o;
+  h2o_window.window = 32;
+  EXPECT_EQ(StatisticsKeyFor(h2o), StatisticsKeyFor(h2o_window));
+  // Budget, selection and merge options never matter; the scale always does.
+  CompressOptions meda2 = meda;
+  meda2.budget.rho = 0.7;
+  meda2.budget.tau = 3;
+  meda2.merge = MergeMode::kNone;
+  meda2.text_prior = TextPrior::kNone;
+  meda2.recent_fraction = 0.1;
+  EXPECT_EQ(StatisticsKeyFor(meda), StatisticsKeyFor(meda2));
+  meda2.scale = 0.5f;
+  EXPECT_NE(StatisticsKeyFor(meda), StatisticsKeyFor(meda2));
+  EXPECT_EQ(StatisticsKeyFor(meda).ToString(), "scorer=accumulated entropy=cross_modal/mean_attention scale=0");
+}
+
+TEST(SharedStatisticsErrorsTest, RejectsStatisticsOfOtherOptionsOrShapes) {
+  TestCache c = MakeCache(DType::kFloat16, Layout::kHND, 3, 2, 2, 40, 8, 4, test::VisualPattern::kMiddle, 21);
+  auto backend = MakeCpuBackend();
+  const CompressOptions meda = DefaultOptions(PolicyKind::kMeda);
+  absl::StatusOr<Statistics> st = ComputeStatistics(c.input, meda, *backend);
+  ASSERT_TRUE(st.ok()) << st.status();
+  // Another key.
+  absl::StatusOr<CompressResult> r = Compress(c.input, DefaultOptions(PolicyKind::kH2O), *backend, nullptr, &*st);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(r.status().message()).find("computed for other options"), std::string::npos) << r.status();
+  // Another shape.
+  TestCache other = MakeCache(DType::kFloat16, Layout::kHND, 3, 2, 2, 39, 8, 4, test::VisualPattern::kMiddle, 21);
+  r = Compress(other.input, meda, *backend, nullptr, &*st);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(r.status().message()).find("the cache has 3 x 2 x 39"), std::string::npos) << r.status();
+  // A layer's scores cut short.
+  Statistics cut = *st;
+  cut.scores[1].pop_back();
+  r = Compress(c.input, meda, *backend, nullptr, &cut);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(r.status().message()).find("layer 1"), std::string::npos) << r.status();
+  // ComputeStatistics validates like Compress.
+  CompressOptions bad = meda;
+  bad.budget.rho = 2;
+  EXPECT_EQ(ComputeStatistics(c.input, bad, *backend).status().code(), absl::StatusCode::kInvalidArgument);
+  std::atomic<bool> cancelled{true};
+  EXPECT_EQ(ComputeStatistics(c.input, meda, *backend, &cancelled).status().code(), absl::StatusCode::kCancelled);
+}
 
 TEST(PipelineCancelTest, CancelledFlagStopsTheCall) {
   TestCache c = MakeCache(DType::kFloat16, Layout::kHND, 3, 2, 2, 40, 8, 4, test::VisualPattern::kMiddle, 21);

@@ -6,7 +6,10 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <atomic>
+#include <fstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -448,6 +451,106 @@ TEST_F(ServerTest, SixteenClientsAtOnce) {
   }
   for (auto& t : threads) t.join();
   EXPECT_EQ(failures.load(), 0);
+}
+
+// ---- policy presets (--policy_presets, docs/presets.md) -----------------------------
+
+std::string WritePresets(const std::string& text) {
+  static int n = 0;
+  const std::string path = absl::StrCat(testing::TempDir(), "/server_presets_", getpid(), "_", n++, ".txtpb");
+  std::ofstream(path) << text;
+  return path;
+}
+
+constexpr char kServerPresets[] = R"pb(
+preset { name: "soft" policy { rho: 0.1 meda { tau: 5 select { merge: MERGE_MODE_NONE } } } }
+preset { name: "default" policy { rho: 0.25 h2o {} } }
+)pb";
+
+TEST_F(ServerTest, CompressWithAPresetEqualsTheLibraryWithItsOptions) {
+  ServerOptions so;
+  so.policy_presets = WritePresets(kServerPresets);
+  StartServer(so);
+  EXPECT_EQ(server_->presets(), 2u);
+  TestCache c = MakeCache(DType::kFloat16, Layout::kHND, 3, 2, 2, 97, 16, 8, false, 7);
+  CompressOptions soft = DefaultOptions(PolicyKind::kMeda);
+  soft.budget.rho = 0.1;
+  soft.budget.tau = 5;
+  soft.merge = MergeMode::kNone;
+  for (double rho : {0.0, 0.4}) {
+    CompressOptions want_options = soft;
+    if (rho > 0) want_options.budget.rho = rho;
+    absl::StatusOr<CompressResult> want = Compress(c.input, want_options, *MakeCpuBackend());
+    ASSERT_TRUE(want.ok()) << want.status();
+    RemoteOptions r;
+    r.preset = "soft";
+    r.preset_rho = rho;
+    absl::StatusOr<RemoteResult> got = CompressRemote(*stub_, c.input, CompressOptions{}, r);
+    ASSERT_TRUE(got.ok()) << got.status();
+    ExpectSameResult(got->result, *want);
+    // The summary says what ran: the preset and every option.
+    const v1::Policy& ran = got->summary.policy();
+    EXPECT_EQ(ran.preset(), "soft");
+    ASSERT_TRUE(ran.has_meda());
+    EXPECT_EQ(ran.rho(), want_options.budget.rho);
+    EXPECT_EQ(ran.meda().tau(), 5);
+    EXPECT_EQ(ran.meda().select().merge(), v1::MERGE_MODE_NONE);
+  }
+  // Without a preset the summary names none, and carries the options too.
+  CompressOptions h2o = DefaultOptions(PolicyKind::kH2O);
+  absl::StatusOr<RemoteResult> plain = CompressRemote(*stub_, c.input, h2o);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_EQ(plain->summary.policy().preset(), "");
+  EXPECT_TRUE(plain->summary.policy().has_h2o());
+  EXPECT_EQ(plain->summary.policy().rho(), 0.2);
+  // An unknown name, and a preset with a kind.
+  RemoteOptions unknown;
+  unknown.preset = "sharp";
+  absl::StatusOr<RemoteResult> bad = CompressRemote(*stub_, c.input, CompressOptions{}, unknown);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(bad.status().message()).find("no such preset (this server has: soft, default)"),
+            std::string::npos)
+      << bad.status();
+  v1::CompressRequest both = ValidHeader();
+  both.mutable_header()->mutable_policy()->set_preset("soft");
+  both.mutable_header()->mutable_policy()->mutable_h2o();
+  ExpectStatus(SendRaw(*stub_, {both}), grpc::StatusCode::INVALID_ARGUMENT, "both set");
+}
+
+TEST_F(ServerTest, CompressCacheWithoutAPolicyUsesTheDefaultPreset) {
+  ServerOptions so;
+  so.policy_presets = WritePresets(kServerPresets);
+  StartServer(so);
+  TestCache c = MakeCache(DType::kFloat32, Layout::kNHD, 2, 2, 3, 64, 16, 6, false, 13);
+  ASSERT_TRUE(Put(*stub_, c, "with-default").ok());
+  CompressOptions h2o = DefaultOptions(PolicyKind::kH2O);
+  h2o.budget.rho = 0.25;
+  absl::StatusOr<CompressResult> want = Compress(c.input, h2o, *MakeCpuBackend());
+  ASSERT_TRUE(want.ok()) << want.status();
+  grpc::ClientContext ctx;
+  v1::CompressCacheRequest req;
+  req.set_cache_id("with-default");  // no policy at all
+  v1::CompressCacheResponse resp;
+  const grpc::Status s = stub_->CompressCache(&ctx, req, &resp);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(resp.summary().policy().preset(), "default");
+  EXPECT_TRUE(resp.summary().policy().has_h2o());
+  EXPECT_EQ(resp.summary().tokens_kept(), want->tokens_kept);
+  ASSERT_EQ(resp.layers_size(), 2);
+  for (int l = 0; l < 2; ++l) EXPECT_EQ(resp.layers(l).budget(), want->layers[l].budget);
+}
+
+TEST_F(ServerTest, StartFailsOnABadPresetsFile) {
+  ServerOptions o;
+  o.listen = "127.0.0.1:0";
+  o.backend = "cpu";
+  o.policy_presets = WritePresets("preset { name: \"a\" policy { h2o {} } }\npreset { name: \"a\" policy { h2o {} } }\n");
+  absl::StatusOr<std::unique_ptr<MedakvServer>> s = MedakvServer::Start(o);
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(s.status().message()).find(":2: preset 2 ('a'): the name is used"), std::string::npos)
+      << s.status();
+  o.policy_presets = absl::StrCat(testing::TempDir(), "/no-such-presets-file.txtpb");
+  EXPECT_EQ(MedakvServer::Start(o).status().code(), absl::StatusCode::kNotFound);
 }
 
 }  // namespace

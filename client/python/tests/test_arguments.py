@@ -14,6 +14,7 @@ import pytest
 from conftest import random_cache
 
 import medakv
+from medakv.v1 import medakv_pb2 as pb
 
 
 def good() -> Dict[str, Any]:
@@ -156,6 +157,15 @@ POLICY_CASES = [
     ("response_chunk_bytes", dict(response_chunk_bytes=100), ValueError,
      "response_chunk_bytes must be in [1024, 67108864] (0: the server's default), got 100"),
     ("layout", dict(layout="thd"), ValueError, "layout: expected 'hnd'"),
+    ("preset with a policy", dict(preset="soft"), ValueError,
+     "preset 'soft' selects the server's policy: pass policy=None with it (got policy='meda')"),
+    ("preset with an option", dict(policy=None, preset="soft", tau=2.0), ValueError,
+     "tau cannot be given with it (only rho can)"),
+    ("preset name", dict(policy=None, preset="Soft"), ValueError, "preset 'Soft': names are 1-64 characters"),
+    ("preset none", dict(policy=None, preset="none"), ValueError, "and not 'none'"),
+    ("preset too long", dict(policy=None, preset="a" * 65), ValueError, "names are 1-64 characters"),
+    ("preset type", dict(policy=None, preset=3), TypeError, "preset: expected a str, got int"),
+    ("preset rho", dict(policy=None, preset="soft", rho=0.0), ValueError, "rho must be in (0, 1], got 0.0"),
 ]
 
 
@@ -166,6 +176,15 @@ def test_bad_policy_or_call_option_is_refused_before_sending(fake, kwargs, exc, 
         with pytest.raises(exc, match=re.escape(fragment)):
             client.compress(**good(), **kwargs)
     assert servicer.calls == []
+
+
+def test_preset_messages():
+    assert medakv.build_policy(None, None, preset="soft") == pb.Policy(preset="soft", rho=0.0)
+    assert medakv.build_policy(None, 0.5, preset="a.b-c_9") == pb.Policy(preset="a.b-c_9", rho=0.5)
+    # Options given as None are not given.
+    assert medakv.build_policy(None, None, {"tau": None}, preset="soft") == pb.Policy(preset="soft")
+    # No preset: policy None is meda, rho None is 0.2.
+    assert medakv.build_policy(None, None) == medakv.build_policy("meda", 0.2)
 
 
 def test_options_given_as_none_keep_the_defaults():

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any, Dict
 
+import grpc
 import numpy as np
 import pytest
 from cache_file import FILE_DTYPE, read, write_cache
@@ -230,3 +231,51 @@ def test_torch_tensors_match_numpy(client):
             assert b.positions.dtype == torch.int32
             assert raw(a.key) == raw(b.key) and raw(a.value) == raw(b.value)
             assert raw(a.positions) == raw(b.positions)
+
+
+PRESETS = """
+preset { name: "soft" policy { rho: 0.1 meda { tau: 5 select { merge: MERGE_MODE_NONE } } } }
+preset { name: "default" policy { rho: 0.3 h2o {} } }
+"""
+
+
+@pytest.fixture(scope="module")
+def preset_client(start_server, tmp_path_factory):
+    path = tmp_path_factory.mktemp("presets") / "presets.txtpb"
+    path.write_text(PRESETS)
+    with medakv.Client(start_server(f"--policy_presets={path}").address, timeout=120) as c:
+        yield c
+
+
+def test_preset_equals_its_options(preset_client):
+    cache = random_cache(21, dtype="float16", tokens=150)
+    want = preset_client.compress(**cache, policy="meda", rho=0.1, tau=5.0, merge="none")
+    got = preset_client.compress(**cache, policy=None, rho=None, preset="soft")
+    assert [raw(r.key) for r in got.layers] == [raw(r.key) for r in want.layers]
+    assert [raw(r.positions) for r in got.layers] == [raw(r.positions) for r in want.layers]
+    ran = got.summary.policy
+    assert ran.preset == "soft" and ran.WhichOneof("kind") == "meda"
+    assert ran.rho == pytest.approx(0.1) and ran.meda.tau == 5
+    assert want.summary.policy.preset == ""
+    # rho replaces the preset's.
+    half = preset_client.compress(**cache, policy=None, rho=0.5, preset="soft")
+    assert half.summary.policy.rho == 0.5 and half.kept_fraction == pytest.approx(0.5, abs=0.01)
+    # The server's own "default" preset.
+    default = preset_client.compress(**cache, policy=None, rho=None, preset="default")
+    assert default.summary.policy.WhichOneof("kind") == "h2o" and default.summary.policy.rho == pytest.approx(0.3)
+
+
+def test_unknown_preset_is_the_servers_error(preset_client):
+    cache = random_cache(22, dtype="float16")
+    with pytest.raises(medakv.MedakvError) as e:
+        preset_client.compress(**cache, policy=None, preset="sharp")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no such preset (this server has: soft, default)" in e.value.details()
+
+
+def test_compress_cache_with_a_preset(preset_client):
+    cache = random_cache(23, dtype="float32", tokens=120)
+    preset_client.put_cache("preset-cache", **cache, overwrite=True)
+    result = preset_client.compress_cache("preset-cache", policy=None, rho=None, preset="soft")
+    assert result.summary.policy.preset == "soft"
+    assert result.summary.tokens_kept == round(0.1 * 3 * 120)

@@ -147,7 +147,8 @@ class Client:
 
     def compress(self, keys: Any, values: Any, queries: Any = None, *, query_positions: Any = None,
                  scores: Any = None, entropy: Any = None, modality: Any = None, layout: str = "hnd",
-                 policy: str = "meda", rho: float = 0.2, timeout: Optional[float] = None,
+                 policy: Optional[str] = "meda", rho: Optional[float] = 0.2, preset: Optional[str] = None,
+                 timeout: Optional[float] = None,
                  chunk_bytes: Optional[int] = None, response_chunk_bytes: Optional[int] = None,
                  **options: "Unpack[PolicyOptions]") -> CompressResult:
         """Compresses one prompt's KV cache on the server; nothing is stored there.
@@ -179,6 +180,11 @@ class Client:
             policy: "meda" (default), "full", "streaming_llm", "h2o",
                 "snapkv", "pyramidkv" or "look_m".
             rho: fraction of the cache to keep, in (0, 1].
+            preset: a policy preset of the server (``medakv-server
+                --policy_presets``, docs/presets.md) instead of ``policy``
+                and its options: pass ``policy=None``; ``rho`` replaces the
+                preset's (``rho=None``: the preset's). The summary's
+                ``policy`` says what the server ran.
             timeout: deadline in seconds (default: the client's).
             chunk_bytes, response_chunk_bytes: override the client's.
             **options: the policy's options (``medakv.options``): tau,
@@ -199,7 +205,7 @@ class Client:
             TypeError, ValueError: a bad argument, before anything is sent.
             MedakvError: the call failed (gRPC status and message).
         """
-        policy_message = build_policy(policy, rho, options, caller="compress")
+        policy_message = build_policy(policy, rho, options, preset=preset, caller="compress")
         cache = prepare_cache(keys, values, queries, query_positions=query_positions, scores=scores,
                               entropy=entropy, modality=modality, layout=layout, need_stats=True)
         timeout = self._call_timeout(timeout)
@@ -283,12 +289,12 @@ class Client:
             raise self._error(e, "PutCache") from None
         return _cache_info(response.info)
 
-    def compress_cache(self, cache_id: str, policy: str = "meda", rho: float = 0.2, *,
-                       timeout: Optional[float] = None,
+    def compress_cache(self, cache_id: str, policy: Optional[str] = "meda", rho: Optional[float] = 0.2, *,
+                       preset: Optional[str] = None, timeout: Optional[float] = None,
                        **options: "Unpack[PolicyOptions]") -> CompressCacheResult:
         """Compresses a stored cache in place with the statistics it was stored with (``CompressCache``).
 
-        ``policy``, ``rho`` and ``options`` as for ``compress``.
+        ``policy``, ``rho``, ``preset`` and ``options`` as for ``compress``.
         FAILED_PRECONDITION if the cache was stored without statistics or is
         already compressed; NOT_FOUND for an unknown id. Returns the entry's
         new ``CacheInfo``, the per-layer budgets and the summary; fetch the
@@ -296,7 +302,8 @@ class Client:
         """
         cache_id = _check_cache_id(cache_id)
         request = pb.CompressCacheRequest(cache_id=cache_id,
-                                          policy=build_policy(policy, rho, options, caller="compress_cache"))
+                                          policy=build_policy(policy, rho, options, preset=preset,
+                                                              caller="compress_cache"))
         timeout = self._call_timeout(timeout)
         try:
             response = self._stub.CompressCache(request, timeout=timeout, wait_for_ready=self._wait_for_ready)
@@ -543,7 +550,7 @@ def _summary(s: pb.CompressSummary) -> CompressSummary:
     t = s.times
     return CompressSummary(
         tokens_in=int(s.tokens_in), tokens_kept=int(s.tokens_kept), bytes_in=int(s.bytes_in),
-        bytes_out=int(s.bytes_out), backend=s.backend,
+        bytes_out=int(s.bytes_out), backend=s.backend, policy=pb.Policy.FromString(s.policy.SerializeToString()),
         times=StageTimes(t.receive_seconds, t.statistics_seconds, t.allocate_seconds, t.select_merge_seconds,
                          t.send_seconds))
 

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from typing import Any, Dict, Mapping, Tuple, TypedDict
 
 from .v1 import medakv_pb2 as pb
 
-__all__ = ["OPTIONS", "POLICIES", "PolicyOptions", "build_policy", "options_of"]
+__all__ = ["OPTIONS", "POLICIES", "PolicyOptions", "build_policy", "check_preset", "options_of"]
 
 #: Every policy, by the name the CLI and the server use.
 POLICIES: Tuple[str, ...] = ("full", "meda", "streaming_llm", "h2o", "snapkv", "pyramidkv", "look_m")
@@ -142,8 +143,21 @@ def check_rho(rho: object) -> float:
     return r
 
 
-def build_policy(policy: str = "meda", rho: float = 0.2, options: Mapping[str, Any] | None = None,
-                 *, caller: str = "build_policy") -> pb.Policy:
+_PRESET_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+
+
+def check_preset(preset: object) -> str:
+    """A server preset's name (docs/presets.md): 1-64 of [a-z0-9_.-], starting with a letter or digit, not "none"."""
+    if not isinstance(preset, str):
+        raise TypeError(f"preset: expected a str, got {type(preset).__name__}")
+    if not _PRESET_NAME.fullmatch(preset) or preset == "none":
+        raise ValueError(f"preset {preset!r}: names are 1-64 characters of [a-z0-9_.-], starting with a lower-case "
+                         "letter or a digit, and not 'none'")
+    return preset
+
+
+def build_policy(policy: str | None = "meda", rho: float | None = 0.2, options: Mapping[str, Any] | None = None,
+                 *, preset: str | None = None, caller: str = "build_policy") -> pb.Policy:
     """The ``medakv.v1.Policy`` message for ``policy``, ``rho`` and ``options``.
 
     Only the options given (and not None) are set; the server fills in the
@@ -151,9 +165,24 @@ def build_policy(policy: str = "meda", rho: float = 0.2, options: Mapping[str, A
     name or a value of the wrong type, ValueError for an unknown policy, an
     option the policy does not take, or a value out of range (the message
     names the option and the range).
+
+    With ``preset``, the message selects that preset of the server
+    (``medakv-server --policy_presets``) instead: ``policy`` must be None and
+    no option may be given; ``rho`` (when not None) replaces the preset's.
+    ``policy=None`` without a preset is "meda"; ``rho=None`` is 0.2.
     """
-    name = _policy_name(policy)
-    message = pb.Policy(rho=check_rho(rho))
+    if preset is not None:
+        check_preset(preset)
+        if policy is not None:
+            raise ValueError(f"preset {preset!r} selects the server's policy: pass policy=None with it "
+                             f"(got policy={policy!r})")
+        given_options = sorted(k for k, v in (options or {}).items() if v is not None)
+        if given_options:
+            raise ValueError(f"preset {preset!r} selects the server's policy and its options; "
+                             f"{', '.join(given_options)} cannot be given with it (only rho can)")
+        return pb.Policy(preset=preset, rho=0.0 if rho is None else check_rho(rho))
+    name = _policy_name("meda" if policy is None else policy)
+    message = pb.Policy(rho=check_rho(0.2 if rho is None else rho))
     given = {k: v for k, v in (options or {}).items() if v is not None}
     for k in given:
         if k not in OPTIONS:

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Tuple
 
+from .v1 import medakv_pb2 as pb
+
 __all__ = [
     "CacheInfo",
     "CacheShape",
@@ -92,6 +94,9 @@ class CompressSummary:
     bytes_out: int
     times: StageTimes
     backend: str
+    #: The policy the server ran: its kind and every option (rho included),
+    #: and in ``policy.preset`` the server preset that gave it ("" when none).
+    policy: pb.Policy = field(default_factory=pb.Policy)
 
 
 @dataclass

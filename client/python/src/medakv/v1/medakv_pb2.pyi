@@ -223,8 +223,9 @@ class LookMPolicy(_message.Message):
     def __init__(self, select: _Optional[_Union[SelectOptions, _Mapping]] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("rho", "full", "meda", "streaming_llm", "h2o", "snapkv", "pyramidkv", "look_m")
+    __slots__ = ("rho", "preset", "full", "meda", "streaming_llm", "h2o", "snapkv", "pyramidkv", "look_m")
     RHO_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
     FULL_FIELD_NUMBER: _ClassVar[int]
     MEDA_FIELD_NUMBER: _ClassVar[int]
     STREAMING_LLM_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +234,7 @@ class Policy(_message.Message):
     PYRAMIDKV_FIELD_NUMBER: _ClassVar[int]
     LOOK_M_FIELD_NUMBER: _ClassVar[int]
     rho: float
+    preset: str
     full: FullPolicy
     meda: MedaPolicy
     streaming_llm: StreamingLlmPolicy
@@ -240,7 +242,23 @@ class Policy(_message.Message):
     snapkv: SnapKVPolicy
     pyramidkv: PyramidKVPolicy
     look_m: LookMPolicy
-    def __init__(self, rho: _Optional[float] = ..., full: _Optional[_Union[FullPolicy, _Mapping]] = ..., meda: _Optional[_Union[MedaPolicy, _Mapping]] = ..., streaming_llm: _Optional[_Union[StreamingLlmPolicy, _Mapping]] = ..., h2o: _Optional[_Union[H2OPolicy, _Mapping]] = ..., snapkv: _Optional[_Union[SnapKVPolicy, _Mapping]] = ..., pyramidkv: _Optional[_Union[PyramidKVPolicy, _Mapping]] = ..., look_m: _Optional[_Union[LookMPolicy, _Mapping]] = ...) -> None: ...
+    def __init__(self, rho: _Optional[float] = ..., preset: _Optional[str] = ..., full: _Optional[_Union[FullPolicy, _Mapping]] = ..., meda: _Optional[_Union[MedaPolicy, _Mapping]] = ..., streaming_llm: _Optional[_Union[StreamingLlmPolicy, _Mapping]] = ..., h2o: _Optional[_Union[H2OPolicy, _Mapping]] = ..., snapkv: _Optional[_Union[SnapKVPolicy, _Mapping]] = ..., pyramidkv: _Optional[_Union[PyramidKVPolicy, _Mapping]] = ..., look_m: _Optional[_Union[LookMPolicy, _Mapping]] = ...) -> None: ...
+
+class PolicyPreset(_message.Message):
+    __slots__ = ("name", "description", "policy")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    policy: Policy
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ...) -> None: ...
+
+class PolicyPresets(_message.Message):
+    __slots__ = ("preset",)
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    preset: _containers.RepeatedCompositeFieldContainer[PolicyPreset]
+    def __init__(self, preset: _Optional[_Iterable[_Union[PolicyPreset, _Mapping]]] = ...) -> None: ...
 
 class SharedMemoryRef(_message.Message):
     __slots__ = ("region", "offset", "length")
@@ -321,20 +339,22 @@ class StageTimes(_message.Message):
     def __init__(self, receive_seconds: _Optional[float] = ..., statistics_seconds: _Optional[float] = ..., allocate_seconds: _Optional[float] = ..., select_merge_seconds: _Optional[float] = ..., send_seconds: _Optional[float] = ...) -> None: ...
 
 class CompressSummary(_message.Message):
-    __slots__ = ("tokens_in", "tokens_kept", "bytes_in", "bytes_out", "times", "backend")
+    __slots__ = ("tokens_in", "tokens_kept", "bytes_in", "bytes_out", "times", "backend", "policy")
     TOKENS_IN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_KEPT_FIELD_NUMBER: _ClassVar[int]
     BYTES_IN_FIELD_NUMBER: _ClassVar[int]
     BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
     TIMES_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     tokens_in: int
     tokens_kept: int
     bytes_in: int
     bytes_out: int
     times: StageTimes
     backend: str
-    def __init__(self, tokens_in: _Optional[int] = ..., tokens_kept: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., times: _Optional[_Union[StageTimes, _Mapping]] = ..., backend: _Optional[str] = ...) -> None: ...
+    policy: Policy
+    def __init__(self, tokens_in: _Optional[int] = ..., tokens_kept: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., times: _Optional[_Union[StageTimes, _Mapping]] = ..., backend: _Optional[str] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ...) -> None: ...
 
 class CompressResponse(_message.Message):
     __slots__ = ("layer", "chunk", "summary")
