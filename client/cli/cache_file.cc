@@ -214,13 +214,23 @@ absl::StatusOr<std::unique_ptr<LoadedCache>> LoadCache(safetensors::File file, L
   return cache;
 }
 
+ElementType ElementTypeOf(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return ElementType::kF16;
+    case DType::kBFloat16:
+      return ElementType::kBF16;
+    case DType::kFloat32:
+      return ElementType::kF32;
+  }
+  return ElementType::kF32;
+}
+
 absl::Status WriteCompressed(const CompressResult& result, const CacheInput& input,
                              const std::vector<std::pair<std::string, std::string>>& metadata,
                              const std::string& path, int64_t first_layer) {
   safetensors::Writer w;
-  const ElementType kv_type = input.dtype == DType::kFloat16   ? ElementType::kF16
-                              : input.dtype == DType::kBFloat16 ? ElementType::kBF16
-                                                                : ElementType::kF32;
+  const ElementType kv_type = ElementTypeOf(input.dtype);
   const int64_t layers = static_cast<int64_t>(result.layers.size());
   std::vector<float> entropy(layers), alpha(layers);
   std::vector<int32_t> budget(layers);

@@ -25,6 +25,9 @@
 
 namespace medakv {
 
+// The safetensors element type of a key/value/query dtype (F16, BF16, F32).
+safetensors::ElementType ElementTypeOf(DType dtype);
+
 // A CacheInput whose views point into an open file (or into aligned copies
 // of tensors whose bytes are not aligned to their element size).
 struct LoadedCache {

@@ -29,6 +29,7 @@
 #include "client/cli/progress.h"
 #include "client/cli/remote_commands.h"
 #include "client/cli/synth.h"
+#include "client/cli/tune_command.h"
 #include "client/cpp/client.h"
 #include "kernels/common/status.h"
 #include "kernels/common/tensor_util.h"
@@ -494,6 +495,8 @@ int Main(int argc, char** argv) {
   AddSynthCommand(app, synth);
   EvalFlags eval;
   AddEvalCommand(app, eval);
+  TuneFlags tune;
+  AddTuneCommand(app, tune);
   RemoteCommands remote;
   AddRemoteCommands(app, remote);
   try {
@@ -508,6 +511,8 @@ int Main(int argc, char** argv) {
     status = RunSynth(synth);
   } else if (app.got_subcommand("eval")) {
     status = RunEval(eval);
+  } else if (app.got_subcommand("tune")) {
+    status = RunTune(tune);
   } else if (const std::optional<int> code = RunRemoteCommand(app, remote)) {
     return *code;
   }

@@ -116,9 +116,31 @@ PY
 
 # Starts a server logging to $1; prints its port once it listens (empty if it
 # does not within 10 s) and leaves its pid in $started_pid.
+# tune on the checked-in real cache (and its future queries): a table, JSON and a presets file.
+real=$(cd "$(dirname "$0")/../data" && pwd)/smollm2_short.safetensors
+out=$("$medakv" tune "$real" --grid baselines --rhos 0.2,0.1 -o "$dir/tuned.txtpb" --default-rho 0.2 2>&1)
+if [ $? -eq 0 ] && echo "$out" | grep -q "^best at rho 0.1: " && echo "$out" | grep -q "best baseline (" &&
+  grep -q 'name: "tuned-r0.2"' "$dir/tuned.txtpb" && grep -q 'name: "default"' "$dir/tuned.txtpb"; then
+  ok "tune: table and presets file"
+else
+  bad "tune: $out"
+fi
+json=$("$medakv" tune "$real" --grid baselines --rhos 0.2 --json 2>&1)
+if python3 -c 'import json,sys; j=json.load(sys.stdin); assert len(j["runs"])==6 and j["best"][0]["rho"]==0.2 and j["samples"][0]["future"].endswith("smollm2_short.future.safetensors"), j' <<<"$json"; then
+  tuned_best=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["best"][0]["candidate"].split()[0])' <<<"$json")
+  ok "tune --json (best at 0.2: $tuned_best)"
+else
+  bad "tune --json: $json"
+fi
+expect_error "tune: unknown grid" "unknown grid" tune "$real" --grid huge
+expect_error "tune: default rho not tuned" "--default-rho 0.3 is not one of the tuned rhos" tune "$real" --grid baselines \
+  --rhos 0.2 -o "$dir/t.txtpb" --default-rho 0.3
+"$medakv" synth -o "$dir/pre_tune.safetensors" --layers 2 --tokens 50 --q-tokens 8 --precomputed >/dev/null
+expect_error "tune: precomputed cache" "tuning needs the queries" tune "$dir/pre_tune.safetensors"
 cat >"$dir/presets.txtpb" <<'EOF'
 preset { name: "soft" description: "meda, flatter budgets, no merge" policy { rho: 0.1 meda { tau: 5 select { merge: MERGE_MODE_NONE } } } }
 EOF
+cat "$dir/tuned.txtpb" >>"$dir/presets.txtpb"
 start_server() {
   local log=$1 port=
   "$server_bin" --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 --backend=cpu --shutdown_grace=1s \
@@ -207,7 +229,13 @@ else
   else
     bad "compress --preset --rho: $out"
   fi
-  expect_error "unknown preset" "no such preset (this server has: soft)" compress "$dir/in.safetensors" \
+  json=$("$medakv" compress "$dir/in.safetensors" -o "$dir/remote_tuned.safetensors" --preset tuned-r0.2 --server "$addr" --json 2>&1)
+  if python3 -c 'import json,sys; j=json.load(sys.stdin); assert j["preset"]=="tuned-r0.2" and j["policy"]==sys.argv[1] and j["rho"]==0.2, j' "$tuned_best" <<<"$json"; then
+    ok "compress --preset of a tune presets file"
+  else
+    bad "compress --preset of a tune presets file ($tuned_best): $json"
+  fi
+  expect_error "unknown preset" "no such preset (this server has: soft, tuned-r0.1, tuned-r0.2, default)" compress "$dir/in.safetensors" \
     -o "$dir/o.safetensors" --preset sharp --server "$addr"
   expect_error "preset with a policy option" "--tau cannot be combined with it" compress "$dir/in.safetensors" \
     -o "$dir/o.safetensors" --preset soft --tau 2 --server "$addr"
