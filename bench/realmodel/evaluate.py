@@ -45,7 +45,7 @@ from models import log  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-POLICIES = ["full", "streaming_llm", "h2o", "snapkv", "pyramidkv", "look_m", "meda"]
+POLICIES = ["full", "streaming_llm", "h2o", "snapkv", "pyramidkv", "look_m", "meda", "amber"]
 RHOS = [0.05, 0.1, 0.2, 0.5]
 
 

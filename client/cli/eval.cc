@@ -387,7 +387,7 @@ absl::StatusOr<std::vector<EvalResult>> Evaluate(const CacheInput& input, int64_
 
 std::vector<PolicyKind> AllPolicies() {
   return {PolicyKind::kFull,      PolicyKind::kStreamingLlm, PolicyKind::kH2O, PolicyKind::kSnapKV,
-          PolicyKind::kPyramidKV, PolicyKind::kLookM,        PolicyKind::kMeda};
+          PolicyKind::kPyramidKV, PolicyKind::kLookM,        PolicyKind::kMeda,  PolicyKind::kAmber};
 }
 
 absl::StatusOr<std::vector<PolicyKind>> ParsePolicyList(absl::string_view list) {

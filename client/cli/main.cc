@@ -66,7 +66,7 @@ struct EvalFlags {
   SynthFlags synth_flags;  // with --synth: the generated cache (its output and layout unused)
   std::string layout = "hnd";
   int64_t holdout = 16;
-  std::string policies = "full,streaming_llm,h2o,snapkv,pyramidkv,look_m,meda";
+  std::string policies = "full,streaming_llm,h2o,snapkv,pyramidkv,look_m,meda,amber";
   std::string rhos = "0.05,0.1,0.2,0.5";
   std::string csv, layers_csv;
   bool json = false;

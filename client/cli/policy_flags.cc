@@ -11,7 +11,7 @@ CLI::Option* PolicyFlags::Opt(CLI::App* app, const std::string& name, auto& valu
 void PolicyFlags::Add(CLI::App* app, bool with_policy) {
   if (with_policy) {
     policy_opt_ =
-        app->add_option("--policy", policy_, "full | meda | streaming_llm | h2o | snapkv | pyramidkv | look_m")
+        app->add_option("--policy", policy_, "full | meda | streaming_llm | h2o | snapkv | pyramidkv | look_m | amber")
             ->capture_default_str();
   }
   const CompressOptions d;
@@ -21,7 +21,8 @@ void PolicyFlags::Add(CLI::App* app, bool with_policy) {
   alpha_max_ = Opt(app, "--alpha-max", v_.budget.alpha_max, "meda: upper clamp of alpha_l [1.0]");
   exact_total_ = app->add_flag("--exact-total{true}", v_.budget.exact_total,
                                "meda: budgets sum to round(rho*L*T) exactly; =false: clamp and floor [true]");
-  recent_ = Opt(app, "--recent-fraction", v_.recent_fraction, "Share of B_l kept as the most recent tokens [0.5]");
+  recent_ = Opt(app, "--recent-fraction", v_.recent_fraction,
+                "Share of B_l kept as the most recent tokens [0.5; amber 0.375]");
   entropy_heads_opt_ = Opt(app, "--entropy-heads", entropy_heads_, "meda: mean_attention | mean_entropy");
   entropy_source_opt_ = Opt(app, "--entropy-source", entropy_source_, "meda: cross_modal | causal");
   text_prior_opt_ = Opt(app, "--text-prior", text_prior_, "additive | keep_all_text | none (policy's default)");
@@ -29,16 +30,19 @@ void PolicyFlags::Add(CLI::App* app, bool with_policy) {
   merge_threshold_opt_ = Opt(app, "--merge-threshold", merge_threshold_, "none | mean [none]");
   shared_ = app->add_flag("--shared-selection{true}", v_.shared_selection, "One kept set for all heads of a layer");
   scale_ = Opt(app, "--scale", v_.scale, "Logit scale (0: 1/sqrt(head_dim)) [0]");
-  sinks_ = Opt(app, "--sinks", v_.sinks, "streaming_llm: attention sinks kept [4]");
+  sinks_ = Opt(app, "--sinks", v_.sinks, "streaming_llm, amber: attention sinks kept [4; amber 0]");
   window_ = Opt(app, "--window", v_.window, "snapkv, pyramidkv: observation window in query rows [64]");
   pool_kernel_ = Opt(app, "--pool-kernel", v_.pool_kernel, "snapkv, pyramidkv: average pooling kernel [5]");
   beta_ = Opt(app, "--pyramid-beta", v_.pyramid_beta, "pyramidkv: min budget = (C - w) / beta [20]");
+  score_norm_opt_ = Opt(app, "--score-norm", score_norm_, "amber: sum | visible_mean [visible_mean]");
+  layer_budget_opt_ = Opt(app, "--layer-budget", layer_budget_, "amber: uniform | mass | entropy [uniform]");
 }
 
 std::string PolicyFlags::FirstGiven(bool with_rho) const {
   for (const CLI::Option* opt : {policy_opt_, rho_, tau_, alpha_min_, alpha_max_, exact_total_, recent_,
                                  entropy_heads_opt_, entropy_source_opt_, text_prior_opt_, merge_opt_,
-                                 merge_threshold_opt_, shared_, scale_, sinks_, window_, pool_kernel_, beta_}) {
+                                 merge_threshold_opt_, shared_, scale_, sinks_, window_, pool_kernel_, beta_,
+                                 score_norm_opt_, layer_budget_opt_}) {
     if (opt == nullptr || opt->count() == 0 || (opt == rho_ && !with_rho)) continue;
     return opt->get_name();
   }
@@ -79,6 +83,12 @@ absl::StatusOr<CompressOptions> PolicyFlags::Resolve(PolicyKind policy) const {
   }
   if (given(merge_threshold_opt_)) {
     MEDAKV_ASSIGN_OR_RETURN(o.merge_threshold, ParseMergeThreshold(merge_threshold_));
+  }
+  if (given(score_norm_opt_)) {
+    MEDAKV_ASSIGN_OR_RETURN(o.score_norm, ParseScoreNorm(score_norm_));
+  }
+  if (given(layer_budget_opt_)) {
+    MEDAKV_ASSIGN_OR_RETURN(o.layer_budget, ParseLayerBudget(layer_budget_));
   }
   MEDAKV_RETURN_IF_ERROR(ValidateOptions(o));
   return o;

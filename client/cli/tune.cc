@@ -28,10 +28,34 @@ TuneCandidate Variant(PolicyKind policy, const std::function<void(CompressOption
   return TuneCandidate{CandidateName(o), o};
 }
 
+void AddAmberVariants(std::vector<TuneCandidate>* c, const std::vector<ScoreNorm>& norms,
+                      const std::vector<LayerBudget>& budgets, const std::vector<double>& recent,
+                      const std::vector<int64_t>& sinks) {
+  std::set<std::string> seen;
+  for (const TuneCandidate& t : *c) seen.insert(t.name);
+  for (ScoreNorm n : norms) {
+    for (LayerBudget b : budgets) {
+      for (double f : recent) {
+        for (int64_t s : sinks) {
+          TuneCandidate t = Variant(PolicyKind::kAmber, [=](CompressOptions& o) {
+            o.score_norm = n;
+            o.layer_budget = b;
+            if (b == LayerBudget::kEntropy) o.budget.tau = 5;
+            o.recent_fraction = f;
+            o.sinks = s;
+          });
+          if (seen.insert(t.name).second) c->push_back(t);
+        }
+      }
+    }
+  }
+}
+
+// Every policy at its own defaults (amber included; the others are the baselines).
 std::vector<TuneCandidate> Baselines() {
   std::vector<TuneCandidate> c;
   for (PolicyKind p : {PolicyKind::kStreamingLlm, PolicyKind::kH2O, PolicyKind::kSnapKV, PolicyKind::kPyramidKV,
-                       PolicyKind::kLookM, PolicyKind::kMeda}) {
+                       PolicyKind::kLookM, PolicyKind::kMeda, PolicyKind::kAmber}) {
     c.push_back(TuneCandidate{PolicyName(p), DefaultOptions(p)});
   }
   return c;
@@ -60,6 +84,9 @@ std::vector<TuneCandidate> QuickGrid() {
     o.merge = MergeMode::kNone;
     o.text_prior = TextPrior::kNone;
   }));
+  AddAmberVariants(&c, {ScoreNorm::kVisibleMean, ScoreNorm::kSum},
+                   {LayerBudget::kUniform, LayerBudget::kMass, LayerBudget::kEntropy}, {0.375, 0.25}, {0});
+  AddAmberVariants(&c, {ScoreNorm::kVisibleMean}, {LayerBudget::kUniform}, {0.5}, {0, 4});
   return c;
 }
 
@@ -113,10 +140,17 @@ std::vector<TuneCandidate> FullGrid() {
       }));
     }
   }
+  AddAmberVariants(&c, {ScoreNorm::kVisibleMean, ScoreNorm::kSum},
+                   {LayerBudget::kUniform, LayerBudget::kMass, LayerBudget::kEntropy}, {0.125, 0.25, 0.5, 0.75},
+                   {0, 4, 16});
   return c;
 }
 
-bool IsBaseline(const TuneCandidate& c) { return c.name == PolicyName(c.options.policy); }
+// The published policies at their own defaults (amber, this project's, is not one).
+bool IsBaseline(const TuneCandidate& c) {
+  return c.options.policy != PolicyKind::kAmber && c.name == PolicyName(c.options.policy);
+}
+
 
 // The lowest-error baseline row at rho index i (rows of that rho are
 // [begin, end)); nullptr when no baseline ran.
@@ -225,6 +259,8 @@ std::string CandidateName(const CompressOptions& o) {
   add(o.window != d.window, "window", absl::StrCat(o.window));
   add(o.pool_kernel != d.pool_kernel, "pool-kernel", absl::StrCat(o.pool_kernel));
   add(o.pyramid_beta != d.pyramid_beta, "pyramid-beta", Num(o.pyramid_beta));
+  add(o.score_norm != d.score_norm, "score-norm", ScoreNormName(o.score_norm));
+  add(o.layer_budget != d.layer_budget, "layer-budget", LayerBudgetName(o.layer_budget));
   return name;
 }
 

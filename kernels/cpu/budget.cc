@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
@@ -138,6 +139,67 @@ absl::StatusOr<std::vector<int64_t>> PyramidBudgets(int64_t layers, int64_t toke
     share[l] = w + max_b - static_cast<double>(l) * (max_b - min_b) / static_cast<double>(layers - 1);
   }
   return RoundSharesToTotal(share, total, 1, tokens);
+}
+
+absl::StatusOr<LayerBudgets> AllocateMassBudgets(const std::vector<std::vector<float>>& scores, int64_t kv_heads,
+                                                 int64_t tokens, const BudgetOptions& o) {
+  if (absl::Status s = ValidateBudgetOptions(o); !s.ok()) return s;
+  if (scores.empty()) return absl::InvalidArgumentError("budgets: no layers");
+  if (tokens <= 0 || kv_heads <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("budgets: tokens and kv_heads must be > 0, got ", tokens, " and ", kv_heads));
+  }
+  const int64_t layers = static_cast<int64_t>(scores.size());
+  const int64_t lo = BudgetLow(o.alpha_min, tokens);
+  const int64_t hi = BudgetHigh(o.alpha_max, tokens, lo);
+  const int64_t n = std::clamp<int64_t>(TargetTotal(o.rho, layers, tokens), layers * lo, layers * hi);
+  // gain[l][k]: the mean over heads of their (k+1)-th largest normalised score.
+  std::vector<std::vector<double>> gain(layers, std::vector<double>(tokens, 0.0));
+  std::vector<double> sorted(tokens);
+  for (int64_t l = 0; l < layers; ++l) {
+    if (static_cast<int64_t>(scores[l].size()) != kv_heads * tokens) {
+      return absl::InvalidArgumentError(absl::StrCat("budgets: layer ", l, " has ", scores[l].size(),
+                                                     " scores, expected kv_heads x tokens = ", kv_heads * tokens));
+    }
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      double total = 0.0;
+      for (int64_t t = 0; t < tokens; ++t) {
+        const float s = scores[l][h * tokens + t];
+        if (!(s >= 0.f) || !std::isfinite(s)) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("budgets: layer ", l, " head ", h, " token ", t, ": score ", s, " (must be finite, >= 0)"));
+        }
+        sorted[t] = s;
+        total += s;
+      }
+      if (total <= 0.0) continue;
+      std::sort(sorted.begin(), sorted.end(), std::greater<double>());
+      for (int64_t k = 0; k < tokens; ++k) gain[l][k] += sorted[k] / total / static_cast<double>(kv_heads);
+    }
+  }
+  // The n - L lo largest gains of tokens lo+1 .. hi (0-based k in [lo, hi)).
+  struct Slot {
+    double gain;
+    int64_t layer, k;
+  };
+  std::vector<Slot> slots;
+  slots.reserve(static_cast<size_t>(layers * (hi - lo)));
+  for (int64_t l = 0; l < layers; ++l) {
+    for (int64_t k = lo; k < hi; ++k) slots.push_back({gain[l][k], l, k});
+  }
+  const size_t extra = static_cast<size_t>(n - layers * lo);
+  auto before = [](const Slot& a, const Slot& b) {
+    if (a.gain != b.gain) return a.gain > b.gain;
+    if (a.k != b.k) return a.k < b.k;  // equal gains: spread over the layers
+    return a.layer < b.layer;
+  };
+  if (extra < slots.size()) std::nth_element(slots.begin(), slots.begin() + extra, slots.end(), before);
+  LayerBudgets out;
+  out.budget.assign(layers, lo);
+  for (size_t i = 0; i < extra && i < slots.size(); ++i) ++out.budget[slots[i].layer];
+  out.alpha.resize(layers);
+  for (int64_t l = 0; l < layers; ++l) out.alpha[l] = static_cast<double>(out.budget[l]) / static_cast<double>(tokens);
+  return out;
 }
 
 int64_t TargetTotal(double rho, int64_t layers, int64_t tokens) {

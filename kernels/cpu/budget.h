@@ -32,6 +32,24 @@ struct LayerBudgets {
                                                                   int64_t tokens,
                                                                   const BudgetOptions& options);
 
+// Budgets that keep the most score mass (amber's layer_budget mass,
+// docs/amber.md). scores[l] is layer l's [kv_heads, tokens] non-negative
+// scores. Each head's scores are normalised to sum 1 (a head whose scores
+// sum to 0 counts as all zeros) and sorted from the largest; the gain of a
+// layer's k-th token is the mean over its heads of their k-th normalised
+// score. Every layer gets lo = max(1, ceil(alpha_min T)) tokens, and the
+// rest of the exact total n = round(rho L T) (clamped to [L lo, L hi], hi =
+// min(T, floor(alpha_max T))) goes to the largest gains of the tokens
+// lo+1 .. hi of each layer (equal gains: the smaller rank k first, then the
+// lower layer, so that equal layers get equal shares). As a layer's gains
+// never grow with k, this split keeps the most mean normalised mass for the
+// total. alpha_l = B_l / T. tau and exact_total are not used. INVALID_ARGUMENT
+// for no layer, tokens <= 0, a scores vector of another size, or a negative
+// or non-finite score.
+[[nodiscard]] absl::StatusOr<LayerBudgets> AllocateMassBudgets(const std::vector<std::vector<float>>& scores,
+                                                               int64_t kv_heads, int64_t tokens,
+                                                               const BudgetOptions& options);
+
 // Target total of the exact rule: round(rho * L * T).
 int64_t TargetTotal(double rho, int64_t layers, int64_t tokens);
 

@@ -44,7 +44,7 @@ const char* EnumName(E v, const std::pair<const char*, E> (&names)[N]) {
 constexpr std::pair<const char*, PolicyKind> kPolicies[] = {
     {"full", PolicyKind::kFull},       {"meda", PolicyKind::kMeda},           {"streaming_llm", PolicyKind::kStreamingLlm},
     {"h2o", PolicyKind::kH2O},         {"snapkv", PolicyKind::kSnapKV},       {"pyramidkv", PolicyKind::kPyramidKV},
-    {"look_m", PolicyKind::kLookM}};
+    {"look_m", PolicyKind::kLookM},    {"amber", PolicyKind::kAmber}};
 constexpr std::pair<const char*, EntropyHeads> kEntropyHeads[] = {
     {"mean_attention", EntropyHeads::kMeanAttention}, {"mean_entropy", EntropyHeads::kMeanEntropy}};
 constexpr std::pair<const char*, EntropySource> kEntropySources[] = {
@@ -57,6 +57,10 @@ constexpr std::pair<const char*, MergeMode> kMergeModes[] = {{"average", MergeMo
                                                              {"none", MergeMode::kNone}};
 constexpr std::pair<const char*, MergeThreshold> kMergeThresholds[] = {{"none", MergeThreshold::kNone},
                                                                        {"mean", MergeThreshold::kMean}};
+constexpr std::pair<const char*, ScoreNorm> kScoreNorms[] = {{"sum", ScoreNorm::kSum},
+                                                             {"visible_mean", ScoreNorm::kVisibleMean}};
+constexpr std::pair<const char*, LayerBudget> kLayerBudgets[] = {
+    {"uniform", LayerBudget::kUniform}, {"mass", LayerBudget::kMass}, {"entropy", LayerBudget::kEntropy}};
 
 }  // namespace
 
@@ -66,6 +70,8 @@ const char* EntropySourceName(EntropySource e) { return EnumName(e, kEntropySour
 const char* TextPriorName(TextPrior p) { return EnumName(p, kTextPriors); }
 const char* MergeModeName(MergeMode m) { return EnumName(m, kMergeModes); }
 const char* MergeThresholdName(MergeThreshold m) { return EnumName(m, kMergeThresholds); }
+const char* ScoreNormName(ScoreNorm n) { return EnumName(n, kScoreNorms); }
+const char* LayerBudgetName(LayerBudget b) { return EnumName(b, kLayerBudgets); }
 
 absl::StatusOr<PolicyKind> ParsePolicy(absl::string_view s) { return ParseEnum("policy", s, kPolicies); }
 absl::StatusOr<EntropyHeads> ParseEntropyHeads(absl::string_view s) {
@@ -78,6 +84,10 @@ absl::StatusOr<TextPrior> ParseTextPrior(absl::string_view s) { return ParseEnum
 absl::StatusOr<MergeMode> ParseMergeMode(absl::string_view s) { return ParseEnum("merge", s, kMergeModes); }
 absl::StatusOr<MergeThreshold> ParseMergeThreshold(absl::string_view s) {
   return ParseEnum("merge_threshold", s, kMergeThresholds);
+}
+absl::StatusOr<ScoreNorm> ParseScoreNorm(absl::string_view s) { return ParseEnum("score_norm", s, kScoreNorms); }
+absl::StatusOr<LayerBudget> ParseLayerBudget(absl::string_view s) {
+  return ParseEnum("layer_budget", s, kLayerBudgets);
 }
 
 CompressOptions DefaultOptions(PolicyKind policy) {
@@ -98,6 +108,15 @@ CompressOptions DefaultOptions(PolicyKind policy) {
       // LOOK-M: the paper's Eq. 8 and its code keep the union of text and top tokens.
       o.text_prior = TextPrior::kKeepAllText;
       o.merge = MergeMode::kPivotal;
+      break;
+    case PolicyKind::kAmber:
+      // docs/amber.md: the defaults that won on the tuning prompts (bench/FIDELITY.md, "amber").
+      o.text_prior = TextPrior::kNone;
+      o.merge = MergeMode::kNone;
+      o.score_norm = ScoreNorm::kVisibleMean;
+      o.layer_budget = LayerBudget::kUniform;
+      o.recent_fraction = 0.375;
+      o.sinks = 0;
       break;
   }
   return o;
@@ -125,6 +144,8 @@ absl::Status ValidateOptions(const CompressOptions& o) {
   if (!Known(o.text_prior, kTextPriors)) return absl::InvalidArgumentError("text_prior: unknown value");
   if (!Known(o.merge, kMergeModes)) return absl::InvalidArgumentError("merge: unknown value");
   if (!Known(o.merge_threshold, kMergeThresholds)) return absl::InvalidArgumentError("merge_threshold: unknown value");
+  if (!Known(o.score_norm, kScoreNorms)) return absl::InvalidArgumentError("score_norm: unknown value");
+  if (!Known(o.layer_budget, kLayerBudgets)) return absl::InvalidArgumentError("layer_budget: unknown value");
   return absl::OkStatus();
 }
 

@@ -22,6 +22,20 @@ enum class PolicyKind : uint8_t {
   kSnapKV = 4,        // uniform; pooled attention of the observation window, the window kept
   kPyramidKV = 5,     // SnapKV selection with pyramid (arithmetic) layer budgets
   kLookM = 6,         // uniform; keep-all-text prior, accumulated attention, recent half, PIVOTAL merge
+  kAmber = 7,         // this project's (docs/amber.md): visible-mean attention, sinks, recent window, layer budgets
+};
+
+// How the accumulated attention of a token becomes its score (amber).
+enum class ScoreNorm : uint8_t {
+  kSum = 0,          // H2O: the plain sum over the query rows and the group's heads
+  kVisibleMean = 1,  // the sum over the (row, head) pairs that can see the token: early tokens are not favoured
+};
+
+// How amber splits the total budget round(rho L T) across layers.
+enum class LayerBudget : uint8_t {
+  kUniform = 0,  // round(rho T) each
+  kMass = 1,     // to keep the most score mass (each layer's and head's scores normalised to sum 1)
+  kEntropy = 2,  // MEDA's softmax of the entropy (tau, entropy_source, entropy_heads)
 };
 
 struct CompressOptions {
@@ -44,6 +58,9 @@ struct CompressOptions {
   int64_t window = 64;       // snapkv, pyramidkv: observation window (last query rows)
   int64_t pool_kernel = 5;   // snapkv, pyramidkv: average pooling over positions (odd)
   double pyramid_beta = 20;  // pyramidkv: min = (C - w) / beta
+  // amber (docs/amber.md); the sinks above are kept too.
+  ScoreNorm score_norm = ScoreNorm::kSum;
+  LayerBudget layer_budget = LayerBudget::kUniform;
 };
 
 // The options a policy runs with when the request names only the policy:
@@ -62,6 +79,8 @@ const char* EntropySourceName(EntropySource e);
 const char* TextPriorName(TextPrior p);
 const char* MergeModeName(MergeMode m);
 const char* MergeThresholdName(MergeThreshold m);
+const char* ScoreNormName(ScoreNorm n);
+const char* LayerBudgetName(LayerBudget b);
 
 // Case-insensitive parsers; '-' and '_' are interchangeable.
 absl::StatusOr<PolicyKind> ParsePolicy(absl::string_view s);
@@ -70,5 +89,7 @@ absl::StatusOr<EntropySource> ParseEntropySource(absl::string_view s);
 absl::StatusOr<TextPrior> ParseTextPrior(absl::string_view s);
 absl::StatusOr<MergeMode> ParseMergeMode(absl::string_view s);
 absl::StatusOr<MergeThreshold> ParseMergeThreshold(absl::string_view s);
+absl::StatusOr<ScoreNorm> ParseScoreNorm(absl::string_view s);
+absl::StatusOr<LayerBudget> ParseLayerBudget(absl::string_view s);
 
 }  // namespace medakv

@@ -164,7 +164,7 @@ std::string StatisticsKey::ToString() const {
 }
 
 StatisticsKey StatisticsKeyFor(const CompressOptions& options) {
-  const PolicyPlan plan = PlanFor(options.policy);
+  const PolicyPlan plan = PlanFor(options);
   StatisticsKey key;
   key.computed = plan.scorer != Scorer::kNone || plan.budget == BudgetRule::kEntropy;
   if (!key.computed) return key;
@@ -182,6 +182,16 @@ StatisticsKey StatisticsKeyFor(const CompressOptions& options) {
 
 namespace {
 
+// The query rows' positions of a layer: its query_positions, else the last q_tokens.
+std::vector<int32_t> RowPositions(const LayerInput& layer, int64_t tokens) {
+  std::vector<int32_t> positions = layer.query_positions;
+  if (positions.empty()) {
+    positions.resize(layer.query.tokens);
+    std::iota(positions.begin(), positions.end(), static_cast<int32_t>(tokens - layer.query.tokens));
+  }
+  return positions;
+}
+
 // The observation window of a layer, in query rows (precomputed statistics: the option).
 int64_t WindowRows(const CacheInput& in, const LayerInput& layer, int64_t window) {
   return in.stats == StatsForm::kQueries ? std::min(window, layer.query.tokens) : window;
@@ -192,7 +202,7 @@ absl::StatusOr<Statistics> StatisticsStage(const CacheInput& in, const CompressO
                                            const Backend& backend, const std::atomic<bool>* cancelled) {
   auto stop = [cancelled] { return cancelled != nullptr && cancelled->load(std::memory_order_relaxed); };
   const auto t0 = std::chrono::steady_clock::now();
-  const PolicyPlan plan = PlanFor(options.policy);
+  const PolicyPlan plan = PlanFor(options);
   const int64_t layers = static_cast<int64_t>(in.layers.size());
   const int64_t kv_heads = in.kv_heads, tokens = in.tokens;
   const bool queries = in.stats == StatsForm::kQueries;
@@ -220,11 +230,7 @@ absl::StatusOr<Statistics> StatisticsStage(const CacheInput& in, const CompressO
       MEDAKV_RETURN_IF_ERROR(backend.ReduceScores(layer.scores, layer.score_heads, kv_heads, tokens, s.data()));
       st.entropy[l] = layer.entropy;
     } else {
-      std::vector<int32_t> positions = layer.query_positions;
-      if (positions.empty()) {
-        positions.resize(layer.query.tokens);
-        std::iota(positions.begin(), positions.end(), static_cast<int32_t>(tokens - layer.query.tokens));
-      }
+      const std::vector<int32_t> positions = RowPositions(layer, tokens);
       AttentionStatsArgs args;
       args.query = layer.query;
       args.query_positions = positions.data();
@@ -273,7 +279,7 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
   const absl::Status cancel_status = absl::CancelledError("compression cancelled");
   MEDAKV_RETURN_IF_ERROR(ValidateOptions(options));
   MEDAKV_RETURN_IF_ERROR(ValidateCacheInput(in));
-  const PolicyPlan plan = PlanFor(options.policy);
+  const PolicyPlan plan = PlanFor(options);
   const int64_t layers = static_cast<int64_t>(in.layers.size());
   const int64_t kv_heads = in.kv_heads, tokens = in.tokens;
   if (statistics != nullptr) {
@@ -319,7 +325,30 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
     statistics = &*computed;
     result.seconds.statistics = computed->seconds;
   }
-  const std::vector<std::vector<float>>& scores = statistics->scores;
+  // amber's visible-mean scores: each token's accumulated attention over the
+  // (row, head) pairs that can see it (query statistics only: precomputed
+  // scores are used as the worker computed them).
+  std::vector<std::vector<float>> normalized;
+  const bool visible_mean = options.score_norm == ScoreNorm::kVisibleMean && plan.scorer == Scorer::kAccumulated &&
+                            in.stats == StatsForm::kQueries;
+  if (visible_mean) {
+    normalized = statistics->scores;
+    const int64_t group = in.q_heads / kv_heads;
+    std::vector<int64_t> seen(tokens + 1);
+    for (int64_t l = 0; l < layers; ++l) {
+      // seen[t]: the rows at positions >= t.
+      std::fill(seen.begin(), seen.end(), 0);
+      for (int32_t p : RowPositions(in.layers[l], tokens)) ++seen[std::min<int64_t>(p, tokens - 1)];
+      for (int64_t t = tokens - 1; t > 0; --t) seen[t - 1] += seen[t];
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        float* s = normalized[l].data() + h * tokens;
+        for (int64_t t = 0; t < tokens; ++t) {
+          s[t] = seen[t] > 0 ? s[t] / static_cast<float>(group * seen[t]) : 0.f;
+        }
+      }
+    }
+  }
+  const std::vector<std::vector<float>>& scores = visible_mean ? normalized : statistics->scores;
   const std::vector<float>& entropy = statistics->entropy;
 
   // Stage 2: budgets across layers.
@@ -341,6 +370,11 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
       MEDAKV_ASSIGN_OR_RETURN(LayerBudgets b, AllocateEntropyBudgets(entropy, tokens, options.budget));
       budget = std::move(b.budget);
       alpha = std::move(b.alpha);
+      break;
+    }
+    case BudgetRule::kMass: {
+      MEDAKV_ASSIGN_OR_RETURN(LayerBudgets b, AllocateMassBudgets(scores, kv_heads, tokens, options.budget));
+      budget = std::move(b.budget);
       break;
     }
   }

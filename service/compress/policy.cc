@@ -2,8 +2,8 @@
 
 namespace medakv {
 
-PolicyPlan PlanFor(PolicyKind policy) {
-  switch (policy) {
+PolicyPlan PlanFor(const CompressOptions& options) {
+  switch (options.policy) {
     case PolicyKind::kFull:
       return FullPlan();
     case PolicyKind::kMeda:
@@ -18,6 +18,8 @@ PolicyPlan PlanFor(PolicyKind policy) {
       return PyramidKVPlan();
     case PolicyKind::kLookM:
       return LookMPlan();
+    case PolicyKind::kAmber:
+      return AmberPlan(options.layer_budget);
   }
   return FullPlan();  // unreachable: ValidateOptions rejects unknown policies
 }

@@ -13,6 +13,7 @@ enum class BudgetRule : uint8_t {
   kUniform,  // B_l = round(rho T)
   kPyramid,  // PyramidKV's arithmetic sequence, largest in layer 0
   kEntropy,  // MEDA's softmax of the cross-modal entropy (exact total by default)
+  kMass,     // amber: the split of the exact total that keeps the most normalised score mass
 };
 
 enum class Scorer : uint8_t {
@@ -34,8 +35,9 @@ struct PolicyPlan {
   bool use_sinks = false;  // keep the first options.sinks tokens
 };
 
-// The plan of options.policy; the other parameters come from the options.
-PolicyPlan PlanFor(PolicyKind policy);
+// The plan of options.policy; the other parameters come from the options
+// (amber's budget rule is its layer_budget option).
+PolicyPlan PlanFor(const CompressOptions& options);
 
 // One per file in policies/.
 PolicyPlan FullPlan();
@@ -45,5 +47,6 @@ PolicyPlan H2OPlan();
 PolicyPlan SnapKVPlan();
 PolicyPlan PyramidKVPlan();
 PolicyPlan LookMPlan();
+PolicyPlan AmberPlan(LayerBudget layer_budget);
 
 }  // namespace medakv

@@ -199,6 +199,57 @@ absl::Status ApplyMeda(const v1::MedaPolicy& m, CompressOptions* o) {
   return ApplySelect(m.select(), "policy.meda.select", o);
 }
 
+absl::Status ApplyAmber(const v1::AmberPolicy& a, CompressOptions* o) {
+  switch (a.score_norm()) {
+    case v1::SCORE_NORM_UNSPECIFIED:
+      break;
+    case v1::SCORE_NORM_SUM:
+      o->score_norm = ScoreNorm::kSum;
+      break;
+    case v1::SCORE_NORM_VISIBLE_MEAN:
+      o->score_norm = ScoreNorm::kVisibleMean;
+      break;
+    default:
+      return UnknownEnum("policy.amber.score_norm", a.score_norm());
+  }
+  switch (a.layer_budget()) {
+    case v1::LAYER_BUDGET_UNSPECIFIED:
+      break;
+    case v1::LAYER_BUDGET_UNIFORM:
+      o->layer_budget = LayerBudget::kUniform;
+      break;
+    case v1::LAYER_BUDGET_MASS:
+      o->layer_budget = LayerBudget::kMass;
+      break;
+    case v1::LAYER_BUDGET_ENTROPY:
+      o->layer_budget = LayerBudget::kEntropy;
+      break;
+    default:
+      return UnknownEnum("policy.amber.layer_budget", a.layer_budget());
+  }
+  if (a.has_sinks()) {
+    MEDAKV_RETURN_IF_ERROR(CheckInt("policy.amber.sinks", a.sinks(), 0, kMaxPolicyInt));
+    o->sinks = a.sinks();
+  }
+  // The budget and entropy fields mean what they mean for meda.
+  v1::MedaPolicy m;
+  if (a.has_tau()) m.set_tau(a.tau());
+  if (a.has_alpha_min()) m.set_alpha_min(a.alpha_min());
+  if (a.has_alpha_max()) m.set_alpha_max(a.alpha_max());
+  m.set_entropy_heads(a.entropy_heads());
+  m.set_entropy_source(a.entropy_source());
+  *m.mutable_select() = a.select();
+  absl::Status s = ApplyMeda(m, o);
+  if (!s.ok()) {
+    std::string message(s.message());
+    for (size_t at = message.find("policy.meda."); at != std::string::npos; at = message.find("policy.meda.", at)) {
+      message.replace(at, 12, "policy.amber.");
+    }
+    return absl::Status(s.code(), message);
+  }
+  return absl::OkStatus();
+}
+
 // ---- spans -----------------------------------------------------------------------
 
 absl::Status CheckSpans(const google::protobuf::RepeatedPtrField<v1::ModalitySpan>& spans, int64_t tokens) {
@@ -270,6 +321,9 @@ absl::StatusOr<CompressOptions> OptionsFromProto(const v1::Policy& policy) {
     case v1::Policy::kLookM:
       kind = PolicyKind::kLookM;
       break;
+    case v1::Policy::kAmber:
+      kind = PolicyKind::kAmber;
+      break;
   }
   CompressOptions o = DefaultOptions(kind);
   if (policy.rho() != 0.0) {
@@ -316,6 +370,9 @@ absl::StatusOr<CompressOptions> OptionsFromProto(const v1::Policy& policy) {
     }
     case v1::Policy::kLookM:
       MEDAKV_RETURN_IF_ERROR(ApplySelect(policy.look_m().select(), "policy.look_m.select", &o));
+      break;
+    case v1::Policy::kAmber:
+      MEDAKV_RETURN_IF_ERROR(ApplyAmber(policy.amber(), &o));
       break;
   }
   if (absl::Status s = ValidateOptions(o); !s.ok()) {
@@ -408,6 +465,23 @@ v1::Policy PolicyToProto(const CompressOptions& o) {
     case PolicyKind::kLookM:
       SelectToProto(o, p.mutable_look_m()->mutable_select());
       break;
+    case PolicyKind::kAmber: {
+      v1::AmberPolicy* a = p.mutable_amber();
+      a->set_score_norm(o.score_norm == ScoreNorm::kVisibleMean ? v1::SCORE_NORM_VISIBLE_MEAN : v1::SCORE_NORM_SUM);
+      a->set_layer_budget(o.layer_budget == LayerBudget::kMass      ? v1::LAYER_BUDGET_MASS
+                          : o.layer_budget == LayerBudget::kEntropy ? v1::LAYER_BUDGET_ENTROPY
+                                                                    : v1::LAYER_BUDGET_UNIFORM);
+      a->set_sinks(o.sinks);
+      a->set_tau(o.budget.tau);
+      a->set_alpha_min(o.budget.alpha_min);
+      a->set_alpha_max(o.budget.alpha_max);
+      a->set_entropy_heads(o.entropy_heads == EntropyHeads::kMeanEntropy ? v1::ENTROPY_HEADS_MEAN_ENTROPY
+                                                                         : v1::ENTROPY_HEADS_MEAN_ATTENTION);
+      a->set_entropy_source(o.entropy_source == EntropySource::kCausal ? v1::ENTROPY_SOURCE_CAUSAL
+                                                                       : v1::ENTROPY_SOURCE_CROSS_MODAL);
+      SelectToProto(o, a->mutable_select());
+      break;
+    }
   }
   return p;
 }

@@ -222,7 +222,7 @@ Metrics::Metrics(const std::string& version, const std::string& backend, const s
   // sees a series' increases only after its first sample.
   constexpr PolicyKind kPolicies[] = {PolicyKind::kFull, PolicyKind::kMeda,   PolicyKind::kStreamingLlm,
                                       PolicyKind::kH2O,  PolicyKind::kSnapKV, PolicyKind::kPyramidKV,
-                                      PolicyKind::kLookM};
+                                      PolicyKind::kLookM, PolicyKind::kAmber};
   for (int i = 0; i < kNumMethods; ++i) {
     const Method m = static_cast<Method>(i);
     if (m == Method::kCompress || m == Method::kCompressCache) {

@@ -126,7 +126,7 @@ else
   bad "tune: $out"
 fi
 json=$("$medakv" tune "$real" --grid baselines --rhos 0.2 --json 2>&1)
-if python3 -c 'import json,sys; j=json.load(sys.stdin); assert len(j["runs"])==6 and j["best"][0]["rho"]==0.2 and j["samples"][0]["future"].endswith("smollm2_short.future.safetensors"), j' <<<"$json"; then
+if python3 -c 'import json,sys; j=json.load(sys.stdin); assert len(j["runs"])==7 and j["best"][0]["rho"]==0.2 and j["samples"][0]["future"].endswith("smollm2_short.future.safetensors"), j' <<<"$json"; then
   tuned_best=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["best"][0]["candidate"].split()[0])' <<<"$json")
   ok "tune --json (best at 0.2: $tuned_best)"
 else

@@ -468,7 +468,7 @@ TEST(EvaluateTest, InvalidOptionsNameTheRun) {
 // ---- Lists, verdicts, files ---------------------------------------------------------------
 
 TEST(EvalListsTest, ParsePolicies) {
-  absl::StatusOr<std::vector<PolicyKind>> p = ParsePolicyList("full,streaming_llm,h2o,snapkv,pyramidkv,look_m,meda");
+  absl::StatusOr<std::vector<PolicyKind>> p = ParsePolicyList("full,streaming_llm,h2o,snapkv,pyramidkv,look_m,meda,amber");
   ASSERT_TRUE(p.ok()) << p.status();
   EXPECT_EQ(*p, AllPolicies());
   p = ParsePolicyList("meda, H2O,meda,look-m");

@@ -241,6 +241,22 @@ void FuzzPolicy(const v1::Policy& policy) {
       MEDAKV_FUZZ_CHECK(o.policy == PolicyKind::kLookM, "policy kind");
       CheckSelect(policy.look_m().select(), o);
       break;
+    case v1::Policy::kAmber: {
+      const v1::AmberPolicy& a = policy.amber();
+      MEDAKV_FUZZ_CHECK(o.policy == PolicyKind::kAmber, "policy kind");
+      if (a.has_tau()) MEDAKV_FUZZ_CHECK(o.budget.tau == a.tau(), "tau not applied");
+      if (a.has_alpha_min()) MEDAKV_FUZZ_CHECK(o.budget.alpha_min == a.alpha_min(), "alpha_min not applied");
+      if (a.has_alpha_max()) MEDAKV_FUZZ_CHECK(o.budget.alpha_max == a.alpha_max(), "alpha_max not applied");
+      if (a.has_sinks()) MEDAKV_FUZZ_CHECK(o.sinks == a.sinks(), "sinks not applied");
+      if (a.score_norm() == v1::SCORE_NORM_SUM) MEDAKV_FUZZ_CHECK(o.score_norm == ScoreNorm::kSum, "score_norm");
+      if (a.layer_budget() == v1::LAYER_BUDGET_MASS) {
+        MEDAKV_FUZZ_CHECK(o.layer_budget == LayerBudget::kMass, "layer_budget");
+      }
+      MEDAKV_FUZZ_CHECK(o.budget.alpha_min <= o.budget.alpha_max, "alpha_min > alpha_max accepted");
+      MEDAKV_FUZZ_CHECK(o.sinks >= 0, "sinks ", o.sinks);
+      CheckSelect(a.select(), o);
+      break;
+    }
   }
   if (o.policy == PolicyKind::kSnapKV || o.policy == PolicyKind::kPyramidKV) {
     MEDAKV_FUZZ_CHECK(o.window >= 1 && o.pool_kernel >= 1 && o.pool_kernel % 2 == 1, "window ", o.window,

@@ -197,8 +197,8 @@ void CheckLoad(File file, Layout layout, size_t input_size) {
   if (elements > kMaxCompressElements) return;
   static constexpr PolicyKind kPolicies[] = {PolicyKind::kMeda,   PolicyKind::kFull,      PolicyKind::kStreamingLlm,
                                              PolicyKind::kH2O,    PolicyKind::kSnapKV,    PolicyKind::kPyramidKV,
-                                             PolicyKind::kLookM};
-  const CompressOptions options = DefaultOptions(kPolicies[input_size % 7]);
+                                             PolicyKind::kLookM,  PolicyKind::kAmber};
+  const CompressOptions options = DefaultOptions(kPolicies[input_size % 8]);
   absl::StatusOr<CompressResult> result = Compress(in, options, Cpu());
   MEDAKV_FUZZ_CHECK(result.ok(), "Compress of a loaded cache fails: ", result.status().ToString());
   fuzz::CheckResult(*result, in, options);

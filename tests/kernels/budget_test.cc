@@ -251,5 +251,102 @@ TEST(BudgetInvalidTest, RejectsBadOptionsAndInputs) {
   EXPECT_EQ(code(Options(0.2), {}), kInvalid);  // zero layers
 }
 
+// ---- AllocateMassBudgets (amber's layer_budget mass, docs/amber.md) ----------------
+
+absl::StatusOr<LayerBudgets> Mass(const std::vector<std::vector<float>>& scores, int64_t kv_heads, int64_t tokens,
+                                  double rho, double alpha_min = 0.01, double alpha_max = 1.0) {
+  return AllocateMassBudgets(scores, kv_heads, tokens, Options(rho, 1.0, true, alpha_min, alpha_max));
+}
+
+TEST(MassBudgetHandTest, ConcentratedLayersGiveTokensToSpreadOnes) {
+  // Layer 0: all mass on one token per head; layer 1: spread evenly over 10.
+  // rho 0.3 of 2 x 10: 6 tokens; lo = 1 each; layer 0's 2nd token gains 0, so
+  // the 4 left go to layer 1 (gain 0.1 each).
+  std::vector<float> peaked(2 * 10, 0.f), flat(2 * 10, 1.f);
+  peaked[3] = 5.f;
+  peaked[10 + 7] = 2.f;
+  absl::StatusOr<LayerBudgets> b = Mass({peaked, flat}, 2, 10, 0.3, 0.0);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(b->budget, (std::vector<int64_t>{1, 5}));
+  EXPECT_NEAR(b->alpha[1], 0.5, 1e-12);
+  // Equal layers: ties go to the lower layer first (round(0.25 * 3 * 10) = 8 = 3 + 3 + 2).
+  b = Mass({flat, flat, flat}, 2, 10, 0.25, 0.0);
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ(b->budget, (std::vector<int64_t>{3, 3, 2}));
+  // A head whose scores are all 0 adds no gain; alpha_min's floor still holds.
+  std::vector<float> zero(2 * 10, 0.f);
+  b = Mass({zero, flat}, 2, 10, 0.5, 0.2);
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ(b->budget, (std::vector<int64_t>{2, 8}));
+  // rho 1 keeps everything; alpha_max caps a layer.
+  b = Mass({peaked, flat}, 2, 10, 1.0);
+  EXPECT_EQ(b->budget, (std::vector<int64_t>{10, 10}));
+  b = Mass({peaked, flat}, 2, 10, 0.5, 0.0, 0.6);
+  EXPECT_EQ(b->budget, (std::vector<int64_t>{4, 6}));
+}
+
+TEST(MassBudgetSweepTest, MatchesTheGreedyReferenceAndKeepsTheTotal) {
+  test::Rng rng(77);
+  int cases = 0;
+  for (int64_t layers : {1, 3, 8}) {
+    for (int64_t kv_heads : {1, 3}) {
+      for (int64_t tokens : {1, 7, 97}) {
+        for (double rho : {0.05, 0.2, 0.5, 1.0}) {
+          for (auto [amin, amax] : {std::pair{0.01, 1.0}, std::pair{0.1, 0.5}, std::pair{0.0, 1.0}}) {
+            std::vector<std::vector<float>> scores(layers);
+            std::vector<std::vector<double>> ref(layers);
+            for (int64_t l = 0; l < layers; ++l) {
+              // Sharper layers further down; some ties (quantised values) and zero heads.
+              for (int64_t i = 0; i < kv_heads * tokens; ++i) {
+                const double u = rng.Uniform();
+                float v = static_cast<float>(std::pow(u, 1.0 + 3.0 * l) * 8.0);
+                if ((l + i) % 5 == 0) v = std::round(v);
+                if (l == 1 && i < tokens) v = 0.f;  // layer 1's first head: no mass
+                scores[l].push_back(v);
+                ref[l].push_back(v);
+              }
+            }
+            absl::StatusOr<LayerBudgets> b = Mass(scores, kv_heads, tokens, rho, amin, amax);
+            ASSERT_TRUE(b.ok()) << b.status();
+            const std::vector<int64_t> want = reference::RefMassBudgets(ref, kv_heads, tokens, rho, amin, amax);
+            const std::string at = absl::StrCat("L", layers, " H", kv_heads, " T", tokens, " rho ", rho, " clamps ",
+                                                amin, "-", amax);
+            EXPECT_EQ(b->budget, want) << at;
+            const int64_t lo = std::clamp<int64_t>(static_cast<int64_t>(std::ceil(amin * tokens)), 1, tokens);
+            const int64_t hi = std::max<int64_t>(lo, std::min<int64_t>(tokens, std::floor(amax * tokens)));
+            EXPECT_EQ(Sum(b->budget),
+                      std::clamp<int64_t>(reference::RoundHalfUp(rho * layers * tokens), layers * lo, layers * hi))
+                << at;
+            for (int64_t l = 0; l < layers; ++l) {
+              EXPECT_GE(b->budget[l], lo) << at;
+              EXPECT_LE(b->budget[l], hi) << at;
+              EXPECT_DOUBLE_EQ(b->alpha[l], static_cast<double>(b->budget[l]) / tokens) << at;
+            }
+            ++cases;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_EQ(cases, 3 * 2 * 3 * 4 * 3);
+}
+
+TEST(MassBudgetInvalidTest, RejectsBadInputs) {
+  const std::vector<float> ok(2 * 5, 1.f);
+  EXPECT_EQ(Mass({}, 2, 5, 0.2).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Mass({ok}, 2, 0, 0.2).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Mass({ok}, 0, 5, 0.2).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Mass({ok}, 2, 5, 1.5).status().code(), absl::StatusCode::kInvalidArgument);
+  absl::StatusOr<LayerBudgets> b = Mass({ok, std::vector<float>(9, 1.f)}, 2, 5, 0.2);
+  EXPECT_EQ(b.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(b.status().message()).find("layer 1 has 9 scores"), std::string::npos) << b.status();
+  std::vector<float> bad = ok;
+  bad[7] = -1.f;
+  b = Mass({ok, bad}, 2, 5, 0.2);
+  EXPECT_NE(std::string(b.status().message()).find("layer 1 head 1 token 2"), std::string::npos) << b.status();
+  bad[7] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_EQ(Mass({bad}, 2, 5, 0.2).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace medakv

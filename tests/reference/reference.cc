@@ -173,6 +173,51 @@ RefStats RefAttentionStats(const TensorView& query, const std::vector<int32_t>& 
   return out;
 }
 
+std::vector<double> RefVisibleMean(const std::vector<double>& scores, const std::vector<int32_t>& positions,
+                                   int64_t kv_heads, int64_t tokens, int64_t group) {
+  std::vector<double> out(scores.size(), 0.0);
+  for (int64_t t = 0; t < tokens; ++t) {
+    int64_t rows = 0;
+    for (int32_t p : positions) rows += p >= t ? 1 : 0;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      out[h * tokens + t] = rows == 0 ? 0.0 : scores[h * tokens + t] / static_cast<double>(group * rows);
+    }
+  }
+  return out;
+}
+
+std::vector<int64_t> RefMassBudgets(const std::vector<std::vector<double>>& scores, int64_t kv_heads,
+                                    int64_t tokens, double rho, double alpha_min, double alpha_max) {
+  const int64_t layers = static_cast<int64_t>(scores.size());
+  const int64_t lo = std::clamp<int64_t>(static_cast<int64_t>(std::ceil(alpha_min * tokens)), 1, tokens);
+  const int64_t hi = std::max<int64_t>(lo, std::min<int64_t>(tokens, static_cast<int64_t>(std::floor(alpha_max * tokens))));
+  const int64_t n = std::clamp<int64_t>(RoundHalfUp(rho * layers * tokens), layers * lo, layers * hi);
+  // gain[l][k]: mean over heads of the head's (k+1)-th largest score over its sum.
+  std::vector<std::vector<double>> gain(layers, std::vector<double>(tokens, 0.0));
+  for (int64_t l = 0; l < layers; ++l) {
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      std::vector<double> s(scores[l].begin() + h * tokens, scores[l].begin() + (h + 1) * tokens);
+      const double sum = std::accumulate(s.begin(), s.end(), 0.0);
+      if (sum <= 0.0) continue;
+      std::sort(s.begin(), s.end(), [](double a, double b) { return a > b; });
+      for (int64_t k = 0; k < tokens; ++k) gain[l][k] += s[k] / sum / static_cast<double>(kv_heads);
+    }
+  }
+  std::vector<int64_t> budget(layers, lo);
+  for (int64_t given = layers * lo; given < n; ++given) {
+    int64_t best = -1;
+    for (int64_t l = 0; l < layers; ++l) {
+      if (budget[l] >= hi) continue;
+      if (best < 0 || gain[l][budget[l]] > gain[best][budget[best]] ||
+          (gain[l][budget[l]] == gain[best][budget[best]] && budget[l] < budget[best])) {
+        best = l;
+      }
+    }
+    ++budget[best];
+  }
+  return budget;
+}
+
 RefBudgetResult RefBudgets(const std::vector<double>& entropies, int64_t tokens, double rho,
                            double tau, double alpha_min, double alpha_max, bool exact_total) {
   const int64_t layers = static_cast<int64_t>(entropies.size());

@@ -66,6 +66,23 @@ struct RefBudgetResult {
 RefBudgetResult RefBudgets(const std::vector<double>& entropies, int64_t tokens, double rho,
                            double tau, double alpha_min, double alpha_max, bool exact_total);
 
+// amber's visible-mean scores (docs/amber.md): scores [kv_heads, tokens]
+// (the accumulated attention, summed over the rows and the group's `group`
+// heads) divided by group * (the number of rows whose position is >= t);
+// 0 where no row sees t. positions: every query row's position.
+std::vector<double> RefVisibleMean(const std::vector<double>& scores, const std::vector<int32_t>& positions,
+                                   int64_t kv_heads, int64_t tokens, int64_t group);
+
+// amber's mass budgets (docs/amber.md), as a sequential greedy: every layer
+// starts at lo = max(1, ceil(alpha_min T)); then, one token at a time until
+// the total is clamp(round(rho L T), L lo, L hi), the layer whose next token
+// (its b-th largest normalised score, averaged over heads) is the largest
+// gets it (ties: the layer with fewer tokens so far, then the lower layer),
+// never above hi = min(T, floor(alpha_max T)).
+// scores[l]: [kv_heads, tokens] >= 0.
+std::vector<int64_t> RefMassBudgets(const std::vector<std::vector<double>>& scores, int64_t kv_heads,
+                                    int64_t tokens, double rho, double alpha_min, double alpha_max);
+
 // MEDA step 3. scores: [kv_heads, tokens]; modality: [tokens].
 // Returns kept positions [kv_heads, budget], ascending per head. With
 // `shared`, the raw scores are summed over heads, the prior is applied to the

@@ -51,6 +51,8 @@ void ExpectOptionsEq(const CompressOptions& a, const CompressOptions& b) {
   EXPECT_EQ(a.window, b.window);
   EXPECT_EQ(a.pool_kernel, b.pool_kernel);
   EXPECT_EQ(a.pyramid_beta, b.pyramid_beta);
+  EXPECT_EQ(a.score_norm, b.score_norm);
+  EXPECT_EQ(a.layer_budget, b.layer_budget);
 }
 
 // ---- policy --------------------------------------------------------------------
@@ -80,6 +82,9 @@ v1::Policy PolicyOf(PolicyKind kind) {
     case PolicyKind::kLookM:
       p.mutable_look_m();
       break;
+    case PolicyKind::kAmber:
+      p.mutable_amber();
+      break;
   }
   return p;
 }
@@ -99,12 +104,13 @@ std::vector<SelectCase> SelectCases() {
       {PolicyKind::kPyramidKV, "policy.pyramidkv.select",
        [](v1::Policy* p) { return p->mutable_pyramidkv()->mutable_select(); }},
       {PolicyKind::kLookM, "policy.look_m.select", [](v1::Policy* p) { return p->mutable_look_m()->mutable_select(); }},
+      {PolicyKind::kAmber, "policy.amber.select", [](v1::Policy* p) { return p->mutable_amber()->mutable_select(); }},
   };
 }
 
 const PolicyKind kAllPolicies[] = {PolicyKind::kFull, PolicyKind::kMeda,   PolicyKind::kStreamingLlm,
                                    PolicyKind::kH2O,  PolicyKind::kSnapKV, PolicyKind::kPyramidKV,
-                                   PolicyKind::kLookM};
+                                   PolicyKind::kLookM, PolicyKind::kAmber};
 
 TEST(OptionsFromProto, UnsetOneofIsMedaWithDefaults) {
   absl::StatusOr<CompressOptions> o = OptionsFromProto(v1::Policy());
@@ -438,6 +444,69 @@ TEST(OptionsFromProto, WindowAndPoolKernelOutOfRange) {
                      absl::StrCat(c.path, ".pool_kernel must be odd and in [1, 2147483647], got ", k));
     }
   }
+}
+
+TEST(OptionsFromProto, AmberEveryField) {
+  v1::Policy p = PolicyOf(PolicyKind::kAmber);
+  v1::AmberPolicy* a = p.mutable_amber();
+  a->set_score_norm(v1::SCORE_NORM_SUM);
+  a->set_layer_budget(v1::LAYER_BUDGET_ENTROPY);
+  a->set_sinks(3);
+  a->set_tau(4);
+  a->set_alpha_min(0.02);
+  a->set_alpha_max(0.8);
+  a->set_entropy_heads(v1::ENTROPY_HEADS_MEAN_ENTROPY);
+  a->set_entropy_source(v1::ENTROPY_SOURCE_CAUSAL);
+  a->mutable_select()->set_recent_fraction(0.25);
+  a->mutable_select()->set_merge(v1::MERGE_MODE_WEIGHTED);
+  absl::StatusOr<CompressOptions> o = OptionsFromProto(p);
+  ASSERT_TRUE(o.ok()) << o.status();
+  CompressOptions want = DefaultOptions(PolicyKind::kAmber);
+  want.score_norm = ScoreNorm::kSum;
+  want.layer_budget = LayerBudget::kEntropy;
+  want.sinks = 3;
+  want.budget.tau = 4;
+  want.budget.alpha_min = 0.02;
+  want.budget.alpha_max = 0.8;
+  want.entropy_heads = EntropyHeads::kMeanEntropy;
+  want.entropy_source = EntropySource::kCausal;
+  want.recent_fraction = 0.25;
+  want.merge = MergeMode::kWeighted;
+  ExpectOptionsEq(*o, want);
+  // Defaults: visible-mean scores, uniform budgets, no sinks, recent 0.375, no prior, no merge.
+  const CompressOptions d = DefaultOptions(PolicyKind::kAmber);
+  EXPECT_EQ(d.score_norm, ScoreNorm::kVisibleMean);
+  EXPECT_EQ(d.layer_budget, LayerBudget::kUniform);
+  EXPECT_EQ(d.sinks, 0);
+  EXPECT_EQ(d.recent_fraction, 0.375);
+  EXPECT_EQ(d.text_prior, TextPrior::kNone);
+  EXPECT_EQ(d.merge, MergeMode::kNone);
+  for (v1::LayerBudget b : {v1::LAYER_BUDGET_UNIFORM, v1::LAYER_BUDGET_MASS}) {
+    a->set_layer_budget(b);
+    o = OptionsFromProto(p);
+    ASSERT_TRUE(o.ok()) << o.status();
+    EXPECT_EQ(o->layer_budget, b == v1::LAYER_BUDGET_MASS ? LayerBudget::kMass : LayerBudget::kUniform);
+  }
+}
+
+TEST(OptionsFromProto, AmberErrorsNameAmbersFields) {
+  auto with = [](const std::function<void(v1::AmberPolicy*)>& f) {
+    v1::Policy p = PolicyOf(PolicyKind::kAmber);
+    f(p.mutable_amber());
+    return OptionsFromProto(p).status();
+  };
+  EXPECT_INVALID(with([](v1::AmberPolicy* a) { a->set_score_norm(static_cast<v1::ScoreNorm>(9)); }),
+                 "policy.amber.score_norm: unknown value 9");
+  EXPECT_INVALID(with([](v1::AmberPolicy* a) { a->set_layer_budget(static_cast<v1::LayerBudget>(7)); }),
+                 "policy.amber.layer_budget: unknown value 7");
+  EXPECT_INVALID(with([](v1::AmberPolicy* a) { a->set_sinks(-1); }), "policy.amber.sinks must be >= 0");
+  EXPECT_INVALID(with([](v1::AmberPolicy* a) { a->set_tau(0); }), "policy.amber.tau must be > 0");
+  EXPECT_INVALID(with([](v1::AmberPolicy* a) { a->set_alpha_min(0.5); a->set_alpha_max(0.25); }),
+                 "policy.amber.alpha_min (0.5) must not exceed policy.amber.alpha_max (0.25)");
+  EXPECT_INVALID(with([](v1::AmberPolicy* a) { a->mutable_select()->set_recent_fraction(2); }),
+                 "policy.amber.select.recent_fraction must be in [0, 1]");
+  EXPECT_INVALID(with([](v1::AmberPolicy* a) { a->set_entropy_source(static_cast<v1::EntropySource>(5)); }),
+                 "policy.amber.entropy_source: unknown value 5");
 }
 
 TEST(OptionsFromProto, PyramidKVBeta) {

@@ -24,7 +24,7 @@ namespace {
 
 constexpr PolicyKind kPolicies[] = {PolicyKind::kFull,  PolicyKind::kMeda,      PolicyKind::kStreamingLlm,
                                     PolicyKind::kH2O,   PolicyKind::kSnapKV,    PolicyKind::kPyramidKV,
-                                    PolicyKind::kLookM};
+                                    PolicyKind::kLookM, PolicyKind::kAmber};
 
 class PipelineCudaTest : public ::testing::TestWithParam<std::tuple<DType, Layout>> {
  protected:

@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/cpu/budget.h"
 #include "tests/kernels/test_util.h"
 #include "tests/service/test_cache.h"
 #include "tests/reference/reference.h"
@@ -341,6 +342,128 @@ TEST(ModalityFromSpansTest, ExpandsAndRejects) {
 
 namespace medakv {
 namespace {
+
+// ---- amber (docs/amber.md) against the reference ------------------------------
+
+struct AmberCase {
+  DType dtype;
+  Layout layout;
+  ScoreNorm norm;
+  LayerBudget budget;
+  bool explicit_positions;  // query rows at scattered positions instead of the last q_tokens
+};
+
+class AmberVsReferenceTest : public ::testing::TestWithParam<AmberCase> {};
+
+TEST_P(AmberVsReferenceTest, ScoresBudgetsAndSelectionMatch) {
+  const AmberCase& p = GetParam();
+  const int64_t layers = 4, kv_heads = 2, group = 3, tokens = 97, head_dim = 16, q_tokens = 12;
+  TestCache c = MakeCache(p.dtype, p.layout, layers, kv_heads, group, tokens, head_dim, q_tokens,
+                          test::VisualPattern::kMiddle, 31);
+  std::vector<int32_t> positions = reference::DefaultPositions(q_tokens, tokens);
+  if (p.explicit_positions) {
+    for (int64_t i = 0; i < q_tokens; ++i) positions[i] = static_cast<int32_t>(7 * i + 3);  // 3 .. 80
+    for (LayerInput& l : c.input.layers) l.query_positions = positions;
+  }
+  CompressOptions o = DefaultOptions(PolicyKind::kAmber);
+  o.budget.rho = 0.3;
+  o.score_norm = p.norm;
+  o.layer_budget = p.budget;
+  auto backend = MakeCpuBackend();
+  absl::StatusOr<CompressResult> r = Compress(c.input, o, *backend);
+  ASSERT_TRUE(r.ok()) << r.status();
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  std::vector<std::vector<double>> scores(layers);
+  for (int64_t l = 0; l < layers; ++l) {
+    const reference::RefStats rs =
+        reference::RefAttentionStats(c.queries[l].view(), positions, c.keys[l].view(), c.input.modality, scale,
+                                     o.entropy_heads, o.entropy_source, 0);
+    scores[l] = p.norm == ScoreNorm::kVisibleMean
+                    ? reference::RefVisibleMean(rs.scores, positions, kv_heads, tokens, group)
+                    : rs.scores;
+  }
+  std::vector<int64_t> want_budget(layers, reference::RoundHalfUp(0.3 * tokens));
+  if (p.budget == LayerBudget::kMass) {
+    want_budget = reference::RefMassBudgets(scores, kv_heads, tokens, 0.3, o.budget.alpha_min, o.budget.alpha_max);
+  }
+  int64_t total = 0;
+  for (int64_t l = 0; l < layers; ++l) {
+    const LayerResult& lr = r->layers[l];
+    EXPECT_EQ(lr.budget, want_budget[l]) << "layer " << l;
+    total += lr.budget;
+    const std::vector<int32_t> kept = reference::RefSelect(scores[l], c.input.modality, kv_heads, tokens, lr.budget,
+                                                           o.recent_fraction, TextPrior::kNone, false);
+    EXPECT_EQ(lr.positions, kept) << "layer " << l;
+    // No merge: the kept rows as they were.
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      for (int64_t j = 0; j < lr.budget; ++j) {
+        const TensorView& key = c.input.layers[l].key;
+        const TensorView out{lr.key.data(), p.dtype, p.layout, kv_heads, lr.budget, head_dim};
+        ASSERT_EQ(std::memcmp(out.Row(h, j), key.Row(h, lr.positions[h * lr.budget + j]),
+                              head_dim * DTypeSize(p.dtype)),
+                  0)
+            << "layer " << l << " head " << h << " row " << j;
+      }
+    }
+  }
+  EXPECT_EQ(total, reference::RoundHalfUp(0.3 * layers * tokens));
+}
+
+std::vector<AmberCase> AmberCases() {
+  std::vector<AmberCase> cases;
+  for (DType dt : test::kAllDTypes) {
+    for (Layout lay : test::kAllLayouts) {
+      cases.push_back({dt, lay, ScoreNorm::kVisibleMean, LayerBudget::kUniform, false});
+    }
+  }
+  cases.push_back({DType::kFloat32, Layout::kHND, ScoreNorm::kVisibleMean, LayerBudget::kUniform, true});
+  cases.push_back({DType::kFloat32, Layout::kHND, ScoreNorm::kVisibleMean, LayerBudget::kMass, false});
+  cases.push_back({DType::kFloat16, Layout::kNHD, ScoreNorm::kVisibleMean, LayerBudget::kMass, true});
+  cases.push_back({DType::kFloat32, Layout::kNHD, ScoreNorm::kSum, LayerBudget::kMass, false});
+  cases.push_back({DType::kBFloat16, Layout::kHND, ScoreNorm::kSum, LayerBudget::kUniform, true});
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, AmberVsReferenceTest, ::testing::ValuesIn(AmberCases()), [](const auto& info) {
+  const AmberCase& p = info.param;
+  return absl::StrCat(test::DTypeTag(p.dtype), test::LayoutTag(p.layout), ScoreNormName(p.norm), "_",
+                      LayerBudgetName(p.budget), p.explicit_positions ? "_Positions" : "_Last");
+});
+
+TEST(AmberTest, SinksPrecomputedScoresAndEntropyBudgets) {
+  auto backend = MakeCpuBackend();
+  TestCache c = MakeCache(DType::kFloat16, Layout::kHND, 3, 2, 2, 60, 16, 8, test::VisualPattern::kMiddle, 5);
+  CompressOptions o = DefaultOptions(PolicyKind::kAmber);
+  o.budget.rho = 0.1;
+  o.sinks = 3;
+  absl::StatusOr<CompressResult> r = Compress(c.input, o, *backend);
+  ASSERT_TRUE(r.ok()) << r.status();
+  for (const LayerResult& l : r->layers) {
+    for (int64_t h = 0; h < 2; ++h) {
+      for (int32_t t = 0; t < 3; ++t) EXPECT_EQ(l.positions[h * l.budget + t], t) << "sink " << t;
+    }
+  }
+  // Precomputed scores are taken as given: visible_mean and sum agree.
+  TestCache pre = test::MakeTestCache({.layers = 3, .tokens = 60, .precomputed = true, .seed = 6});
+  CompressOptions sum = DefaultOptions(PolicyKind::kAmber);
+  sum.score_norm = ScoreNorm::kSum;
+  absl::StatusOr<CompressResult> a = Compress(pre.input, DefaultOptions(PolicyKind::kAmber), *backend);
+  absl::StatusOr<CompressResult> b = Compress(pre.input, sum, *backend);
+  ASSERT_TRUE(a.ok() && b.ok());
+  test::ExpectSameResult(*a, *b);
+  // Entropy budgets are MEDA's rule on the layers' entropies.
+  CompressOptions ent = DefaultOptions(PolicyKind::kAmber);
+  ent.layer_budget = LayerBudget::kEntropy;
+  ent.budget.tau = 2;
+  ent.budget.rho = 0.3;
+  r = Compress(c.input, ent, *backend);
+  ASSERT_TRUE(r.ok()) << r.status();
+  std::vector<float> entropy;
+  for (const LayerResult& l : r->layers) entropy.push_back(l.entropy);
+  absl::StatusOr<LayerBudgets> want = AllocateEntropyBudgets(entropy, 60, ent.budget);
+  ASSERT_TRUE(want.ok());
+  for (size_t l = 0; l < 3; ++l) EXPECT_EQ(r->layers[l].budget, want->budget[l]) << "layer " << l;
+}
 
 // ---- the statistics stage alone, and statistics shared between runs ----------
 

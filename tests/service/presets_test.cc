@@ -222,6 +222,13 @@ std::vector<CompressOptions> VariedOptions() {
   CompressOptions s = DefaultOptions(PolicyKind::kStreamingLlm);
   s.sinks = 0;
   all.push_back(s);
+  CompressOptions a = DefaultOptions(PolicyKind::kAmber);
+  a.score_norm = ScoreNorm::kSum;
+  a.layer_budget = LayerBudget::kMass;
+  a.sinks = 7;
+  a.budget.alpha_min = 0.03;
+  all.push_back(a);
+  all.push_back(DefaultOptions(PolicyKind::kAmber));
   CompressOptions y = DefaultOptions(PolicyKind::kPyramidKV);
   y.window = 9;
   y.pool_kernel = 7;

@@ -99,6 +99,9 @@ def test_meda_matches_cli(client, cli_bin, tmp_path, dtype, layout):
               "entropy_source": "causal", "recent_fraction": 0.75, "text_prior": "keep_all_text",
               "shared_selection": True, "merge": "pivotal", "merge_threshold": "mean", "scale": 0.125}),
     ("meda", {"text_prior": "none", "merge": "none"}),
+    ("amber", {}),
+    ("amber", {"score_norm": "sum", "layer_budget": "mass", "sinks": 2, "recent_fraction": 0.25, "alpha_min": 0.05}),
+    ("amber", {"layer_budget": "entropy", "tau": 3.0, "entropy_source": "causal", "merge": "average"}),
 ])
 def test_every_policy_matches_cli(client, cli_bin, tmp_path, policy, options):
     cache = random_cache(2, dtype="float32", layout="nhd", tokens=131, q_tokens=9)

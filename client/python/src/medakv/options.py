@@ -7,18 +7,20 @@ convert.cc), so a request that passes them is not refused for its policy.
 
 | option | policies | values (default) |
 |---|---|---|
-| ``tau`` | meda | finite > 0 (1) |
-| ``alpha_min``, ``alpha_max`` | meda | [0, 1] (0.01), (0, 1] (1.0); alpha_min <= alpha_max |
+| ``tau`` | meda, amber | finite > 0 (1) |
+| ``alpha_min``, ``alpha_max`` | meda, amber | [0, 1] (0.01), (0, 1] (1.0); alpha_min <= alpha_max |
 | ``exact_total`` | meda | bool (True) |
-| ``entropy_heads`` | meda | "mean_attention", "mean_entropy" |
-| ``entropy_source`` | meda | "cross_modal", "causal" |
-| ``recent_fraction`` | meda, h2o, snapkv, pyramidkv, look_m | [0, 1] (0.5) |
+| ``entropy_heads`` | meda, amber | "mean_attention", "mean_entropy" |
+| ``entropy_source`` | meda, amber | "cross_modal", "causal" |
+| ``score_norm`` | amber | "sum", "visible_mean" (visible_mean) |
+| ``layer_budget`` | amber | "uniform", "mass", "entropy" (uniform) |
+| ``recent_fraction`` | meda, h2o, snapkv, pyramidkv, look_m, amber | [0, 1] (0.5; amber 0.375) |
 | ``text_prior`` | same | "additive", "keep_all_text", "none" (meda: additive, look_m: keep_all_text, others: none) |
 | ``shared_selection`` | same | bool (False) |
 | ``merge`` | same | "average", "pivotal", "weighted", "none" (meda: average, look_m: pivotal, others: none) |
 | ``merge_threshold`` | same | "none", "mean" (none) |
 | ``scale`` | same | finite >= 0; 0 means 1/sqrt(head_dim) (0) |
-| ``sinks`` | streaming_llm | int >= 0 (4) |
+| ``sinks`` | streaming_llm, amber | int >= 0 (4; amber 0) |
 | ``window`` | snapkv, pyramidkv | int >= 1 (64) |
 | ``pool_kernel`` | snapkv, pyramidkv | odd int >= 1 (5) |
 | ``pyramid_beta`` | pyramidkv | finite > 0 (20) |
@@ -36,7 +38,7 @@ from .v1 import medakv_pb2 as pb
 __all__ = ["OPTIONS", "POLICIES", "PolicyOptions", "build_policy", "check_preset", "options_of"]
 
 #: Every policy, by the name the CLI and the server use.
-POLICIES: Tuple[str, ...] = ("full", "meda", "streaming_llm", "h2o", "snapkv", "pyramidkv", "look_m")
+POLICIES: Tuple[str, ...] = ("full", "meda", "streaming_llm", "h2o", "snapkv", "pyramidkv", "look_m", "amber")
 
 _SELECT = ("recent_fraction", "text_prior", "shared_selection", "merge", "merge_threshold", "scale")
 _OPTIONS_OF: Dict[str, Tuple[str, ...]] = {
@@ -47,13 +49,15 @@ _OPTIONS_OF: Dict[str, Tuple[str, ...]] = {
     "snapkv": ("window", "pool_kernel") + _SELECT,
     "pyramidkv": ("window", "pool_kernel", "pyramid_beta") + _SELECT,
     "look_m": _SELECT,
+    "amber": ("score_norm", "layer_budget", "sinks", "tau", "alpha_min", "alpha_max", "entropy_heads",
+              "entropy_source") + _SELECT,
 }
 
 #: Every option name, in the order of the table above.
 OPTIONS: Tuple[str, ...] = (
     "tau", "alpha_min", "alpha_max", "exact_total", "entropy_heads", "entropy_source", "recent_fraction",
     "text_prior", "shared_selection", "merge", "merge_threshold", "scale", "sinks", "window", "pool_kernel",
-    "pyramid_beta",
+    "pyramid_beta", "score_norm", "layer_budget",
 )
 
 _ENUMS: Dict[str, Dict[str, int]] = {
@@ -64,6 +68,9 @@ _ENUMS: Dict[str, Dict[str, int]] = {
     "merge": {"average": pb.MERGE_MODE_AVERAGE, "pivotal": pb.MERGE_MODE_PIVOTAL, "weighted": pb.MERGE_MODE_WEIGHTED,
               "none": pb.MERGE_MODE_NONE},
     "merge_threshold": {"none": pb.MERGE_THRESHOLD_NONE, "mean": pb.MERGE_THRESHOLD_MEAN},
+    "score_norm": {"sum": pb.SCORE_NORM_SUM, "visible_mean": pb.SCORE_NORM_VISIBLE_MEAN},
+    "layer_budget": {"uniform": pb.LAYER_BUDGET_UNIFORM, "mass": pb.LAYER_BUDGET_MASS,
+                     "entropy": pb.LAYER_BUDGET_ENTROPY},
 }
 
 _INT32_MAX = 2**31 - 1
@@ -89,6 +96,8 @@ class PolicyOptions(TypedDict, total=False):
     window: int
     pool_kernel: int
     pyramid_beta: float
+    score_norm: str
+    layer_budget: str
 
 
 def options_of(policy: str) -> Tuple[str, ...]:
@@ -233,11 +242,15 @@ def build_policy(policy: str | None = "meda", rho: float | None = 0.2, options: 
             raise ValueError(f"{k} must be finite and > 0, got {given[k]}")
         return v
 
-    if name == "full":
-        message.full.SetInParent()
-    elif name == "meda":
-        m = message.meda
-        m.SetInParent()
+    def sinks(m: Any) -> None:
+        if "sinks" in given:
+            v = _int("sinks", given["sinks"])
+            if not (0 <= v <= _INT32_MAX):
+                raise ValueError(f"sinks must be in [0, {_INT32_MAX}], got {v}")
+            m.sinks = v
+
+    # The budget and entropy options of meda and amber.
+    def budget_and_entropy(m: Any) -> None:
         if "tau" in given:
             m.tau = positive("tau")
         alpha_min, alpha_max = 0.01, 1.0
@@ -261,14 +274,26 @@ def build_policy(policy: str | None = "meda", rho: float | None = 0.2, options: 
             m.entropy_heads = _enum("entropy_heads", given["entropy_heads"])  # type: ignore[assignment]
         if "entropy_source" in given:
             m.entropy_source = _enum("entropy_source", given["entropy_source"])  # type: ignore[assignment]
-        fill_select(m.select)
+
+    if name == "full":
+        message.full.SetInParent()
+    elif name == "meda":
+        message.meda.SetInParent()
+        budget_and_entropy(message.meda)
+        fill_select(message.meda.select)
+    elif name == "amber":
+        a = message.amber
+        a.SetInParent()
+        if "score_norm" in given:
+            a.score_norm = _enum("score_norm", given["score_norm"])  # type: ignore[assignment]
+        if "layer_budget" in given:
+            a.layer_budget = _enum("layer_budget", given["layer_budget"])  # type: ignore[assignment]
+        sinks(a)
+        budget_and_entropy(a)
+        fill_select(a.select)
     elif name == "streaming_llm":
         message.streaming_llm.SetInParent()
-        if "sinks" in given:
-            v = _int("sinks", given["sinks"])
-            if not (0 <= v <= _INT32_MAX):
-                raise ValueError(f"sinks must be in [0, {_INT32_MAX}], got {v}")
-            message.streaming_llm.sinks = v
+        sinks(message.streaming_llm)
     elif name == "h2o":
         message.h2o.SetInParent()
         fill_select(message.h2o.select)

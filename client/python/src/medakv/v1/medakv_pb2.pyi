@@ -64,6 +64,19 @@ class MergeThreshold(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MERGE_THRESHOLD_NONE: _ClassVar[MergeThreshold]
     MERGE_THRESHOLD_MEAN: _ClassVar[MergeThreshold]
 
+class ScoreNorm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCORE_NORM_UNSPECIFIED: _ClassVar[ScoreNorm]
+    SCORE_NORM_SUM: _ClassVar[ScoreNorm]
+    SCORE_NORM_VISIBLE_MEAN: _ClassVar[ScoreNorm]
+
+class LayerBudget(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LAYER_BUDGET_UNSPECIFIED: _ClassVar[LayerBudget]
+    LAYER_BUDGET_UNIFORM: _ClassVar[LayerBudget]
+    LAYER_BUDGET_MASS: _ClassVar[LayerBudget]
+    LAYER_BUDGET_ENTROPY: _ClassVar[LayerBudget]
+
 class TensorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TENSOR_KIND_UNSPECIFIED: _ClassVar[TensorKind]
@@ -105,6 +118,13 @@ MERGE_MODE_NONE: MergeMode
 MERGE_THRESHOLD_UNSPECIFIED: MergeThreshold
 MERGE_THRESHOLD_NONE: MergeThreshold
 MERGE_THRESHOLD_MEAN: MergeThreshold
+SCORE_NORM_UNSPECIFIED: ScoreNorm
+SCORE_NORM_SUM: ScoreNorm
+SCORE_NORM_VISIBLE_MEAN: ScoreNorm
+LAYER_BUDGET_UNSPECIFIED: LayerBudget
+LAYER_BUDGET_UNIFORM: LayerBudget
+LAYER_BUDGET_MASS: LayerBudget
+LAYER_BUDGET_ENTROPY: LayerBudget
 TENSOR_KIND_UNSPECIFIED: TensorKind
 TENSOR_KIND_KEY: TensorKind
 TENSOR_KIND_VALUE: TensorKind
@@ -222,8 +242,30 @@ class LookMPolicy(_message.Message):
     select: SelectOptions
     def __init__(self, select: _Optional[_Union[SelectOptions, _Mapping]] = ...) -> None: ...
 
+class AmberPolicy(_message.Message):
+    __slots__ = ("score_norm", "layer_budget", "sinks", "tau", "alpha_min", "alpha_max", "entropy_heads", "entropy_source", "select")
+    SCORE_NORM_FIELD_NUMBER: _ClassVar[int]
+    LAYER_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    SINKS_FIELD_NUMBER: _ClassVar[int]
+    TAU_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_MIN_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_MAX_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_HEADS_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SELECT_FIELD_NUMBER: _ClassVar[int]
+    score_norm: ScoreNorm
+    layer_budget: LayerBudget
+    sinks: int
+    tau: float
+    alpha_min: float
+    alpha_max: float
+    entropy_heads: EntropyHeads
+    entropy_source: EntropySource
+    select: SelectOptions
+    def __init__(self, score_norm: _Optional[_Union[ScoreNorm, str]] = ..., layer_budget: _Optional[_Union[LayerBudget, str]] = ..., sinks: _Optional[int] = ..., tau: _Optional[float] = ..., alpha_min: _Optional[float] = ..., alpha_max: _Optional[float] = ..., entropy_heads: _Optional[_Union[EntropyHeads, str]] = ..., entropy_source: _Optional[_Union[EntropySource, str]] = ..., select: _Optional[_Union[SelectOptions, _Mapping]] = ...) -> None: ...
+
 class Policy(_message.Message):
-    __slots__ = ("rho", "preset", "full", "meda", "streaming_llm", "h2o", "snapkv", "pyramidkv", "look_m")
+    __slots__ = ("rho", "preset", "full", "meda", "streaming_llm", "h2o", "snapkv", "pyramidkv", "look_m", "amber")
     RHO_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
     FULL_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +275,7 @@ class Policy(_message.Message):
     SNAPKV_FIELD_NUMBER: _ClassVar[int]
     PYRAMIDKV_FIELD_NUMBER: _ClassVar[int]
     LOOK_M_FIELD_NUMBER: _ClassVar[int]
+    AMBER_FIELD_NUMBER: _ClassVar[int]
     rho: float
     preset: str
     full: FullPolicy
@@ -242,7 +285,8 @@ class Policy(_message.Message):
     snapkv: SnapKVPolicy
     pyramidkv: PyramidKVPolicy
     look_m: LookMPolicy
-    def __init__(self, rho: _Optional[float] = ..., preset: _Optional[str] = ..., full: _Optional[_Union[FullPolicy, _Mapping]] = ..., meda: _Optional[_Union[MedaPolicy, _Mapping]] = ..., streaming_llm: _Optional[_Union[StreamingLlmPolicy, _Mapping]] = ..., h2o: _Optional[_Union[H2OPolicy, _Mapping]] = ..., snapkv: _Optional[_Union[SnapKVPolicy, _Mapping]] = ..., pyramidkv: _Optional[_Union[PyramidKVPolicy, _Mapping]] = ..., look_m: _Optional[_Union[LookMPolicy, _Mapping]] = ...) -> None: ...
+    amber: AmberPolicy
+    def __init__(self, rho: _Optional[float] = ..., preset: _Optional[str] = ..., full: _Optional[_Union[FullPolicy, _Mapping]] = ..., meda: _Optional[_Union[MedaPolicy, _Mapping]] = ..., streaming_llm: _Optional[_Union[StreamingLlmPolicy, _Mapping]] = ..., h2o: _Optional[_Union[H2OPolicy, _Mapping]] = ..., snapkv: _Optional[_Union[SnapKVPolicy, _Mapping]] = ..., pyramidkv: _Optional[_Union[PyramidKVPolicy, _Mapping]] = ..., look_m: _Optional[_Union[LookMPolicy, _Mapping]] = ..., amber: _Optional[_Union[AmberPolicy, _Mapping]] = ...) -> None: ...
 
 class PolicyPreset(_message.Message):
     __slots__ = ("name", "description", "policy")
