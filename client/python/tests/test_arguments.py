@@ -115,7 +115,7 @@ def test_bad_cache_is_refused_before_sending(fake, kwargs, exc, fragment):
 
 POLICY_CASES = [
     ("unknown policy", dict(policy="snapkv2"), ValueError,
-     "unknown policy 'snapkv2' (expected one of: full, meda, streaming_llm, h2o, snapkv, pyramidkv, look_m)"),
+     "unknown policy 'snapkv2' (expected one of: full, meda, streaming_llm, h2o, snapkv, pyramidkv, look_m, amber)"),
     ("policy type", dict(policy=3), TypeError, "policy: expected a str"),
     ("rho 0", dict(rho=0), ValueError, "rho must be in (0, 1], got 0"),
     ("rho 1.5", dict(rho=1.5), ValueError, "rho must be in (0, 1], got 1.5"),
@@ -123,7 +123,7 @@ POLICY_CASES = [
     ("rho str", dict(rho="0.2"), TypeError, "rho: expected a number, got str"),
     ("unknown option", dict(foo=1), TypeError, "compress() got an unexpected keyword argument 'foo'"),
     ("option of another policy", dict(sinks=2), ValueError,
-     "option 'sinks' does not apply to policy 'meda' (it is an option of streaming_llm)"),
+     "option 'sinks' does not apply to policy 'meda' (it is an option of streaming_llm, amber)"),
     ("option of full", dict(policy="full", merge="average"), ValueError,
      "option 'merge' does not apply to policy 'full'"),
     ("tau", dict(tau=0.0), ValueError, "tau must be finite and > 0, got 0.0"),

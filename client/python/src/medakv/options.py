@@ -271,9 +271,9 @@ def build_policy(policy: str | None = "meda", rho: float | None = 0.2, options: 
         if "exact_total" in given:
             m.exact_total = _bool("exact_total", given["exact_total"])
         if "entropy_heads" in given:
-            m.entropy_heads = _enum("entropy_heads", given["entropy_heads"])  # type: ignore[assignment]
+            m.entropy_heads = _enum("entropy_heads", given["entropy_heads"])
         if "entropy_source" in given:
-            m.entropy_source = _enum("entropy_source", given["entropy_source"])  # type: ignore[assignment]
+            m.entropy_source = _enum("entropy_source", given["entropy_source"])
 
     if name == "full":
         message.full.SetInParent()
