@@ -24,15 +24,29 @@ ProgressBar::ProgressBar(std::string label, bool enabled)
 
 ProgressBar::~ProgressBar() { Finish(); }
 
-void ProgressBar::Update(Transfer direction, int64_t done, int64_t total) {
-  if (!enabled_) return;
+bool ProgressBar::Due(bool last) {
+  if (!enabled_) return false;
   const auto now = std::chrono::steady_clock::now();
-  if (now - start_ < std::chrono::milliseconds(500)) return;
-  const bool last = total > 0 && done >= total;
-  if (drawn_ && !last && now - last_draw_ < std::chrono::milliseconds(100)) return;
+  if (now - start_ < std::chrono::milliseconds(500)) return false;
+  if (drawn_ && !last && now - last_draw_ < std::chrono::milliseconds(100)) return false;
   last_draw_ = now;
   drawn_ = true;
-  const double seconds = std::chrono::duration<double>(now - start_).count();
+  return true;
+}
+
+void ProgressBar::Draw(const std::string& line) {
+  const double seconds = std::chrono::duration<double>(last_draw_ - start_).count();
+  absl::FPrintF(stderr, "\r%s  %.1f s\033[K", line, seconds);
+  std::fflush(stderr);
+}
+
+void ProgressBar::UpdateCount(int64_t done, int64_t total, const std::string& unit) {
+  if (!Due(total > 0 && done >= total)) return;
+  Draw(absl::StrFormat("%s %d/%d %s", label_, done, total, unit));
+}
+
+void ProgressBar::Update(Transfer direction, int64_t done, int64_t total) {
+  if (!Due(total > 0 && done >= total)) return;
   const char* dir = direction == Transfer::kUpload ? "up" : "down";
   std::string line;
   if (total > 0) {
@@ -44,8 +58,7 @@ void ProgressBar::Update(Transfer direction, int64_t done, int64_t total) {
   } else {
     line = absl::StrFormat("%s %s %s", label_, dir, HumanBytes(done));
   }
-  absl::FPrintF(stderr, "\r%s  %.1f s\033[K", line, seconds);
-  std::fflush(stderr);
+  Draw(line);
 }
 
 ProgressCallback ProgressBar::Callback() {

@@ -23,6 +23,8 @@ class ProgressBar {
 
   // Redraws at most 10 times a second. total < 0: unknown.
   void Update(Transfer direction, int64_t done, int64_t total);
+  // The same for a count of things other than bytes: "LABEL 37/120 UNIT".
+  void UpdateCount(int64_t done, int64_t total, const std::string& unit);
   // A callback for medakv::CallOptions::progress that updates this bar
   // (nullptr when the bar is disabled).
   ProgressCallback Callback();
@@ -30,6 +32,12 @@ class ProgressBar {
   void Finish();
 
  private:
+  // Whether to draw now (enabled, past the first half second, and not within
+  // 100 ms of the last draw unless `last`); records the draw.
+  bool Due(bool last);
+  // Draws `line` and the time since the start.
+  void Draw(const std::string& line);
+
   const std::string label_;
   const bool enabled_;
   const std::chrono::steady_clock::time_point start_;

@@ -223,13 +223,10 @@ absl::StatusOr<LoadedSample> LoadSample(const std::string& cache_path, Layout la
           layout == Layout::kHND ? "[q_heads, rows, head_dim]" : "[rows, q_heads, head_dim]", " with q_heads=",
           in.q_heads, ", head_dim=", in.head_dim, ", rows >= 1 (the cache's dtype and layout)"));
     }
-    owned->bytes.emplace_back(static_cast<const uint8_t*>(q->data),
-                              static_cast<const uint8_t*>(q->data) + q->size_bytes);  // aligned copy
-  }
-  for (int64_t l = 0; l < layers; ++l) {
-    const int64_t rows = static_cast<int64_t>(owned->bytes[l].size()) / (in.q_heads * in.head_dim * DTypeSize(in.dtype));
-    out.sample.future.push_back(
-        TensorView{owned->bytes[l].data(), in.dtype, layout, in.q_heads, rows, in.head_dim});
+    // An aligned copy; its heap buffer stays where it is when `bytes` grows.
+    const std::vector<uint8_t>& copy = owned->bytes.emplace_back(
+        static_cast<const uint8_t*>(q->data), static_cast<const uint8_t*>(q->data) + q->size_bytes);
+    out.sample.future.push_back(TensorView{copy.data(), in.dtype, layout, in.q_heads, rows, in.head_dim});
   }
   out.sample.observed = in;
   out.future_source = future_path;

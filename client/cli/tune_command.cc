@@ -1,21 +1,18 @@
 #include "client/cli/tune_command.h"
 
-#include <unistd.h>
-
 #include <chrono>
-#include <cstdio>
 #include <iostream>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
-#include "kernels/common/tensor_util.h"
-
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "client/cli/progress.h"
 #include "client/cli/tune.h"
 #include "kernels/common/status.h"
+#include "kernels/common/tensor_util.h"
 #include "service/server/convert.h"
 #include "service/server/presets.h"
 
@@ -23,35 +20,6 @@ namespace medakv {
 
 
 namespace {
-
-// "tune 37/120 runs  12.3 s" on stderr when it is a terminal, at most 10 times a second.
-class RunCounter {
- public:
-  explicit RunCounter(bool enabled) : enabled_(enabled && isatty(STDERR_FILENO) == 1) {}
-  ~RunCounter() { Finish(); }
-  void Update(int64_t done, int64_t total) {
-    if (!enabled_) return;
-    const auto now = std::chrono::steady_clock::now();
-    if (drawn_ && done < total && now - last_ < std::chrono::milliseconds(100)) return;
-    last_ = now;
-    drawn_ = true;
-    absl::FPrintF(stderr, "\rtune %d/%d runs  %.1f s\033[K", done, total,
-                  std::chrono::duration<double>(now - start_).count());
-    std::fflush(stderr);
-  }
-  void Finish() {
-    if (!drawn_) return;
-    std::fputs("\r\033[K", stderr);
-    std::fflush(stderr);
-    drawn_ = false;
-  }
-
- private:
-  const bool enabled_;
-  const std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
-  std::chrono::steady_clock::time_point last_{};
-  bool drawn_ = false;
-};
 
 absl::StatusOr<std::vector<TuneCandidate>> Candidates(const TuneFlags& f) {
   if (f.candidates.empty()) return TuneGrid(f.grid);
@@ -106,10 +74,11 @@ absl::Status RunTune(TuneFlags& f) {
     loaded.push_back(std::move(s));
   }
   const std::unique_ptr<Backend> backend = MakeCpuBackend();
-  RunCounter counter(!f.no_progress && !f.json);
+  ProgressBar counter("tune", !f.no_progress && !f.json);
   const auto t0 = std::chrono::steady_clock::now();
   absl::StatusOr<TuneReport> report =
-      Tune(samples, candidates, rhos, *backend, [&](int64_t done, int64_t total) { counter.Update(done, total); });
+      Tune(samples, candidates, rhos, *backend,
+           [&](int64_t done, int64_t total) { counter.UpdateCount(done, total, "runs"); });
   counter.Finish();
   if (!report.ok()) return report.status();
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -153,25 +153,28 @@ absl::Status ApplyWindow(absl::string_view path, bool has_window, int64_t window
   return absl::OkStatus();
 }
 
-absl::Status ApplyMeda(const v1::MedaPolicy& m, CompressOptions* o) {
+// The budget and entropy fields that meda and amber share (tau, alpha_min,
+// alpha_max, entropy_heads, entropy_source, select), checked with `path`
+// ("policy.meda") in the messages.
+template <typename PolicyProto>
+absl::Status ApplyBudgetAndEntropy(const PolicyProto& m, absl::string_view path, CompressOptions* o) {
   BudgetOptions& b = o->budget;
   if (m.has_tau()) {
-    MEDAKV_RETURN_IF_ERROR(ApplyPositive("policy.meda.tau", m.tau(), &b.tau));
+    MEDAKV_RETURN_IF_ERROR(ApplyPositive(absl::StrCat(path, ".tau"), m.tau(), &b.tau));
   }
   if (m.has_alpha_min()) {
-    MEDAKV_RETURN_IF_ERROR(ApplyFraction("policy.meda.alpha_min", m.alpha_min(), &b.alpha_min));
+    MEDAKV_RETURN_IF_ERROR(ApplyFraction(absl::StrCat(path, ".alpha_min"), m.alpha_min(), &b.alpha_min));
   }
   if (m.has_alpha_max()) {
     const double v = m.alpha_max();
-    if (!(v > 0.0 && v <= 1.0)) return Invalid(absl::StrCat("policy.meda.alpha_max must be in (0, 1], got ", v));
+    if (!(v > 0.0 && v <= 1.0)) return Invalid(absl::StrCat(path, ".alpha_max must be in (0, 1], got ", v));
     b.alpha_max = v;
   }
   if (b.alpha_min > b.alpha_max) {
-    return Invalid(absl::StrCat("policy.meda.alpha_min (", b.alpha_min, m.has_alpha_min() ? "" : ", the default",
-                                ") must not exceed policy.meda.alpha_max (", b.alpha_max,
+    return Invalid(absl::StrCat(path, ".alpha_min (", b.alpha_min, m.has_alpha_min() ? "" : ", the default",
+                                ") must not exceed ", path, ".alpha_max (", b.alpha_max,
                                 m.has_alpha_max() ? "" : ", the default", ")"));
   }
-  if (m.has_exact_total()) b.exact_total = m.exact_total();
   switch (m.entropy_heads()) {
     case v1::ENTROPY_HEADS_UNSPECIFIED:
       break;
@@ -182,7 +185,7 @@ absl::Status ApplyMeda(const v1::MedaPolicy& m, CompressOptions* o) {
       o->entropy_heads = EntropyHeads::kMeanEntropy;
       break;
     default:
-      return UnknownEnum("policy.meda.entropy_heads", m.entropy_heads());
+      return UnknownEnum(absl::StrCat(path, ".entropy_heads"), m.entropy_heads());
   }
   switch (m.entropy_source()) {
     case v1::ENTROPY_SOURCE_UNSPECIFIED:
@@ -194,9 +197,14 @@ absl::Status ApplyMeda(const v1::MedaPolicy& m, CompressOptions* o) {
       o->entropy_source = EntropySource::kCausal;
       break;
     default:
-      return UnknownEnum("policy.meda.entropy_source", m.entropy_source());
+      return UnknownEnum(absl::StrCat(path, ".entropy_source"), m.entropy_source());
   }
-  return ApplySelect(m.select(), "policy.meda.select", o);
+  return ApplySelect(m.select(), absl::StrCat(path, ".select"), o);
+}
+
+absl::Status ApplyMeda(const v1::MedaPolicy& m, CompressOptions* o) {
+  if (m.has_exact_total()) o->budget.exact_total = m.exact_total();
+  return ApplyBudgetAndEntropy(m, "policy.meda", o);
 }
 
 absl::Status ApplyAmber(const v1::AmberPolicy& a, CompressOptions* o) {
@@ -231,23 +239,7 @@ absl::Status ApplyAmber(const v1::AmberPolicy& a, CompressOptions* o) {
     MEDAKV_RETURN_IF_ERROR(CheckInt("policy.amber.sinks", a.sinks(), 0, kMaxPolicyInt));
     o->sinks = a.sinks();
   }
-  // The budget and entropy fields mean what they mean for meda.
-  v1::MedaPolicy m;
-  if (a.has_tau()) m.set_tau(a.tau());
-  if (a.has_alpha_min()) m.set_alpha_min(a.alpha_min());
-  if (a.has_alpha_max()) m.set_alpha_max(a.alpha_max());
-  m.set_entropy_heads(a.entropy_heads());
-  m.set_entropy_source(a.entropy_source());
-  *m.mutable_select() = a.select();
-  absl::Status s = ApplyMeda(m, o);
-  if (!s.ok()) {
-    std::string message(s.message());
-    for (size_t at = message.find("policy.meda."); at != std::string::npos; at = message.find("policy.meda.", at)) {
-      message.replace(at, 12, "policy.amber.");
-    }
-    return absl::Status(s.code(), message);
-  }
-  return absl::OkStatus();
+  return ApplyBudgetAndEntropy(a, "policy.amber", o);
 }
 
 // ---- spans -----------------------------------------------------------------------
@@ -419,6 +411,19 @@ void SelectToProto(const CompressOptions& o, v1::SelectOptions* s) {
   s->set_scale(o.scale);
 }
 
+// ApplyBudgetAndEntropy's fields, every one set.
+template <typename PolicyProto>
+void BudgetAndEntropyToProto(const CompressOptions& o, PolicyProto* m) {
+  m->set_tau(o.budget.tau);
+  m->set_alpha_min(o.budget.alpha_min);
+  m->set_alpha_max(o.budget.alpha_max);
+  m->set_entropy_heads(o.entropy_heads == EntropyHeads::kMeanEntropy ? v1::ENTROPY_HEADS_MEAN_ENTROPY
+                                                                     : v1::ENTROPY_HEADS_MEAN_ATTENTION);
+  m->set_entropy_source(o.entropy_source == EntropySource::kCausal ? v1::ENTROPY_SOURCE_CAUSAL
+                                                                   : v1::ENTROPY_SOURCE_CROSS_MODAL);
+  SelectToProto(o, m->mutable_select());
+}
+
 }  // namespace
 
 v1::Policy PolicyToProto(const CompressOptions& o) {
@@ -430,15 +435,8 @@ v1::Policy PolicyToProto(const CompressOptions& o) {
       break;
     case PolicyKind::kMeda: {
       v1::MedaPolicy* m = p.mutable_meda();
-      m->set_tau(o.budget.tau);
-      m->set_alpha_min(o.budget.alpha_min);
-      m->set_alpha_max(o.budget.alpha_max);
       m->set_exact_total(o.budget.exact_total);
-      m->set_entropy_heads(o.entropy_heads == EntropyHeads::kMeanEntropy ? v1::ENTROPY_HEADS_MEAN_ENTROPY
-                                                                         : v1::ENTROPY_HEADS_MEAN_ATTENTION);
-      m->set_entropy_source(o.entropy_source == EntropySource::kCausal ? v1::ENTROPY_SOURCE_CAUSAL
-                                                                       : v1::ENTROPY_SOURCE_CROSS_MODAL);
-      SelectToProto(o, m->mutable_select());
+      BudgetAndEntropyToProto(o, m);
       break;
     }
     case PolicyKind::kStreamingLlm:
@@ -472,14 +470,7 @@ v1::Policy PolicyToProto(const CompressOptions& o) {
                           : o.layer_budget == LayerBudget::kEntropy ? v1::LAYER_BUDGET_ENTROPY
                                                                     : v1::LAYER_BUDGET_UNIFORM);
       a->set_sinks(o.sinks);
-      a->set_tau(o.budget.tau);
-      a->set_alpha_min(o.budget.alpha_min);
-      a->set_alpha_max(o.budget.alpha_max);
-      a->set_entropy_heads(o.entropy_heads == EntropyHeads::kMeanEntropy ? v1::ENTROPY_HEADS_MEAN_ENTROPY
-                                                                         : v1::ENTROPY_HEADS_MEAN_ATTENTION);
-      a->set_entropy_source(o.entropy_source == EntropySource::kCausal ? v1::ENTROPY_SOURCE_CAUSAL
-                                                                       : v1::ENTROPY_SOURCE_CROSS_MODAL);
-      SelectToProto(o, a->mutable_select());
+      BudgetAndEntropyToProto(o, a);
       break;
     }
   }
