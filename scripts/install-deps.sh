@@ -13,6 +13,8 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-numpy python3-venv
   time
+  # The security test makes its certificates with the openssl tool.
+  openssl
   # Fuzzing (scripts/fuzz.sh): clang and libFuzzer's runtime.
   clang-14 libclang-rt-14-dev
   # The metrics end-to-end test: a real Prometheus and promtool.

@@ -1,9 +1,15 @@
 #include "client/cli/remote_commands.h"
 
+#include <grpcpp/security/credentials.h>
+
 #include <chrono>
+#include <cstdlib>
+#include <fstream>
 #include <iostream>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -418,6 +424,17 @@ void ServerFlags::Add(CLI::App* app, bool required, bool with_verbose) {
       app->add_option("--chunk-bytes", chunk_bytes, "Bytes per request chunk (under the server's --max_message_bytes)")
           ->capture_default_str());
   if (with_verbose) options.push_back(app->add_flag("-v,--verbose", verbose, "Print retries on stderr"));
+  CLI::Option* token_opt =
+      app->add_option("--token", token,
+                      "Bearer token for servers with --auth_tokens_file (default: $MEDAKV_TOKEN; prefer that or "
+                      "--token-file: a command line is visible to other users)");
+  options.push_back(token_opt);
+  options.push_back(app->add_option("--token-file", token_file, "Read the bearer token from this file")
+                        ->excludes(token_opt));
+  options.push_back(app->add_flag("--tls", tls, "Connect with TLS (implied by the --tls-* flags)"));
+  options.push_back(app->add_option("--tls-ca", tls_ca, "CA certificates (PEM) that verify the server [system roots]"));
+  options.push_back(app->add_option("--tls-cert", tls_cert, "Client certificate (PEM), for mutual TLS"));
+  options.push_back(app->add_option("--tls-key", tls_key, "Key of --tls-cert (PEM)"));
 }
 
 std::vector<std::string> ServerFlags::Targets() const {
@@ -446,6 +463,25 @@ absl::StatusOr<std::unique_ptr<Client>> ServerFlags::MakeClient() const {
   if (chunk_bytes <= 0) return absl::InvalidArgumentError(absl::StrCat("--chunk-bytes must be > 0, got ", chunk_bytes));
   o.chunk_bytes = chunk_bytes;
   o.shared_memory = no_shm ? SharedMemoryMode::kOff : SharedMemoryMode::kAuto;
+  o.token = token;
+  if (token.empty() && token_file.empty()) {  // not an envname(): compress without --server would refuse it
+    if (const char* env = std::getenv("MEDAKV_TOKEN"); env != nullptr) o.token = env;
+  }
+  if (!token_file.empty()) {
+    std::ifstream in(token_file);
+    if (!in) return absl::NotFoundError(absl::StrCat("--token-file: cannot open ", token_file));
+    std::stringstream text;
+    text << in.rdbuf();
+    o.token = std::string(absl::StripAsciiWhitespace(text.str()));
+    if (o.token.empty()) return absl::InvalidArgumentError(absl::StrCat("--token-file: ", token_file, " is empty"));
+  }
+  if (tls || !tls_ca.empty() || !tls_cert.empty() || !tls_key.empty()) {
+    absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials = TlsCredentials(tls_ca, tls_cert, tls_key);
+    if (!credentials.ok()) {
+      return absl::Status(credentials.status().code(), absl::StrCat("--tls: ", credentials.status().message()));
+    }
+    o.credentials = *std::move(credentials);
+  }
   if (verbose) {
     o.on_retry = [](const RetryEvent& e) {
       std::cerr << absl::StrFormat("medakv: %s on %s: attempt %d failed (%s); retrying in %s\n", e.method, e.target,

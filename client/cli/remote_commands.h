@@ -17,9 +17,14 @@
 namespace medakv {
 
 // --server (repeatable, or a comma list; MEDAKV_SERVER when not given),
-// --timeout, --attempts, --no-shm, --chunk-bytes, -v.
+// --timeout, --attempts, --no-shm, --chunk-bytes, -v, and security:
+// --token ($MEDAKV_TOKEN) or --token-file, --tls, --tls-ca, --tls-cert,
+// --tls-key.
 struct ServerFlags {
   std::vector<std::string> servers;
+  std::string token, token_file;
+  bool tls = false;
+  std::string tls_ca, tls_cert, tls_key;
   double timeout = 0;  // seconds; only when given
   int attempts = 4;
   bool no_shm = false;

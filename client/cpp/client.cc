@@ -2,10 +2,14 @@
 
 #include <arpa/inet.h>
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/support/client_interceptor.h>
 #include <netinet/in.h>
 
 #include <algorithm>
 #include <chrono>
+#include <fstream>
+#include <sstream>
+#include <tuple>
 #include <cmath>
 #include <limits>
 #include <map>
@@ -41,6 +45,7 @@ struct Replica {
   std::unique_ptr<v1::Medakv::Stub> stub;
   std::unique_ptr<grpc::health::v1::Health::Stub> health;
   bool shm = false;  // shared memory may be tried with this target (mode and address)
+  bool needs_shm_prefix = false;  // with a token: ask the server for the tenant's object-name prefix first
 
   // Idle registered regions (destroyed before the stub they were registered with).
   absl::Mutex mu;
@@ -49,6 +54,7 @@ struct Replica {
   // Shared memory is not tried before this time (InfiniteFuture: never
   // again), after a region could not be created or registered.
   absl::Time shm_retry_after ABSL_GUARDED_BY(mu) = absl::InfinitePast();
+  std::optional<std::string> shm_prefix ABSL_GUARDED_BY(mu);  // known once asked (needs_shm_prefix)
 };
 
 }  // namespace client_internal
@@ -143,6 +149,33 @@ void ForEachReplica(size_t n, Fn&& fn) {
   for (std::thread& t : threads) t.join();
 }
 
+// Adds `authorization: <value>` to every call of a channel: works on
+// plaintext channels too, where gRPC refuses call credentials.
+class BearerTokenInterceptor final : public grpc::experimental::Interceptor {
+ public:
+  explicit BearerTokenInterceptor(const std::string* value) : value_(value) {}
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(grpc::experimental::InterceptionHookPoints::PRE_SEND_INITIAL_METADATA)) {
+      methods->GetSendInitialMetadata()->emplace("authorization", *value_);
+    }
+    methods->Proceed();
+  }
+
+ private:
+  const std::string* value_;  // the factory's, which the channel keeps alive
+};
+
+class BearerTokenFactory final : public grpc::experimental::ClientInterceptorFactoryInterface {
+ public:
+  explicit BearerTokenFactory(std::string value) : value_(std::move(value)) {}
+  grpc::experimental::Interceptor* CreateClientInterceptor(grpc::experimental::ClientRpcInfo*) override {
+    return new BearerTokenInterceptor(&value_);
+  }
+
+ private:
+  const std::string value_;
+};
+
 // ---- shared-memory regions ------------------------------------------------------------
 
 // Registration errors after which this client stops trying shared memory with
@@ -201,6 +234,26 @@ class RegionLoan {
   bool clean_ = false;
 };
 
+// The prefix of this client's shared-memory object names on `r`: the
+// default, or with a token the tenant's prefix that the server reports.
+absl::StatusOr<std::string> ShmPrefix(Replica& r, absl::Duration timeout) {
+  constexpr char kDefault[] = "/medakv-";
+  if (!r.needs_shm_prefix) return std::string(kDefault);
+  {
+    absl::MutexLock lock(&r.mu);
+    if (r.shm_prefix.has_value()) return *r.shm_prefix;
+  }
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  v1::StatsResponse stats;
+  const grpc::Status s = r.stub->Stats(&context, v1::StatsRequest(), &stats);
+  if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+  std::string prefix = stats.shm_name_prefix().empty() ? kDefault : stats.shm_name_prefix();
+  absl::MutexLock lock(&r.mu);
+  r.shm_prefix = prefix;
+  return prefix;
+}
+
 // A registered region of at least `bytes` for one call on `r`: the smallest
 // idle one that fits, or a new one (whole MiB). nullopt, and the call uses
 // the socket, when shared memory is off for `r`, the call needs more than the
@@ -231,13 +284,18 @@ std::optional<RegionLoan> BorrowRegion(Replica& r, const ClientOptions& o, int64
     }
   }
   const int64_t size = (bytes + kRegionGranule - 1) / kRegionGranule * kRegionGranule;
-  absl::StatusOr<std::unique_ptr<SharedMemoryRegion>> region = SharedMemoryRegion::Create(size);
+  const absl::Duration timeout = std::min(deadline - absl::Now(), kRegisterTimeout);
+  if (timeout <= absl::ZeroDuration()) return std::nullopt;
+  absl::StatusOr<std::string> prefix = ShmPrefix(r, timeout);
+  if (!prefix.ok()) {  // the call itself will meet the same error, if it lasts
+    PauseShm(r, /*permanent=*/false);
+    return std::nullopt;
+  }
+  absl::StatusOr<std::unique_ptr<SharedMemoryRegion>> region = SharedMemoryRegion::Create(size, *prefix);
   if (!region.ok()) {  // /dev/shm full, or no POSIX shared memory here
     PauseShm(r, /*permanent=*/false);
     return std::nullopt;
   }
-  const absl::Duration timeout = std::min(deadline - absl::Now(), kRegisterTimeout);
-  if (timeout <= absl::ZeroDuration()) return std::nullopt;
   absl::StatusOr<std::unique_ptr<SharedMemoryLease>> lease =
       SharedMemoryLease::Register(*r.stub, **region, (*region)->shm_name().substr(1), timeout);
   if (!lease.ok()) {
@@ -393,6 +451,29 @@ absl::Status CheckCacheId(absl::string_view id) {
 
 Client::Client(ClientOptions options) : options_(std::move(options)) {}
 
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> TlsCredentials(const std::string& ca,
+                                                                         const std::string& cert,
+                                                                         const std::string& key) {
+  if (cert.empty() != key.empty()) {
+    return absl::InvalidArgumentError("the client certificate and its key go together (give both or neither)");
+  }
+  grpc::SslCredentialsOptions ssl;
+  for (const auto& [path, what, out] : {std::tuple{&ca, "CA certificates", &ssl.pem_root_certs},
+                                        std::tuple{&cert, "client certificate", &ssl.pem_cert_chain},
+                                        std::tuple{&key, "client key", &ssl.pem_private_key}}) {
+    if (path->empty()) continue;
+    std::ifstream in(*path, std::ios::binary);
+    if (!in) return absl::NotFoundError(absl::StrCat("cannot open the ", what, " file ", *path));
+    std::stringstream text;
+    text << in.rdbuf();
+    *out = text.str();
+    if (out->find("-----BEGIN ") == std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat("the ", what, " file ", *path, " is not PEM"));
+    }
+  }
+  return grpc::SslCredentials(ssl);
+}
+
 Client::~Client() = default;
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Create(ClientOptions o) {
@@ -435,6 +516,14 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(ClientOptions o) {
     return absl::InvalidArgumentError("shared_memory: expected kAuto, kOff or kAlways");
   }
 
+  for (size_t i = 0; i < o.token.size(); ++i) {
+    const char c = o.token[i];
+    if (c <= ' ' || c >= 0x7f) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("token: byte ", i, " is not printable ASCII (spaces and control characters are not allowed)"));
+    }
+  }
+
   std::unique_ptr<Client> client(new Client(std::move(o)));
   const ClientOptions& opts = client->options_;
   grpc::ChannelArguments args;
@@ -451,7 +540,15 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(ClientOptions o) {
   for (const std::string& target : opts.targets) {
     auto r = std::make_unique<Replica>();
     r->target = target;
-    r->channel = grpc::CreateCustomChannel(target, credentials, args);
+    if (opts.token.empty()) {
+      r->channel = grpc::CreateCustomChannel(target, credentials, args);
+    } else {
+      std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>> factories;
+      factories.push_back(std::make_unique<BearerTokenFactory>(absl::StrCat("Bearer ", opts.token)));
+      r->channel = grpc::experimental::CreateCustomChannelWithInterceptors(target, credentials, args,
+                                                                           std::move(factories));
+      r->needs_shm_prefix = true;
+    }
     r->stub = v1::Medakv::NewStub(r->channel);
     r->health = grpc::health::v1::Health::NewStub(r->channel);
     r->shm = opts.shared_memory == SharedMemoryMode::kAlways ||

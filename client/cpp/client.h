@@ -116,12 +116,26 @@ struct ClientOptions {
   // for a DNS name that resolves to every pod of a headless Service; empty:
   // gRPC's default (pick_first).
   std::string load_balancing_policy;
-  // nullptr: plaintext (grpc::InsecureChannelCredentials()).
+  // nullptr: plaintext (grpc::InsecureChannelCredentials()); for TLS see
+  // TlsCredentials.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
+  // Sent with every call as `authorization: Bearer TOKEN` when not empty
+  // (servers with --auth_tokens_file; SECURITY.md): printable ASCII without
+  // spaces. Shared-memory objects are then named with the tenant's prefix
+  // that the server reports (Stats' shm_name_prefix).
+  std::string token;
   // Called before each retry wait, e.g. to log it, on the thread of the
   // attempt (ListCaches and Stats ask each replica from its own thread).
   std::function<void(const RetryEvent&)> on_retry;
 };
+
+// TLS channel credentials from PEM files: `ca` verifies the server ("": the
+// system's roots); `cert` and `key` (both or neither) are the client's
+// certificate for servers that require one (--tls_client_ca). Errors name
+// the file.
+[[nodiscard]] absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> TlsCredentials(const std::string& ca,
+                                                                                       const std::string& cert,
+                                                                                       const std::string& key);
 
 struct CallOptions {
   // Replaces ClientOptions::deadline for this call; > 0 (INVALID_ARGUMENT

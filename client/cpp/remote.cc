@@ -39,12 +39,15 @@ SharedMemoryRegion::~SharedMemoryRegion() {
   shm_unlink(shm_name_.c_str());
 }
 
-absl::StatusOr<std::unique_ptr<SharedMemoryRegion>> SharedMemoryRegion::Create(int64_t size) {
+absl::StatusOr<std::unique_ptr<SharedMemoryRegion>> SharedMemoryRegion::Create(int64_t size, absl::string_view prefix) {
   if (size <= 0) return absl::InvalidArgumentError(absl::StrCat("shared-memory size must be > 0, got ", size));
+  if (prefix.empty() || prefix[0] != '/' || prefix.find('/', 1) != absl::string_view::npos) {
+    return absl::InvalidArgumentError(absl::StrCat("shared-memory name prefix '", prefix, "' must be '/' then no '/'"));
+  }
   static std::atomic<uint64_t> counter{0};
   std::random_device entropy;
   for (int attempt = 0;; ++attempt) {
-    const std::string name = absl::StrCat("/medakv-", getpid(), "-", counter.fetch_add(1), "-",
+    const std::string name = absl::StrCat(prefix, getpid(), "-", counter.fetch_add(1), "-",
                                           absl::Hex(static_cast<uint64_t>(entropy()) << 32 | entropy()));
     const int fd = shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
     if (fd < 0) {

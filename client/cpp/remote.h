@@ -34,12 +34,15 @@ namespace medakv {
 // A POSIX shared-memory object that this process creates and maps read-write.
 class SharedMemoryRegion {
  public:
-  // Creates an object under a fresh name ("/medakv-<pid>-<n>-<random>",
+  // Creates an object under a fresh name ("<prefix><pid>-<n>-<random>",
   // O_CREAT | O_EXCL, mode 0600), sizes it to `size` bytes (zero-filled),
   // allocates its pages (posix_fallocate: a full /dev/shm is an error here,
   // RESOURCE_EXHAUSTED, rather than a SIGBUS on first write) and maps it.
   // INVALID_ARGUMENT for size <= 0; the errno's code otherwise.
-  [[nodiscard]] static absl::StatusOr<std::unique_ptr<SharedMemoryRegion>> Create(int64_t size);
+  // `prefix` starts with '/' and has no other (a server with authentication
+  // wants its tenant's, "/medakv:TENANT:"; docs/shared_memory.md).
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<SharedMemoryRegion>> Create(int64_t size,
+                                                                                 absl::string_view prefix = "/medakv-");
   // Unmaps and unlinks the name (a server's mapping stays valid until the
   // server drops it).
   ~SharedMemoryRegion();

@@ -20,9 +20,15 @@ double SecondsSince(Clock::time_point t) { return std::chrono::duration<double>(
 
 class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest, v1::CompressResponse> {
  public:
-  CompressReactor(ServiceContext* ctx, absl::Status shm_access)
-      : ctx_(ctx), call_(ctx->metrics, Method::kCompress), regions_(&ctx->shm, std::move(shm_access)) {
+  CompressReactor(ServiceContext* ctx, Caller caller)
+      : ctx_(ctx),
+        call_(ctx->metrics, Method::kCompress),
+        regions_(&ctx->shm, std::move(caller.shm_access), caller.tenant.value_or("")) {
     ctx_->inflight.fetch_add(1);
+    if (!caller.tenant.ok()) {
+      Fail(caller.tenant.status());
+      return;
+    }
     StartRead(&request_);
   }
 
@@ -192,7 +198,7 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
 
 grpc::ServerBidiReactor<v1::CompressRequest, v1::CompressResponse>* MedakvService::Compress(
     grpc::CallbackServerContext* context) {
-  return new CompressReactor(ctx_, SharedMemoryAccess(*context, ctx_->options));
+  return new CompressReactor(ctx_, Identify(*context, *ctx_));
 }
 
 }  // namespace medakv::server

@@ -30,13 +30,22 @@ ABSL_FLAG(int64_t, max_shm_bytes, int64_t{64} << 30, "Sum of the sizes of the sh
 ABSL_FLAG(std::string, policy_presets, "",
           "Named policies: a PolicyPresets file in protobuf text format (docs/presets.md; `medakv tune` writes "
           "one); requests select one by name, and one named \"default\" serves requests that name no policy");
+ABSL_FLAG(std::string, tls_cert, "", "TLS: the server's certificate chain (PEM); with --tls_key. Empty: plaintext");
+ABSL_FLAG(std::string, tls_key, "", "TLS: the private key of --tls_cert (PEM)");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "Mutual TLS: clients must present a certificate signed by this CA (PEM); needs --tls_cert");
+ABSL_FLAG(std::string, auth_tokens_file, "",
+          "Bearer tokens: one `TOKEN TENANT` pair per line (SECURITY.md); calls without a valid token are "
+          "UNAUTHENTICATED and each tenant sees only its own caches. SIGHUP reloads it. Empty: no authentication");
 ABSL_FLAG(bool, shm_allow_remote, false,
           "Let callers that are not on this node (not loopback, a Unix socket or in-process) use shared memory");
 
 namespace {
 
 volatile std::sig_atomic_t g_signal = 0;
+volatile std::sig_atomic_t g_reload = 0;
 void OnSignal(int sig) { g_signal = sig; }
+void OnHangup(int) { g_reload = 1; }
 
 }  // namespace
 
@@ -68,9 +77,14 @@ int main(int argc, char** argv) {
   o.shm_allow_remote = absl::GetFlag(FLAGS_shm_allow_remote);
   o.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   o.policy_presets = absl::GetFlag(FLAGS_policy_presets);
+  o.tls_cert = absl::GetFlag(FLAGS_tls_cert);
+  o.tls_key = absl::GetFlag(FLAGS_tls_key);
+  o.tls_client_ca = absl::GetFlag(FLAGS_tls_client_ca);
+  o.auth_tokens_file = absl::GetFlag(FLAGS_auth_tokens_file);
 
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGINT, OnSignal);
+  std::signal(SIGHUP, OnHangup);
   auto server = medakv::server::MedakvServer::Start(o);
   if (!server.ok()) {
     std::cerr << "medakv-server: error: " << server.status().message() << std::endl;
@@ -83,9 +97,31 @@ int main(int argc, char** argv) {
     std::cerr << "medakv-server: " << (*server)->presets() << " policy presets from " << o.policy_presets
               << std::endl;
   }
-  std::cerr << "medakv-server: listening on port " << (*server)->port() << " (" << (*server)->backend_reason()
-            << ")" << std::endl;
-  while (g_signal == 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  if ((*server)->tokens() != 0) {
+    std::cerr << "medakv-server: " << (*server)->tokens() << " bearer tokens from " << o.auth_tokens_file
+              << " (SIGHUP reloads them)" << std::endl;
+    if (!(*server)->tls()) {
+      std::cerr << "medakv-server: warning: bearer tokens travel in plaintext without --tls_cert; use TLS unless "
+                   "the network is trusted (SECURITY.md)"
+                << std::endl;
+    }
+  }
+  std::cerr << "medakv-server: listening on port " << (*server)->port() << ((*server)->tls() ? " (TLS" : " (plaintext")
+            << (o.tls_client_ca.empty() ? "" : ", client certificates required") << "; "
+            << (*server)->backend_reason() << ")" << std::endl;
+  while (g_signal == 0) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (g_reload != 0) {
+      g_reload = 0;
+      const absl::Status s = (*server)->ReloadTokens();
+      if (s.ok()) {
+        std::cerr << "medakv-server: SIGHUP: " << (*server)->tokens() << " bearer tokens reloaded" << std::endl;
+      } else {
+        std::cerr << "medakv-server: SIGHUP: tokens not reloaded, the previous ones stay: " << s.message()
+                  << std::endl;
+      }
+    }
+  }
   std::cerr << "medakv-server: signal " << g_signal << ", shutting down (grace "
             << absl::FormatDuration(o.shutdown_grace) << ")" << std::endl;
   (*server)->Shutdown();

@@ -12,6 +12,7 @@
 #include "absl/strings/str_split.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
+#include "service/server/config_file.h"
 #include "service/server/convert.h"
 
 namespace medakv {
@@ -20,7 +21,7 @@ namespace {
 namespace v1 = ::medakv::v1;
 
 // Largest presets file read (a table of 64 presets is a few KiB).
-constexpr std::streamsize kMaxPresetsFileBytes = 1 << 20;
+constexpr int64_t kMaxPresetsFileBytes = 1 << 20;
 
 bool NameStart(char c) { return absl::ascii_islower(c) || absl::ascii_isdigit(c); }
 bool NameRest(char c) { return NameStart(c) || c == '_' || c == '.' || c == '-'; }
@@ -132,20 +133,9 @@ absl::StatusOr<std::shared_ptr<const PresetTable>> PresetTable::Parse(absl::stri
 }
 
 absl::StatusOr<std::shared_ptr<const PresetTable>> PresetTable::Load(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    const int err = errno;
-    return absl::ErrnoToStatus(err, absl::StrCat("--policy_presets ", path, ": cannot open"));
-  }
-  std::string text(static_cast<size_t>(kMaxPresetsFileBytes) + 1, '\0');
-  in.read(text.data(), kMaxPresetsFileBytes + 1);
-  if (in.bad()) return absl::DataLossError(absl::StrCat("--policy_presets ", path, ": read error"));
-  text.resize(static_cast<size_t>(in.gcount()));
-  if (static_cast<std::streamsize>(text.size()) > kMaxPresetsFileBytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--policy_presets ", path, ": larger than ", kMaxPresetsFileBytes, " bytes"));
-  }
-  return Parse(text, path);
+  absl::StatusOr<std::string> text = ReadConfigFile(path, "--policy_presets", kMaxPresetsFileBytes);
+  if (!text.ok()) return text.status();
+  return Parse(*text, path);
 }
 
 const PresetTable::Preset* PresetTable::Find(absl::string_view name) const {

@@ -7,8 +7,11 @@
 #include <chrono>
 #include <exception>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "kernels/common/status.h"
 #include "prometheus/exposer.h"
+#include "service/server/config_file.h"
 #include "service/server/metrics.h"
 #include "service/server/service.h"
 
@@ -31,10 +34,45 @@ absl::Status ValidateServerOptions(const ServerOptions& o) {
   if (o.queue_timeout < absl::ZeroDuration() || o.shutdown_grace < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--queue_timeout and --shutdown_grace must be >= 0");
   }
+  if (o.tls_cert.empty() != o.tls_key.empty()) {
+    return absl::InvalidArgumentError("--tls_cert and --tls_key go together (the certificate chain and its key)");
+  }
+  if (!o.tls_client_ca.empty() && o.tls_cert.empty()) {
+    return absl::InvalidArgumentError("--tls_client_ca needs --tls_cert and --tls_key (mutual TLS is TLS)");
+  }
   if (o.max_shm_regions < 0 || o.max_shm_bytes < 0) {
     return absl::InvalidArgumentError("--max_shm_regions and --max_shm_bytes must be >= 0 (0: no shared memory)");
   }
   return absl::OkStatus();
+}
+
+// A PEM file of at most 1 MiB.
+absl::StatusOr<std::string> ReadPem(const std::string& path, absl::string_view flag) {
+  absl::StatusOr<std::string> pem = ReadConfigFile(path, flag, int64_t{1} << 20);
+  if (pem.ok() && !absl::StrContains(*pem, "-----BEGIN ")) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, " ", path, ": not a PEM file (no -----BEGIN line)"));
+  }
+  return pem;
+}
+
+// Plaintext, or TLS (mutual with tls_client_ca) with the token processor
+// when authentication is on.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(const ServerOptions& o,
+                                                                         const Authenticator* auth) {
+  if (o.tls_cert.empty()) return grpc::InsecureServerCredentials();
+  grpc::SslServerCredentialsOptions ssl;
+  grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+  MEDAKV_ASSIGN_OR_RETURN(pair.cert_chain, ReadPem(o.tls_cert, "--tls_cert"));
+  MEDAKV_ASSIGN_OR_RETURN(pair.private_key, ReadPem(o.tls_key, "--tls_key"));
+  ssl.pem_key_cert_pairs.push_back(std::move(pair));
+  if (!o.tls_client_ca.empty()) {
+    MEDAKV_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadPem(o.tls_client_ca, "--tls_client_ca"));
+    ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+  }
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::SslServerCredentials(ssl);
+  if (creds == nullptr) return absl::InvalidArgumentError("cannot make TLS credentials from --tls_cert/--tls_key");
+  if (auth->enabled()) creds->SetAuthMetadataProcessor(std::make_shared<TokenAuthProcessor>(auth));
+  return creds;
 }
 
 }  // namespace
@@ -49,12 +87,13 @@ void FinishUnary(CallMetrics& call, grpc::ServerUnaryReactor* reactor, const grp
 }
 
 ServiceContext::ServiceContext(const ServerOptions& o, std::unique_ptr<Backend> b, std::string name,
-                               Metrics* m, std::shared_ptr<const PresetTable> p)
+                               Metrics* m, std::shared_ptr<const PresetTable> p, std::unique_ptr<Authenticator> a)
     : options(o),
       backend(std::move(b)),
       backend_name(std::move(name)),
       metrics(m),
       presets(std::move(p)),
+      auth(a != nullptr ? std::move(a) : *Authenticator::Create("")),
       admission(o.max_inflight, o.queue_timeout),
       store(StoreOptions{o.host_cache_bytes, o.device_cache_bytes}),
       shm(o.max_shm_bytes, o.max_shm_regions),
@@ -92,6 +131,8 @@ absl::StatusOr<std::unique_ptr<MedakvServer>> MedakvServer::Start(const ServerOp
     if (!loaded.ok()) return loaded.status();
     presets = *std::move(loaded);
   }
+  absl::StatusOr<std::unique_ptr<Authenticator>> auth = Authenticator::Create(options.auth_tokens_file);
+  if (!auth.ok()) return auth.status();
   auto impl = std::make_unique<Impl>();
   absl::StatusOr<std::unique_ptr<Backend>> backend = MakeBackend(options.backend, &impl->backend_reason);
   if (!backend.ok()) return backend.status();
@@ -99,7 +140,11 @@ absl::StatusOr<std::unique_ptr<MedakvServer>> MedakvServer::Start(const ServerOp
   std::vector<std::string> preset_names;
   for (const PresetTable::Preset& p : presets->presets()) preset_names.push_back(p.name);
   impl->metrics = std::make_shared<Metrics>(MEDAKV_VERSION, name, preset_names);
-  impl->ctx = std::make_unique<ServiceContext>(options, *std::move(backend), name, impl->metrics.get(), presets);
+  impl->ctx = std::make_unique<ServiceContext>(options, *std::move(backend), name, impl->metrics.get(), presets,
+                                               *std::move(auth));
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
+      MakeCredentials(options, impl->ctx->auth.get());
+  if (!credentials.ok()) return credentials.status();
   impl->service = std::make_unique<MedakvService>(impl->ctx.get());
   ServiceContext* ctx = impl->ctx.get();
   impl->metrics->SetSampler([ctx] {
@@ -133,7 +178,7 @@ absl::StatusOr<std::unique_ptr<MedakvServer>> MedakvServer::Start(const ServerOp
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(options.listen, *credentials, &port);
   builder.RegisterService(impl->service.get());
   builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
@@ -153,6 +198,12 @@ const std::string& MedakvServer::backend() const { return impl_->ctx->backend_na
 const Metrics& MedakvServer::metrics() const { return *impl_->metrics; }
 const std::string& MedakvServer::backend_reason() const { return impl_->backend_reason; }
 size_t MedakvServer::presets() const { return impl_->ctx->presets->size(); }
+size_t MedakvServer::tokens() const {
+  const std::shared_ptr<const TokenTable> tokens = impl_->ctx->auth->tokens();
+  return tokens == nullptr ? 0 : tokens->size();
+}
+bool MedakvServer::tls() const { return !impl_->ctx->options.tls_cert.empty(); }
+absl::Status MedakvServer::ReloadTokens() { return impl_->ctx->auth->Reload(); }
 
 std::shared_ptr<grpc::Channel> MedakvServer::InProcessChannel() {
   grpc::ChannelArguments args;

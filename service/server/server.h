@@ -42,6 +42,15 @@ struct ServerOptions {
   // protobuf text format, read at start-up (a file that cannot be read or
   // checked stops the start, naming the line). Empty: no presets.
   std::string policy_presets;
+  // Security (SECURITY.md). TLS: PEM files of the server's certificate chain
+  // and private key (both or neither); with tls_client_ca too, clients must
+  // present a certificate signed by that CA (mutual TLS). Empty: plaintext.
+  std::string tls_cert;
+  std::string tls_key;
+  std::string tls_client_ca;
+  // Bearer tokens: a file of `TOKEN TENANT` lines (service/server/auth.h).
+  // Empty: no authentication, one tenant.
+  std::string auth_tokens_file;
 };
 
 class MedakvServer {
@@ -56,6 +65,10 @@ class MedakvServer {
   const std::string& backend() const;            // the backend in use
   const std::string& backend_reason() const;     // why (for the start-up log)
   size_t presets() const;                        // presets loaded from policy_presets
+  size_t tokens() const;                         // bearer tokens in use; 0 without auth_tokens_file
+  bool tls() const;                              // whether the port speaks TLS
+  // Reads auth_tokens_file again (SIGHUP); on error the tokens in use stay.
+  [[nodiscard]] absl::Status ReloadTokens();
   std::shared_ptr<grpc::Channel> InProcessChannel();  // for tests
 
   // Ends every shared-memory lease (UNAVAILABLE), stops accepting calls,

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "kernels/backend.h"
+#include "service/server/auth.h"
 #include "medakv/v1/medakv.grpc.pb.h"
 #include "service/server/admission.h"
 #include "service/server/metrics.h"
@@ -19,14 +20,17 @@ namespace medakv::server {
 
 struct ServiceContext {
   // `metrics` may be null (nothing is recorded); it must outlive the context.
+  // `auth` null: authentication off.
   ServiceContext(const ServerOptions& o, std::unique_ptr<Backend> b, std::string backend_name, Metrics* metrics,
-                 std::shared_ptr<const PresetTable> presets = std::make_shared<PresetTable>());
+                 std::shared_ptr<const PresetTable> presets = std::make_shared<PresetTable>(),
+                 std::unique_ptr<Authenticator> auth = nullptr);
 
   const ServerOptions options;
   const std::unique_ptr<Backend> backend;
   const std::string backend_name;
   Metrics* const metrics;
   const std::shared_ptr<const PresetTable> presets;  // never null; empty without --policy_presets
+  const std::unique_ptr<Authenticator> auth;         // never null; disabled without --auth_tokens_file
   Admission admission;
   CacheStore store;
   SharedMemoryRegistry shm;
@@ -69,6 +73,14 @@ grpc::Status ToGrpc(const absl::Status& s);
 // Records the call's status in its metrics, then finishes it: for unary calls
 // answered on the gRPC thread (DefaultReactor).
 void FinishUnary(CallMetrics& call, grpc::ServerUnaryReactor* reactor, const grpc::Status& status);
+
+// Who is calling: the tenant (CallerTenant: UNAUTHENTICATED without a valid
+// token when the server authenticates) and whether it may use shared memory.
+struct Caller {
+  absl::StatusOr<std::string> tenant;
+  absl::Status shm_access;
+};
+Caller Identify(const grpc::CallbackServerContext& context, const ServiceContext& ctx);
 
 // Whether the caller may use the shared-memory data plane: OK for a peer on
 // this node (IsLocalPeer) or with --shm_allow_remote, else PERMISSION_DENIED.

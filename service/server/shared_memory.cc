@@ -205,19 +205,33 @@ absl::Status MappedRegion::Write(int64_t offset, const void* src, int64_t n) con
 
 // ---- SharedMemoryRegistry ---------------------------------------------------------
 
+std::string TenantShmPrefix(absl::string_view tenant) {
+  return tenant.empty() ? std::string() : absl::StrCat("/medakv:", tenant, ":");
+}
+
 SharedMemoryRegistry::SharedMemoryRegistry(int64_t max_bytes, int max_regions)
     : max_bytes_(max_bytes), max_regions_(max_regions) {}
 
+std::string SharedMemoryRegistry::Key(absl::string_view tenant, absl::string_view region) {
+  return tenant.empty() ? std::string(region) : absl::StrCat(tenant, absl::string_view("\0", 1), region);
+}
+
 absl::StatusOr<uint64_t> SharedMemoryRegistry::Register(const v1::RegisterSharedMemoryRequest& request,
-                                                        Revoke revoke) {
+                                                        Revoke revoke, absl::string_view tenant) {
   MEDAKV_RETURN_IF_ERROR(ValidateRegionName(request.region(), "region"));
   MEDAKV_RETURN_IF_ERROR(ValidateShmName(request.shm_name()));
   if (request.size() <= 0) return absl::InvalidArgumentError(absl::StrCat("size must be > 0, got ", request.size()));
+  if (const std::string prefix = TenantShmPrefix(tenant); !absl::StartsWith(request.shm_name(), prefix)) {
+    return absl::PermissionDeniedError(absl::StrCat("shm_name '", absl::CEscape(request.shm_name()),
+                                                    "': with authentication, a tenant's objects are named ", prefix,
+                                                    "... (see docs/shared_memory.md)"));
+  }
+  const std::string key = Key(tenant, request.region());
   absl::MutexLock lock(&mu_);
   if (shut_down_) return absl::UnavailableError("the server is shutting down");
-  if (entries_.contains(request.region())) {
+  if (entries_.contains(key)) {
     return absl::AlreadyExistsError(
-        absl::StrCat("region '", request.region(), "' is registered already (region names are unique per server)"));
+        absl::StrCat("region '", request.region(), "' is registered already (region names are unique per tenant)"));
   }
   if (static_cast<int64_t>(entries_.size()) >= max_regions_) {
     return absl::ResourceExhaustedError(
@@ -235,15 +249,15 @@ absl::StatusOr<uint64_t> SharedMemoryRegistry::Register(const v1::RegisterShared
                           MappedRegion::Map(request.region(), request.shm_name(), request.size()));
   const uint64_t lease = next_lease_++;
   bytes_ += region->size();
-  entries_.emplace(request.region(), Entry{std::move(region), lease, std::move(revoke)});
+  entries_.emplace(key, Entry{std::move(region), lease, std::move(revoke)});
   return lease;
 }
 
-absl::Status SharedMemoryRegistry::Unregister(absl::string_view region) {
+absl::Status SharedMemoryRegistry::Unregister(absl::string_view region, absl::string_view tenant) {
   Revoke revoke;
   {
     absl::MutexLock lock(&mu_);
-    auto it = entries_.find(region);
+    auto it = entries_.find(Key(tenant, region));
     if (it == entries_.end()) {
       return absl::NotFoundError(absl::StrCat("region '", region, "' is not registered"));
     }
@@ -255,11 +269,11 @@ absl::Status SharedMemoryRegistry::Unregister(absl::string_view region) {
   return absl::OkStatus();
 }
 
-void SharedMemoryRegistry::Remove(absl::string_view region, uint64_t lease) {
+void SharedMemoryRegistry::Remove(absl::string_view region, uint64_t lease, absl::string_view tenant) {
   std::shared_ptr<MappedRegion> unmapped_outside_the_lock;
   Revoke dropped;
   absl::MutexLock lock(&mu_);
-  auto it = entries_.find(region);
+  auto it = entries_.find(Key(tenant, region));
   if (it == entries_.end() || it->second.lease != lease) return;
   bytes_ -= it->second.region->size();
   unmapped_outside_the_lock = std::move(it->second.region);
@@ -281,9 +295,10 @@ void SharedMemoryRegistry::Shutdown() {
 }
 
 absl::StatusOr<std::shared_ptr<MappedRegion>> SharedMemoryRegistry::Find(absl::string_view region,
-                                                                         absl::string_view field) const {
+                                                                         absl::string_view field,
+                                                                         absl::string_view tenant) const {
   absl::MutexLock lock(&mu_);
-  auto it = entries_.find(region);
+  auto it = entries_.find(Key(tenant, region));
   if (it == entries_.end()) {
     return absl::NotFoundError(absl::StrCat(field, " '", absl::CEscape(region),
                                             "' is not a registered shared-memory region"));
@@ -311,7 +326,7 @@ absl::StatusOr<const MappedRegion*> CallRegions::Check(const v1::SharedMemoryRef
   }
   if (region == nullptr) {
     MEDAKV_ASSIGN_OR_RETURN(std::shared_ptr<MappedRegion> found,
-                            registry_->Find(ref.region(), absl::StrCat(field, ".region")));
+                            registry_->Find(ref.region(), absl::StrCat(field, ".region"), tenant_));
     region = found.get();
     held_.push_back(std::move(found));
   }

@@ -74,7 +74,17 @@ class MappedRegion {
 // or the in-process transport (whose peer gRPC 1.51 reports as "unknown").
 bool IsLocalPeer(absl::string_view peer);
 
-// The regions registered with one server, by client-chosen name.
+// The prefix that a tenant's shared-memory object names must have when the
+// server authenticates callers: "/medakv:TENANT:" (tenants cannot contain ':',
+// so no tenant's prefix is another's). Without it a tenant could have the
+// server open another tenant's object (the server may open what its own user
+// can) and read it through a call. Empty for the "" tenant: any name.
+std::string TenantShmPrefix(absl::string_view tenant);
+
+// The regions registered with one server, by tenant and client-chosen name:
+// a tenant sees only its own regions (another tenant's name is NOT_FOUND, and
+// two tenants may use the same name). The "" tenant is the server without
+// authentication.
 class SharedMemoryRegistry {
  public:
   // Called once, outside the registry's lock, when Unregister (OK) or
@@ -90,25 +100,29 @@ class SharedMemoryRegistry {
   // Validates the request, maps the object and registers it; returns the
   // lease id that Remove takes. Checks, in order (fields named as in the
   // request): INVALID_ARGUMENT for a region name that is not 1-256 bytes of
-  // [A-Za-z0-9._:/-], a bad shm_name or a size <= 0; UNAVAILABLE after
-  // Shutdown; ALREADY_EXISTS for a name in use; RESOURCE_EXHAUSTED over
+  // [A-Za-z0-9._:/-], a bad shm_name or a size <= 0; PERMISSION_DENIED for
+  // a tenant's shm_name without TenantShmPrefix(tenant); UNAVAILABLE after
+  // Shutdown; ALREADY_EXISTS for a name the tenant uses; RESOURCE_EXHAUSTED over
   // max_regions, or when the size with the regions registered already is
   // over max_bytes; then MappedRegion::Map's errors (the object is opened
   // only for a request that may be registered).
-  [[nodiscard]] absl::StatusOr<uint64_t> Register(const v1::RegisterSharedMemoryRequest& request, Revoke revoke);
-  // Unregisters `region` and runs its Revoke with OK. NOT_FOUND if it is not
-  // registered.
-  [[nodiscard]] absl::Status Unregister(absl::string_view region);
-  // Unregisters `region` if it is still registered under `lease` (a later
-  // registration of the same name is left alone); its Revoke does not run.
-  void Remove(absl::string_view region, uint64_t lease);
+  [[nodiscard]] absl::StatusOr<uint64_t> Register(const v1::RegisterSharedMemoryRequest& request, Revoke revoke,
+                                                  absl::string_view tenant = "");
+  // Unregisters the tenant's `region` and runs its Revoke with OK. NOT_FOUND
+  // if it is not registered.
+  [[nodiscard]] absl::Status Unregister(absl::string_view region, absl::string_view tenant = "");
+  // Unregisters the tenant's `region` if it is still registered under `lease`
+  // (a later registration of the same name is left alone); its Revoke does
+  // not run.
+  void Remove(absl::string_view region, uint64_t lease, absl::string_view tenant = "");
   // Unregisters every region (Revoke with UNAVAILABLE); Register fails from
   // now on.
   void Shutdown();
 
-  // The region registered as `region`; NOT_FOUND naming `field` otherwise.
-  [[nodiscard]] absl::StatusOr<std::shared_ptr<MappedRegion>> Find(absl::string_view region,
-                                                                   absl::string_view field) const;
+  // The tenant's region registered as `region`; NOT_FOUND naming `field`
+  // otherwise.
+  [[nodiscard]] absl::StatusOr<std::shared_ptr<MappedRegion>> Find(absl::string_view region, absl::string_view field,
+                                                                   absl::string_view tenant = "") const;
 
   int regions() const;
   int64_t registered_bytes() const;
@@ -120,10 +134,14 @@ class SharedMemoryRegistry {
     Revoke revoke;
   };
 
+  // The key of (tenant, region) in entries_: the region alone for the ""
+  // tenant, else tenant + '\0' + region.
+  static std::string Key(absl::string_view tenant, absl::string_view region);
+
   const int64_t max_bytes_;
   const int max_regions_;
   mutable absl::Mutex mu_;
-  std::map<std::string, Entry, std::less<>> entries_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, Entry, std::less<>> entries_ ABSL_GUARDED_BY(mu_);  // by Key()
   int64_t bytes_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t next_lease_ ABSL_GUARDED_BY(mu_) = 1;
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
@@ -136,9 +154,10 @@ class SharedMemoryRegistry {
 class CallRegions {
  public:
   // `access`: OK when the caller may use shared memory, else the status every
-  // ref gets (PERMISSION_DENIED for a remote peer).
-  CallRegions(const SharedMemoryRegistry* registry, absl::Status access)
-      : registry_(registry), access_(std::move(access)) {}
+  // ref gets (PERMISSION_DENIED for a remote peer). `tenant`: the caller's;
+  // only its regions resolve.
+  CallRegions(const SharedMemoryRegistry* registry, absl::Status access, std::string tenant = "")
+      : registry_(registry), access_(std::move(access)), tenant_(std::move(tenant)) {}
 
   // Resolves and checks a ref: the caller's access status; NOT_FOUND when
   // the region is not registered (and this call does not hold it);
@@ -166,6 +185,7 @@ class CallRegions {
  private:
   const SharedMemoryRegistry* registry_;
   absl::Status access_;
+  std::string tenant_;
   std::vector<std::shared_ptr<MappedRegion>> held_;
 };
 

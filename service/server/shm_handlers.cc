@@ -69,19 +69,24 @@ class LeaseEnd {
 
 class LeaseReactor final : public grpc::ServerWriteReactor<LeaseResponse> {
  public:
-  LeaseReactor(ServiceContext* ctx, const v1::RegisterSharedMemoryRequest& request, absl::Status access)
+  LeaseReactor(ServiceContext* ctx, const v1::RegisterSharedMemoryRequest& request, Caller caller)
       : ctx_(ctx),
         call_(ctx->metrics, Method::kRegisterSharedMemory),
         region_(request.region()),
+        tenant_(caller.tenant.value_or("")),
         end_(std::make_shared<LeaseEnd>(this, &call_)) {
-    if (!access.ok()) {
-      End(ToGrpc(access));
+    const absl::Status refused = !caller.tenant.ok() ? caller.tenant.status() : caller.shm_access;
+    if (!refused.ok()) {
+      End(ToGrpc(refused));
       return;
     }
     std::weak_ptr<LeaseEnd> end = end_;
-    absl::StatusOr<uint64_t> lease = ctx_->shm.Register(request, [end](const absl::Status& s) {
-      if (std::shared_ptr<LeaseEnd> e = end.lock()) e->End(ToGrpc(s));
-    });
+    absl::StatusOr<uint64_t> lease = ctx_->shm.Register(
+        request,
+        [end](const absl::Status& s) {
+          if (std::shared_ptr<LeaseEnd> e = end.lock()) e->End(ToGrpc(s));
+        },
+        tenant_);
     if (!lease.ok()) {
       End(ToGrpc(lease.status()));
       return;
@@ -94,18 +99,18 @@ class LeaseReactor final : public grpc::ServerWriteReactor<LeaseResponse> {
   }
 
   void OnWriteDone(bool ok) override {
-    if (!ok) ctx_->shm.Remove(region_, lease_);
+    if (!ok) ctx_->shm.Remove(region_, lease_, tenant_);
     end_->WriteDone(ok);  // may finish the call: nothing after it
   }
 
   // The client cancelled, its connection dropped or the deadline passed.
   void OnCancel() override {
-    if (lease_ != 0) ctx_->shm.Remove(region_, lease_);
+    if (lease_ != 0) ctx_->shm.Remove(region_, lease_, tenant_);
     end_->End(grpc::Status(grpc::StatusCode::CANCELLED, "the lease was cancelled"));
   }
 
   void OnDone() override {
-    if (lease_ != 0) ctx_->shm.Remove(region_, lease_);  // no-op unless still registered
+    if (lease_ != 0) ctx_->shm.Remove(region_, lease_, tenant_);  // no-op unless still registered
     delete this;
   }
 
@@ -119,6 +124,7 @@ class LeaseReactor final : public grpc::ServerWriteReactor<LeaseResponse> {
   ServiceContext* ctx_;
   CallMetrics call_;
   const std::string region_;
+  const std::string tenant_;
   uint64_t lease_ = 0;  // 0: not registered
   // Owned here; the registry's revoke callback holds a weak_ptr and keeps it
   // alive while it runs, even if the reactor is deleted meanwhile.
@@ -127,6 +133,10 @@ class LeaseReactor final : public grpc::ServerWriteReactor<LeaseResponse> {
 };
 
 }  // namespace
+
+Caller Identify(const grpc::CallbackServerContext& context, const ServiceContext& ctx) {
+  return Caller{CallerTenant(context, *ctx.auth), SharedMemoryAccess(context, ctx.options)};
+}
 
 absl::Status SharedMemoryAccess(const grpc::CallbackServerContext& context, const ServerOptions& options) {
   if (options.shm_allow_remote) return absl::OkStatus();
@@ -138,7 +148,7 @@ absl::Status SharedMemoryAccess(const grpc::CallbackServerContext& context, cons
 
 grpc::ServerWriteReactor<v1::RegisterSharedMemoryResponse>* MedakvService::RegisterSharedMemory(
     grpc::CallbackServerContext* context, const v1::RegisterSharedMemoryRequest* request) {
-  return new LeaseReactor(ctx_, *request, SharedMemoryAccess(*context, ctx_->options));
+  return new LeaseReactor(ctx_, *request, Identify(*context, *ctx_));
 }
 
 grpc::ServerUnaryReactor* MedakvService::UnregisterSharedMemory(grpc::CallbackServerContext* context,
@@ -146,8 +156,10 @@ grpc::ServerUnaryReactor* MedakvService::UnregisterSharedMemory(grpc::CallbackSe
                                                                 v1::UnregisterSharedMemoryResponse* response) {
   CallMetrics call(ctx_->metrics, Method::kUnregisterSharedMemory);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status access = SharedMemoryAccess(*context, ctx_->options);
-  FinishUnary(call, reactor, ToGrpc(access.ok() ? ctx_->shm.Unregister(request->region()) : access));
+  const Caller caller = Identify(*context, *ctx_);
+  const absl::Status refused = !caller.tenant.ok() ? caller.tenant.status() : caller.shm_access;
+  FinishUnary(call, reactor,
+              ToGrpc(refused.ok() ? ctx_->shm.Unregister(request->region(), *caller.tenant) : refused));
   return reactor;
 }
 

@@ -52,9 +52,11 @@ absl::Status WithField(const absl::Status& s, absl::string_view field) {
 }
 
 // A stored cache built from a completed upload (tensors copied into the entry).
-std::unique_ptr<StoredCache> StoredFromUpload(const CacheAssembler& a, const std::string& id) {
+std::unique_ptr<StoredCache> StoredFromUpload(const CacheAssembler& a, const std::string& tenant,
+                                              const std::string& id) {
   const CacheSpec& spec = a.spec();
   auto cache = std::make_unique<StoredCache>();
+  cache->tenant = tenant;
   cache->id = id;
   CacheDescription& d = cache->description;
   d.layers = spec.layers;
@@ -101,9 +103,16 @@ std::unique_ptr<StoredCache> StoredFromUpload(const CacheAssembler& a, const std
 
 class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
  public:
-  PutReactor(ServiceContext* ctx, v1::PutCacheResponse* response, absl::Status shm_access)
-      : ctx_(ctx), call_(ctx->metrics, Method::kPutCache), response_(response),
-        regions_(&ctx->shm, std::move(shm_access)) {
+  PutReactor(ServiceContext* ctx, v1::PutCacheResponse* response, Caller caller)
+      : ctx_(ctx),
+        call_(ctx->metrics, Method::kPutCache),
+        response_(response),
+        tenant_(caller.tenant.value_or("")),
+        regions_(&ctx->shm, std::move(caller.shm_access), tenant_) {
+    if (!caller.tenant.ok()) {
+      Fail(caller.tenant.status());
+      return;
+    }
     StartRead(&request_);
   }
 
@@ -136,7 +145,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
     }
     absl::StatusOr<CacheSpec> spec = SpecFromHeader(h, ctx_->options.max_request_bytes);
     if (!spec.ok()) return Fail(spec.status());
-    if (!h.overwrite() && ctx_->store.Contains(h.cache_id())) {  // early: before the bytes travel
+    if (!h.overwrite() && ctx_->store.Contains(tenant_, h.cache_id())) {  // early: before the bytes travel
       return Fail(absl::AlreadyExistsError(
           absl::StrCat("cache '", h.cache_id(), "' exists (set overwrite to replace it)")));
     }
@@ -159,7 +168,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
   }
 
   void Commit() {
-    std::unique_ptr<StoredCache> cache = StoredFromUpload(*assembler_, id_);
+    std::unique_ptr<StoredCache> cache = StoredFromUpload(*assembler_, tenant_, id_);
     assembler_.reset();
     absl::StatusOr<CacheSummary> summary = ctx_->store.Commit(std::move(*reservation_), std::move(cache), overwrite_, ttl_);
     reservation_.reset();
@@ -185,6 +194,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
   v1::PutCacheResponse* response_;
   v1::PutCacheRequest request_;
   std::atomic<bool> cancelled_{false};
+  const std::string tenant_;
   CallRegions regions_;  // held until the call ends
   std::optional<CacheAssembler> assembler_;
   std::optional<Reservation> reservation_;
@@ -199,8 +209,13 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
 class CompressCacheReactor final : public grpc::ServerUnaryReactor {
  public:
   CompressCacheReactor(ServiceContext* ctx, const v1::CompressCacheRequest* request,
-                       v1::CompressCacheResponse* response)
+                       v1::CompressCacheResponse* response, absl::StatusOr<std::string> tenant)
       : ctx_(ctx), call_(ctx->metrics, Method::kCompressCache), request_(request), response_(response) {
+    if (!tenant.ok()) {
+      Fail(tenant.status());
+      return;
+    }
+    tenant_ = *std::move(tenant);
     if (absl::Status s = ValidateCacheId(request->cache_id()); !s.ok()) {
       Fail(WithField(s, "cache_id"));
       return;
@@ -236,7 +251,7 @@ class CompressCacheReactor final : public grpc::ServerUnaryReactor {
   }
 
   void Compute() {
-    absl::StatusOr<std::shared_ptr<const StoredCache>> entry = ctx_->store.Get(request_->cache_id());
+    absl::StatusOr<std::shared_ptr<const StoredCache>> entry = ctx_->store.Get(tenant_, request_->cache_id());
     if (!entry.ok()) return Fail(entry.status());
     absl::StatusOr<CacheInput> input = CompressionInput(**entry);
     if (!input.ok()) return Fail(input.status());
@@ -280,6 +295,7 @@ class CompressCacheReactor final : public grpc::ServerUnaryReactor {
   CallMetrics call_;
   const v1::CompressCacheRequest* request_;
   v1::CompressCacheResponse* response_;
+  std::string tenant_;
   CompressOptions options_;
   std::string preset_;  // the preset that gave options_ (empty: none)
   std::atomic<bool> cancelled_{false};
@@ -291,8 +307,14 @@ class CompressCacheReactor final : public grpc::ServerUnaryReactor {
 
 class GetReactor final : public grpc::ServerWriteReactor<v1::GetCacheResponse> {
  public:
-  GetReactor(ServiceContext* ctx, const v1::GetCacheRequest* request, absl::Status shm_access)
-      : ctx_(ctx), call_(ctx->metrics, Method::kGetCache), regions_(&ctx->shm, std::move(shm_access)) {
+  GetReactor(ServiceContext* ctx, const v1::GetCacheRequest* request, Caller caller)
+      : ctx_(ctx),
+        call_(ctx->metrics, Method::kGetCache),
+        regions_(&ctx->shm, std::move(caller.shm_access), caller.tenant.value_or("")) {
+    if (!caller.tenant.ok()) {
+      End(ToGrpc(caller.tenant.status()));
+      return;
+    }
     const MappedRegion* output = nullptr;
     if (request->has_output()) {  // before the lookup, which counts as a use of the entry
       absl::StatusOr<const MappedRegion*> region = regions_.Check(request->output(), "output");
@@ -302,7 +324,7 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetCacheResponse> {
       }
       output = *region;
     }
-    absl::StatusOr<std::shared_ptr<const StoredCache>> entry = ctx_->store.Get(request->cache_id());
+    absl::StatusOr<std::shared_ptr<const StoredCache>> entry = ctx_->store.Get(*caller.tenant, request->cache_id());
     if (!entry.ok()) {
       End(ToGrpc(entry.status()));
       return;
@@ -380,18 +402,18 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetCacheResponse> {
 
 grpc::ServerReadReactor<v1::PutCacheRequest>* MedakvService::PutCache(grpc::CallbackServerContext* context,
                                                                        v1::PutCacheResponse* response) {
-  return new PutReactor(ctx_, response, SharedMemoryAccess(*context, ctx_->options));
+  return new PutReactor(ctx_, response, Identify(*context, *ctx_));
 }
 
 grpc::ServerUnaryReactor* MedakvService::CompressCache(grpc::CallbackServerContext* context,
                                                        const v1::CompressCacheRequest* request,
                                                        v1::CompressCacheResponse* response) {
-  return new CompressCacheReactor(ctx_, request, response);
+  return new CompressCacheReactor(ctx_, request, response, CallerTenant(*context, *ctx_->auth));
 }
 
 grpc::ServerWriteReactor<v1::GetCacheResponse>* MedakvService::GetCache(grpc::CallbackServerContext* context,
                                                                         const v1::GetCacheRequest* request) {
-  return new GetReactor(ctx_, request, SharedMemoryAccess(*context, ctx_->options));
+  return new GetReactor(ctx_, request, Identify(*context, *ctx_));
 }
 
 grpc::ServerUnaryReactor* MedakvService::DeleteCache(grpc::CallbackServerContext* context,
@@ -399,7 +421,12 @@ grpc::ServerUnaryReactor* MedakvService::DeleteCache(grpc::CallbackServerContext
                                                      v1::DeleteCacheResponse* response) {
   CallMetrics call(ctx_->metrics, Method::kDeleteCache);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::StatusOr<int64_t> freed = ctx_->store.Delete(request->cache_id());
+  const absl::StatusOr<std::string> tenant = CallerTenant(*context, *ctx_->auth);
+  if (!tenant.ok()) {
+    FinishUnary(call, reactor, ToGrpc(tenant.status()));
+    return reactor;
+  }
+  absl::StatusOr<int64_t> freed = ctx_->store.Delete(*tenant, request->cache_id());
   if (freed.ok()) response->set_bytes_freed(*freed);
   FinishUnary(call, reactor, ToGrpc(freed.status()));
   return reactor;
@@ -410,12 +437,18 @@ grpc::ServerUnaryReactor* MedakvService::ListCaches(grpc::CallbackServerContext*
                                                     v1::ListCachesResponse* response) {
   CallMetrics call(ctx_->metrics, Method::kListCaches);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const absl::StatusOr<std::string> tenant = CallerTenant(*context, *ctx_->auth);
+  if (!tenant.ok()) {
+    FinishUnary(call, reactor, ToGrpc(tenant.status()));
+    return reactor;
+  }
   if (request->limit() < 0) {
     FinishUnary(call, reactor,
                 ToGrpc(absl::InvalidArgumentError(absl::StrCat("limit must be >= 0, got ", request->limit()))));
     return reactor;
   }
-  for (const CacheSummary& s : ctx_->store.List(request->prefix(), request->limit() == 0 ? 1000 : request->limit())) {
+  for (const CacheSummary& s :
+       ctx_->store.List(*tenant, request->prefix(), request->limit() == 0 ? 1000 : request->limit())) {
     ToProto(s, response->add_caches());
   }
   FinishUnary(call, reactor, grpc::Status::OK);
@@ -426,6 +459,13 @@ grpc::ServerUnaryReactor* MedakvService::Stats(grpc::CallbackServerContext* cont
                                                v1::StatsResponse* response) {
   CallMetrics call(ctx_->metrics, Method::kStats);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const absl::StatusOr<std::string> tenant = CallerTenant(*context, *ctx_->auth);
+  if (!tenant.ok()) {
+    FinishUnary(call, reactor, ToGrpc(tenant.status()));
+    return reactor;
+  }
+  response->set_tenant(*tenant);
+  response->set_shm_name_prefix(TenantShmPrefix(*tenant));
   for (const TierStats& t : ctx_->store.Stats()) {
     if (!ctx_->store.has_tier(t.tier)) continue;
     v1::TierStats* out = response->add_tiers();

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <utility>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -152,6 +153,21 @@ absl::Status ValidateCacheId(absl::string_view id) {
   return absl::OkStatus();
 }
 
+absl::Status ValidateTenant(absl::string_view tenant) {
+  if (tenant.size() > kMaxTenantBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tenant ", QuoteId(tenant), " must be at most ", kMaxTenantBytes, " bytes, got ", tenant.size()));
+  }
+  for (size_t i = 0; i < tenant.size(); ++i) {
+    const char c = tenant[i];
+    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-') {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tenant ", QuoteId(tenant), ": byte ", i, " is outside [A-Za-z0-9._-]"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 int64_t StoredCache::ComputeBytes() const {
   int64_t bytes = 0;
   for (const StoredLayer& l : layers) {
@@ -162,6 +178,7 @@ int64_t StoredCache::ComputeBytes() const {
 }
 
 absl::Status ValidateStoredCache(const StoredCache& cache) {
+  MEDAKV_RETURN_IF_ERROR(ValidateTenant(cache.tenant));
   MEDAKV_RETURN_IF_ERROR(ValidateCacheId(cache.id));
   const CacheDescription& d = cache.description;
   const std::pair<const char*, int64_t> dims[] = {
@@ -249,6 +266,7 @@ absl::Status ValidateStoredCache(const StoredCache& cache) {
 
 CacheSummary Summarize(const StoredCache& cache) {
   CacheSummary s;
+  s.tenant = cache.tenant;
   s.id = cache.id;
   s.description = cache.description;
   s.stats = cache.stats;
@@ -310,6 +328,7 @@ absl::StatusOr<CacheInput> CompressionInput(const StoredCache& cache) {
 std::unique_ptr<StoredCache> MakeCompressedCache(const StoredCache& original, CompressResult result,
                                                  std::string policy) {
   auto cache = std::make_unique<StoredCache>();
+  cache->tenant = original.tenant;
   cache->id = original.id;
   cache->description = original.description;
   cache->stats = KeptStats::kNone;
@@ -403,7 +422,7 @@ absl::StatusOr<CacheSummary> CacheStore::Commit(Reservation reservation, std::un
   absl::MutexLock lock(&mu_);
   const absl::Time now = clock_();
   SweepLocked(now, &graveyard);
-  const auto it = entries_.find(cache->id);
+  const auto it = entries_.find(Key(*cache));
   if (it != entries_.end() && !overwrite) {
     return absl::AlreadyExistsError(absl::StrCat("cache ", QuoteId(cache->id), " is already stored"));
   }
@@ -429,42 +448,54 @@ absl::StatusOr<CacheSummary> CacheStore::Put(Tier tier, std::unique_ptr<StoredCa
   return Commit(std::move(reservation), std::move(cache), overwrite, ttl);
 }
 
-absl::StatusOr<std::shared_ptr<const StoredCache>> CacheStore::Get(absl::string_view id) {
+std::string CacheStore::Key(absl::string_view tenant, absl::string_view id) {
+  return tenant.empty() ? std::string(id) : absl::StrCat(tenant, absl::string_view("\0", 1), id);
+}
+
+absl::StatusOr<std::shared_ptr<const StoredCache>> CacheStore::Get(absl::string_view tenant, absl::string_view id) {
   MEDAKV_RETURN_IF_ERROR(ValidateCacheId(id));
+  MEDAKV_RETURN_IF_ERROR(ValidateTenant(tenant));
   Graveyard graveyard;
   absl::MutexLock lock(&mu_);
   SweepLocked(clock_(), &graveyard);
-  const auto it = entries_.find(id);
+  const auto it = entries_.find(Key(tenant, id));
   if (it == entries_.end()) return absl::NotFoundError(absl::StrCat("cache ", QuoteId(id), " is not stored"));
   TouchLocked(it);
   return it->second.cache;
 }
 
-bool CacheStore::Contains(absl::string_view id) {
+bool CacheStore::Contains(absl::string_view tenant, absl::string_view id) {
+  if (!ValidateCacheId(id).ok() || !ValidateTenant(tenant).ok()) return false;
   Graveyard graveyard;
   absl::MutexLock lock(&mu_);
   SweepLocked(clock_(), &graveyard);
-  return entries_.find(id) != entries_.end();
+  return entries_.find(Key(tenant, id)) != entries_.end();
 }
 
-std::vector<CacheSummary> CacheStore::List(absl::string_view prefix, int64_t limit) {
+std::vector<CacheSummary> CacheStore::List(absl::string_view tenant, absl::string_view prefix, int64_t limit) {
   std::vector<CacheSummary> out;
+  if (!ValidateTenant(tenant).ok()) return out;
+  const std::string key_prefix = Key(tenant, prefix);
   Graveyard graveyard;
   absl::MutexLock lock(&mu_);
   SweepLocked(clock_(), &graveyard);
-  for (auto it = entries_.lower_bound(prefix); it != entries_.end() && absl::StartsWith(it->first, prefix); ++it) {
+  for (auto it = entries_.lower_bound(key_prefix); it != entries_.end() && absl::StartsWith(it->first, key_prefix);
+       ++it) {
     if (limit > 0 && static_cast<int64_t>(out.size()) >= limit) break;
+    // The "" tenant's prefix is also a prefix of other tenants' keys: skip them.
+    if (it->second.cache->tenant != tenant) continue;
     out.push_back(Summarize(*it->second.cache));
   }
   return out;
 }
 
-absl::StatusOr<int64_t> CacheStore::Delete(absl::string_view id) {
+absl::StatusOr<int64_t> CacheStore::Delete(absl::string_view tenant, absl::string_view id) {
   MEDAKV_RETURN_IF_ERROR(ValidateCacheId(id));
+  MEDAKV_RETURN_IF_ERROR(ValidateTenant(tenant));
   Graveyard graveyard;
   absl::MutexLock lock(&mu_);
   SweepLocked(clock_(), &graveyard);
-  const auto it = entries_.find(id);
+  const auto it = entries_.find(Key(tenant, id));
   if (it == entries_.end()) return absl::NotFoundError(absl::StrCat("cache ", QuoteId(id), " is not stored"));
   const int64_t bytes = it->second.cache->bytes;
   ++deleted_[Index(it->second.cache->tier)];
@@ -476,6 +507,7 @@ absl::StatusOr<CacheSummary> CacheStore::Replace(std::shared_ptr<const StoredCac
                                                  std::unique_ptr<StoredCache> next) {
   if (expected == nullptr || next == nullptr) return absl::InvalidArgumentError("Replace needs both caches");
   if (next->id.empty()) next->id = expected->id;
+  next->tenant = expected->tenant;
   if (next->id != expected->id) {
     return absl::InvalidArgumentError(
         absl::StrCat("cache ", QuoteId(next->id), " cannot replace cache ", QuoteId(expected->id)));
@@ -490,7 +522,7 @@ absl::StatusOr<CacheSummary> CacheStore::Replace(std::shared_ptr<const StoredCac
   Graveyard graveyard;
   absl::MutexLock lock(&mu_);
   SweepLocked(clock_(), &graveyard);
-  const auto it = entries_.find(expected->id);
+  const auto it = entries_.find(Key(*expected));
   if (it == entries_.end()) {
     return absl::NotFoundError(absl::StrCat("cache ", QuoteId(expected->id), " was deleted or expired"));
   }
@@ -561,7 +593,7 @@ void CacheStore::RemoveLocked(EntryMap::iterator it, Graveyard* graveyard) {
   std::shared_ptr<const StoredCache> cache = std::move(it->second.cache);
   const int t = Index(cache->tier);
   lru_[t].erase(it->second.lru);
-  if (cache->expires != absl::InfiniteFuture()) expiry_.erase({cache->expires, cache->id});
+  if (cache->expires != absl::InfiniteFuture()) expiry_.erase({cache->expires, it->first});
   stored_bytes_[t] -= cache->bytes;
   entries_.erase(it);
   // No reference is made without mu_, so a count of 1 stays 1: this thread
@@ -575,11 +607,11 @@ void CacheStore::RemoveLocked(EntryMap::iterator it, Graveyard* graveyard) {
 
 void CacheStore::InsertLocked(std::shared_ptr<const StoredCache> cache) {
   const int t = Index(cache->tier);
-  lru_[t].push_front(cache->id);
-  if (cache->expires != absl::InfiniteFuture()) expiry_.emplace(cache->expires, cache->id);
+  std::string key = Key(*cache);
+  lru_[t].push_front(key);
+  if (cache->expires != absl::InfiniteFuture()) expiry_.emplace(cache->expires, key);
   stored_bytes_[t] += cache->bytes;
-  const std::string& id = cache->id;
-  entries_.insert_or_assign(id, Entry{std::move(cache), lru_[t].begin()});
+  entries_.insert_or_assign(std::move(key), Entry{std::move(cache), lru_[t].begin()});
 }
 
 void CacheStore::TouchLocked(EntryMap::iterator it) {

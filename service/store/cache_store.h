@@ -40,6 +40,13 @@
 // are reserved internally (evicting other unreferenced entries if needed); the
 // old object's bytes count as room when the caller moves its last reference in.
 //
+// Tenants. Every entry belongs to a tenant (StoredCache::tenant; "" when the
+// server has no authentication): ids are unique per tenant, and every lookup
+// names the tenant, so one tenant's Get, Contains, List and Delete never see
+// another's entries (the same id under two tenants is two entries). Eviction
+// and the byte budgets are shared by all tenants. The one-argument forms are
+// the "" tenant's.
+//
 // Expired entries are invisible and are reclaimed at the start of every call
 // that takes the store mutex (no background thread). Big buffers are never
 // copied and never freed with the store mutex held: removed entries are
@@ -77,6 +84,11 @@ const char* TierName(Tier tier);  // "host", "device"
 inline constexpr size_t kMaxCacheIdBytes = 256;
 // INVALID_ARGUMENT naming the (escaped) id and what is wrong with it.
 [[nodiscard]] absl::Status ValidateCacheId(absl::string_view id);
+
+// Tenants are "" (no authentication) or 1-64 bytes of [A-Za-z0-9._-].
+inline constexpr size_t kMaxTenantBytes = 64;
+// INVALID_ARGUMENT naming the (escaped) tenant and what is wrong with it.
+[[nodiscard]] absl::Status ValidateTenant(absl::string_view tenant);
 
 // Which attention statistics are kept with a cache for a later compression.
 enum class KeptStats : uint8_t {
@@ -116,6 +128,7 @@ struct StoredLayer {
 };
 
 struct StoredCache {
+  std::string tenant;  // "" without authentication; never shown to other tenants
   std::string id;
   CacheDescription description;
   KeptStats stats = KeptStats::kNone;
@@ -143,6 +156,7 @@ struct StoredCache {
 // What ListCaches, PutCache and CompressCache report about an entry
 // (CacheInfo in the proto): everything but the buffers.
 struct CacheSummary {
+  std::string tenant;
   std::string id;
   CacheDescription description;
   KeptStats stats = KeptStats::kNone;
@@ -162,7 +176,7 @@ CacheSummary Summarize(const StoredCache& cache);
 // or was stored without statistics.
 [[nodiscard]] absl::StatusOr<CacheInput> CompressionInput(const StoredCache& cache);
 
-// The compressed form of `original` for Replace: same id and description,
+// The compressed form of `original` for Replace: same tenant, id and description,
 // the result's layers, no statistics, `compressed` set and `policy` named.
 std::unique_ptr<StoredCache> MakeCompressedCache(const StoredCache& original, CompressResult result,
                                                  std::string policy);
@@ -237,7 +251,7 @@ class CacheStore {
   // store does not have; RESOURCE_EXHAUSTED when room cannot be made.
   [[nodiscard]] absl::StatusOr<Reservation> Reserve(Tier tier, int64_t bytes);
 
-  // Stores `cache` under cache->id in the reservation's tier. The reservation
+  // Stores `cache` under (cache->tenant, cache->id) in the reservation's tier. The reservation
   // is always consumed: on success the unused part (reservation - the cache's
   // ComputeBytes()) is released, on failure all of it. ALREADY_EXISTS when
   // the id is stored (and not expired) and `overwrite` is false; with
@@ -251,24 +265,29 @@ class CacheStore {
   [[nodiscard]] absl::StatusOr<CacheSummary> Put(Tier tier, std::unique_ptr<StoredCache> cache, bool overwrite,
                                                  absl::Duration ttl);
 
-  // The entry, marked most recently used. NOT_FOUND when absent or expired.
-  [[nodiscard]] absl::StatusOr<std::shared_ptr<const StoredCache>> Get(absl::string_view id);
+  // The tenant's entry, marked most recently used. NOT_FOUND when absent or
+  // expired (also when another tenant has an entry of that id).
+  [[nodiscard]] absl::StatusOr<std::shared_ptr<const StoredCache>> Get(absl::string_view tenant, absl::string_view id);
+  [[nodiscard]] absl::StatusOr<std::shared_ptr<const StoredCache>> Get(absl::string_view id) { return Get("", id); }
 
-  // Whether `id` is stored and not expired; does not touch the LRU order.
-  // For a fail-fast ALREADY_EXISTS check before an upload.
-  bool Contains(absl::string_view id);
+  // Whether the tenant's `id` is stored and not expired; does not touch the
+  // LRU order. For a fail-fast ALREADY_EXISTS check before an upload.
+  bool Contains(absl::string_view tenant, absl::string_view id);
+  bool Contains(absl::string_view id) { return Contains("", id); }
 
-  // Summaries of the entries whose id starts with `prefix`, sorted by id, at
-  // most `limit` of them (limit <= 0: all). Does not touch the LRU order.
-  std::vector<CacheSummary> List(absl::string_view prefix, int64_t limit);
+  // Summaries of the tenant's entries whose id starts with `prefix`, sorted by
+  // id, at most `limit` of them (limit <= 0: all). Does not touch the LRU order.
+  std::vector<CacheSummary> List(absl::string_view tenant, absl::string_view prefix, int64_t limit);
+  std::vector<CacheSummary> List(absl::string_view prefix, int64_t limit) { return List("", prefix, limit); }
 
-  // Removes the entry. Returns its bytes: freed now, or when the last reader
-  // still holding it drops it. NOT_FOUND when absent or expired.
-  [[nodiscard]] absl::StatusOr<int64_t> Delete(absl::string_view id);
+  // Removes the tenant's entry. Returns its bytes: freed now, or when the last
+  // reader still holding it drops it. NOT_FOUND when absent or expired.
+  [[nodiscard]] absl::StatusOr<int64_t> Delete(absl::string_view tenant, absl::string_view id);
+  [[nodiscard]] absl::StatusOr<int64_t> Delete(absl::string_view id) { return Delete("", id); }
 
-  // Replaces the entry `expected->id` with `next` if it is still the object
-  // `expected` (compare-and-swap). `next` takes the entry's tier, created and
-  // expires times; its id must be empty (then set) or equal. Move your last
+  // Replaces the entry of `expected` with `next` if it is still the object
+  // `expected` (compare-and-swap). `next` takes the entry's tenant, tier,
+  // created and expires times; its id must be empty (then set) or equal. Move your last
   // reference into `expected`: when nobody else holds the old object, its bytes
   // count as room for `next`. ABORTED when the entry changed meanwhile,
   // NOT_FOUND when it was deleted or expired, RESOURCE_EXHAUSTED when room
@@ -287,6 +306,11 @@ class CacheStore {
     std::shared_ptr<const StoredCache> cache;
     std::list<std::string>::iterator lru;  // in lru_[tier]
   };
+  // The map's key of (tenant, id): the id alone for the "" tenant, else
+  // tenant + '\0' + id (neither ids nor tenants contain a NUL, so keys of
+  // different pairs differ).
+  static std::string Key(absl::string_view tenant, absl::string_view id);
+  static std::string Key(const StoredCache& cache) { return Key(cache.tenant, cache.id); }
   using EntryMap = std::map<std::string, Entry, std::less<>>;
   // Removed entries, dropped after the store mutex is released.
   using Graveyard = std::vector<std::shared_ptr<const StoredCache>>;
@@ -315,9 +339,9 @@ class CacheStore {
   const std::shared_ptr<store_internal::Accounting> accounting_;
 
   mutable absl::Mutex mu_;
-  EntryMap entries_ ABSL_GUARDED_BY(mu_);
-  std::list<std::string> lru_[kNumTiers] ABSL_GUARDED_BY(mu_);  // front: most recently used
-  std::set<std::pair<absl::Time, std::string>> expiry_ ABSL_GUARDED_BY(mu_);
+  EntryMap entries_ ABSL_GUARDED_BY(mu_);                         // by Key()
+  std::list<std::string> lru_[kNumTiers] ABSL_GUARDED_BY(mu_);  // keys; front: most recently used
+  std::set<std::pair<absl::Time, std::string>> expiry_ ABSL_GUARDED_BY(mu_);  // (expires, key)
   int64_t stored_bytes_[kNumTiers] ABSL_GUARDED_BY(mu_) = {0, 0};
   int64_t evicted_lru_[kNumTiers] ABSL_GUARDED_BY(mu_) = {0, 0};
   int64_t expired_[kNumTiers] ABSL_GUARDED_BY(mu_) = {0, 0};

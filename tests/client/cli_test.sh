@@ -12,6 +12,7 @@ server_bin=$2
 dir=$(mktemp -d)
 server_pid=
 server2_pid=
+server3_pid=
 stop_server() {
   local pid=$1
   [ -n "$pid" ] || return 0
@@ -24,6 +25,7 @@ stop_server() {
 cleanup() {
   stop_server "$server_pid"
   stop_server "$server2_pid"
+  stop_server "$server3_pid"
   # Sanitizer builds: a server's report goes to the test's output (where
   # scripts/sanitize.sh looks for reports).
   for log in "$dir"/server*.err; do
@@ -366,6 +368,18 @@ PY
   expect_error "bench: bad --op" "--op: expected compress, put or get" bench --server "$addr" --op nope --duration 0.1
   expect_error "bench: bad --concurrency" "--concurrency must be in" bench --server "$addr" --concurrency 0
 
+  # An id on each replica for the checks below (placement depends on the ports).
+  up_id=
+  down_id=
+  for i in $(seq 40); do
+    out=$("$medakv" put "$dir/in.safetensors" --id "spread-$i" --server "$both" --no-shm 2>&1) || continue
+    case "$out" in
+      *"on server $addr:"*) [ -n "$up_id" ] || up_id=spread-$i ;;
+      *"on server $addr2:"*) [ -n "$down_id" ] || down_id=spread-$i ;;
+    esac
+    [ -n "$up_id" ] && [ -n "$down_id" ] && break
+  done
+
   # ---- one replica down ------------------------------------------------------------
   stop_server "$server2_pid"
   server2_pid=
@@ -377,9 +391,9 @@ PY
   else
     bad "ls with a replica down (rc=$rc): $(cat "$dir/out" "$dir/err")"
   fi
-  down_id=$(sed -n "s/^put '\(cli-[1-4]\)' on server $addr2:.*/\1/p" "$dir/puts" | head -1)
-  up_id=$(sed -n "s/^put '\(cli-[1-4]\)' on server $addr:.*/\1/p" "$dir/puts" | head -1)
-  if [ -n "$down_id" ]; then
+  if [ -z "$down_id" ]; then
+    bad "no id landed on $addr2 in 40 puts"
+  else
     expect_error "get from the down replica" "cannot reach server $addr2 (the replica of cache '$down_id'): UNAVAILABLE" \
       get "$down_id" -o "$dir/o.safetensors" --server "$both" --attempts 2
   fi
@@ -401,6 +415,64 @@ PY
     bad "stats with a replica down: $(cat "$dir/out")"
   fi
 fi
+# A server with TLS and bearer tokens (SECURITY.md): certificates made here.
+if openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=cli-ca \
+    -keyout "$dir/ca.key" -out "$dir/ca.pem" >/dev/null 2>&1 &&
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=localhost \
+    -keyout "$dir/tls.key" -out "$dir/tls.csr" >/dev/null 2>&1 &&
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$dir/tls.ext" &&
+  openssl x509 -req -days 2 -in "$dir/tls.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" -CAcreateserial \
+    -extfile "$dir/tls.ext" -out "$dir/tls.pem" >/dev/null 2>&1; then
+  printf '# cli test\ncli-alice-token-0123456789 alice\ncli-bob-token-0123456789abc bob\n' >"$dir/tokens"
+  printf 'cli-bob-token-0123456789abc\n' >"$dir/bob.token"
+  "$server_bin" --listen=127.0.0.1:0 --metrics_listen= --backend=cpu --shutdown_grace=1s \
+    --auth_tokens_file="$dir/tokens" --tls_cert="$dir/tls.pem" --tls_key="$dir/tls.key" 2>"$dir/server3.err" &
+  server3_pid=$!
+  port3=$(wait_port "$dir/server3.err" "$server3_pid")
+  if [ -z "$port3" ]; then
+    bad "secure medakv-server did not start: $(cat "$dir/server3.err")"
+  else
+    sec=127.0.0.1:$port3
+    if grep -q "listening on port $port3 (TLS" "$dir/server3.err" && grep -q "2 bearer tokens" "$dir/server3.err"; then
+      ok "secure server start-up lines"
+    else
+      bad "secure server start-up lines: $(cat "$dir/server3.err")"
+    fi
+    expect_error "no token" "UNAUTHENTICATED: no bearer token" put "$dir/in.safetensors" --id s1 --server "$sec" \
+      --tls-ca "$dir/ca.pem" --no-shm
+    expect_error "wrong token" "the bearer token is not valid" put "$dir/in.safetensors" --id s1 --server "$sec" \
+      --tls-ca "$dir/ca.pem" --token not-a-token-0123456789
+    expect_error "plaintext client" "UNAVAILABLE" get s1 -o "$dir/o.safetensors" --server "$sec" --token x --attempts 1
+    if MEDAKV_TOKEN=cli-alice-token-0123456789 "$medakv" put "$dir/in.safetensors" --id s1 --server "$sec" \
+        --tls-ca "$dir/ca.pem" >/dev/null 2>"$dir/err"; then
+      ok "put with \$MEDAKV_TOKEN over TLS"
+    else
+      bad "put with \$MEDAKV_TOKEN over TLS: $(cat "$dir/err")"
+    fi
+    expect_error "another tenant's cache" "NOT_FOUND" get s1 -o "$dir/o.safetensors" --server "$sec" \
+      --tls-ca "$dir/ca.pem" --token-file "$dir/bob.token"
+    out=$(MEDAKV_TOKEN=cli-alice-token-0123456789 "$medakv" get s1 -o "$dir/s1.safetensors" --server "$sec" \
+      --tls-ca "$dir/ca.pem" 2>&1)
+    if [ $? -eq 0 ] && echo "$out" | grep -q "'s1' from server $sec: layers \[0, 3) of 3, 900 of 900 tokens kept"; then
+      ok "the owner gets its cache back"
+    else
+      bad "the owner gets its cache back: $out"
+    fi
+    # compress over shared memory names the objects with the tenant's prefix.
+    json=$("$medakv" compress "$dir/in.safetensors" -o "$dir/sec.safetensors" --rho 0.2 --server "$sec" \
+      --tls-ca "$dir/ca.pem" --token-file "$dir/bob.token" --json 2>"$dir/err")
+    if python3 -c 'import json,sys; assert json.loads(sys.argv[1])["shared_memory"] is True' "$json" &&
+      same_tensors "$dir/local.safetensors" "$dir/sec.safetensors"; then
+      ok "compress with a token over TLS and shared memory"
+    else
+      bad "compress with a token over TLS and shared memory: $json $(cat "$dir/err")"
+    fi
+  fi
+  stop_server "$server3_pid"
+else
+  bad "openssl could not make the test certificates"
+fi
+
 # Port 1 on loopback: nothing listens there.
 expect_error "preset without --server" "--preset needs --server" compress "$dir/in.safetensors" -o "$dir/o.safetensors" --preset soft
 expect_error "compress: server unreachable" "cannot reach server 127.0.0.1:1: UNAVAILABLE" \

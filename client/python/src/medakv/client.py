@@ -71,8 +71,13 @@ class Client:
             [1 KiB, 64 MiB]; 0 lets the server choose (4 MiB).
         wait_for_ready: wait (up to the deadline) for the server to become
             reachable instead of failing at once with UNAVAILABLE.
-        credentials: ``grpc.ssl_channel_credentials(...)`` for TLS; None for
-            a plaintext channel.
+        credentials: ``grpc.ssl_channel_credentials(...)`` for TLS (mutual
+            TLS: with ``private_key`` and ``certificate_chain``); None for a
+            plaintext channel.
+        token: bearer token for a server with ``--auth_tokens_file``, sent
+            as ``authorization: Bearer TOKEN`` metadata with every call
+            (printable ASCII without spaces); None: none. Use TLS with it
+            unless the network is trusted.
         channel_options: extra gRPC channel arguments, e.g.
             ``[("grpc.lb_policy_name", "round_robin")]``.
 
@@ -83,7 +88,7 @@ class Client:
     def __init__(self, target: str, *, timeout: Optional[float] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  response_chunk_bytes: int = 0, wait_for_ready: bool = False,
                  credentials: Optional[grpc.ChannelCredentials] = None,
-                 channel_options: Sequence[Tuple[str, Any]] = ()) -> None:
+                 channel_options: Sequence[Tuple[str, Any]] = (), token: Optional[str] = None) -> None:
         if not isinstance(target, str) or not target.strip():
             raise ValueError(f"target: expected 'host:port', got {target!r}")
         self._target = target
@@ -93,6 +98,13 @@ class Client:
         if not isinstance(wait_for_ready, bool):
             raise TypeError(f"wait_for_ready: expected a bool, got {type(wait_for_ready).__name__}")
         self._wait_for_ready = wait_for_ready
+        self._metadata: Tuple[Tuple[str, str], ...] = ()
+        if token is not None:
+            if not isinstance(token, str):
+                raise TypeError(f"token: expected a str, got {type(token).__name__}")
+            if not token or any(not ("!" <= c <= "~") for c in token):
+                raise ValueError("token: expected printable ASCII without spaces")
+            self._metadata = (("authorization", f"Bearer {token}"),)
         options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
                    *channel_options]
         if credentials is not None:
@@ -138,7 +150,7 @@ class Client:
         timeout = _check_timeout(timeout)
         try:
             response = self._health_check(_health.HealthCheckRequest(service=service), timeout=timeout,
-                                          wait_for_ready=self._wait_for_ready)
+                                          wait_for_ready=self._wait_for_ready, metadata=self._metadata)
         except grpc.RpcError as e:
             raise self._error(e, "Health/Check") from None
         return _health.status_name(response)
@@ -222,7 +234,8 @@ class Client:
 
         assembler = _LayerAssembler(self._target, "Compress", range(cache.layers), cache, cache.output)
         summary: Optional[pb.CompressSummary] = None
-        call = self._stub.Compress(requests(), timeout=timeout, wait_for_ready=self._wait_for_ready)
+        call = self._stub.Compress(requests(), timeout=timeout, wait_for_ready=self._wait_for_ready,
+                                   metadata=self._metadata)
         try:
             for response in call:
                 which = response.WhichOneof("msg")
@@ -284,7 +297,8 @@ class Client:
                 yield pb.PutCacheRequest(chunk=pb.TensorChunk(layer=layer, tensor=kind, offset=offset, data=data))
 
         try:
-            response = self._stub.PutCache(requests(), timeout=timeout, wait_for_ready=self._wait_for_ready)
+            response = self._stub.PutCache(requests(), timeout=timeout, wait_for_ready=self._wait_for_ready,
+                                           metadata=self._metadata)
         except grpc.RpcError as e:
             raise self._error(e, "PutCache") from None
         return _cache_info(response.info)
@@ -306,7 +320,8 @@ class Client:
                                                               caller="compress_cache"))
         timeout = self._call_timeout(timeout)
         try:
-            response = self._stub.CompressCache(request, timeout=timeout, wait_for_ready=self._wait_for_ready)
+            response = self._stub.CompressCache(request, timeout=timeout, wait_for_ready=self._wait_for_ready,
+                                                metadata=self._metadata)
         except grpc.RpcError as e:
             raise self._error(e, "CompressCache") from None
         return CompressCacheResult(info=_cache_info(response.info),
@@ -337,7 +352,8 @@ class Client:
                                      max_response_chunk_bytes=self._response_chunk(response_chunk_bytes))
         stored: Optional[StoredCache] = None
         assembler: Optional[_LayerAssembler] = None
-        call = self._stub.GetCache(request, timeout=timeout, wait_for_ready=self._wait_for_ready)
+        call = self._stub.GetCache(request, timeout=timeout, wait_for_ready=self._wait_for_ready,
+                                   metadata=self._metadata)
         try:
             for response in call:
                 which = response.WhichOneof("msg")
@@ -383,7 +399,7 @@ class Client:
         timeout = self._call_timeout(timeout)
         try:
             response = self._stub.DeleteCache(pb.DeleteCacheRequest(cache_id=cache_id), timeout=timeout,
-                                              wait_for_ready=self._wait_for_ready)
+                                              wait_for_ready=self._wait_for_ready, metadata=self._metadata)
         except grpc.RpcError as e:
             raise self._error(e, "DeleteCache") from None
         return int(response.bytes_freed)
@@ -398,7 +414,7 @@ class Client:
         timeout = self._call_timeout(timeout)
         try:
             response = self._stub.ListCaches(pb.ListCachesRequest(prefix=prefix, limit=limit), timeout=timeout,
-                                             wait_for_ready=self._wait_for_ready)
+                                             wait_for_ready=self._wait_for_ready, metadata=self._metadata)
         except grpc.RpcError as e:
             raise self._error(e, "ListCaches") from None
         return [_cache_info(c) for c in response.caches]
@@ -407,13 +423,14 @@ class Client:
         """The store's tiers (capacity, use, entries, evictions), compressions in flight, backend, version."""
         timeout = self._call_timeout(timeout)
         try:
-            r = self._stub.Stats(pb.StatsRequest(), timeout=timeout, wait_for_ready=self._wait_for_ready)
+            r = self._stub.Stats(pb.StatsRequest(), timeout=timeout, wait_for_ready=self._wait_for_ready,
+                                 metadata=self._metadata)
         except grpc.RpcError as e:
             raise self._error(e, "Stats") from None
         return ServerStats(tiers=tuple(TierStats(t.tier, t.capacity_bytes, t.used_bytes, t.entries, t.evictions)
                                        for t in r.tiers),
                            inflight_compressions=r.inflight_compressions, backend=r.backend, version=r.version,
-                           shared_memory_regions=r.shared_memory_regions)
+                           shared_memory_regions=r.shared_memory_regions, tenant=r.tenant)
 
     # ---- helpers -------------------------------------------------------------------
 

@@ -198,6 +198,7 @@ class ServerStats:
     backend: str
     version: str
     shared_memory_regions: int
+    tenant: str = ""  # the caller's tenant ("" when the server does not authenticate)
 
 
 def _itemsize(dtype: str) -> int:

@@ -553,18 +553,22 @@ class TierStats(_message.Message):
     def __init__(self, tier: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., entries: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("tiers", "inflight_compressions", "backend", "version", "shared_memory_regions")
+    __slots__ = ("tiers", "inflight_compressions", "backend", "version", "shared_memory_regions", "tenant", "shm_name_prefix")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_COMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_REGIONS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SHM_NAME_PREFIX_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     inflight_compressions: int
     backend: str
     version: str
     shared_memory_regions: int
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., inflight_compressions: _Optional[int] = ..., backend: _Optional[str] = ..., version: _Optional[str] = ..., shared_memory_regions: _Optional[int] = ...) -> None: ...
+    tenant: str
+    shm_name_prefix: str
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., inflight_compressions: _Optional[int] = ..., backend: _Optional[str] = ..., version: _Optional[str] = ..., shared_memory_regions: _Optional[int] = ..., tenant: _Optional[str] = ..., shm_name_prefix: _Optional[str] = ...) -> None: ...
 
 class RegisterSharedMemoryRequest(_message.Message):
     __slots__ = ("region", "shm_name", "size")
