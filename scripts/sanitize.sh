@@ -7,8 +7,9 @@
 #   script), CPU backend only, in build-asan/.
 # tsan: ThreadSanitizer (GCC) on the tests whose threads meet in project code
 #   without gRPC in between: the cache store's (its concurrent test among
-#   them) and the admission logic's (AdmissionTest: slots, FIFO queue, the
-#   bounded wait's timer thread), in build-tsan/. Two things make it
+#   them), the admission logic's (AdmissionTest: slots, FIFO queue, the
+#   bounded wait's timer thread) and the tokens' reload under lookups
+#   (AuthenticatorTest), in build-tsan/. Two things make it
 #   meaningful with Debian's uninstrumented libraries:
 #   * OpenMP is off (-DMEDAKV_USE_OPENMP=OFF; the CPU ops run serially):
 #     libgomp's barriers are invisible to TSan and every parallel loop would
@@ -60,8 +61,8 @@ case "$mode" in
     # Only these binaries are built, and only these suites run (the server
     # tests in medakv_server_limits_test do not: see "Why not" above). A new
     # concurrency test without gRPC in between goes here: target and suite.
-    targets=(medakv_cache_store_test medakv_server_limits_test)
-    ctest_args=(-R '^(CacheIdTest|CacheStoreTest|AdmissionTest)\.')
+    targets=(medakv_cache_store_test medakv_server_limits_test medakv_security_test)
+    ctest_args=(-R '^(CacheIdTest|CacheStoreTest|AdmissionTest|AuthenticatorTest|TenantStoreTest)\.')
     ;;
   *)
     echo "usage: $0 asan|tsan [ctest args...]" >&2
