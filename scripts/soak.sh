@@ -6,14 +6,17 @@
 # grow after the warm-up (the first WARMUP seconds): the mean of the last
 # tenth of the samples after it exceeds the mean of the first tenth by no more
 # than the allowance (--max-growth-mib, 64 MiB by default).
-#   scripts/soak.sh [--duration 600] [--concurrency 32] [--warmup 60] [--out DIR]
-#                   [--max-growth-mib 64] [--build DIR] [--tokens]
+#   scripts/soak.sh [--duration 600] [--concurrency 32] [--warmup 120] [--out DIR]
+#                   [--max-growth-mib 64] [--build DIR] [--tokens] [--report-only]
+# The warm-up covers the store filling up to its steady size (about 100 s at
+# these rates on a 2-core machine). --report-only analyses DIR again (for
+# example with another --warmup) without running anything.
 # --tokens runs the server with --auth_tokens_file and the clients with a token.
 # Writes DIR/rss.csv (seconds, rss_kib), DIR/bench-*.json, DIR/server.log and
 # DIR/summary.txt; prints the summary.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-duration=600 concurrency=32 warmup=60 out="" max_growth_mib=64 build="$root/build" tokens=0
+duration=600 concurrency=32 warmup=120 out="" max_growth_mib=64 build="$root/build" tokens=0 report_only=0
 while [ $# -gt 0 ]; do
   case $1 in
     --duration) duration=$2; shift 2 ;;
@@ -23,12 +26,89 @@ while [ $# -gt 0 ]; do
     --max-growth-mib) max_growth_mib=$2; shift 2 ;;
     --build) build=$2; shift 2 ;;
     --tokens) tokens=1; shift ;;
+    --report-only) report_only=1; shift ;;
     *) echo "soak: unknown argument $1" >&2; exit 2 ;;
   esac
 done
 if [ "$concurrency" -lt 4 ] || [ "$warmup" -ge "$duration" ]; then
   echo "soak: need --concurrency >= 4 and --warmup < --duration" >&2
   exit 2
+fi
+report() {
+python3 - "$out" "$warmup" "$max_growth_mib" "$bench_failed" "$concurrency" "$duration" <<'PY'
+import csv, json, sys
+from pathlib import Path
+out, warmup, allowance, bench_failed, concurrency, duration = (Path(sys.argv[1]), int(sys.argv[2]),
+                                                                float(sys.argv[3]), int(sys.argv[4]),
+                                                                int(sys.argv[5]), int(sys.argv[6]))
+rows = [(int(r["seconds"]), int(r["rss_kib"])) for r in csv.DictReader(open(out / "rss.csv"))]
+
+reports = {}
+for op in ("compress", "put", "get"):
+    try:
+        reports[op] = json.load(open(out / f"bench-{op}.json"))
+    except (OSError, ValueError) as e:
+        reports[op] = e
+workers = {op: r["concurrency"] for op, r in reports.items() if isinstance(r, dict)}
+if len(workers) == 3:
+    concurrency = sum(workers.values())
+    duration = int(reports["compress"]["duration_s"])
+lines = [f"soak: {concurrency} workers for {duration} s ("
+         + ", ".join(f"{op} {n}" for op, n in workers.items()) + f"), RSS sampled {len(rows)} times, "
+         f"warm-up {warmup} s"]
+# The samples under load after the warm-up (the sampler starts with the server,
+# the load a moment later and it ends at `duration`).
+after = [kib for s, kib in rows if warmup <= s < duration]
+at_warmup = after[0] if after else 0
+peak = max(after) if after else 0
+final = rows[-1][1] if rows else 0
+minutes = []
+for m in range(0, rows[-1][0] // 60 + 1 if rows else 0):
+    w = [kib for s, kib in rows if m * 60 <= s < (m + 1) * 60]
+    if w:
+        minutes.append(f"{sum(w) / len(w) / 1024:.0f}")
+lines.append("  RSS mean per minute (MiB): " + " ".join(minutes))
+ok = bench_failed == 0 and bool(after)
+total_ok = total_failed = 0
+for op in ("compress", "put", "get"):
+    j = reports[op]
+    if not isinstance(j, dict):
+        lines.append(f"  {op}: no report ({j})")
+        ok = False
+        continue
+    total_ok += j["requests_ok"]
+    total_failed += j["requests_failed"]
+    lines.append(f"  {op}: {j['requests_ok']} ok, {j['requests_failed']} failed {j['errors'] or ''}, "
+                 f"{j['requests_per_s']:.1f} req/s, p50 {j['latency_ms']['p50']:.1f} ms, "
+                 f"p99 {j['latency_ms']['p99']:.1f} ms")
+w = max(5, len(after) // 10)
+first = sum(after[:w]) / max(1, len(after[:w]))
+last = sum(after[-w:]) / max(1, len(after[-w:]))
+growth_mib = (last - first) / 1024
+lines.append(f"  requests: {total_ok} ok, {total_failed} failed")
+lines.append(f"  RSS: {rows[0][1] / 1024 if rows else 0:.1f} MiB at start, {at_warmup / 1024:.1f} MiB at {warmup} s; "
+             f"after it: mean of the first {w} samples {first / 1024:.1f} MiB, of the last {w} {last / 1024:.1f} MiB "
+             f"(growth {growth_mib:+.1f} MiB), peak {peak / 1024:.1f} MiB; {final / 1024:.1f} MiB at the end")
+if total_failed:
+    ok = False
+if growth_mib > allowance:
+    ok = False
+    lines.append(f"  RSS grew {growth_mib:.1f} MiB after the warm-up, more than the {allowance:.0f} MiB allowed")
+if not after:
+    lines.append("  no RSS sample after the warm-up")
+lines.append("soak: PASSED" if ok else "soak: FAILED")
+(out / "summary.txt").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+print(f"soak: files in {out}")
+sys.exit(0 if ok else 1)
+PY
+}
+if [ "$report_only" -eq 1 ]; then
+  [ -n "$out" ] && [ -f "$out/rss.csv" ] || { echo "soak: --report-only needs --out DIR of an earlier run" >&2; exit 2; }
+  bench_failed=0
+  [ -f "$out/bench_failed" ] && bench_failed=$(cat "$out/bench_failed")
+  report
+  exit $?
 fi
 server_bin=$build/service/server/medakv-server
 medakv=$build/client/cli/medakv
@@ -99,52 +179,6 @@ bench_failed=0
 for p in "${bench_pids[@]}"; do wait "$p" || bench_failed=1; done
 bench_pids=()
 sleep 2  # a last sample or two after the load
+echo "$bench_failed" >"$out/bench_failed"
+report
 
-python3 - "$out" "$warmup" "$max_growth_mib" "$bench_failed" "$concurrency" "$duration" <<'PY'
-import csv, json, sys
-from pathlib import Path
-out, warmup, allowance, bench_failed, concurrency, duration = (Path(sys.argv[1]), int(sys.argv[2]),
-                                                                float(sys.argv[3]), int(sys.argv[4]),
-                                                                int(sys.argv[5]), int(sys.argv[6]))
-rows = [(int(r["seconds"]), int(r["rss_kib"])) for r in csv.DictReader(open(out / "rss.csv"))]
-after = [kib for s, kib in rows if s >= warmup]
-at_warmup = after[0] if after else 0
-peak = max(after) if after else 0
-final = rows[-1][1] if rows else 0
-lines = [f"soak: {concurrency} workers for {duration} s (compress {concurrency // 2}, put {concurrency // 4}, "
-         f"get {concurrency - concurrency // 2 - concurrency // 4}), RSS sampled {len(rows)} times"]
-ok = bench_failed == 0 and bool(after)
-total_ok = total_failed = 0
-for op in ("compress", "put", "get"):
-    try:
-        j = json.load(open(out / f"bench-{op}.json"))
-    except (OSError, ValueError) as e:
-        lines.append(f"  {op}: no report ({e})")
-        ok = False
-        continue
-    total_ok += j["requests_ok"]
-    total_failed += j["requests_failed"]
-    lines.append(f"  {op}: {j['requests_ok']} ok, {j['requests_failed']} failed {j['errors'] or ''}, "
-                 f"{j['requests_per_s']:.1f} req/s, p50 {j['latency_ms']['p50']:.1f} ms, "
-                 f"p99 {j['latency_ms']['p99']:.1f} ms")
-w = max(5, len(after) // 10)
-first = sum(after[:w]) / max(1, len(after[:w]))
-last = sum(after[-w:]) / max(1, len(after[-w:]))
-growth_mib = (last - first) / 1024
-lines.append(f"  requests: {total_ok} ok, {total_failed} failed")
-lines.append(f"  RSS: {rows[0][1] / 1024 if rows else 0:.1f} MiB at start, {at_warmup / 1024:.1f} MiB at {warmup} s; "
-             f"after it: mean of the first {w} samples {first / 1024:.1f} MiB, of the last {w} {last / 1024:.1f} MiB "
-             f"(growth {growth_mib:+.1f} MiB), peak {peak / 1024:.1f} MiB; {final / 1024:.1f} MiB at the end")
-if total_failed:
-    ok = False
-if growth_mib > allowance:
-    ok = False
-    lines.append(f"  RSS grew {growth_mib:.1f} MiB after the warm-up, more than the {allowance:.0f} MiB allowed")
-if not after:
-    lines.append("  no RSS sample after the warm-up")
-lines.append("soak: PASSED" if ok else "soak: FAILED")
-(out / "summary.txt").write_text("\n".join(lines) + "\n")
-print("\n".join(lines))
-print(f"soak: files in {out}")
-sys.exit(0 if ok else 1)
-PY
