@@ -6,17 +6,24 @@
 # grow after the warm-up (the first WARMUP seconds): the mean of the last
 # tenth of the samples after it exceeds the mean of the first tenth by no more
 # than the allowance (--max-growth-mib, 64 MiB by default).
-#   scripts/soak.sh [--duration 600] [--concurrency 32] [--warmup 120] [--out DIR]
-#                   [--max-growth-mib 64] [--build DIR] [--tokens] [--report-only]
-# The warm-up covers the store filling up to its steady size (about 100 s at
-# these rates on a 2-core machine). --report-only analyses DIR again (for
-# example with another --warmup) without running anything.
+#   scripts/soak.sh [--duration 600] [--concurrency 32] [--warmup 300] [--out DIR]
+#                   [--max-growth-mib 64] [--build DIR] [--tokens] [--fixed-mmap-threshold]
+#                   [--report-only]
+# The warm-up covers the store filling up (seconds) and glibc's allocator
+# reaching its steady size, which takes 3-5 minutes at these rates on a
+# 2-core machine (measured: the RSS rises by 100-200 MiB to a plateau as
+# malloc's dynamic mmap threshold rises and its per-thread arenas keep freed
+# memory; bench/README.md "Soak"). --fixed-mmap-threshold runs the server
+# with MALLOC_MMAP_THRESHOLD_=131072, so that freed big buffers go back to the
+# kernel and the RSS follows live memory. --report-only analyses DIR again
+# (for example with another --warmup) without running anything.
 # --tokens runs the server with --auth_tokens_file and the clients with a token.
 # Writes DIR/rss.csv (seconds, rss_kib), DIR/bench-*.json, DIR/server.log and
 # DIR/summary.txt; prints the summary.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-duration=600 concurrency=32 warmup=120 out="" max_growth_mib=64 build="$root/build" tokens=0 report_only=0
+duration=600 concurrency=32 warmup=300 out="" max_growth_mib=64 build="$root/build" tokens=0 report_only=0
+fixed_mmap=0
 while [ $# -gt 0 ]; do
   case $1 in
     --duration) duration=$2; shift 2 ;;
@@ -27,6 +34,7 @@ while [ $# -gt 0 ]; do
     --build) build=$2; shift 2 ;;
     --tokens) tokens=1; shift ;;
     --report-only) report_only=1; shift ;;
+    --fixed-mmap-threshold) fixed_mmap=1; shift ;;
     *) echo "soak: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -132,7 +140,9 @@ if [ "$tokens" -eq 1 ]; then
   export MEDAKV_TOKEN=$token
 fi
 : >"$out/server.log"  # now, not in the background job: an old log's port must not be read
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} "$server_bin" "${flags[@]}" 2>"$out/server.log" &
+env_vars=(OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}")
+[ "$fixed_mmap" -eq 1 ] && env_vars+=(MALLOC_MMAP_THRESHOLD_=131072)
+env "${env_vars[@]}" "$server_bin" "${flags[@]}" 2>"$out/server.log" &
 server_pid=$!
 sampler_pid=
 bench_pids=()

@@ -105,6 +105,7 @@ class ServerProcess {
   int port() const { return port_; }
   std::string target() const { return absl::StrCat("127.0.0.1:", port_); }
   bool running() const { return pid_ > 0; }
+  pid_t pid() const { return pid_; }  // -1 once stopped
 
   // SIGKILL and reap now: a replica that is down.
   void Kill() { Stop(SIGKILL); }
