@@ -274,7 +274,7 @@ absl::StatusOr<Statistics> ComputeStatistics(const CacheInput& in, const Compres
 
 absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOptions& options,
                                         const Backend& backend, const std::atomic<bool>* cancelled,
-                                        const Statistics* statistics) {
+                                        const Statistics* statistics, const LayerCallback* on_layer) {
   auto stop = [cancelled] { return cancelled != nullptr && cancelled->load(std::memory_order_relaxed); };
   const absl::Status cancel_status = absl::CancelledError("compression cancelled");
   MEDAKV_RETURN_IF_ERROR(ValidateOptions(options));
@@ -429,6 +429,7 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
     const MutableTensorView out_value{r.value.data(), in.dtype, in.layout, kv_heads, budget[l], in.head_dim};
     absl::Status s = backend.MergeAndGather(merge, out_key, out_value);
     if (!s.ok()) return absl::Status(s.code(), absl::StrCat("layer ", l, ": ", s.message()));
+    if (on_layer != nullptr && *on_layer) MEDAKV_RETURN_IF_ERROR((*on_layer)(l, r));
   }
   result.seconds.select_merge = Seconds(t0);
   return result;

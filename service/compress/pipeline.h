@@ -3,6 +3,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -121,10 +122,19 @@ struct Statistics {
 // StatisticsKey (INVALID_ARGUMENT otherwise, for a key or a shape that
 // differs; that the input is the same is the caller's promise). The result
 // is then bit for bit the one without them; its statistics time is 0.
+//
+// `on_layer`, when given, is called on the calling thread for every layer
+// as soon as its result is complete, in layer order, so that a caller can
+// send it while the next layers are computed (the server's Compress stream).
+// It may move the layer's key, value and positions out of `result` (the
+// budget, entropy and alpha stay); an error it returns ends the call with
+// that error.
+using LayerCallback = std::function<absl::Status(int64_t layer, LayerResult& result)>;
 [[nodiscard]] absl::StatusOr<CompressResult> Compress(const CacheInput& input, const CompressOptions& options,
                                                       const Backend& backend,
                                                       const std::atomic<bool>* cancelled = nullptr,
-                                                      const Statistics* statistics = nullptr);
+                                                      const Statistics* statistics = nullptr,
+                                                      const LayerCallback* on_layer = nullptr);
 
 // Expands (start, length) spans of visual tokens into a modality vector.
 struct ModalitySpan {

@@ -1,6 +1,8 @@
 // The Compress stream: header -> slot -> chunks -> compute -> results.
 #include <chrono>
+#include <deque>
 #include <optional>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -46,8 +48,13 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
   }
 
   void OnWriteDone(bool ok) override {
-    if (!ok) return Fail(absl::CancelledError("the client went away during the download"));
-    WriteNext();
+    if (!ok) cancelled_.store(true);  // stops a compression still running
+    Pump([&] {
+      writing_ = false;
+      if (!ok && !pending_.has_value()) {
+        pending_ = grpc::Status(grpc::StatusCode::CANCELLED, "the client went away during the download");
+      }
+    });
   }
 
   void OnCancel() override {
@@ -109,42 +116,122 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
     ctx_->pool.Submit([this] { Compute(); });
   }
 
+  // Runs on a worker. Without an output area the results are streamed layer
+  // by layer as the compression completes them (PushLayer); with one they
+  // are written into it once all are known (its size was checked against the
+  // results' before anything is written).
   void Compute() {
-    absl::StatusOr<CompressResult> result =
-        medakv::Compress(assembler_->input(), options_, *ctx_->backend, &cancelled_);
+    const bool streaming = output_region_ == nullptr;
+    Pump([&] {
+      computing_ = true;
+      if (streaming) stream_.emplace(std::vector<LayerSlices>{}, chunk_bytes_);
+    });
+    const LayerCallback on_layer = [this](int64_t layer, LayerResult& r) { return PushLayer(layer, r); };
+    absl::StatusOr<CompressResult> result = medakv::Compress(assembler_->input(), options_, *ctx_->backend,
+                                                             &cancelled_, nullptr, streaming ? &on_layer : nullptr);
     bytes_in_ = assembler_->bytes_received();
     assembler_.reset();  // the request's tensors are no longer needed
-    if (!result.ok()) return Fail(result.status());
-    call_.ObserveStage(Stage::kStatistics, result->seconds.statistics);
-    call_.ObserveStage(Stage::kAllocate, result->seconds.allocate);
-    call_.ObserveStage(Stage::kSelectMerge, result->seconds.select_merge);
-    call_.Compression(options_.policy, *result, spec_->tokens);
+    absl::Status status = result.status();
     v1::StageTimes times;
-    times.set_receive_seconds(receive_seconds_);
-    times.set_statistics_seconds(result->seconds.statistics);
-    times.set_allocate_seconds(result->seconds.allocate);
-    times.set_select_merge_seconds(result->seconds.select_merge);
-    result_ = *std::move(result);
-    std::vector<LayerSlices> slices = SlicesOf(result_);
-    if (output_region_ != nullptr) {
-      if (absl::Status s = WriteResults(slices, *output_region_, output_, "header.output"); !s.ok()) return Fail(s);
+    std::vector<LayerSlices> slices;
+    if (result.ok()) {
+      call_.ObserveStage(Stage::kStatistics, result->seconds.statistics);
+      call_.ObserveStage(Stage::kAllocate, result->seconds.allocate);
+      call_.ObserveStage(Stage::kSelectMerge, result->seconds.select_merge);
+      call_.Compression(options_.policy, *result, spec_->tokens);
+      times.set_receive_seconds(receive_seconds_);
+      times.set_statistics_seconds(result->seconds.statistics);
+      times.set_allocate_seconds(result->seconds.allocate);
+      times.set_select_merge_seconds(result->seconds.select_merge);
+      if (!streaming) {
+        slices = SlicesOf(*result);  // views of the buffers, which moving the result keeps
+        status = WriteResults(slices, *output_region_, output_, "header.output");
+      }
     }
-    stream_.emplace(std::move(slices), chunk_bytes_);
-    if (output_region_ != nullptr) stream_->UseSharedMemory(output_.region(), output_.offset());
-    summary_times_ = times;
-    send_start_ = Clock::now();
-    WriteNext();
+    // The last use of the reactor by this thread: once computing_ is false the
+    // call may finish (and the reactor go) on a gRPC thread.
+    Pump([&] {
+      computing_ = false;
+      if (!status.ok()) {
+        if (!pending_.has_value()) pending_ = ToGrpc(status);
+        return;
+      }
+      result_ = *std::move(result);
+      summary_times_ = times;
+      compute_ok_ = true;
+      if (!streaming) {
+        stream_.emplace(std::move(slices), chunk_bytes_);
+        stream_->UseSharedMemory(output_.region(), output_.offset());
+        send_start_ = Clock::now();
+      }
+    });
   }
 
-  void WriteNext() {
-    response_.Clear();
-    if (stream_->Next(&response_)) {
-      call_.SentSoFar(stream_->bytes_sent());
-      StartWrite(&response_);
-      return;
+  // A layer's result is complete (on the worker): queue it for sending.
+  absl::Status PushLayer(int64_t layer, LayerResult& r) {
+    if (cancelled_.load()) return absl::CancelledError("cancelled during the compression");
+    bool ending = false;
+    Pump([&] {
+      if (pending_.has_value()) {
+        ending = true;
+        return;
+      }
+      if (ready_.empty() && sent_layers_ == 0) send_start_ = Clock::now();
+      ready_.push_back(std::move(r));
+      stream_->Append(SliceOf(static_cast<int32_t>(layer), ready_.back()));
+    });
+    return ending ? absl::CancelledError("the call is ending") : absl::OkStatus();
+  }
+
+  // Runs `update` under mu_, then starts the next write (a result message,
+  // or the summary once the compression is done) unless one is in flight,
+  // or finishes the call once nothing is in flight and the worker is done
+  // with the reactor: with the pending error, or OK after the summary. Any
+  // thread; the caller must not touch the reactor after a Pump that may
+  // finish (a worker's Pumps cannot while computing_ is set).
+  template <typename Update>
+  void Pump(Update&& update) {
+    bool write = false;
+    std::optional<grpc::Status> finish;
+    std::vector<LayerResult> sent;  // freed after the lock
+    {
+      absl::MutexLock lock(&mu_);
+      update();
+      if (writing_ || finished_) return;
+      if (pending_.has_value()) {
+        if (computing_) return;
+        finished_ = true;
+        finish = pending_;
+      } else if (stream_.has_value()) {
+        // Layers whose every message went out: their buffers can go.
+        while (!ready_.empty() && sent_layers_ < stream_->layers_done()) {
+          sent.push_back(std::move(ready_.front()));
+          ready_.pop_front();
+          ++sent_layers_;
+        }
+        response_.Clear();
+        if (stream_->Next(&response_)) {
+          call_.SentSoFar(stream_->bytes_sent());
+          write = true;
+        } else if (!computing_ && compute_ok_ && !summary_sent_) {
+          FillSummary();
+          summary_sent_ = true;
+          write = true;
+        } else if (summary_sent_) {
+          finished_ = true;
+          finish = grpc::Status::OK;
+        }
+        writing_ = write;
+      }
     }
-    if (summary_sent_) return End(grpc::Status::OK);
-    summary_sent_ = true;
+    if (write) {
+      StartWrite(&response_);
+    } else if (finish.has_value()) {
+      End(*finish);
+    }
+  }
+
+  void FillSummary() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     const double send_seconds = SecondsSince(send_start_);
     call_.ObserveStage(Stage::kSend, send_seconds);
     v1::CompressSummary* s = response_.mutable_summary();
@@ -157,7 +244,6 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
     s->set_backend(ctx_->backend_name);
     *s->mutable_policy() = PolicyToProto(options_);
     s->mutable_policy()->set_preset(preset_);
-    StartWrite(&response_);
   }
 
   void Fail(const absl::Status& s) {
@@ -185,13 +271,24 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
   const MappedRegion* output_region_ = nullptr;  // set: results go into output_
   v1::SharedMemoryRef output_;
   std::optional<CacheAssembler> assembler_;
-  CompressResult result_;
-  std::optional<ResultStream> stream_;
-  v1::StageTimes summary_times_;
-  bool summary_sent_ = false;
   int64_t bytes_in_ = 0;
   double receive_seconds_ = 0;
-  Clock::time_point queue_start_, receive_start_, send_start_;
+  Clock::time_point queue_start_, receive_start_;
+  // The results and their sending, shared by the worker (Compute, PushLayer)
+  // and gRPC's threads (OnWriteDone).
+  absl::Mutex mu_;
+  std::optional<ResultStream> stream_ ABSL_GUARDED_BY(mu_);
+  std::deque<LayerResult> ready_ ABSL_GUARDED_BY(mu_);  // streamed layers not all sent yet (their buffers)
+  size_t sent_layers_ ABSL_GUARDED_BY(mu_) = 0;         // layers sent and freed
+  CompressResult result_ ABSL_GUARDED_BY(mu_);          // the summary's figures (and, with an output area, the layers)
+  v1::StageTimes summary_times_ ABSL_GUARDED_BY(mu_);
+  Clock::time_point send_start_ ABSL_GUARDED_BY(mu_);
+  bool computing_ ABSL_GUARDED_BY(mu_) = false;   // the worker may still use the reactor
+  bool compute_ok_ ABSL_GUARDED_BY(mu_) = false;  // every layer is known
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;     // a StartWrite is in flight
+  bool summary_sent_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  std::optional<grpc::Status> pending_ ABSL_GUARDED_BY(mu_);  // the error to finish with (the first)
 };
 
 }  // namespace

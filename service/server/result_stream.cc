@@ -9,16 +9,16 @@
 
 namespace medakv::server {
 
+LayerSlices SliceOf(int32_t layer, const LayerResult& r) {
+  return LayerSlices{layer, r.budget, r.entropy, r.alpha, r.key, r.value,
+                     absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(r.positions.data()),
+                                               r.positions.size() * sizeof(int32_t))};
+}
+
 std::vector<LayerSlices> SlicesOf(const CompressResult& result) {
   std::vector<LayerSlices> out;
   out.reserve(result.layers.size());
-  for (size_t l = 0; l < result.layers.size(); ++l) {
-    const LayerResult& r = result.layers[l];
-    out.push_back(LayerSlices{
-        static_cast<int32_t>(l), r.budget, r.entropy, r.alpha, r.key, r.value,
-        absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(r.positions.data()),
-                                  r.positions.size() * sizeof(int32_t))});
-  }
+  for (size_t l = 0; l < result.layers.size(); ++l) out.push_back(SliceOf(static_cast<int32_t>(l), result.layers[l]));
   return out;
 }
 

@@ -28,6 +28,8 @@ struct LayerSlices {
 };
 
 // Views of every layer of a compression result (which must outlive them).
+// Views of one layer's result (layer number `layer`), and of every layer.
+LayerSlices SliceOf(int32_t layer, const LayerResult& result);
 std::vector<LayerSlices> SlicesOf(const CompressResult& result);
 
 // The bytes of every layer's key, value and positions (overflow-checked:
@@ -71,6 +73,11 @@ class ResultStream {
     FillChunk(out->mutable_chunk());
     return true;
   }
+
+  // Adds a layer after those given (a stream built while layers are computed).
+  void Append(LayerSlices layer) { layers_.push_back(layer); }
+  // The layers whose every message Next has given.
+  size_t layers_done() const { return layer_; }
 
   int64_t bytes_sent() const { return bytes_sent_; }
 

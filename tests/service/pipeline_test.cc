@@ -606,5 +606,48 @@ TEST(PipelineCancelTest, CancelledFlagStopsTheCall) {
   EXPECT_TRUE(Compress(c.input, CompressOptions{}, *MakeCpuBackend(), &cancelled).ok());
 }
 
+
+// on_layer sees every layer once, in order, complete: what it takes equals
+// the result without it, bit for bit; an error it returns ends the call.
+TEST(PipelineLayerCallbackTest, LayersInOrderEqualToTheWholeResult) {
+  for (PolicyKind policy : {PolicyKind::kMeda, PolicyKind::kSnapKV, PolicyKind::kFull}) {
+    SCOPED_TRACE(PolicyName(policy));
+    TestCache c = test::MakeTestCache({.layers = 4, .tokens = 90, .seed = 17});
+    CompressOptions o = DefaultOptions(policy);
+    o.budget.rho = 0.25;
+    const std::unique_ptr<Backend> cpu = MakeCpuBackend();
+    absl::StatusOr<CompressResult> want = Compress(c.input, o, *cpu);
+    ASSERT_TRUE(want.ok()) << want.status();
+    std::vector<int64_t> order;
+    CompressResult taken;
+    const LayerCallback take = [&](int64_t layer, LayerResult& r) {
+      order.push_back(layer);
+      taken.layers.push_back(std::move(r));
+      return absl::OkStatus();
+    };
+    absl::StatusOr<CompressResult> got = Compress(c.input, o, *cpu, nullptr, nullptr, &take);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(order, (std::vector<int64_t>{0, 1, 2, 3}));
+    ASSERT_EQ(got->layers.size(), 4u);
+    for (size_t l = 0; l < 4; ++l) {
+      EXPECT_EQ(got->layers[l].budget, want->layers[l].budget) << "the metadata stays";
+      EXPECT_TRUE(got->layers[l].key.empty()) << "the buffers were taken";
+    }
+    taken.tokens_in = want->tokens_in;
+    taken.tokens_kept = want->tokens_kept;
+    test::ExpectSameResult(taken, *want);
+    EXPECT_EQ(got->tokens_kept, want->tokens_kept);
+
+    int calls = 0;
+    const LayerCallback stop = [&](int64_t layer, LayerResult&) {
+      ++calls;
+      return layer == 1 ? absl::CancelledError("enough") : absl::OkStatus();
+    };
+    absl::StatusOr<CompressResult> stopped = Compress(c.input, o, *cpu, nullptr, nullptr, &stop);
+    EXPECT_EQ(stopped.status().code(), absl::StatusCode::kCancelled);
+    EXPECT_EQ(calls, 2);
+  }
+}
+
 }  // namespace
 }  // namespace medakv

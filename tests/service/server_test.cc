@@ -403,6 +403,34 @@ TEST_F(ServerTest, PutSemantics) {
   EXPECT_TRUE(st.ok());
 }
 
+// Results stream as the layers are done: the first one arrives while most of
+// the selection and merging is still ahead (without streaming it would come
+// with the last, after all of it), and the result is still the library's.
+TEST_F(ServerTest, ResultsStreamLayerByLayerAsTheyAreDone) {
+  StartServer();
+  TestCache c = MakeCache(DType::kFloat16, Layout::kHND, 8, 2, 2, 2048, 64, 8, false, 61);
+  CompressOptions o = DefaultOptions(PolicyKind::kMeda);  // merging: select+merge dominates
+  o.budget.rho = 0.2;
+  absl::StatusOr<CompressResult> want = Compress(c.input, o, *MakeCpuBackend());
+  ASSERT_TRUE(want.ok()) << want.status();
+  RemoteOptions r;  // 4 MiB result chunks: the sending itself takes a few ms
+  absl::Time first = absl::InfiniteFuture();
+  r.progress = [&](Transfer direction, int64_t done, int64_t) {
+    if (direction == Transfer::kDownload && done > 0 && first == absl::InfiniteFuture()) first = absl::Now();
+  };
+  absl::StatusOr<RemoteResult> got = CompressRemote(*stub_, c.input, o, r);
+  const absl::Time end = absl::Now();
+  ASSERT_TRUE(got.ok()) << got.status();
+  ExpectSameResult(got->result, *want);
+  const double select_merge = got->summary.times().select_merge_seconds();
+  ASSERT_GT(select_merge, 0.0);
+  // Layer 0 is done after about 1/8 of select+merge: 7/8 of it (and the
+  // sending) is left when its bytes arrive. Half is a margin for load.
+  EXPECT_GE(absl::ToDoubleSeconds(end - first), 0.5 * select_merge)
+      << "the first result bytes came " << absl::ToDoubleSeconds(end - first) << " s before the end, select+merge took "
+      << select_merge << " s";
+}
+
 TEST_F(ServerTest, CancelledUploadHoldsNoMemory) {
   StartServer();
   TestCache c = MakeCache(DType::kFloat16, Layout::kHND, 3, 2, 2, 200, 16, 4, false, 51);
