@@ -23,6 +23,7 @@
 #include "absl/synchronization/notification.h"
 #include "kernels/backend.h"
 #include "kernels/common/tensor_util.h"
+#include "tests/client/client_test_util.h"
 #include "tests/client/server_process.h"
 #include "tests/service/test_cache.h"
 
@@ -31,8 +32,13 @@ namespace {
 
 using test::CacheParams;
 using test::ExpectSameResult;
+using test::LocalCompress;
 using test::MakeTestCache;
+using test::Meda;
+using test::NewClient;
+using test::Options;
 using test::ServerProcess;
+using test::StartServer;
 using test::TestCache;
 
 #define ASSERT_OK(expr)                          \
@@ -49,28 +55,6 @@ void ExpectStatusAt(const char* file, int line, const absl::Status& s, absl::Sta
 }
 #define ExpectStatus(s, code, fragment) ExpectStatusAt(__FILE__, __LINE__, s, code, fragment)
 
-std::unique_ptr<ServerProcess> StartServer(const std::vector<std::string>& flags = {}, int port = 0) {
-  absl::StatusOr<std::unique_ptr<ServerProcess>> s = ServerProcess::Start(flags, port);
-  EXPECT_TRUE(s.ok()) << s.status();
-  return s.ok() ? *std::move(s) : nullptr;
-}
-
-// Options for tests: short backoffs, a deadline that a hung call would hit.
-ClientOptions Options(std::vector<std::string> targets) {
-  ClientOptions o;
-  o.targets = std::move(targets);
-  o.deadline = absl::Seconds(60);
-  o.retry.initial_backoff = absl::Milliseconds(10);
-  o.retry.max_backoff = absl::Milliseconds(100);
-  return o;
-}
-
-std::unique_ptr<Client> NewClient(ClientOptions o) {
-  absl::StatusOr<std::unique_ptr<Client>> c = Client::Create(std::move(o));
-  EXPECT_TRUE(c.ok()) << c.status();
-  return c.ok() ? *std::move(c) : nullptr;
-}
-
 // A loopback port with nothing listening (bound, then closed).
 int ClosedPort() {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -86,19 +70,6 @@ int ClosedPort() {
   }
   close(fd);
   return ntohs(a.sin_port);
-}
-
-CompressResult LocalCompress(const CacheInput& in, const CompressOptions& o) {
-  const std::unique_ptr<Backend> backend = MakeCpuBackend();
-  absl::StatusOr<CompressResult> r = Compress(in, o, *backend);
-  EXPECT_TRUE(r.ok()) << r.status();
-  return r.ok() ? *std::move(r) : CompressResult{};
-}
-
-CompressOptions Meda(double rho) {
-  CompressOptions o = DefaultOptions(PolicyKind::kMeda);
-  o.budget.rho = rho;
-  return o;
 }
 
 // A fetched (uncompressed) cache holds the uploaded keys and values, and the

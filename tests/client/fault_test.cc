@@ -54,6 +54,7 @@
 #include "kernels/backend.h"
 #include "medakv/v1/medakv.grpc.pb.h"
 #include "service/server/convert.h"
+#include "tests/client/client_test_util.h"
 #include "tests/client/server_process.h"
 #include "tests/service/test_cache.h"
 
@@ -64,46 +65,21 @@ namespace {
 
 using test::CacheParams;
 using test::HostTensor;
+using test::LocalCompress;
 using test::MakeTestCache;
+using test::Meda;
+using test::NewClient;
 using test::ServerProcess;
+using test::StartServer;
 using test::TestCache;
 
 // ---- helpers ----------------------------------------------------------------------------
 
-std::unique_ptr<ServerProcess> StartServer(const std::vector<std::string>& flags = {}, int port = 0) {
-  absl::StatusOr<std::unique_ptr<ServerProcess>> s = ServerProcess::Start(flags, port);
-  EXPECT_TRUE(s.ok()) << s.status();
-  return s.ok() ? *std::move(s) : nullptr;
-}
-
-// Short backoffs, and a deadline that a hung call would hit.
+// Options() with the shared-memory mode.
 ClientOptions Options(const std::string& target, SharedMemoryMode shm = SharedMemoryMode::kAuto) {
-  ClientOptions o;
-  o.targets = {target};
+  ClientOptions o = test::Options({target});
   o.shared_memory = shm;
-  o.deadline = absl::Seconds(60);
-  o.retry.initial_backoff = absl::Milliseconds(10);
-  o.retry.max_backoff = absl::Milliseconds(100);
   return o;
-}
-
-std::unique_ptr<Client> NewClient(ClientOptions o) {
-  absl::StatusOr<std::unique_ptr<Client>> c = Client::Create(std::move(o));
-  EXPECT_TRUE(c.ok()) << c.status();
-  return c.ok() ? *std::move(c) : nullptr;
-}
-
-CompressOptions Meda(double rho) {
-  CompressOptions o = DefaultOptions(PolicyKind::kMeda);
-  o.budget.rho = rho;
-  return o;
-}
-
-CompressResult LocalCompress(const CacheInput& in, const CompressOptions& o) {
-  const std::unique_ptr<Backend> backend = MakeCpuBackend();
-  absl::StatusOr<CompressResult> r = Compress(in, o, *backend);
-  EXPECT_TRUE(r.ok()) << r.status();
-  return r.ok() ? *std::move(r) : CompressResult{};
 }
 
 // Polls `done` every 20 ms until it returns true (true) or `bound` passes (false).
