@@ -7,8 +7,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <fstream>
-#include <sstream>
 #include <tuple>
 #include <cmath>
 #include <limits>
@@ -26,6 +24,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "kernels/common/status.h"
 #include "kernels/common/tensor_util.h"
+#include "service/server/config_file.h"
 #include "service/server/convert.h"
 
 namespace medakv {
@@ -458,18 +457,11 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> TlsCredentials(const s
     return absl::InvalidArgumentError("the client certificate and its key go together (give both or neither)");
   }
   grpc::SslCredentialsOptions ssl;
-  for (const auto& [path, what, out] : {std::tuple{&ca, "CA certificates", &ssl.pem_root_certs},
-                                        std::tuple{&cert, "client certificate", &ssl.pem_cert_chain},
-                                        std::tuple{&key, "client key", &ssl.pem_private_key}}) {
+  for (const auto& [path, what, out] : {std::tuple{&ca, "CA certificates file", &ssl.pem_root_certs},
+                                        std::tuple{&cert, "client certificate file", &ssl.pem_cert_chain},
+                                        std::tuple{&key, "client key file", &ssl.pem_private_key}}) {
     if (path->empty()) continue;
-    std::ifstream in(*path, std::ios::binary);
-    if (!in) return absl::NotFoundError(absl::StrCat("cannot open the ", what, " file ", *path));
-    std::stringstream text;
-    text << in.rdbuf();
-    *out = text.str();
-    if (out->find("-----BEGIN ") == std::string::npos) {
-      return absl::InvalidArgumentError(absl::StrCat("the ", what, " file ", *path, " is not PEM"));
-    }
+    MEDAKV_ASSIGN_OR_RETURN(*out, ReadPemFile(*path, what));
   }
   return grpc::SslCredentials(ssl);
 }

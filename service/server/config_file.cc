@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <fstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
 namespace medakv {
@@ -21,6 +22,14 @@ absl::StatusOr<std::string> ReadConfigFile(const std::string& path, absl::string
     return absl::InvalidArgumentError(absl::StrCat(flag, " ", path, ": larger than ", max_bytes, " bytes"));
   }
   return text;
+}
+
+absl::StatusOr<std::string> ReadPemFile(const std::string& path, absl::string_view what) {
+  absl::StatusOr<std::string> pem = ReadConfigFile(path, what, int64_t{1} << 20);
+  if (pem.ok() && !absl::StrContains(*pem, "-----BEGIN ")) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " ", path, ": not a PEM file (no -----BEGIN line)"));
+  }
+  return pem;
 }
 
 }  // namespace medakv

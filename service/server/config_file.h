@@ -16,4 +16,9 @@ namespace medakv {
 [[nodiscard]] absl::StatusOr<std::string> ReadConfigFile(const std::string& path, absl::string_view flag,
                                                           int64_t max_bytes);
 
+// A PEM file (certificates or a key) of at most 1 MiB, as ReadConfigFile
+// with `what` naming it, and INVALID_ARGUMENT ("WHAT PATH: not a PEM file")
+// for a file without a "-----BEGIN " line.
+[[nodiscard]] absl::StatusOr<std::string> ReadPemFile(const std::string& path, absl::string_view what);
+
 }  // namespace medakv

@@ -7,7 +7,6 @@
 #include <chrono>
 #include <exception>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/common/status.h"
 #include "prometheus/exposer.h"
@@ -46,15 +45,6 @@ absl::Status ValidateServerOptions(const ServerOptions& o) {
   return absl::OkStatus();
 }
 
-// A PEM file of at most 1 MiB.
-absl::StatusOr<std::string> ReadPem(const std::string& path, absl::string_view flag) {
-  absl::StatusOr<std::string> pem = ReadConfigFile(path, flag, int64_t{1} << 20);
-  if (pem.ok() && !absl::StrContains(*pem, "-----BEGIN ")) {
-    return absl::InvalidArgumentError(absl::StrCat(flag, " ", path, ": not a PEM file (no -----BEGIN line)"));
-  }
-  return pem;
-}
-
 // Plaintext, or TLS (mutual with tls_client_ca) with the token processor
 // when authentication is on.
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(const ServerOptions& o,
@@ -62,11 +52,11 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(const S
   if (o.tls_cert.empty()) return grpc::InsecureServerCredentials();
   grpc::SslServerCredentialsOptions ssl;
   grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
-  MEDAKV_ASSIGN_OR_RETURN(pair.cert_chain, ReadPem(o.tls_cert, "--tls_cert"));
-  MEDAKV_ASSIGN_OR_RETURN(pair.private_key, ReadPem(o.tls_key, "--tls_key"));
+  MEDAKV_ASSIGN_OR_RETURN(pair.cert_chain, ReadPemFile(o.tls_cert, "--tls_cert"));
+  MEDAKV_ASSIGN_OR_RETURN(pair.private_key, ReadPemFile(o.tls_key, "--tls_key"));
   ssl.pem_key_cert_pairs.push_back(std::move(pair));
   if (!o.tls_client_ca.empty()) {
-    MEDAKV_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadPem(o.tls_client_ca, "--tls_client_ca"));
+    MEDAKV_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadPemFile(o.tls_client_ca, "--tls_client_ca"));
     ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
   }
   std::shared_ptr<grpc::ServerCredentials> creds = grpc::SslServerCredentials(ssl);

@@ -677,11 +677,11 @@ TEST(ClientSecurityOptionsTest, BadTokensAndTlsFilesFailBeforeTheNetwork) {
   o.token = "has space";
   ExpectAbsl(Client::Create(o).status(), absl::StatusCode::kInvalidArgument, "token: byte 3 is not printable");
   ExpectAbsl(TlsCredentials("/nonexistent/ca.pem", "", "").status(), absl::StatusCode::kNotFound,
-               "cannot open the CA certificates file /nonexistent/ca.pem");
+               "CA certificates file /nonexistent/ca.pem: cannot open");
   ExpectAbsl(TlsCredentials("", "cert.pem", "").status(), absl::StatusCode::kInvalidArgument, "go together");
   TempDir dir;
   ExpectAbsl(TlsCredentials(dir.Write("ca.txt", "not pem"), "", "").status(), absl::StatusCode::kInvalidArgument,
-               "is not PEM");
+               "not a PEM file");
 }
 
 }  // namespace
