@@ -4,9 +4,7 @@
 
 #include <chrono>
 #include <cstdlib>
-#include <fstream>
 #include <iostream>
-#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/ascii.h"
@@ -22,6 +20,7 @@
 #include "client/cli/progress.h"
 #include "kernels/common/status.h"
 #include "kernels/common/tensor_util.h"
+#include "service/server/config_file.h"
 #include "service/server/convert.h"
 
 namespace medakv {
@@ -468,11 +467,8 @@ absl::StatusOr<std::unique_ptr<Client>> ServerFlags::MakeClient() const {
     if (const char* env = std::getenv("MEDAKV_TOKEN"); env != nullptr) o.token = env;
   }
   if (!token_file.empty()) {
-    std::ifstream in(token_file);
-    if (!in) return absl::NotFoundError(absl::StrCat("--token-file: cannot open ", token_file));
-    std::stringstream text;
-    text << in.rdbuf();
-    o.token = std::string(absl::StripAsciiWhitespace(text.str()));
+    MEDAKV_ASSIGN_OR_RETURN(const std::string text, ReadConfigFile(token_file, "--token-file", 64 << 10));
+    o.token = std::string(absl::StripAsciiWhitespace(text));
     if (o.token.empty()) return absl::InvalidArgumentError(absl::StrCat("--token-file: ", token_file, " is empty"));
   }
   if (tls || !tls_ca.empty() || !tls_cert.empty() || !tls_key.empty()) {
