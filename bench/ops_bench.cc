@@ -1,8 +1,10 @@
 // CPU op throughput, each beside the machine's own limit measured in the same
-// process: gather/merge against memcpy of the same bytes. Full tables (and
-// BLAS for the statistics) are issue 9; see bench/README.md.
+// process: gather against memcpy of the same bytes; the statistics and the
+// merge's similarity search against an sgemm of the same shapes from
+// OpenBLAS (when the build found it) on the same threads. bench/README.md
+// has the table and the command.
 //
-//   build/bench/medakv_ops_bench --benchmark_counters_tabular=true
+//   OMP_WAIT_POLICY=passive build/bench/medakv_ops_bench --benchmark_min_time=0.3
 #include <benchmark/benchmark.h>
 
 #include <cmath>
@@ -12,7 +14,15 @@
 #include <vector>
 
 #include "kernels/common/tensor_util.h"
+#include "kernels/cpu/dot_tile.h"
 #include "kernels/cpu/ops.h"
+
+#if defined(MEDAKV_HAVE_OPENBLAS)
+#include <cblas.h>
+#endif
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 namespace medakv {
 namespace {
@@ -82,6 +92,11 @@ void RunMerge(benchmark::State& state, MergeMode mode) {
     benchmark::DoNotOptimize(ok.data());
   }
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * 2 * ok.size() * sizeof(Half)));
+  if (mode != MergeMode::kNone) {
+    // The similarity search: every evicted against every kept key, per head.
+    const double flops = 2.0 * kHeads * static_cast<double>(tokens - budget) * budget * kHeadDim;
+    state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  }
 }
 
 void BM_Gather(benchmark::State& state) { RunMerge(state, MergeMode::kNone); }
@@ -129,6 +144,68 @@ void BM_Select(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations() * kHeads * tokens);
 }
 
+// DotTile (the inner loop of both statistics and merge) against one DotF32
+// per pair, on a 128 x 256 tile of head_dim 128, one thread.
+void RunDotTile(benchmark::State& state, bool tiled) {
+  constexpr int64_t m = 128, n = 256, d = kHeadDim;
+  std::vector<float> a(m * d), b(n * d), out(m * n);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  for (float& x : a) x = dist(rng);
+  for (float& x : b) x = dist(rng);
+  for (auto _ : state) {
+    if (tiled) {
+      cpu::DotTile(a.data(), d, m, b.data(), d, n, d, out.data(), n);
+    } else {
+      cpu::DotTileScalar(a.data(), d, m, b.data(), d, n, d, out.data(), n);
+    }
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * m * n * d * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.SetLabel(tiled && cpu::DotTileUsesAvx() ? "avx" : "scalar");
+}
+void BM_DotTile(benchmark::State& state) { RunDotTile(state, true); }
+void BM_DotTileScalar(benchmark::State& state) { RunDotTile(state, false); }
+
+#if defined(MEDAKV_HAVE_OPENBLAS)
+// The limit: OpenBLAS sgemm C[m, n] = A[m, k] B[n, k]^T, `count` times (one
+// per kv head), on as many threads as the ops use.
+void Sgemm(benchmark::State& state, int64_t count, int64_t m, int64_t n, int64_t k) {
+#if defined(_OPENMP)
+  openblas_set_num_threads(omp_get_max_threads());
+#endif
+  std::vector<float> a(m * k), b(n * k), c(m * n);
+  std::mt19937 rng(4);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  for (float& x : a) x = dist(rng);
+  for (float& x : b) x = dist(rng);
+  for (auto _ : state) {
+    for (int64_t i = 0; i < count; ++i) {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m), static_cast<int>(n),
+                  static_cast<int>(k), 1.f, a.data(), static_cast<int>(k), b.data(), static_cast<int>(k), 0.f,
+                  c.data(), static_cast<int>(n));
+    }
+    benchmark::DoNotOptimize(c.data());
+  }
+  const double flops = 2.0 * static_cast<double>(count) * m * n * k;
+  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// The statistics' Q K^T per kv head: (4 query heads x rows) x T x 128, both passes.
+void BM_SgemmStatsShape(benchmark::State& state) {
+  Sgemm(state, 2 * kHeads, 4 * state.range(1), state.range(0), kHeadDim);
+}
+// The merge's similarity per head: evicted (4T/5) x kept (T/5) x 128.
+void BM_SgemmMergeShape(benchmark::State& state) {
+  const int64_t tokens = state.range(0), budget = tokens / 5;
+  Sgemm(state, kHeads, tokens - budget, budget, kHeadDim);
+}
+BENCHMARK(BM_SgemmStatsShape)->Args({1024, 64})->Args({4096, 64})->Args({4096, 128})->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_SgemmMergeShape)->Arg(1024)->Arg(4096)->UseRealTime()->Unit(benchmark::kMillisecond);
+#endif
+
+BENCHMARK(BM_DotTile)->UseRealTime();
+BENCHMARK(BM_DotTileScalar)->UseRealTime();
 BENCHMARK(BM_MemcpyKeptBytes)->Arg(1024)->Arg(4096)->Arg(16384)->UseRealTime();
 BENCHMARK(BM_Gather)->Arg(1024)->Arg(4096)->Arg(16384)->UseRealTime();
 BENCHMARK(BM_MergeAverage)->Arg(1024)->Arg(4096)->UseRealTime()->Unit(benchmark::kMillisecond);

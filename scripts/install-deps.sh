@@ -11,6 +11,8 @@ PACKAGES=(
   prometheus-cpp-dev
   nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev
+  # bench/ops_bench.cc compares the statistics and the merge with its sgemm.
+  libopenblas-dev
   python3 python3-numpy python3-venv
   time
   # The security test makes its certificates with the openssl tool.

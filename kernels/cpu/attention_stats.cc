@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/common/status.h"
 #include "kernels/common/tensor_util.h"
+#include "kernels/cpu/dot_tile.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 #include "kernels/ops/attention_math.h"
@@ -23,9 +24,9 @@
 namespace medakv::cpu {
 namespace {
 
-constexpr int64_t kRowBlock = 4;     // query rows per pass-1 task
-constexpr int64_t kKeyTile = 128;    // keys per tile (fp32 tile of D=128 is 64 KiB)
-
+constexpr int64_t kRowBlock = 4;   // query rows per pass-1 task
+constexpr int64_t kKeyTile = 128;  // keys per tile (fp32 tile of D=128 is 64 KiB)
+constexpr int64_t kRowBlock2 = 8;  // query rows per DotTile call in pass 2
 
 // A dense fp32 HND [heads, tokens, head_dim] copy of a view, or the view's own
 // memory when it already is one.
@@ -79,19 +80,21 @@ absl::Status AttentionStats(const AttentionStatsArgs& a, AttentionStatsOutput* o
     int64_t last = 0;
     for (int64_t i = r0; i < r1; ++i) last = std::max<int64_t>(last, pos[i]);
     std::vector<OnlineSoftmaxEntropy> st_causal(q_heads * nr), st_cross(q_heads * nr);
+    std::vector<float> dots(nr * kKeyTile);
     for (int64_t g = 0; g < kv_heads; ++g) {
       for (int64_t j0 = 0; j0 <= last; j0 += kKeyTile) {
         const int64_t j1 = std::min(last + 1, j0 + kKeyTile);
         for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+          DotTile(queries.Row(h, r0), d, nr, keys.Row(g, j0), d, j1 - j0, d, dots.data(), kKeyTile);
           for (int64_t r = 0; r < nr; ++r) {
             const int64_t i = r0 + r;
-            const float* qv = queries.Row(h, i);
+            const float* dot = dots.data() + r * kKeyTile;
             const uint8_t mq = mod[pos[i]];
             OnlineSoftmaxEntropy& sc = st_causal[h * nr + r];
             OnlineSoftmaxEntropy& sx = st_cross[h * nr + r];
             const int64_t end = std::min<int64_t>(j1, pos[i] + 1);
             for (int64_t j = j0; j < end; ++j) {
-              const float logit = a.scale * DotF32(qv, keys.Row(g, j), d);
+              const float logit = a.scale * dot[j - j0];
               sc.Add(logit);
               if (!causal && CrossModal(mq, mod[j])) sx.Add(logit);
             }
@@ -126,31 +129,45 @@ absl::Status AttentionStats(const AttentionStatsArgs& a, AttentionStatsOutput* o
   const float inv_heads = 1.f / static_cast<float>(q_heads);
   ParallelFor(tiles, [&](int64_t tile) {
     const int64_t j0 = tile * kKeyTile, j1 = std::min(tokens, j0 + kKeyTile), nj = j1 - j0;
-    for (int64_t g = 0; g < kv_heads; ++g) std::fill(out->scores + g * tokens + j0, out->scores + g * tokens + j1, 0.f);
+    for (int64_t g = 0; g < kv_heads; ++g)
+      std::fill(out->scores + g * tokens + j0, out->scores + g * tokens + j1, 0.f);
     std::vector<float> abar(nj);
-    for (int64_t i = 0; i < rows; ++i) {
-      if (pos[i] < j0) continue;
-      const bool score_row = i >= a.score_rows_begin;
-      const bool entropy_row = mean_attention && row_valid[i];
-      if (!score_row && !entropy_row) continue;
-      const int64_t end = std::min<int64_t>(j1, pos[i] + 1);
-      const uint8_t mq = mod[pos[i]];
-      if (entropy_row) std::fill(abar.begin(), abar.end(), 0.f);
-      for (int64_t h = 0; h < q_heads; ++h) {
-        const int64_t g = h / group;
-        const float* qv = queries.Row(h, i);
-        const float lc = lse_causal[h * rows + i], lx = lse_cross[h * rows + i];
-        float* s = out->scores + g * tokens;
-        for (int64_t j = j0; j < end; ++j) {
-          const float logit = a.scale * DotF32(qv, keys.Row(g, j), d);
-          if (score_row) s[j] += SoftmaxProb(logit, lc);
-          if (entropy_row && CrossModal(mq, mod[j])) abar[j - j0] += SoftmaxProb(logit, lx);
-        }
+    std::vector<float> dots(q_heads * kRowBlock2 * kKeyTile);  // [head, row of block, key of tile]
+    for (int64_t i0 = 0; i0 < rows; i0 += kRowBlock2) {
+      const int64_t ib = std::min(kRowBlock2, rows - i0);
+      bool any = false;
+      for (int64_t i = i0; i < i0 + ib && !any; ++i) {
+        any = pos[i] >= j0 && (i >= a.score_rows_begin || (mean_attention && row_valid[i]));
       }
-      if (entropy_row) {
-        float e = 0.f;
-        for (int64_t j = 0; j < end - j0; ++j) e += EntropyTerm(abar[j] * inv_heads);
-        partial[tile * rows + i] = e;
+      if (!any) continue;
+      for (int64_t h = 0; h < q_heads; ++h) {
+        DotTile(queries.Row(h, i0), d, ib, keys.Row(h / group, j0), d, nj, d,
+                dots.data() + h * kRowBlock2 * kKeyTile, kKeyTile);
+      }
+      for (int64_t i = i0; i < i0 + ib; ++i) {
+        if (pos[i] < j0) continue;
+        const bool score_row = i >= a.score_rows_begin;
+        const bool entropy_row = mean_attention && row_valid[i];
+        if (!score_row && !entropy_row) continue;
+        const int64_t end = std::min<int64_t>(j1, pos[i] + 1);
+        const uint8_t mq = mod[pos[i]];
+        if (entropy_row) std::fill(abar.begin(), abar.end(), 0.f);
+        for (int64_t h = 0; h < q_heads; ++h) {
+          const int64_t g = h / group;
+          const float* dot = dots.data() + (h * kRowBlock2 + (i - i0)) * kKeyTile;
+          const float lc = lse_causal[h * rows + i], lx = lse_cross[h * rows + i];
+          float* s = out->scores + g * tokens;
+          for (int64_t j = j0; j < end; ++j) {
+            const float logit = a.scale * dot[j - j0];
+            if (score_row) s[j] += SoftmaxProb(logit, lc);
+            if (entropy_row && CrossModal(mq, mod[j])) abar[j - j0] += SoftmaxProb(logit, lx);
+          }
+        }
+        if (entropy_row) {
+          float e = 0.f;
+          for (int64_t j = 0; j < end - j0; ++j) e += EntropyTerm(abar[j] * inv_heads);
+          partial[tile * rows + i] = e;
+        }
       }
     }
   });

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/common/status.h"
 #include "kernels/common/tensor_util.h"
+#include "kernels/cpu/dot_tile.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 #include "kernels/ops/attention_math.h"
@@ -18,7 +19,7 @@ namespace medakv::cpu {
 namespace {
 
 constexpr int64_t kEvictedBlock = 128;  // evicted tokens per parallel task
-
+constexpr int64_t kKeptChunk = 256;     // kept keys per DotTile call (128 KiB of fp32 at d = 128)
 
 // Copies the kept rows of one head unchanged (bit-exact).
 void GatherHead(const TensorView& in, const int32_t* kept, int64_t budget, int64_t head,
@@ -79,21 +80,34 @@ absl::Status MergeAndGather(const MergeArgs& a, MutableTensorView out_key, Mutab
     HeadAssignment& as = assign[h];
     const int64_t begin = (task % blocks_per_head) * kEvictedBlock;
     const int64_t end = std::min<int64_t>(begin + kEvictedBlock, static_cast<int64_t>(as.evicted.size()));
-    std::vector<float> ke(d);
-    for (int64_t i = begin; i < end; ++i) {
-      RowToFloat(a.key.dtype, a.key.Row(h, as.evicted[i]), ke.data(), d);
-      const float ne = std::sqrt(DotF32(ke.data(), ke.data(), d));
-      float best = NAN;
-      int64_t best_j = 0;
-      for (int64_t j = 0; j < budget; ++j) {
-        const float c = CosineFromDot(DotF32(ke.data(), kept_keys[h].data() + j * d, d), ne, kept_norms[h][j]);
-        if (BetterTarget(c, j, best, best_j)) {
-          best = c;
-          best_j = j;
+    const int64_t ne = end - begin;
+    std::vector<float> ke(ne * d), norm(ne), dots(ne * kKeptChunk), best(ne, NAN);
+    std::vector<int64_t> best_j(ne, 0);
+    for (int64_t i = 0; i < ne; ++i) {
+      float* row = ke.data() + i * d;
+      RowToFloat(a.key.dtype, a.key.Row(h, as.evicted[begin + i]), row, d);
+      norm[i] = std::sqrt(DotF32(row, row, d));
+    }
+    // Kept keys in chunks, ascending, so each row's argmax sees j in order.
+    const float* kk = kept_keys[h].data();
+    const float* kn = kept_norms[h].data();
+    for (int64_t j0 = 0; j0 < budget; j0 += kKeptChunk) {
+      const int64_t nj = std::min(kKeptChunk, budget - j0);
+      DotTile(ke.data(), d, ne, kk + j0 * d, d, nj, d, dots.data(), kKeptChunk);
+      for (int64_t i = 0; i < ne; ++i) {
+        const float* dot = dots.data() + i * kKeptChunk;
+        for (int64_t j = 0; j < nj; ++j) {
+          const float c = CosineFromDot(dot[j], norm[i], kn[j0 + j]);
+          if (BetterTarget(c, j0 + j, best[i], best_j[i])) {
+            best[i] = c;
+            best_j[i] = j0 + j;
+          }
         }
       }
-      as.target[i] = static_cast<int32_t>(best_j);
-      as.cosine[i] = best != best ? 0.f : best;
+    }
+    for (int64_t i = 0; i < ne; ++i) {
+      as.target[begin + i] = static_cast<int32_t>(best_j[i]);
+      as.cosine[begin + i] = best[i] != best[i] ? 0.f : best[i];
     }
   });
 

@@ -3,11 +3,13 @@
 // offsets (kernels/common/tensor.h).
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kernels/common/cpu_features.h"
 #include "kernels/common/dtype.h"
 #include "kernels/common/tensor.h"
 #include "kernels/common/tensor_util.h"
@@ -280,6 +282,45 @@ TEST(StorageTypeTest, RowConversionsRoundTrip) {
     for (size_t i = 0; i < src.size(); ++i) {
       EXPECT_EQ(back[i], static_cast<float>(test::RoundToDType(dtype, src[i])))
           << DTypeName(dtype) << " " << src[i];
+    }
+  }
+}
+
+// RowToFloat and RowFromFloat take the F16C instructions where the CPU has
+// them: every fp16 pattern, and the float sets above (halfway cases, every
+// exponent), must convert as the bit functions do, in rows of odd lengths
+// (vector body and scalar tail). A NaN must stay a NaN of the same sign (the
+// hardware quiets a signalling one).
+TEST(RowConversionTest, HalfRowsMatchTheBitFunctions) {
+  std::printf("fp16 rows converted with: %s\n", CpuHasF16c() ? "F16C" : "software");
+  std::vector<uint16_t> all(65536);
+  for (uint32_t h = 0; h < 65536; ++h) all[h] = static_cast<uint16_t>(h);
+  for (int64_t offset : {0, 3}) {
+    const int64_t count = static_cast<int64_t>(all.size()) - offset;
+    std::vector<float> out(count);
+    RowToFloat(DType::kFloat16, all.data() + offset, out.data(), count);
+    for (int64_t i = 0; i < count; ++i) {
+      const uint16_t h = all[offset + i];
+      const float want = HalfBitsToFloat(h);
+      if (std::isnan(want)) {
+        ASSERT_TRUE(std::isnan(out[i])) << h;
+        ASSERT_EQ(std::signbit(out[i]), std::signbit(want)) << h;
+      } else {
+        ASSERT_EQ(FloatToBits(out[i]), FloatToBits(want)) << h;
+      }
+    }
+  }
+  std::vector<float> floats = ManyFloats();
+  const std::vector<float> halfway = HalfwayFloats();
+  floats.insert(floats.end(), halfway.begin(), halfway.end());
+  for (float f : {0.f, -0.f, INFINITY, -INFINITY, NAN, -NAN, 65504.f, 65520.f, 65519.99f, 1e-8f, -6e-8f}) {
+    floats.push_back(f);
+  }
+  for (int64_t length : {static_cast<int64_t>(floats.size()), int64_t{7}, int64_t{9}}) {
+    std::vector<uint16_t> out(length);
+    RowFromFloat(DType::kFloat16, floats.data(), out.data(), length);
+    for (int64_t i = 0; i < length; ++i) {
+      ASSERT_EQ(out[i], FloatToHalfBits(floats[i])) << floats[i] << " (bits " << FloatToBits(floats[i]) << ")";
     }
   }
 }
