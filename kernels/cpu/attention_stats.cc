@@ -1,13 +1,17 @@
 // Attention statistics of one layer from its queries (ALGORITHM.md, MEDA
-// step 1 and the score of step 3), without a Tq x T matrix:
-//   pass 1, parallel over blocks of query rows, tiled over keys: per (head,
-//     row) the causal log-sum-exp and, online, the entropies that need no
-//     second look (CAUSAL, MEAN_ENTROPY) and the cross-modal log-sum-exp;
-//   pass 2, parallel over key tiles: probabilities, summed into the scores of
-//     the tile (each task owns its columns, so sums are in a fixed order), and
-//     for MEAN_ATTENTION the head-averaged cross-modal row's entropy terms,
-//     kept per (tile, row) and added in tile order.
-// Memory is O(layer) for the fp32 copies plus O(T/tile x Tq) partials.
+// step 1 and the score of step 3), without a Tq x T matrix. Parallel over
+// blocks of query rows; each task keeps its rows' logits over the visible
+// keys (at most kLogitBytes unless one row needs more) and makes two passes
+// over them:
+//   pass 1, tiled over keys (DotTile): per (head, row) the causal
+//     log-sum-exp and, online, the entropies that need no second look
+//     (CAUSAL, MEAN_ENTROPY) and the cross-modal log-sum-exp;
+//   pass 2: for MEAN_ATTENTION the head-averaged cross-modal row's entropy
+//     terms per key tile (added in tile order), and the probabilities of the
+//     scored rows, which are added into the scores in row order (an ordered
+//     section), so that every sum has a fixed order whatever the threads.
+// Memory: O(layer) for the fp32 copies, the logit buffers (one per thread)
+// and O(T/tile x Tq) entropy partials.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -24,9 +28,9 @@
 namespace medakv::cpu {
 namespace {
 
-constexpr int64_t kRowBlock = 4;   // query rows per pass-1 task
-constexpr int64_t kKeyTile = 128;  // keys per tile (fp32 tile of D=128 is 64 KiB)
-constexpr int64_t kRowBlock2 = 8;  // query rows per DotTile call in pass 2
+constexpr int64_t kRowBlock = 4;          // most query rows per task
+constexpr int64_t kKeyTile = 128;         // keys per tile (fp32 tile of D=128 is 64 KiB)
+constexpr int64_t kLogitBytes = 8 << 20;  // logits a task keeps, unless one row needs more
 
 // A dense fp32 HND [heads, tokens, head_dim] copy of a view, or the view's own
 // memory when it already is one.
@@ -70,107 +74,129 @@ absl::Status AttentionStats(const AttentionStatsArgs& a, AttentionStatsOutput* o
   const F32Hnd keys(a.key);
   const F32Hnd queries(a.query);
 
-  // Pass 1: per (head, row) causal lse; cross-modal lse; per-row entropy where online suffices.
-  std::vector<float> lse_causal(q_heads * rows), lse_cross(q_heads * rows);
+  // Rows per task: each task keeps its rows' logits over every visible key
+  // (q_heads x rows x T floats), so that the second pass reads them instead of
+  // computing every dot product again; at most kLogitBytes unless one row
+  // alone needs more.
+  const int64_t row_block = std::clamp<int64_t>(
+      kLogitBytes / std::max<int64_t>(1, q_heads * tokens * static_cast<int64_t>(sizeof(float))), 1,
+      kRowBlock);
+  const int64_t row_blocks = (rows + row_block - 1) / row_block;
+  const int64_t tiles = (tokens + kKeyTile - 1) / kKeyTile;
   std::vector<double> row_entropy(rows, 0.0);  // CAUSAL / MEAN_ENTROPY: mean over heads
   std::vector<uint8_t> row_valid(rows, 0);     // row has a visible key of the other modality (or causal)
-  const int64_t row_blocks = (rows + kRowBlock - 1) / kRowBlock;
-  ParallelFor(row_blocks, [&](int64_t block) {
-    const int64_t r0 = block * kRowBlock, r1 = std::min(rows, r0 + kRowBlock), nr = r1 - r0;
-    int64_t last = 0;
-    for (int64_t i = r0; i < r1; ++i) last = std::max<int64_t>(last, pos[i]);
-    std::vector<OnlineSoftmaxEntropy> st_causal(q_heads * nr), st_cross(q_heads * nr);
-    std::vector<float> dots(nr * kKeyTile);
-    for (int64_t g = 0; g < kv_heads; ++g) {
-      for (int64_t j0 = 0; j0 <= last; j0 += kKeyTile) {
-        const int64_t j1 = std::min(last + 1, j0 + kKeyTile);
-        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-          DotTile(queries.Row(h, r0), d, nr, keys.Row(g, j0), d, j1 - j0, d, dots.data(), kKeyTile);
-          for (int64_t r = 0; r < nr; ++r) {
-            const int64_t i = r0 + r;
-            const float* dot = dots.data() + r * kKeyTile;
-            const uint8_t mq = mod[pos[i]];
-            OnlineSoftmaxEntropy& sc = st_causal[h * nr + r];
-            OnlineSoftmaxEntropy& sx = st_cross[h * nr + r];
-            const int64_t end = std::min<int64_t>(j1, pos[i] + 1);
-            for (int64_t j = j0; j < end; ++j) {
-              const float logit = a.scale * dot[j - j0];
-              sc.Add(logit);
-              if (!causal && CrossModal(mq, mod[j])) sx.Add(logit);
+  std::vector<float> partial(mean_attention ? tiles * rows : 0, 0.f);  // MEAN_ATTENTION: per (tile, row)
+  std::fill(out->scores, out->scores + kv_heads * tokens, 0.f);
+  const float inv_heads = 1.f / static_cast<float>(q_heads);
+  std::vector<std::vector<float>> scratch(MaxThreads());  // one logit buffer per thread
+
+  // Each task: its rows' logits, log-sum-exps and online entropies (pass 1),
+  // then their probabilities and MEAN_ATTENTION entropy terms (pass 2); the
+  // probabilities are added into the scores in row order (the ordered part),
+  // so every score is the same sum in the same order whatever the threads.
+  ParallelForOrdered(
+      row_blocks,
+      [&](int64_t block) {
+        const int64_t r0 = block * row_block, r1 = std::min(rows, r0 + row_block), nr = r1 - r0;
+        int64_t last = 0;
+        for (int64_t i = r0; i < r1; ++i) last = std::max<int64_t>(last, pos[i]);
+        const int64_t visible = last + 1;  // logits of keys [0, visible) per (head, row)
+        std::vector<float>& logits = scratch[ThreadIndex()];
+        logits.resize(static_cast<size_t>(q_heads * nr * visible));
+        auto row_logits = [&](int64_t h, int64_t r) { return logits.data() + (h * nr + r) * visible; };
+
+        // Pass 1: per (head, row) causal lse; cross-modal lse; per-row entropy where online suffices.
+        std::vector<OnlineSoftmaxEntropy> st_causal(q_heads * nr), st_cross(q_heads * nr);
+        for (int64_t g = 0; g < kv_heads; ++g) {
+          for (int64_t j0 = 0; j0 < visible; j0 += kKeyTile) {
+            const int64_t j1 = std::min(visible, j0 + kKeyTile);
+            for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+              DotTile(queries.Row(h, r0), d, nr, keys.Row(g, j0), d, j1 - j0, d, row_logits(h, 0) + j0,
+                      visible);
+              for (int64_t r = 0; r < nr; ++r) {
+                const int64_t i = r0 + r;
+                float* logit = row_logits(h, r);
+                const uint8_t mq = mod[pos[i]];
+                OnlineSoftmaxEntropy& sc = st_causal[h * nr + r];
+                OnlineSoftmaxEntropy& sx = st_cross[h * nr + r];
+                const int64_t end = std::min<int64_t>(j1, pos[i] + 1);
+                for (int64_t j = j0; j < end; ++j) {
+                  logit[j] *= a.scale;
+                  sc.Add(logit[j]);
+                  if (!causal && CrossModal(mq, mod[j])) sx.Add(logit[j]);
+                }
+              }
             }
           }
         }
-      }
-    }
-    for (int64_t r = 0; r < nr; ++r) {
-      const int64_t i = r0 + r;
-      double sum_h = 0.0;
-      bool valid = true;
-      for (int64_t h = 0; h < q_heads; ++h) {
-        const OnlineSoftmaxEntropy& sc = st_causal[h * nr + r];
-        const OnlineSoftmaxEntropy& sx = st_cross[h * nr + r];
-        lse_causal[h * rows + i] = sc.Lse();
-        lse_cross[h * rows + i] = sx.Lse();
-        if (causal) {
-          sum_h += sc.Entropy();
-        } else {
-          valid = valid && !sx.Empty();
-          sum_h += sx.Entropy();
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t i = r0 + r;
+          double sum_h = 0.0;
+          bool valid = true;
+          for (int64_t h = 0; h < q_heads; ++h) {
+            const OnlineSoftmaxEntropy& sc = st_causal[h * nr + r];
+            const OnlineSoftmaxEntropy& sx = st_cross[h * nr + r];
+            if (causal) {
+              sum_h += sc.Entropy();
+            } else {
+              valid = valid && !sx.Empty();
+              sum_h += sx.Entropy();
+            }
+          }
+          row_valid[i] = valid ? 1 : 0;
+          row_entropy[i] = sum_h / static_cast<double>(q_heads);
         }
-      }
-      row_valid[i] = valid ? 1 : 0;
-      row_entropy[i] = sum_h / static_cast<double>(q_heads);
-    }
-  });
 
-  // Pass 2: scores per key tile; MEAN_ATTENTION entropy partials per (tile, row).
-  const int64_t tiles = (tokens + kKeyTile - 1) / kKeyTile;
-  std::vector<float> partial(mean_attention ? tiles * rows : 0, 0.f);
-  const float inv_heads = 1.f / static_cast<float>(q_heads);
-  ParallelFor(tiles, [&](int64_t tile) {
-    const int64_t j0 = tile * kKeyTile, j1 = std::min(tokens, j0 + kKeyTile), nj = j1 - j0;
-    for (int64_t g = 0; g < kv_heads; ++g)
-      std::fill(out->scores + g * tokens + j0, out->scores + g * tokens + j1, 0.f);
-    std::vector<float> abar(nj);
-    std::vector<float> dots(q_heads * kRowBlock2 * kKeyTile);  // [head, row of block, key of tile]
-    for (int64_t i0 = 0; i0 < rows; i0 += kRowBlock2) {
-      const int64_t ib = std::min(kRowBlock2, rows - i0);
-      bool any = false;
-      for (int64_t i = i0; i < i0 + ib && !any; ++i) {
-        any = pos[i] >= j0 && (i >= a.score_rows_begin || (mean_attention && row_valid[i]));
-      }
-      if (!any) continue;
-      for (int64_t h = 0; h < q_heads; ++h) {
-        DotTile(queries.Row(h, i0), d, ib, keys.Row(h / group, j0), d, nj, d,
-                dots.data() + h * kRowBlock2 * kKeyTile, kKeyTile);
-      }
-      for (int64_t i = i0; i < i0 + ib; ++i) {
-        if (pos[i] < j0) continue;
-        const bool score_row = i >= a.score_rows_begin;
-        const bool entropy_row = mean_attention && row_valid[i];
-        if (!score_row && !entropy_row) continue;
-        const int64_t end = std::min<int64_t>(j1, pos[i] + 1);
-        const uint8_t mq = mod[pos[i]];
-        if (entropy_row) std::fill(abar.begin(), abar.end(), 0.f);
-        for (int64_t h = 0; h < q_heads; ++h) {
-          const int64_t g = h / group;
-          const float* dot = dots.data() + (h * kRowBlock2 + (i - i0)) * kKeyTile;
-          const float lc = lse_causal[h * rows + i], lx = lse_cross[h * rows + i];
-          float* s = out->scores + g * tokens;
-          for (int64_t j = j0; j < end; ++j) {
-            const float logit = a.scale * dot[j - j0];
-            if (score_row) s[j] += SoftmaxProb(logit, lc);
-            if (entropy_row && CrossModal(mq, mod[j])) abar[j - j0] += SoftmaxProb(logit, lx);
+        // Pass 2: MEAN_ATTENTION's head-averaged cross-modal row, per key tile;
+        // then each scored row's logits become its probabilities.
+        std::vector<float> abar(kKeyTile);
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t i = r0 + r;
+          const int64_t end = pos[i] + 1;
+          if (mean_attention && row_valid[i]) {
+            const uint8_t mq = mod[pos[i]];
+            for (int64_t tile = 0; tile * kKeyTile < end; ++tile) {
+              const int64_t j0 = tile * kKeyTile, j1 = std::min(end, j0 + kKeyTile);
+              std::fill(abar.begin(), abar.end(), 0.f);
+              for (int64_t h = 0; h < q_heads; ++h) {
+                const float lx = st_cross[h * nr + r].Lse();
+                const float* logit = row_logits(h, r);
+                for (int64_t j = j0; j < j1; ++j) {
+                  if (CrossModal(mq, mod[j])) abar[j - j0] += SoftmaxProb(logit[j], lx);
+                }
+              }
+              float e = 0.f;
+              for (int64_t j = 0; j < j1 - j0; ++j) e += EntropyTerm(abar[j] * inv_heads);
+              partial[tile * rows + i] = e;
+            }
+          }
+          if (i >= a.score_rows_begin) {
+            for (int64_t h = 0; h < q_heads; ++h) {
+              const float lc = st_causal[h * nr + r].Lse();
+              float* logit = row_logits(h, r);
+              for (int64_t j = 0; j < end; ++j) logit[j] = SoftmaxProb(logit[j], lc);
+            }
           }
         }
-        if (entropy_row) {
-          float e = 0.f;
-          for (int64_t j = 0; j < end - j0; ++j) e += EntropyTerm(abar[j] * inv_heads);
-          partial[tile * rows + i] = e;
+      },
+      [&](int64_t block) {
+        // In block order: the scored rows' probabilities into the scores, row by
+        // row, head by head.
+        const int64_t r0 = block * row_block, r1 = std::min(rows, r0 + row_block), nr = r1 - r0;
+        int64_t last = 0;
+        for (int64_t i = r0; i < r1; ++i) last = std::max<int64_t>(last, pos[i]);
+        const int64_t visible = last + 1;
+        const float* probs = scratch[ThreadIndex()].data();
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t i = r0 + r;
+          if (i < a.score_rows_begin) continue;
+          for (int64_t h = 0; h < q_heads; ++h) {
+            const float* p = probs + (h * nr + r) * visible;
+            float* s = out->scores + (h / group) * tokens;
+            for (int64_t j = 0; j <= pos[i]; ++j) s[j] += p[j];
+          }
         }
-      }
-    }
-  });
+      });
 
   // Reduce the row entropies in a fixed order.
   double sum_tv = 0.0, sum_vt = 0.0, sum_all = 0.0;

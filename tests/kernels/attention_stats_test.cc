@@ -3,6 +3,7 @@
 // argument validation.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <string>
@@ -16,6 +17,10 @@
 #include "kernels/ops/op_args.h"
 #include "tests/kernels/test_util.h"
 #include "tests/reference/reference.h"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 namespace medakv {
 namespace {
@@ -510,3 +515,61 @@ TEST_F(AttentionStatsInvalidTest, EmptyShapes) {
 
 }  // namespace
 }  // namespace medakv
+
+// ---- the thread count changes nothing --------------------------------------------
+
+#if defined(_OPENMP)
+namespace medakv {
+namespace {
+
+// The scores are sums over rows added in row order (an ordered section), the
+// entropies sums in fixed orders: 1, 2 and 3 threads give the same bits, for
+// short rows (several rows per task) and for rows long enough that each task
+// holds one or two (the logit buffer's limit), with an observation window.
+TEST(AttentionStatsThreadsTest, SameBitsWithAnyThreadCount) {
+  struct Shape {
+    int64_t q_heads, kv_heads, rows, tokens, dim;
+  };
+  for (const Shape& sh : {Shape{8, 2, 13, 300, 16}, Shape{64, 8, 5, 40000, 8}}) {
+    SCOPED_TRACE(absl::StrCat("q_heads ", sh.q_heads, " rows ", sh.rows, " tokens ", sh.tokens));
+    const HostTensor query = test::RandomTensor(DType::kFloat32, Layout::kHND, sh.q_heads, sh.rows, sh.dim, 11, 2.0);
+    const HostTensor key = test::RandomTensor(DType::kFloat16, Layout::kNHD, sh.kv_heads, sh.tokens, sh.dim, 12);
+    std::vector<int32_t> positions(sh.rows);
+    for (int64_t i = 0; i < sh.rows; ++i) positions[i] = static_cast<int32_t>(sh.tokens - 1 - 3 * (sh.rows - 1 - i));
+    std::vector<uint8_t> modality(sh.tokens, 0);
+    for (int64_t t = sh.tokens / 5; t < sh.tokens / 2; ++t) modality[t] = 1;
+    for (int64_t window_begin : {int64_t{0}, sh.rows / 2}) {
+      std::vector<std::vector<float>> scores;
+      std::vector<float> entropies;
+      for (int threads : {1, 2, 3}) {
+        omp_set_num_threads(threads);
+        AttentionStatsArgs a;
+        a.query = query.view();
+        a.query_positions = positions.data();
+        a.key = key.view();
+        a.modality = modality.data();
+        a.scale = 0.25f;
+        a.score_rows_begin = window_begin;
+        std::vector<float> s(sh.kv_heads * sh.tokens, -1.f);
+        AttentionStatsOutput out;
+        out.scores = s.data();
+        ASSERT_TRUE(cpu::AttentionStats(a, &out).ok());
+        scores.push_back(std::move(s));
+        entropies.push_back(out.entropy);
+      }
+      omp_set_num_threads(omp_get_num_procs());
+      for (size_t k = 1; k < scores.size(); ++k) {
+        EXPECT_EQ(0, std::memcmp(scores[0].data(), scores[k].data(), scores[0].size() * sizeof(float)))
+            << "threads " << k + 1;
+        EXPECT_EQ(entropies[0], entropies[k]) << "threads " << k + 1;
+      }
+      double total = 0.0;
+      for (float v : scores[0]) total += v;
+      // Each scored row's probabilities sum to 1 per query head.
+      EXPECT_NEAR(total, static_cast<double>((sh.rows - window_begin) * sh.q_heads), 1e-3 * sh.q_heads * sh.rows);
+    }
+  }
+}
+}  // namespace
+}  // namespace medakv
+#endif
