@@ -13,6 +13,7 @@ namespace {
 struct Features {
   bool avx = false;
   bool f16c = false;
+  bool avx2 = false;
 };
 
 // CPUID leaf 1, and XGETBV for whether the OS saves the YMM registers.
@@ -27,6 +28,8 @@ Features Detect() {
   if ((xcr0_lo & 0x6u) != 0x6u) return f;  // XMM and YMM state
   f.avx = true;
   f.f16c = (ecx & bit_F16C) != 0;
+  unsigned eax7 = 0, ebx7 = 0, ecx7 = 0, edx7 = 0;
+  if (__get_cpuid_count(7, 0, &eax7, &ebx7, &ecx7, &edx7) != 0) f.avx2 = (ebx7 & bit_AVX2) != 0;
   return f;
 }
 
@@ -39,9 +42,11 @@ const Features& Get() {
 
 bool CpuHasAvx() { return Get().avx; }
 bool CpuHasF16c() { return Get().f16c; }
+bool CpuHasAvx2() { return Get().avx2; }
 #else
 bool CpuHasAvx() { return false; }
 bool CpuHasF16c() { return false; }
+bool CpuHasAvx2() { return false; }
 #endif
 
 }  // namespace medakv

@@ -6,5 +6,6 @@ namespace medakv {
 
 bool CpuHasAvx();   // 256-bit float vectors (and the OS saves their registers)
 bool CpuHasF16c();  // hardware fp16 <-> fp32 conversion (implies AVX)
+bool CpuHasAvx2();  // 256-bit integer vectors (implies AVX)
 
 }  // namespace medakv

@@ -22,6 +22,7 @@
 #include "kernels/cpu/dot_tile.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
+#include "kernels/cpu/softmax_simd.h"
 #include "kernels/ops/attention_math.h"
 #include "kernels/ops/validate.h"
 
@@ -56,6 +57,28 @@ class F32Hnd {
   const float* data_ = nullptr;
   std::vector<float> copy_;
 };
+
+// Adds a tile of logits x[0, n) (those in `subset`) to a row's online
+// softmax state: the tile's maximum first, one rescale, then the sums of
+// e^(x - max) eight lanes at a time (softmax_simd.h). The same state as
+// adding the logits one by one, up to rounding (the CUDA kernel merges
+// tiles the same way, OnlineSoftmaxEntropy::Merge).
+void AddTile(OnlineSoftmaxEntropy& st, const float* x, int64_t n, KeySubset subset) {
+  const float tile_max = MaxOf(x, n, subset);
+  if (!(tile_max > -INFINITY)) return;  // no entry with mass
+  if (tile_max > st.max) {
+    if (st.sum > 0.f) {
+      const float s = ExpPoly(st.max - tile_max);
+      st.sum_dx = s * (st.sum_dx + (st.max - tile_max) * st.sum);
+      st.sum = s * st.sum;
+    }
+    st.max = tile_max;
+  }
+  float sum = 0.f, sum_dx = 0.f;
+  SumExp(x, n, st.max, subset, &sum, &sum_dx);
+  st.sum += sum;
+  st.sum_dx += sum_dx;
+}
 
 }  // namespace
 
@@ -120,11 +143,10 @@ absl::Status AttentionStats(const AttentionStatsArgs& a, AttentionStatsOutput* o
                 OnlineSoftmaxEntropy& sc = st_causal[h * nr + r];
                 OnlineSoftmaxEntropy& sx = st_cross[h * nr + r];
                 const int64_t end = std::min<int64_t>(j1, pos[i] + 1);
-                for (int64_t j = j0; j < end; ++j) {
-                  logit[j] *= a.scale;
-                  sc.Add(logit[j]);
-                  if (!causal && CrossModal(mq, mod[j])) sx.Add(logit[j]);
-                }
+                if (end <= j0) continue;
+                for (int64_t j = j0; j < end; ++j) logit[j] *= a.scale;
+                AddTile(sc, logit + j0, end - j0, KeySubset{});
+                if (!causal) AddTile(sx, logit + j0, end - j0, KeySubset{mod + j0, mq});
               }
             }
           }
@@ -161,9 +183,7 @@ absl::Status AttentionStats(const AttentionStatsArgs& a, AttentionStatsOutput* o
               for (int64_t h = 0; h < q_heads; ++h) {
                 const float lx = st_cross[h * nr + r].Lse();
                 const float* logit = row_logits(h, r);
-                for (int64_t j = j0; j < j1; ++j) {
-                  if (CrossModal(mq, mod[j])) abar[j - j0] += SoftmaxProb(logit[j], lx);
-                }
+                AddExpShifted(logit + j0, j1 - j0, lx, KeySubset{mod + j0, mq}, abar.data());
               }
               float e = 0.f;
               for (int64_t j = 0; j < j1 - j0; ++j) e += EntropyTerm(abar[j] * inv_heads);
@@ -174,7 +194,7 @@ absl::Status AttentionStats(const AttentionStatsArgs& a, AttentionStatsOutput* o
             for (int64_t h = 0; h < q_heads; ++h) {
               const float lc = st_causal[h * nr + r].Lse();
               float* logit = row_logits(h, r);
-              for (int64_t j = 0; j < end; ++j) logit[j] = SoftmaxProb(logit[j], lc);
+              ExpShifted(logit, end, lc, logit);
             }
           }
         }
