@@ -151,15 +151,21 @@ void BM_Select(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations() * kHeads * tokens);
 }
 
+// n standard-normal floats from a seed.
+std::vector<float> NormalFloats(int64_t n, uint32_t seed) {
+  std::vector<float> v(n);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
 // DotTile (the inner loop of both statistics and merge) against one DotF32
 // per pair, on a 128 x 256 tile of head_dim 128, one thread.
 void RunDotTile(benchmark::State& state, bool tiled) {
   constexpr int64_t m = 128, n = 256, d = kHeadDim;
-  std::vector<float> a(m * d), b(n * d), out(m * n);
-  std::mt19937 rng(3);
-  std::normal_distribution<float> dist(0.f, 1.f);
-  for (float& x : a) x = dist(rng);
-  for (float& x : b) x = dist(rng);
+  const std::vector<float> a = NormalFloats(m * d, 3), b = NormalFloats(n * d, 5);
+  std::vector<float> out(m * n);
   for (auto _ : state) {
     if (tiled) {
       cpu::DotTile(a.data(), d, m, b.data(), d, n, d, out.data(), n);
@@ -181,11 +187,8 @@ void Sgemm(benchmark::State& state, int64_t count, int64_t m, int64_t n, int64_t
 #if defined(_OPENMP)
   openblas_set_num_threads(omp_get_max_threads());
 #endif
-  std::vector<float> a(m * k), b(n * k), c(m * n);
-  std::mt19937 rng(4);
-  std::normal_distribution<float> dist(0.f, 1.f);
-  for (float& x : a) x = dist(rng);
-  for (float& x : b) x = dist(rng);
+  const std::vector<float> a = NormalFloats(m * k, 4), b = NormalFloats(n * k, 6);
+  std::vector<float> c(m * n);
   for (auto _ : state) {
     for (int64_t i = 0; i < count; ++i) {
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m), static_cast<int>(n),

@@ -117,13 +117,20 @@ absl::Status AttentionStats(const AttentionStatsArgs& a, AttentionStatsOutput* o
   // then their probabilities and MEAN_ATTENTION entropy terms (pass 2); the
   // probabilities are added into the scores in row order (the ordered part),
   // so every score is the same sum in the same order whatever the threads.
+  // A block's first row, its row count, and the keys its rows see: [0, visible).
+  struct BlockRows {
+    int64_t r0, nr, visible;
+  };
+  auto block_rows = [&](int64_t block) {
+    const int64_t r0 = block * row_block, r1 = std::min(rows, r0 + row_block);
+    int64_t last = 0;
+    for (int64_t i = r0; i < r1; ++i) last = std::max<int64_t>(last, pos[i]);
+    return BlockRows{r0, r1 - r0, last + 1};
+  };
   ParallelForOrdered(
       row_blocks,
       [&](int64_t block) {
-        const int64_t r0 = block * row_block, r1 = std::min(rows, r0 + row_block), nr = r1 - r0;
-        int64_t last = 0;
-        for (int64_t i = r0; i < r1; ++i) last = std::max<int64_t>(last, pos[i]);
-        const int64_t visible = last + 1;  // logits of keys [0, visible) per (head, row)
+        const auto [r0, nr, visible] = block_rows(block);
         std::vector<float>& logits = scratch[ThreadIndex()];
         logits.resize(static_cast<size_t>(q_heads * nr * visible));
         auto row_logits = [&](int64_t h, int64_t r) { return logits.data() + (h * nr + r) * visible; };
@@ -202,10 +209,7 @@ absl::Status AttentionStats(const AttentionStatsArgs& a, AttentionStatsOutput* o
       [&](int64_t block) {
         // In block order: the scored rows' probabilities into the scores, row by
         // row, head by head.
-        const int64_t r0 = block * row_block, r1 = std::min(rows, r0 + row_block), nr = r1 - r0;
-        int64_t last = 0;
-        for (int64_t i = r0; i < r1; ++i) last = std::max<int64_t>(last, pos[i]);
-        const int64_t visible = last + 1;
+        const auto [r0, nr, visible] = block_rows(block);
         const float* probs = scratch[ThreadIndex()].data();
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t i = r0 + r;

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "kernels/common/cpu_features.h"
+#include "kernels/ops/attention_math.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MEDAKV_SOFTMAX_AVX2 1
@@ -45,9 +46,6 @@ inline float ExpInRange(float x) {
   return (y * FromBits((n1 + 127) << 23)) * FromBits((n2 + 127) << 23);
 }
 
-// DotF32's tree over eight partial sums.
-inline float Tree(const float* a) { return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])); }
-
 inline bool Valid(float x) { return x > -INFINITY; }  // false for -inf and NaN
 
 }  // namespace
@@ -79,8 +77,8 @@ void SumExpScalar(const float* x, int64_t n, float m, KeySubset subset, float* s
     s[j & 7] += e;
     sd[j & 7] += e * dx;
   }
-  *sum = Tree(s);
-  *sum_dx = Tree(sd);
+  *sum = SumOfEightPartials(s);
+  *sum_dx = SumOfEightPartials(sd);
 }
 
 void ExpShiftedScalar(const float* x, int64_t n, float shift, float* out) {
@@ -175,8 +173,8 @@ MEDAKV_AVX2 void SumExpAvx2(const float* x, int64_t n, float m, KeySubset subset
   alignas(32) float a[8], b[8];
   _mm256_store_ps(a, s);
   _mm256_store_ps(b, sd);
-  *sum = Tree(a);
-  *sum_dx = Tree(b);
+  *sum = SumOfEightPartials(a);
+  *sum_dx = SumOfEightPartials(b);
 }
 
 MEDAKV_AVX2 void ExpShiftedAvx2(const float* x, int64_t n, float shift, float* out) {

@@ -9,6 +9,12 @@
 
 namespace medakv {
 
+// The fixed tree that combines eight partial sums acc[u] (u = index mod 8):
+// ((acc0 + acc4) + (acc1 + acc5)) + ((acc2 + acc6) + (acc3 + acc7)).
+MEDAKV_HOST_DEVICE float SumOfEightPartials(const float* acc) {
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
 // a . b over n fp32 values, with eight partial sums (vectorisable, and the
 // summation order is fixed so results do not depend on the caller).
 MEDAKV_HOST_DEVICE float DotF32(const float* a, const float* b, int64_t n) {
@@ -18,7 +24,7 @@ MEDAKV_HOST_DEVICE float DotF32(const float* a, const float* b, int64_t n) {
     for (int u = 0; u < 8; ++u) acc[u] += a[d + u] * b[d + u];
   }
   for (; d < n; ++d) acc[d & 7] += a[d] * b[d];
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  return SumOfEightPartials(acc);
 }
 
 // Log-sum-exp and entropy of softmax(x) in one pass over a row:
