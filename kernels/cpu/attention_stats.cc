@@ -130,7 +130,8 @@ absl::Status AttentionStats(const AttentionStatsArgs& a, AttentionStatsOutput* o
   ParallelForOrdered(
       row_blocks,
       [&](int64_t block) {
-        const auto [r0, nr, visible] = block_rows(block);
+        const BlockRows b = block_rows(block);
+        const int64_t r0 = b.r0, nr = b.nr, visible = b.visible;
         std::vector<float>& logits = scratch[ThreadIndex()];
         logits.resize(static_cast<size_t>(q_heads * nr * visible));
         auto row_logits = [&](int64_t h, int64_t r) { return logits.data() + (h * nr + r) * visible; };
@@ -209,7 +210,8 @@ absl::Status AttentionStats(const AttentionStatsArgs& a, AttentionStatsOutput* o
       [&](int64_t block) {
         // In block order: the scored rows' probabilities into the scores, row by
         // row, head by head.
-        const auto [r0, nr, visible] = block_rows(block);
+        const BlockRows b = block_rows(block);
+        const int64_t r0 = b.r0, nr = b.nr, visible = b.visible;
         const float* probs = scratch[ThreadIndex()].data();
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t i = r0 + r;
