@@ -80,6 +80,37 @@ SPECS = [
                "formatted input, and how do they differ?"),
 ]
 
+# Tuning-only prompts (issue 13): more data for `medakv tune` and for choosing amber's
+# defaults, disjoint from the judging prompts above (bench/FIDELITY.md, "amber"). Not in the
+# default set: dump them with `dump.py --prompts` (or `--prompts tuning`).
+TUNING_SPECS = [
+    PromptSpec("lgpl21-qa-1k", "doc_qa", f"{LICENSES}/LGPL-2.1", 1024,
+               "Answer the question using the document below.\n\n", "\n\nQuestion: What does this license "
+               "say about a program that uses the Library but contains no part of it?"),
+    PromptSpec("gfdl-summary-1k", "instruction", f"{LICENSES}/GFDL-1.3", 1024,
+               "Summarize the following document in three bullet points.\n\n", "\n\nNow write the three "
+               "bullet points."),
+    PromptSpec("gpl2-rewrite-1536", "instruction", f"{LICENSES}/GPL-2", 1536,
+               "Here is part of a legal text.\n\n", "\n\nRewrite the conditions for distributing copies in "
+               "plain English."),
+    PromptSpec("shlex-code-1k", "doc_qa", f"{PYLIB}/shlex.py", 1024,
+               "Here is the source code of a Python module.\n\n", "\n\nExplain what the method read_token "
+               "does, step by step."),
+    PromptSpec("argparse-doc-2k", "doc_qa", f"docstrings:{PYLIB}/argparse.py", 2048,
+               "Here is the documentation of a Python module.\n\n", "\n\nQuestion: How do I add "
+               "sub-commands to a parser, and which class handles them?"),
+    PromptSpec("protocols-table-1k", "structured", "/etc/protocols", 1024,
+               "The following is a table of IP protocols: name, number, aliases and comments.\n\n",
+               "\n\nUsing the table above, which protocol number does \"ipv6-icmp\" have, and what is its "
+               "alias?"),
+    PromptSpec("iso3166-table-1k", "structured", "/usr/share/zoneinfo/iso3166.tab", 1024,
+               "The following table lists country codes and country names.\n\n",
+               "\n\nUsing the table above, which countries have codes starting with the letter N?"),
+    PromptSpec("string-listing-2k", "structured", "/usr/include/string.h", 2048,
+               "The following is a C header file.\n\n", "\n\nWhich functions declared in the header above "
+               "copy memory or strings, and how do they differ?"),
+]
+
 # A short prompt for the checked-in test cache (tests/data): a small table block.
 TEST_SPEC = PromptSpec("test-table-short", "structured", "/etc/services", 96,
                        "Table of services:\n", "\nWhich port does ssh use?", skip_lines=22)
@@ -187,7 +218,9 @@ def build(tok, spec: PromptSpec) -> Prompt:
 def by_id(ids: list | None) -> list:
     if not ids:
         return list(SPECS)
-    known = {s.id: s for s in SPECS + [TEST_SPEC]}
+    if ids == ["tuning"]:
+        return list(TUNING_SPECS)
+    known = {s.id: s for s in SPECS + TUNING_SPECS + [TEST_SPEC]}
     missing = [i for i in ids if i not in known]
     if missing:
         raise SystemExit(f"unknown prompt id(s) {missing}; known: {sorted(known)}")

@@ -21,8 +21,8 @@ void PolicyFlags::Add(CLI::App* app, bool with_policy) {
   alpha_max_ = Opt(app, "--alpha-max", v_.budget.alpha_max, "meda: upper clamp of alpha_l [1.0]");
   exact_total_ = app->add_flag("--exact-total{true}", v_.budget.exact_total,
                                "meda: budgets sum to round(rho*L*T) exactly; =false: clamp and floor [true]");
-  recent_ = Opt(app, "--recent-fraction", v_.recent_fraction,
-                "Share of B_l kept as the most recent tokens [0.5; amber 0.375]");
+  recent_ =
+      Opt(app, "--recent-fraction", v_.recent_fraction, "Share of B_l kept as the most recent tokens [0.5]");
   entropy_heads_opt_ = Opt(app, "--entropy-heads", entropy_heads_, "meda: mean_attention | mean_entropy");
   entropy_source_opt_ = Opt(app, "--entropy-source", entropy_source_, "meda: cross_modal | causal");
   text_prior_opt_ = Opt(app, "--text-prior", text_prior_, "additive | keep_all_text | none (policy's default)");
@@ -34,15 +34,40 @@ void PolicyFlags::Add(CLI::App* app, bool with_policy) {
   window_ = Opt(app, "--window", v_.window, "snapkv, pyramidkv: observation window in query rows [64]");
   pool_kernel_ = Opt(app, "--pool-kernel", v_.pool_kernel, "snapkv, pyramidkv: average pooling kernel [5]");
   beta_ = Opt(app, "--pyramid-beta", v_.pyramid_beta, "pyramidkv: min budget = (C - w) / beta [20]");
-  score_norm_opt_ = Opt(app, "--score-norm", score_norm_, "amber: sum | visible_mean [visible_mean]");
-  layer_budget_opt_ = Opt(app, "--layer-budget", layer_budget_, "amber: uniform | mass | entropy [uniform]");
+  score_norm_opt_ = Opt(app, "--score-norm", score_norm_, "amber: sum | visible_mean [sum]");
+  layer_budget_opt_ =
+      Opt(app, "--layer-budget", layer_budget_, "amber: uniform | mass | entropy | depth [depth]");
+  depth_ratio_ = Opt(app, "--depth-ratio", v_.depth_ratio,
+                     "amber, --layer-budget depth: first layer's weight, the last's is its inverse [0.8]");
+  recent_search_rows_ =
+      Opt(app, "--recent-search-rows", v_.recent_search_rows,
+          "amber: search each head's recent window on the attention of these last query rows; "
+          "0: --recent-fraction [16]");
 }
 
 std::string PolicyFlags::FirstGiven(bool with_rho) const {
-  for (const CLI::Option* opt : {policy_opt_, rho_, tau_, alpha_min_, alpha_max_, exact_total_, recent_,
-                                 entropy_heads_opt_, entropy_source_opt_, text_prior_opt_, merge_opt_,
-                                 merge_threshold_opt_, shared_, scale_, sinks_, window_, pool_kernel_, beta_,
-                                 score_norm_opt_, layer_budget_opt_}) {
+  for (const CLI::Option* opt : {policy_opt_,
+                                 rho_,
+                                 tau_,
+                                 alpha_min_,
+                                 alpha_max_,
+                                 exact_total_,
+                                 recent_,
+                                 entropy_heads_opt_,
+                                 entropy_source_opt_,
+                                 text_prior_opt_,
+                                 merge_opt_,
+                                 merge_threshold_opt_,
+                                 shared_,
+                                 scale_,
+                                 sinks_,
+                                 window_,
+                                 pool_kernel_,
+                                 beta_,
+                                 score_norm_opt_,
+                                 layer_budget_opt_,
+                                 depth_ratio_,
+                                 recent_search_rows_}) {
     if (opt == nullptr || opt->count() == 0 || (opt == rho_ && !with_rho)) continue;
     return opt->get_name();
   }
@@ -69,6 +94,8 @@ absl::StatusOr<CompressOptions> PolicyFlags::Resolve(PolicyKind policy) const {
   if (given(window_)) o.window = v_.window;
   if (given(pool_kernel_)) o.pool_kernel = v_.pool_kernel;
   if (given(beta_)) o.pyramid_beta = v_.pyramid_beta;
+  if (given(depth_ratio_)) o.depth_ratio = v_.depth_ratio;
+  if (given(recent_search_rows_)) o.recent_search_rows = v_.recent_search_rows;
   if (given(entropy_heads_opt_)) {
     MEDAKV_ASSIGN_OR_RETURN(o.entropy_heads, ParseEntropyHeads(entropy_heads_));
   }

@@ -32,15 +32,17 @@ class PolicyFlags {
  private:
   CLI::Option* Opt(CLI::App* app, const std::string& name, auto& value, const std::string& help);
 
-  std::string policy_ = "meda";
+  std::string policy_ = "amber";
   CompressOptions v_;  // values as parsed; only given flags are used
-  std::string entropy_heads_, entropy_source_, text_prior_, merge_, merge_threshold_, score_norm_, layer_budget_;
-  CLI::Option *policy_opt_ = nullptr, *rho_ = nullptr, *tau_ = nullptr, *alpha_min_ = nullptr, *alpha_max_ = nullptr,
-              *exact_total_ = nullptr, *recent_ = nullptr, *entropy_heads_opt_ = nullptr,
-              *entropy_source_opt_ = nullptr, *text_prior_opt_ = nullptr, *merge_opt_ = nullptr,
-              *merge_threshold_opt_ = nullptr, *shared_ = nullptr, *scale_ = nullptr, *sinks_ = nullptr,
-              *window_ = nullptr, *pool_kernel_ = nullptr, *beta_ = nullptr, *score_norm_opt_ = nullptr,
-              *layer_budget_opt_ = nullptr;
+  std::string entropy_heads_, entropy_source_, text_prior_, merge_, merge_threshold_, score_norm_,
+      layer_budget_;
+  CLI::Option *policy_opt_ = nullptr, *rho_ = nullptr, *tau_ = nullptr, *alpha_min_ = nullptr,
+              *alpha_max_ = nullptr, *exact_total_ = nullptr, *recent_ = nullptr,
+              *entropy_heads_opt_ = nullptr, *entropy_source_opt_ = nullptr, *text_prior_opt_ = nullptr,
+              *merge_opt_ = nullptr, *merge_threshold_opt_ = nullptr, *shared_ = nullptr, *scale_ = nullptr,
+              *sinks_ = nullptr, *window_ = nullptr, *pool_kernel_ = nullptr, *beta_ = nullptr,
+              *score_norm_opt_ = nullptr, *layer_budget_opt_ = nullptr, *depth_ratio_ = nullptr,
+              *recent_search_rows_ = nullptr;
 };
 
 }  // namespace medakv

@@ -1,5 +1,7 @@
 #include "client/cli/tune.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <cmath>
 #include <map>
@@ -28,23 +30,29 @@ TuneCandidate Variant(PolicyKind policy, const std::function<void(CompressOption
   return TuneCandidate{CandidateName(o), o};
 }
 
+// amber with every combination of the given options; recent fractions only
+// where the recent search is off (search_rows 0), since the search replaces them.
 void AddAmberVariants(std::vector<TuneCandidate>* c, const std::vector<ScoreNorm>& norms,
-                      const std::vector<LayerBudget>& budgets, const std::vector<double>& recent,
-                      const std::vector<int64_t>& sinks) {
+                      const std::vector<LayerBudget>& budgets, const std::vector<int64_t>& search_rows,
+                      const std::vector<double>& recent, const std::vector<int64_t>& sinks) {
   std::set<std::string> seen;
   for (const TuneCandidate& t : *c) seen.insert(t.name);
   for (ScoreNorm n : norms) {
     for (LayerBudget b : budgets) {
-      for (double f : recent) {
-        for (int64_t s : sinks) {
-          TuneCandidate t = Variant(PolicyKind::kAmber, [=](CompressOptions& o) {
-            o.score_norm = n;
-            o.layer_budget = b;
-            if (b == LayerBudget::kEntropy) o.budget.tau = 5;
-            o.recent_fraction = f;
-            o.sinks = s;
-          });
-          if (seen.insert(t.name).second) c->push_back(t);
+      for (int64_t rows : search_rows) {
+        for (double f :
+             rows > 0 ? std::vector<double>{DefaultOptions(PolicyKind::kAmber).recent_fraction} : recent) {
+          for (int64_t s : sinks) {
+            TuneCandidate t = Variant(PolicyKind::kAmber, [=](CompressOptions& o) {
+              o.score_norm = n;
+              o.layer_budget = b;
+              if (b == LayerBudget::kEntropy) o.budget.tau = 5;
+              o.recent_search_rows = rows;
+              o.recent_fraction = f;
+              o.sinks = s;
+            });
+            if (seen.insert(t.name).second) c->push_back(t);
+          }
         }
       }
     }
@@ -84,9 +92,12 @@ std::vector<TuneCandidate> QuickGrid() {
     o.merge = MergeMode::kNone;
     o.text_prior = TextPrior::kNone;
   }));
-  AddAmberVariants(&c, {ScoreNorm::kVisibleMean, ScoreNorm::kSum},
-                   {LayerBudget::kUniform, LayerBudget::kMass, LayerBudget::kEntropy}, {0.375, 0.25}, {0});
-  AddAmberVariants(&c, {ScoreNorm::kVisibleMean}, {LayerBudget::kUniform}, {0.5}, {0, 4});
+  AddAmberVariants(&c, {ScoreNorm::kSum, ScoreNorm::kVisibleMean},
+                   {LayerBudget::kDepth, LayerBudget::kUniform}, {16, 0}, {0.5, 0.375}, {0});
+  AddAmberVariants(&c, {ScoreNorm::kSum}, {LayerBudget::kMass, LayerBudget::kEntropy}, {16}, {}, {0, 4});
+  for (double r : {0.6, 0.9}) {
+    c.push_back(Variant(PolicyKind::kAmber, [r](CompressOptions& o) { o.depth_ratio = r; }));
+  }
   return c;
 }
 
@@ -140,9 +151,12 @@ std::vector<TuneCandidate> FullGrid() {
       }));
     }
   }
-  AddAmberVariants(&c, {ScoreNorm::kVisibleMean, ScoreNorm::kSum},
-                   {LayerBudget::kUniform, LayerBudget::kMass, LayerBudget::kEntropy}, {0.125, 0.25, 0.5, 0.75},
-                   {0, 4, 16});
+  AddAmberVariants(&c, {ScoreNorm::kSum, ScoreNorm::kVisibleMean},
+                   {LayerBudget::kDepth, LayerBudget::kUniform, LayerBudget::kMass, LayerBudget::kEntropy},
+                   {1, 4, 16, 64, 0}, {0.125, 0.25, 0.5, 0.75}, {0, 4, 16});
+  for (double r : {0.5, 0.6, 0.7, 0.9, 1.25}) {
+    add(Variant(PolicyKind::kAmber, [r](CompressOptions& o) { o.depth_ratio = r; }));
+  }
   return c;
 }
 
@@ -258,6 +272,8 @@ std::string CandidateName(const CompressOptions& o) {
   add(o.pyramid_beta != d.pyramid_beta, "pyramid-beta", Num(o.pyramid_beta));
   add(o.score_norm != d.score_norm, "score-norm", ScoreNormName(o.score_norm));
   add(o.layer_budget != d.layer_budget, "layer-budget", LayerBudgetName(o.layer_budget));
+  add(o.depth_ratio != d.depth_ratio, "depth-ratio", Num(o.depth_ratio));
+  add(o.recent_search_rows != d.recent_search_rows, "recent-search-rows", absl::StrCat(o.recent_search_rows));
   return name;
 }
 

@@ -141,8 +141,34 @@ absl::StatusOr<std::vector<int64_t>> PyramidBudgets(int64_t layers, int64_t toke
   return RoundSharesToTotal(share, total, 1, tokens);
 }
 
-absl::StatusOr<LayerBudgets> AllocateMassBudgets(const std::vector<std::vector<float>>& scores, int64_t kv_heads,
-                                                 int64_t tokens, const BudgetOptions& o) {
+absl::StatusOr<std::vector<int64_t>> DepthBudgets(int64_t layers, int64_t tokens, double rho,
+                                                  double depth_ratio) {
+  if (layers <= 0 || tokens <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("depth budgets: layers and tokens must be > 0, got ", layers, " and ", tokens));
+  }
+  if (!(rho > 0.0 && rho <= 1.0))
+    return absl::InvalidArgumentError(absl::StrCat("rho must be in (0, 1], got ", rho));
+  if (!(depth_ratio > 0.0) || !std::isfinite(depth_ratio)) {
+    return absl::InvalidArgumentError(absl::StrCat("depth_ratio must be finite and > 0, got ", depth_ratio));
+  }
+  const int64_t uniform = UniformBudget(rho, tokens);
+  if (layers == 1) return std::vector<int64_t>(1, uniform);
+  std::vector<double> weight(layers);
+  double sum = 0.0;
+  for (int64_t l = 0; l < layers; ++l) {
+    weight[l] = depth_ratio +
+                (1.0 / depth_ratio - depth_ratio) * static_cast<double>(l) / static_cast<double>(layers - 1);
+    sum += weight[l];
+  }
+  const double total = static_cast<double>(uniform * layers);
+  std::vector<double> share(layers);
+  for (int64_t l = 0; l < layers; ++l) share[l] = total * weight[l] / sum;
+  return RoundSharesToTotal(share, uniform * layers, 1, tokens);
+}
+
+absl::StatusOr<LayerBudgets> AllocateMassBudgets(const std::vector<std::vector<float>>& scores,
+                                                 int64_t kv_heads, int64_t tokens, const BudgetOptions& o) {
   if (absl::Status s = ValidateBudgetOptions(o); !s.ok()) return s;
   if (scores.empty()) return absl::InvalidArgumentError("budgets: no layers");
   if (tokens <= 0 || kv_heads <= 0) {

@@ -64,6 +64,16 @@ int64_t UniformBudget(double rho, int64_t tokens);
 [[nodiscard]] absl::StatusOr<std::vector<int64_t>> PyramidBudgets(int64_t layers, int64_t tokens, double rho,
                                                                   int64_t window, double beta);
 
+// amber's depth budgets (docs/amber.md): with C the uniform budget
+// round(rho T) (within [1, T]) and r = depth_ratio, layer l's weight is
+// w_l = r + (1/r - r) l / (L - 1) (r in layer 0, 1/r in the last; 1 when
+// L = 1), and its share C L w_l / sum(w), rounded so that the total is
+// exactly L C (each within [1, T]). r = 1 is the uniform budget; r < 1 gives
+// deeper layers more. INVALID_ARGUMENT for layers or tokens <= 0, rho outside
+// (0, 1] or r not finite and > 0.
+[[nodiscard]] absl::StatusOr<std::vector<int64_t>> DepthBudgets(int64_t layers, int64_t tokens, double rho,
+                                                                double depth_ratio);
+
 // Integer budgets from real shares: each share clipped to [lo, hi] and
 // floored, then the tokens missing to `total` go one each to the largest
 // fractional parts (ties: the lower layer), never above hi.

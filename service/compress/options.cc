@@ -59,8 +59,10 @@ constexpr std::pair<const char*, MergeThreshold> kMergeThresholds[] = {{"none", 
                                                                        {"mean", MergeThreshold::kMean}};
 constexpr std::pair<const char*, ScoreNorm> kScoreNorms[] = {{"sum", ScoreNorm::kSum},
                                                              {"visible_mean", ScoreNorm::kVisibleMean}};
-constexpr std::pair<const char*, LayerBudget> kLayerBudgets[] = {
-    {"uniform", LayerBudget::kUniform}, {"mass", LayerBudget::kMass}, {"entropy", LayerBudget::kEntropy}};
+constexpr std::pair<const char*, LayerBudget> kLayerBudgets[] = {{"uniform", LayerBudget::kUniform},
+                                                                 {"mass", LayerBudget::kMass},
+                                                                 {"entropy", LayerBudget::kEntropy},
+                                                                 {"depth", LayerBudget::kDepth}};
 
 }  // namespace
 
@@ -113,9 +115,11 @@ CompressOptions DefaultOptions(PolicyKind policy) {
       // docs/amber.md: the defaults that won on the tuning prompts (bench/FIDELITY.md, "amber").
       o.text_prior = TextPrior::kNone;
       o.merge = MergeMode::kNone;
-      o.score_norm = ScoreNorm::kVisibleMean;
-      o.layer_budget = LayerBudget::kUniform;
-      o.recent_fraction = 0.375;
+      o.score_norm = ScoreNorm::kSum;
+      o.layer_budget = LayerBudget::kDepth;
+      o.depth_ratio = kAmberDepthRatio;
+      o.recent_search_rows = kAmberRecentSearchRows;
+      o.recent_fraction = 0.5;  // used only where the recent search is off or cannot run
       o.sinks = 0;
       break;
   }
@@ -130,6 +134,14 @@ absl::Status ValidateOptions(const CompressOptions& o) {
   }
   if (!(o.scale >= 0.f) || !std::isfinite(o.scale)) {
     return absl::InvalidArgumentError(absl::StrCat("scale must be finite and >= 0 (0: 1/sqrt(head_dim)), got ", o.scale));
+  }
+  if (!(o.depth_ratio >= kMinDepthRatio && o.depth_ratio <= 1.0 / kMinDepthRatio)) {
+    return absl::InvalidArgumentError(absl::StrCat("depth_ratio must be in [", kMinDepthRatio, ", ",
+                                                   1.0 / kMinDepthRatio, "], got ", o.depth_ratio));
+  }
+  if (o.recent_search_rows < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("recent_search_rows must be >= 0, got ", o.recent_search_rows));
   }
   if (o.sinks < 0) return absl::InvalidArgumentError(absl::StrCat("sinks must be >= 0, got ", o.sinks));
   if (o.window < 1) return absl::InvalidArgumentError(absl::StrCat("window must be >= 1, got ", o.window));

@@ -36,7 +36,18 @@ enum class LayerBudget : uint8_t {
   kUniform = 0,  // round(rho T) each
   kMass = 1,     // to keep the most score mass (each layer's and head's scores normalised to sum 1)
   kEntropy = 2,  // MEDA's softmax of the entropy (tau, entropy_source, entropy_heads)
+  kDepth = 3,    // a linear ramp over depth: the first layer depth_ratio, the last 1 / depth_ratio (relative)
 };
+
+// The recent-window fractions amber's recent search tries, in this order
+// (docs/amber.md): each kv head keeps the one whose selection holds the most
+// attention of the last recent_search_rows query rows.
+inline constexpr double kRecentSearchFractions[] = {0.125, 0.25, 0.375, 0.5, 0.625, 0.75};
+
+// amber's defaults for the options below (docs/amber.md, bench/FIDELITY.md).
+inline constexpr double kAmberDepthRatio = 0.8;
+inline constexpr int64_t kAmberRecentSearchRows = 16;
+inline constexpr double kMinDepthRatio = 0.01;  // depth_ratio in [0.01, 100]
 
 struct CompressOptions {
   PolicyKind policy = PolicyKind::kMeda;
@@ -61,6 +72,8 @@ struct CompressOptions {
   // amber (docs/amber.md); the sinks above are kept too.
   ScoreNorm score_norm = ScoreNorm::kSum;
   LayerBudget layer_budget = LayerBudget::kUniform;
+  double depth_ratio = 1.0;  // LayerBudget::kDepth: first layer's weight; the last layer's is its inverse
+  int64_t recent_search_rows = 0;  // > 0: each head's recent window searched (above) on these last query rows
 };
 
 // The options a policy runs with when the request names only the policy:

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <optional>
 #include <string>
@@ -160,6 +161,7 @@ std::string StatisticsKey::ToString() const {
   std::string s = absl::StrCat("scorer=", ScorerName(scorer), " entropy=", EntropySourceName(entropy_source), "/",
                                EntropyHeadsName(entropy_heads), " scale=", scale);
   if (scorer == Scorer::kWindowPooled) absl::StrAppend(&s, " window=", window, " pool_kernel=", pool_kernel);
+  if (recent_rows > 0) absl::StrAppend(&s, " recent_rows=", recent_rows);
   return s;
 }
 
@@ -177,6 +179,7 @@ StatisticsKey StatisticsKeyFor(const CompressOptions& options) {
     key.window = options.window;
     key.pool_kernel = options.pool_kernel;
   }
+  if (plan.recent == RecentRule::kSearch) key.recent_rows = options.recent_search_rows;
   return key;
 }
 
@@ -197,6 +200,31 @@ int64_t WindowRows(const CacheInput& in, const LayerInput& layer, int64_t window
   return in.stats == StatsForm::kQueries ? std::min(window, layer.query.tokens) : window;
 }
 
+// Amber's recent search statistics of one layer: the accumulated attention
+// of its last min(recent_rows, q_tokens) query rows alone (the same op on a
+// dense copy of those rows; `args` is the layer's statistics call).
+absl::Status RecentRowScores(const LayerInput& layer, const std::vector<int32_t>& positions,
+                             const AttentionStatsArgs& args, int64_t recent_rows, const Backend& backend,
+                             std::vector<float>* scores) {
+  const TensorView& q = layer.query;
+  const int64_t rows = std::min(recent_rows, q.tokens), first = q.tokens - rows;
+  const size_t row_bytes = static_cast<size_t>(q.head_dim) * DTypeSize(q.dtype);
+  std::vector<uint8_t> copy(static_cast<size_t>(q.heads * rows) * row_bytes);
+  const MutableTensorView tail{copy.data(), q.dtype, q.layout, q.heads, rows, q.head_dim};
+  for (int64_t h = 0; h < q.heads; ++h) {
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(tail.Row(h, r), q.Row(h, first + r), row_bytes);
+  }
+  const std::vector<int32_t> tail_positions(positions.begin() + first, positions.end());
+  AttentionStatsArgs a = args;
+  a.query = AsConst(tail);
+  a.query_positions = tail_positions.data();
+  a.score_rows_begin = 0;
+  scores->resize(static_cast<size_t>(args.key.heads * args.key.tokens));
+  AttentionStatsOutput out;
+  out.scores = scores->data();
+  return backend.AttentionStats(a, &out);
+}
+
 // The statistics stage on a validated input and options.
 absl::StatusOr<Statistics> StatisticsStage(const CacheInput& in, const CompressOptions& options,
                                            const Backend& backend, const std::atomic<bool>* cancelled) {
@@ -213,6 +241,7 @@ absl::StatusOr<Statistics> StatisticsStage(const CacheInput& in, const CompressO
   st.tokens = tokens;
   st.scores.assign(layers, std::vector<float>());
   st.entropy.assign(layers, 0.f);
+  if (queries && st.key.recent_rows > 0) st.recent_scores.assign(layers, std::vector<float>());
   if (!st.key.computed) {
     st.seconds = Seconds(t0);
     return st;
@@ -245,6 +274,12 @@ absl::StatusOr<Statistics> StatisticsStage(const CacheInput& in, const CompressO
       absl::Status status = backend.AttentionStats(args, &out);
       if (!status.ok()) return absl::Status(status.code(), absl::StrCat("layer ", l, ": ", status.message()));
       st.entropy[l] = out.entropy;
+      if (st.key.recent_rows > 0) {
+        status = RecentRowScores(layer, positions, args, st.key.recent_rows, backend, &st.recent_scores[l]);
+        if (!status.ok()) {
+          return absl::Status(status.code(), absl::StrCat("layer ", l, ": ", status.message()));
+        }
+      }
       if (plan.scorer == Scorer::kWindowPooled) {
         // Mean over the window's rows and the group's query heads.
         const float inv = 1.f / static_cast<float>(rows * (in.q_heads / kv_heads));
@@ -261,6 +296,40 @@ absl::StatusOr<Statistics> StatisticsStage(const CacheInput& in, const CompressO
   }
   st.seconds = Seconds(t0);
   return st;
+}
+
+// Amber's recent search (RecentRule::kSearch): one selection per fraction of
+// kRecentSearchFractions (M = round(f B) recent tokens, the rest as `sel`
+// says), and per kv head the first fraction whose kept tokens hold the most
+// of the last rows' attention `recent` ([kv_heads, tokens], summed in
+// ascending position order in double). With a shared selection the heads'
+// sums are added and one fraction serves every head.
+absl::Status SelectWithRecentSearch(SelectArgs sel, const std::vector<float>& recent, const Backend& backend,
+                                    std::vector<int32_t>* positions) {
+  const int64_t kv_heads = sel.kv_heads, budget = sel.budget;
+  std::vector<int32_t> candidate(positions->size());
+  std::vector<double> best(kv_heads, -1.0);
+  for (double fraction : kRecentSearchFractions) {
+    sel.recent_fraction = fraction;
+    sel.recent_tokens = -1;
+    MEDAKV_RETURN_IF_ERROR(backend.SelectTokens(sel, candidate.data()));
+    std::vector<double> held(kv_heads, 0.0);
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const float* w = recent.data() + h * sel.tokens;
+      for (int64_t k = 0; k < budget; ++k) held[h] += w[candidate[h * budget + k]];
+    }
+    if (sel.shared_selection) {
+      const double all = std::accumulate(held.begin(), held.end(), 0.0);
+      std::fill(held.begin(), held.end(), all);
+    }
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      if (held[h] > best[h]) {
+        best[h] = held[h];
+        std::copy_n(candidate.begin() + h * budget, budget, positions->begin() + h * budget);
+      }
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -302,6 +371,20 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
         return absl::InvalidArgumentError(absl::StrCat("statistics: layer ", l, " has ",
                                                        statistics->scores[l].size(), " scores, expected ",
                                                        kv_heads * tokens));
+      }
+    }
+    if (!statistics->recent_scores.empty()) {
+      if (static_cast<int64_t>(statistics->recent_scores.size()) != layers) {
+        return absl::InvalidArgumentError(absl::StrCat("statistics: recent scores for ",
+                                                       statistics->recent_scores.size(), " layers, expected ",
+                                                       layers));
+      }
+      for (int64_t l = 0; l < layers; ++l) {
+        if (static_cast<int64_t>(statistics->recent_scores[l].size()) != kv_heads * tokens) {
+          return absl::InvalidArgumentError(absl::StrCat("statistics: layer ", l, " has ",
+                                                         statistics->recent_scores[l].size(),
+                                                         " recent scores, expected ", kv_heads * tokens));
+        }
       }
     }
   }
@@ -372,6 +455,10 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
       alpha = std::move(b.alpha);
       break;
     }
+    case BudgetRule::kDepth: {
+      MEDAKV_ASSIGN_OR_RETURN(budget, DepthBudgets(layers, tokens, options.budget.rho, options.depth_ratio));
+      break;
+    }
     case BudgetRule::kMass: {
       MEDAKV_ASSIGN_OR_RETURN(LayerBudgets b, AllocateMassBudgets(scores, kv_heads, tokens, options.budget));
       budget = std::move(b.budget);
@@ -413,7 +500,12 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
       sel.sinks = plan.use_sinks ? options.sinks : 0;
       sel.text_prior = options.text_prior;
       sel.shared_selection = options.shared_selection;
-      MEDAKV_RETURN_IF_ERROR(backend.SelectTokens(sel, r.positions.data()));
+      if (plan.recent == RecentRule::kSearch && !statistics->recent_scores.empty()) {
+        MEDAKV_RETURN_IF_ERROR(
+            SelectWithRecentSearch(sel, statistics->recent_scores[l], backend, &r.positions));
+      } else {
+        MEDAKV_RETURN_IF_ERROR(backend.SelectTokens(sel, r.positions.data()));
+      }
     }
     const size_t bytes = static_cast<size_t>(kv_heads * budget[l] * in.head_dim) * DTypeSize(in.dtype);
     r.key.resize(bytes);

@@ -88,6 +88,7 @@ struct StatisticsKey {
   float scale = 0.f;        // options.scale (0: 1/sqrt(head_dim))
   int64_t window = 0;       // window-pooled scorer: the observation window; else 0
   int64_t pool_kernel = 0;  // window-pooled scorer: the pooling kernel; else 0
+  int64_t recent_rows = 0;  // amber's recent search: options.recent_search_rows; else 0
 
   bool operator==(const StatisticsKey&) const = default;
   // "none", or e.g. "scorer=accumulated entropy=cross_modal/mean_attention scale=0".
@@ -103,7 +104,13 @@ struct Statistics {
   int64_t layers = 0, kv_heads = 0, tokens = 0;  // the input's shape
   std::vector<std::vector<float>> scores;        // [layers][kv_heads * tokens]; empty vectors when unused
   std::vector<float> entropy;                    // [layers] E_l; 0 when not computed
-  double seconds = 0.0;                          // how long the stage took
+  // Amber's recent search (key.recent_rows > 0, query statistics): per layer
+  // [kv_heads * tokens], the attention of the last min(recent_rows, q_tokens)
+  // query rows summed over those rows and the group's heads. Empty otherwise
+  // (precomputed statistics have no rows: the search falls back to
+  // recent_fraction).
+  std::vector<std::vector<float>> recent_scores;
+  double seconds = 0.0;  // how long the stage took
 };
 
 // Stage 1 of Compress: validates the options and the input, then computes

@@ -19,7 +19,7 @@ PolicyPlan PlanFor(const CompressOptions& options) {
     case PolicyKind::kLookM:
       return LookMPlan();
     case PolicyKind::kAmber:
-      return AmberPlan(options.layer_budget);
+      return AmberPlan(options.layer_budget, options.recent_search_rows);
   }
   return FullPlan();  // unreachable: ValidateOptions rejects unknown policies
 }

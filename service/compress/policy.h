@@ -14,6 +14,7 @@ enum class BudgetRule : uint8_t {
   kPyramid,  // PyramidKV's arithmetic sequence, largest in layer 0
   kEntropy,  // MEDA's softmax of the cross-modal entropy (exact total by default)
   kMass,     // amber: the split of the exact total that keeps the most normalised score mass
+  kDepth,    // amber: a linear ramp over depth (depth_ratio), exact total L round(rho T)
 };
 
 enum class Scorer : uint8_t {
@@ -26,6 +27,8 @@ enum class RecentRule : uint8_t {
   kFraction,  // M = round(recent_fraction B)
   kWindow,    // M = the observation window's tokens (SnapKV: the window is always kept)
   kRest,      // every token after the sinks (StreamingLLM)
+  kSearch,    // per kv head, the fraction of kRecentSearchFractions whose selection keeps the most
+              // attention of the last recent_search_rows query rows (amber)
 };
 
 struct PolicyPlan {
@@ -36,7 +39,8 @@ struct PolicyPlan {
 };
 
 // The plan of options.policy; the other parameters come from the options
-// (amber's budget rule is its layer_budget option).
+// (amber's budget rule is its layer_budget option, its recent rule kSearch
+// when recent_search_rows > 0).
 PolicyPlan PlanFor(const CompressOptions& options);
 
 // One per file in policies/.
@@ -47,6 +51,6 @@ PolicyPlan H2OPlan();
 PolicyPlan SnapKVPlan();
 PolicyPlan PyramidKVPlan();
 PolicyPlan LookMPlan();
-PolicyPlan AmberPlan(LayerBudget layer_budget);
+PolicyPlan AmberPlan(LayerBudget layer_budget, int64_t recent_search_rows);
 
 }  // namespace medakv

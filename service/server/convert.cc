@@ -69,6 +69,12 @@ absl::Status ApplyFraction(absl::string_view path, double v, double* out) {
   return absl::OkStatus();
 }
 
+absl::Status ApplyRange(absl::string_view path, double v, double lo, double hi, double* out) {
+  if (!(v >= lo && v <= hi)) return Invalid(absl::StrCat(path, " must be in [", lo, ", ", hi, "], got ", v));
+  *out = v;
+  return absl::OkStatus();
+}
+
 absl::Status ApplyPositive(absl::string_view path, double v, double* out) {
   if (!(v > 0.0) || !std::isfinite(v)) {
     return Invalid(absl::StrCat(path, " must be > 0 and finite, got ", v));
@@ -232,12 +238,24 @@ absl::Status ApplyAmber(const v1::AmberPolicy& a, CompressOptions* o) {
     case v1::LAYER_BUDGET_ENTROPY:
       o->layer_budget = LayerBudget::kEntropy;
       break;
+    case v1::LAYER_BUDGET_DEPTH:
+      o->layer_budget = LayerBudget::kDepth;
+      break;
     default:
       return UnknownEnum("policy.amber.layer_budget", a.layer_budget());
   }
   if (a.has_sinks()) {
     MEDAKV_RETURN_IF_ERROR(CheckInt("policy.amber.sinks", a.sinks(), 0, kMaxPolicyInt));
     o->sinks = a.sinks();
+  }
+  if (a.has_recent_search_rows()) {
+    MEDAKV_RETURN_IF_ERROR(
+        CheckInt("policy.amber.recent_search_rows", a.recent_search_rows(), 0, kMaxPolicyInt));
+    o->recent_search_rows = a.recent_search_rows();
+  }
+  if (a.has_depth_ratio()) {
+    MEDAKV_RETURN_IF_ERROR(ApplyRange("policy.amber.depth_ratio", a.depth_ratio(), kMinDepthRatio,
+                                      1.0 / kMinDepthRatio, &o->depth_ratio));
   }
   return ApplyBudgetAndEntropy(a, "policy.amber", o);
 }
@@ -289,9 +307,13 @@ absl::StatusOr<CompressOptions> OptionsFromProto(const v1::Policy& policy) {
   if (!policy.preset().empty()) {
     return Invalid(absl::StrCat("policy.preset '", policy.preset(), "': this path takes no preset"));
   }
-  PolicyKind kind = PolicyKind::kMeda;
+  // No kind: amber, this project's policy (docs/amber.md), which keeps the
+  // model's own next token best on real caches (bench/FIDELITY.md).
+  PolicyKind kind = PolicyKind::kAmber;
   switch (policy.kind_case()) {
     case v1::Policy::KIND_NOT_SET:
+      kind = PolicyKind::kAmber;
+      break;
     case v1::Policy::kMeda:
       kind = PolicyKind::kMeda;
       break;
@@ -468,8 +490,11 @@ v1::Policy PolicyToProto(const CompressOptions& o) {
       a->set_score_norm(o.score_norm == ScoreNorm::kVisibleMean ? v1::SCORE_NORM_VISIBLE_MEAN : v1::SCORE_NORM_SUM);
       a->set_layer_budget(o.layer_budget == LayerBudget::kMass      ? v1::LAYER_BUDGET_MASS
                           : o.layer_budget == LayerBudget::kEntropy ? v1::LAYER_BUDGET_ENTROPY
+                          : o.layer_budget == LayerBudget::kDepth   ? v1::LAYER_BUDGET_DEPTH
                                                                     : v1::LAYER_BUDGET_UNIFORM);
       a->set_sinks(o.sinks);
+      a->set_recent_search_rows(o.recent_search_rows);
+      a->set_depth_ratio(o.depth_ratio);
       BudgetAndEntropyToProto(o, a);
       break;
     }

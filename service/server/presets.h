@@ -66,7 +66,7 @@ class PresetTable {
   //     also sets a kind, or for a name the table does not have (the message
   //     lists the table's names, or says it has none);
   //   - neither `preset` nor a kind: the preset named "default" when the
-  //     table has one, else OptionsFromProto (meda with its defaults);
+  //     table has one, else OptionsFromProto (amber with its defaults);
   //   - a kind: OptionsFromProto.
   // With a preset, a rho > 0 replaces the preset's (checked as
   // OptionsFromProto checks it).

@@ -181,7 +181,7 @@ else
 
   "$medakv" compress "$dir/in.safetensors" -o "$dir/local.safetensors" --rho 0.2 >/dev/null
   out=$("$medakv" compress "$dir/in.safetensors" -o "$dir/remote.safetensors" --rho 0.2 --server "$addr" --timeout 30 2>&1)
-  if [ $? -eq 0 ] && echo "$out" | grep -q "policy meda: kept 180 of 900 tokens .* on server $addr (cpu)"; then
+  if [ $? -eq 0 ] && echo "$out" | grep -q "policy amber: kept 180 of 900 tokens .* on server $addr (cpu)"; then
     ok "compress --server"
   else
     bad "compress --server: $out"

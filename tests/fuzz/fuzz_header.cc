@@ -252,8 +252,18 @@ void FuzzPolicy(const v1::Policy& policy) {
       if (a.layer_budget() == v1::LAYER_BUDGET_MASS) {
         MEDAKV_FUZZ_CHECK(o.layer_budget == LayerBudget::kMass, "layer_budget");
       }
+      if (a.layer_budget() == v1::LAYER_BUDGET_DEPTH) {
+        MEDAKV_FUZZ_CHECK(o.layer_budget == LayerBudget::kDepth, "layer_budget");
+      }
+      if (a.has_recent_search_rows()) {
+        MEDAKV_FUZZ_CHECK(o.recent_search_rows == a.recent_search_rows(), "recent_search_rows not applied");
+      }
+      if (a.has_depth_ratio()) MEDAKV_FUZZ_CHECK(o.depth_ratio == a.depth_ratio(), "depth_ratio not applied");
       MEDAKV_FUZZ_CHECK(o.budget.alpha_min <= o.budget.alpha_max, "alpha_min > alpha_max accepted");
       MEDAKV_FUZZ_CHECK(o.sinks >= 0, "sinks ", o.sinks);
+      MEDAKV_FUZZ_CHECK(o.recent_search_rows >= 0, "recent_search_rows ", o.recent_search_rows);
+      MEDAKV_FUZZ_CHECK(o.depth_ratio >= kMinDepthRatio && o.depth_ratio <= 1.0 / kMinDepthRatio,
+                        "depth_ratio ", o.depth_ratio);
       CheckSelect(a.select(), o);
       break;
     }

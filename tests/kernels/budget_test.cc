@@ -1,5 +1,7 @@
 // AllocateEntropyBudgets (ALGORITHM.md, MEDA step 2) against hand-computed
 // budgets, the naive reference, and the properties of the exact-total rule.
+#include "kernels/cpu/budget.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -11,7 +13,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "gtest/gtest.h"
-#include "kernels/cpu/budget.h"
 #include "tests/kernels/test_util.h"
 #include "tests/reference/reference.h"
 
@@ -346,6 +347,63 @@ TEST(MassBudgetInvalidTest, RejectsBadInputs) {
   EXPECT_NE(std::string(b.status().message()).find("layer 1 head 1 token 2"), std::string::npos) << b.status();
   bad[7] = std::numeric_limits<float>::quiet_NaN();
   EXPECT_EQ(Mass({bad}, 2, 5, 0.2).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// ---- amber's depth budgets ----------------------------------------------------------
+
+TEST(DepthBudgetTest, MatchesTheReferenceAndKeepsTheTotal) {
+  for (int64_t layers : {1, 2, 3, 7, 30, 64}) {
+    for (int64_t tokens : {1, 2, 5, 97, 1000}) {
+      for (double rho : {0.01, 0.05, 0.2, 0.5, 0.9, 1.0}) {
+        for (double ratio : {0.01, 0.3, 0.8, 1.0, 1.25, 4.0, 100.0}) {
+          const std::string what = absl::StrCat("L=", layers, " T=", tokens, " rho=", rho, " r=", ratio);
+          absl::StatusOr<std::vector<int64_t>> b = DepthBudgets(layers, tokens, rho, ratio);
+          ASSERT_TRUE(b.ok()) << what << ": " << b.status();
+          EXPECT_EQ(*b, reference::RefDepthBudgets(layers, tokens, rho, ratio)) << what;
+          const int64_t c = UniformBudget(rho, tokens);
+          EXPECT_EQ(std::accumulate(b->begin(), b->end(), int64_t{0}), layers * c) << what;
+          for (int64_t l = 0; l < layers; ++l) {
+            EXPECT_GE((*b)[l], 1) << what;
+            EXPECT_LE((*b)[l], tokens) << what;
+            // Monotone in depth: up for r < 1, down for r > 1, flat for r = 1.
+            if (l > 0 && ratio < 1.0) {
+              EXPECT_GE((*b)[l], (*b)[l - 1]) << what << " layer " << l;
+            }
+            if (l > 0 && ratio > 1.0) {
+              EXPECT_LE((*b)[l], (*b)[l - 1]) << what << " layer " << l;
+            }
+            if (ratio == 1.0) {
+              EXPECT_EQ((*b)[l], c) << what;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(DepthBudgetTest, KnownSplit) {
+  // r = 0.5 over 3 layers: weights 0.5, 1.25, 2 (sum 3.75); C = 20, total 60:
+  // shares 8, 20, 32.
+  absl::StatusOr<std::vector<int64_t>> b = DepthBudgets(3, 100, 0.2, 0.5);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(*b, (std::vector<int64_t>{8, 20, 32}));
+  // A share above T is clipped and its excess goes to the other layers.
+  b = DepthBudgets(2, 10, 0.9, 0.25);  // C = 9, shares 18 * 0.25 / 4.25 = 1.06 and 16.9 -> 10
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(*b, (std::vector<int64_t>{8, 10}));
+}
+
+TEST(DepthBudgetTest, RejectsBadInputs) {
+  EXPECT_EQ(DepthBudgets(0, 10, 0.2, 0.8).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(DepthBudgets(3, 0, 0.2, 0.8).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(DepthBudgets(3, 10, 0.0, 0.8).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(DepthBudgets(3, 10, 1.5, 0.8).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(DepthBudgets(3, 10, 0.2, 0.0).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(DepthBudgets(3, 10, 0.2, -1.0).status().code(), absl::StatusCode::kInvalidArgument);
+  absl::StatusOr<std::vector<int64_t>> b = DepthBudgets(3, 10, 0.2, std::numeric_limits<double>::infinity());
+  EXPECT_NE(std::string(b.status().message()).find("depth_ratio must be finite and > 0"), std::string::npos)
+      << b.status();
 }
 
 }  // namespace

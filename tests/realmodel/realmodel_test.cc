@@ -157,7 +157,9 @@ TEST_F(RealModelTest, EveryPolicyRunsAndKeepsItsBudget) {
       for (int64_t l = 0; l < kLayers; ++l) {
         const LayerResult& lr = r->layers[l];
         total += lr.budget;
-        if (policy != PolicyKind::kMeda && policy != PolicyKind::kPyramidKV) {
+        if (policy == PolicyKind::kAmber) {  // depth budgets (docs/amber.md)
+          EXPECT_EQ(lr.budget, (*DepthBudgets(kLayers, kTokens, rho, o.depth_ratio))[l]);
+        } else if (policy != PolicyKind::kMeda && policy != PolicyKind::kPyramidKV) {
           EXPECT_EQ(lr.budget, policy == PolicyKind::kFull ? kTokens : UniformBudget(rho, kTokens));
         }
         ASSERT_EQ(lr.positions.size(), static_cast<size_t>(kKvHeads * lr.budget));

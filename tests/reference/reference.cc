@@ -218,8 +218,67 @@ std::vector<int64_t> RefMassBudgets(const std::vector<std::vector<double>>& scor
   return budget;
 }
 
-RefBudgetResult RefBudgets(const std::vector<double>& entropies, int64_t tokens, double rho,
-                           double tau, double alpha_min, double alpha_max, bool exact_total) {
+std::vector<int64_t> RefDepthBudgets(int64_t layers, int64_t tokens, double rho, double ratio) {
+  const int64_t c = std::clamp<int64_t>(RoundHalfUp(rho * tokens), 1, tokens);
+  std::vector<double> w(layers, 1.0);
+  if (layers > 1) {
+    for (int64_t l = 0; l < layers; ++l)
+      w[l] = ratio + (1.0 / ratio - ratio) * l / static_cast<double>(layers - 1);
+  }
+  const double sum = std::accumulate(w.begin(), w.end(), 0.0);
+  std::vector<double> x(layers);
+  std::vector<int64_t> budget(layers);
+  int64_t total = 0;
+  for (int64_t l = 0; l < layers; ++l) {
+    x[l] = std::clamp(static_cast<double>(layers * c) * w[l] / sum, 1.0, static_cast<double>(tokens));
+    budget[l] = static_cast<int64_t>(std::floor(x[l]));
+    total += budget[l];
+  }
+  // The fractional parts decide the order once; a layer at T is passed over.
+  std::vector<int64_t> order(layers);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return x[a] - std::floor(x[a]) > x[b] - std::floor(x[b]); });
+  for (bool progress = true; total < layers * c && progress;) {
+    progress = false;
+    for (int64_t l : order) {
+      if (total == layers * c) break;
+      if (budget[l] < tokens) {
+        ++budget[l];
+        ++total;
+        progress = true;
+      }
+    }
+  }
+  return budget;
+}
+
+std::vector<int32_t> RefRecentSearch(const std::vector<double>& scores, const std::vector<double>& recent,
+                                     const std::vector<uint8_t>& modality, int64_t kv_heads, int64_t tokens,
+                                     int64_t budget, const std::vector<double>& fractions,
+                                     TextPrior text_prior, bool shared) {
+  std::vector<int32_t> best(kv_heads * budget, -1);
+  std::vector<double> best_held(kv_heads, -1.0);
+  for (double f : fractions) {
+    const std::vector<int32_t> kept =
+        RefSelect(scores, modality, kv_heads, tokens, budget, f, text_prior, shared);
+    std::vector<double> held(kv_heads, 0.0);
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      for (int64_t k = 0; k < budget; ++k) held[h] += recent[h * tokens + kept[h * budget + k]];
+    }
+    if (shared) std::fill(held.begin(), held.end(), std::accumulate(held.begin(), held.end(), 0.0));
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      if (held[h] > best_held[h]) {
+        best_held[h] = held[h];
+        std::copy(kept.begin() + h * budget, kept.begin() + (h + 1) * budget, best.begin() + h * budget);
+      }
+    }
+  }
+  return best;
+}
+
+RefBudgetResult RefBudgets(const std::vector<double>& entropies, int64_t tokens, double rho, double tau,
+                           double alpha_min, double alpha_max, bool exact_total) {
   const int64_t layers = static_cast<int64_t>(entropies.size());
   const double big_l = static_cast<double>(layers);
   const double big_t = static_cast<double>(tokens);

@@ -83,6 +83,22 @@ std::vector<double> RefVisibleMean(const std::vector<double>& scores, const std:
 std::vector<int64_t> RefMassBudgets(const std::vector<std::vector<double>>& scores, int64_t kv_heads,
                                     int64_t tokens, double rho, double alpha_min, double alpha_max);
 
+// amber's depth budgets (docs/amber.md): C = clamp(round(rho T), 1, T);
+// weights w_l = r + (1/r - r) l / (L - 1) (all 1 when L = 1); shares
+// x_l = L C w_l / sum(w), clipped to [1, T]; then, one token at a time, the
+// layer with the largest remaining fraction (x_l minus what it has; ties: the
+// lower layer) below T gets the next token, from floor(x_l) up to L C.
+std::vector<int64_t> RefDepthBudgets(int64_t layers, int64_t tokens, double rho, double ratio);
+
+// amber's recent search (docs/amber.md): for each fraction f in
+// `fractions`, RefSelect with recent_fraction f; per head, the first f
+// whose kept tokens have the largest sum of `recent` ([kv_heads, tokens]);
+// with `shared`, the sum over heads decides for all heads.
+std::vector<int32_t> RefRecentSearch(const std::vector<double>& scores, const std::vector<double>& recent,
+                                     const std::vector<uint8_t>& modality, int64_t kv_heads, int64_t tokens,
+                                     int64_t budget, const std::vector<double>& fractions,
+                                     TextPrior text_prior, bool shared);
+
 // MEDA step 3. scores: [kv_heads, tokens]; modality: [tokens].
 // Returns kept positions [kv_heads, budget], ascending per head. With
 // `shared`, the raw scores are summed over heads, the prior is applied to the

@@ -53,6 +53,8 @@ void ExpectOptionsEq(const CompressOptions& a, const CompressOptions& b) {
   EXPECT_EQ(a.pyramid_beta, b.pyramid_beta);
   EXPECT_EQ(a.score_norm, b.score_norm);
   EXPECT_EQ(a.layer_budget, b.layer_budget);
+  EXPECT_EQ(a.depth_ratio, b.depth_ratio);
+  EXPECT_EQ(a.recent_search_rows, b.recent_search_rows);
 }
 
 // ---- policy --------------------------------------------------------------------
@@ -112,10 +114,11 @@ const PolicyKind kAllPolicies[] = {PolicyKind::kFull, PolicyKind::kMeda,   Polic
                                    PolicyKind::kH2O,  PolicyKind::kSnapKV, PolicyKind::kPyramidKV,
                                    PolicyKind::kLookM, PolicyKind::kAmber};
 
-TEST(OptionsFromProto, UnsetOneofIsMedaWithDefaults) {
+TEST(OptionsFromProto, UnsetOneofIsAmberWithDefaults) {
   absl::StatusOr<CompressOptions> o = OptionsFromProto(v1::Policy());
   ASSERT_TRUE(o.ok()) << o.status();
-  ExpectOptionsEq(*o, DefaultOptions(PolicyKind::kMeda));
+  EXPECT_EQ(o->policy, PolicyKind::kAmber);
+  ExpectOptionsEq(*o, DefaultOptions(PolicyKind::kAmber));
   EXPECT_EQ(o->budget.rho, 0.2);
 }
 
@@ -124,7 +127,7 @@ TEST(OptionsFromProto, UnsetOneofStillTakesRho) {
   p.set_rho(0.5);
   absl::StatusOr<CompressOptions> o = OptionsFromProto(p);
   ASSERT_TRUE(o.ok()) << o.status();
-  CompressOptions want = DefaultOptions(PolicyKind::kMeda);
+  CompressOptions want = DefaultOptions(PolicyKind::kAmber);
   want.budget.rho = 0.5;
   ExpectOptionsEq(*o, want);
 }
@@ -449,9 +452,11 @@ TEST(OptionsFromProto, WindowAndPoolKernelOutOfRange) {
 TEST(OptionsFromProto, AmberEveryField) {
   v1::Policy p = PolicyOf(PolicyKind::kAmber);
   v1::AmberPolicy* a = p.mutable_amber();
-  a->set_score_norm(v1::SCORE_NORM_SUM);
+  a->set_score_norm(v1::SCORE_NORM_VISIBLE_MEAN);
   a->set_layer_budget(v1::LAYER_BUDGET_ENTROPY);
   a->set_sinks(3);
+  a->set_recent_search_rows(0);
+  a->set_depth_ratio(0.5);
   a->set_tau(4);
   a->set_alpha_min(0.02);
   a->set_alpha_max(0.8);
@@ -462,9 +467,11 @@ TEST(OptionsFromProto, AmberEveryField) {
   absl::StatusOr<CompressOptions> o = OptionsFromProto(p);
   ASSERT_TRUE(o.ok()) << o.status();
   CompressOptions want = DefaultOptions(PolicyKind::kAmber);
-  want.score_norm = ScoreNorm::kSum;
+  want.score_norm = ScoreNorm::kVisibleMean;
   want.layer_budget = LayerBudget::kEntropy;
   want.sinks = 3;
+  want.recent_search_rows = 0;
+  want.depth_ratio = 0.5;
   want.budget.tau = 4;
   want.budget.alpha_min = 0.02;
   want.budget.alpha_max = 0.8;
@@ -473,20 +480,30 @@ TEST(OptionsFromProto, AmberEveryField) {
   want.recent_fraction = 0.25;
   want.merge = MergeMode::kWeighted;
   ExpectOptionsEq(*o, want);
-  // Defaults: visible-mean scores, uniform budgets, no sinks, recent 0.375, no prior, no merge.
+  // Defaults: summed scores, depth budgets (0.8), the recent search on 16 rows
+  // (recent_fraction 0.5 where it cannot run), no sinks, no prior, no merge.
   const CompressOptions d = DefaultOptions(PolicyKind::kAmber);
-  EXPECT_EQ(d.score_norm, ScoreNorm::kVisibleMean);
-  EXPECT_EQ(d.layer_budget, LayerBudget::kUniform);
+  EXPECT_EQ(d.score_norm, ScoreNorm::kSum);
+  EXPECT_EQ(d.layer_budget, LayerBudget::kDepth);
+  EXPECT_EQ(d.depth_ratio, 0.8);
+  EXPECT_EQ(d.recent_search_rows, 16);
   EXPECT_EQ(d.sinks, 0);
-  EXPECT_EQ(d.recent_fraction, 0.375);
+  EXPECT_EQ(d.recent_fraction, 0.5);
   EXPECT_EQ(d.text_prior, TextPrior::kNone);
   EXPECT_EQ(d.merge, MergeMode::kNone);
-  for (v1::LayerBudget b : {v1::LAYER_BUDGET_UNIFORM, v1::LAYER_BUDGET_MASS}) {
+  for (auto [b, want_b] : {std::pair{v1::LAYER_BUDGET_UNIFORM, LayerBudget::kUniform},
+                           std::pair{v1::LAYER_BUDGET_MASS, LayerBudget::kMass},
+                           std::pair{v1::LAYER_BUDGET_DEPTH, LayerBudget::kDepth}}) {
     a->set_layer_budget(b);
     o = OptionsFromProto(p);
     ASSERT_TRUE(o.ok()) << o.status();
-    EXPECT_EQ(o->layer_budget, b == v1::LAYER_BUDGET_MASS ? LayerBudget::kMass : LayerBudget::kUniform);
+    EXPECT_EQ(o->layer_budget, want_b);
   }
+  // Unset fields keep the defaults; the reverse conversion gives them back.
+  p = PolicyOf(PolicyKind::kAmber);
+  o = OptionsFromProto(p);
+  ASSERT_TRUE(o.ok()) << o.status();
+  ExpectOptionsEq(*o, d);
 }
 
 TEST(OptionsFromProto, AmberErrorsNameAmbersFields) {
@@ -507,6 +524,14 @@ TEST(OptionsFromProto, AmberErrorsNameAmbersFields) {
                  "policy.amber.select.recent_fraction must be in [0, 1]");
   EXPECT_INVALID(with([](v1::AmberPolicy* a) { a->set_entropy_source(static_cast<v1::EntropySource>(5)); }),
                  "policy.amber.entropy_source: unknown value 5");
+  EXPECT_INVALID(with([](v1::AmberPolicy* a) { a->set_recent_search_rows(-2); }),
+                 "policy.amber.recent_search_rows must be >= 0, got -2");
+  EXPECT_INVALID(with([](v1::AmberPolicy* a) { a->set_depth_ratio(0); }),
+                 "policy.amber.depth_ratio must be in [0.01, 100], got 0");
+  EXPECT_INVALID(with([](v1::AmberPolicy* a) { a->set_depth_ratio(101); }),
+                 "policy.amber.depth_ratio must be in [0.01, 100], got 101");
+  EXPECT_INVALID(with([](v1::AmberPolicy* a) { a->set_depth_ratio(std::nan("")); }),
+                 "policy.amber.depth_ratio must be in [0.01, 100], got nan");
 }
 
 TEST(OptionsFromProto, PyramidKVBeta) {

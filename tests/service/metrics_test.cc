@@ -465,7 +465,9 @@ TEST_F(MetricsServerTest, AdmissionSlotsQueueAndInFlight) {
   {
     const Collected m = Collect();
     EXPECT_EQ(m.Histogram("medakv_queue_wait_seconds", {{"method", "Compress"}}).sample_count, 2u);
-    EXPECT_EQ(m.Value("medakv_requests_total", {{"method", "Compress"}, {"policy", "meda"}, {"code", "CANCELLED"}}), 1);
+    EXPECT_EQ(m.Value("medakv_requests_total",
+                      {{"method", "Compress"}, {"policy", "amber"}, {"code", "CANCELLED"}}),
+              1);
   }
   first_ctx.TryCancel();
   EXPECT_EQ(first->Finish().error_code(), grpc::StatusCode::CANCELLED);

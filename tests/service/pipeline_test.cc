@@ -351,6 +351,7 @@ struct AmberCase {
   ScoreNorm norm;
   LayerBudget budget;
   bool explicit_positions;  // query rows at scattered positions instead of the last q_tokens
+  int64_t recent_rows = kAmberRecentSearchRows;  // the recent search's rows; 0: recent_fraction
 };
 
 class AmberVsReferenceTest : public ::testing::TestWithParam<AmberCase> {};
@@ -369,15 +370,21 @@ TEST_P(AmberVsReferenceTest, ScoresBudgetsAndSelectionMatch) {
   o.budget.rho = 0.3;
   o.score_norm = p.norm;
   o.layer_budget = p.budget;
+  o.recent_search_rows = p.recent_rows;
   auto backend = MakeCpuBackend();
   absl::StatusOr<CompressResult> r = Compress(c.input, o, *backend);
   ASSERT_TRUE(r.ok()) << r.status();
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
-  std::vector<std::vector<double>> scores(layers);
+  std::vector<std::vector<double>> scores(layers), recent(layers);
   for (int64_t l = 0; l < layers; ++l) {
     const reference::RefStats rs =
-        reference::RefAttentionStats(c.queries[l].view(), positions, c.keys[l].view(), c.input.modality, scale,
-                                     o.entropy_heads, o.entropy_source, 0);
+        reference::RefAttentionStats(c.queries[l].view(), positions, c.keys[l].view(), c.input.modality,
+                                     scale, o.entropy_heads, o.entropy_source, 0);
+    // The recent search's statistics: the last min(recent_rows, q_tokens) rows alone.
+    recent[l] = reference::RefAttentionStats(c.queries[l].view(), positions, c.keys[l].view(),
+                                             c.input.modality, scale, o.entropy_heads, o.entropy_source,
+                                             q_tokens - std::min(p.recent_rows, q_tokens))
+                    .scores;
     scores[l] = p.norm == ScoreNorm::kVisibleMean
                     ? reference::RefVisibleMean(rs.scores, positions, kv_heads, tokens, group)
                     : rs.scores;
@@ -386,13 +393,20 @@ TEST_P(AmberVsReferenceTest, ScoresBudgetsAndSelectionMatch) {
   if (p.budget == LayerBudget::kMass) {
     want_budget = reference::RefMassBudgets(scores, kv_heads, tokens, 0.3, o.budget.alpha_min, o.budget.alpha_max);
   }
+  if (p.budget == LayerBudget::kDepth) {
+    want_budget = reference::RefDepthBudgets(layers, tokens, 0.3, o.depth_ratio);
+  }
+  const std::vector<double> fractions(std::begin(kRecentSearchFractions), std::end(kRecentSearchFractions));
   int64_t total = 0;
   for (int64_t l = 0; l < layers; ++l) {
     const LayerResult& lr = r->layers[l];
     EXPECT_EQ(lr.budget, want_budget[l]) << "layer " << l;
     total += lr.budget;
-    const std::vector<int32_t> kept = reference::RefSelect(scores[l], c.input.modality, kv_heads, tokens, lr.budget,
-                                                           o.recent_fraction, TextPrior::kNone, false);
+    const std::vector<int32_t> kept =
+        p.recent_rows > 0 ? reference::RefRecentSearch(scores[l], recent[l], c.input.modality, kv_heads,
+                                                       tokens, lr.budget, fractions, TextPrior::kNone, false)
+                          : reference::RefSelect(scores[l], c.input.modality, kv_heads, tokens, lr.budget,
+                                                 o.recent_fraction, TextPrior::kNone, false);
     EXPECT_EQ(lr.positions, kept) << "layer " << l;
     // No merge: the kept rows as they were.
     for (int64_t h = 0; h < kv_heads; ++h) {
@@ -411,24 +425,31 @@ TEST_P(AmberVsReferenceTest, ScoresBudgetsAndSelectionMatch) {
 
 std::vector<AmberCase> AmberCases() {
   std::vector<AmberCase> cases;
+  // amber's defaults (sum scores, depth budgets, recent search on 16 rows: more than
+  // the 12 query rows, so every row) in every dtype and layout.
   for (DType dt : test::kAllDTypes) {
-    for (Layout lay : test::kAllLayouts) {
-      cases.push_back({dt, lay, ScoreNorm::kVisibleMean, LayerBudget::kUniform, false});
-    }
+    for (Layout lay : test::kAllLayouts)
+      cases.push_back({dt, lay, ScoreNorm::kSum, LayerBudget::kDepth, false});
   }
-  cases.push_back({DType::kFloat32, Layout::kHND, ScoreNorm::kVisibleMean, LayerBudget::kUniform, true});
-  cases.push_back({DType::kFloat32, Layout::kHND, ScoreNorm::kVisibleMean, LayerBudget::kMass, false});
-  cases.push_back({DType::kFloat16, Layout::kNHD, ScoreNorm::kVisibleMean, LayerBudget::kMass, true});
-  cases.push_back({DType::kFloat32, Layout::kNHD, ScoreNorm::kSum, LayerBudget::kMass, false});
-  cases.push_back({DType::kBFloat16, Layout::kHND, ScoreNorm::kSum, LayerBudget::kUniform, true});
+  cases.push_back({DType::kFloat16, Layout::kNHD, ScoreNorm::kSum, LayerBudget::kDepth, true, 5});
+  cases.push_back({DType::kFloat32, Layout::kHND, ScoreNorm::kSum, LayerBudget::kDepth, false, 1});
+  cases.push_back({DType::kFloat32, Layout::kHND, ScoreNorm::kVisibleMean, LayerBudget::kUniform, false, 4});
+  cases.push_back({DType::kFloat32, Layout::kHND, ScoreNorm::kVisibleMean, LayerBudget::kUniform, true, 0});
+  cases.push_back({DType::kFloat32, Layout::kHND, ScoreNorm::kVisibleMean, LayerBudget::kMass, false, 0});
+  cases.push_back({DType::kFloat16, Layout::kNHD, ScoreNorm::kVisibleMean, LayerBudget::kMass, true, 6});
+  cases.push_back({DType::kFloat32, Layout::kNHD, ScoreNorm::kSum, LayerBudget::kMass, false, 0});
+  cases.push_back({DType::kBFloat16, Layout::kHND, ScoreNorm::kSum, LayerBudget::kUniform, true, 3});
   return cases;
 }
 
-INSTANTIATE_TEST_SUITE_P(Cases, AmberVsReferenceTest, ::testing::ValuesIn(AmberCases()), [](const auto& info) {
-  const AmberCase& p = info.param;
-  return absl::StrCat(test::DTypeTag(p.dtype), test::LayoutTag(p.layout), ScoreNormName(p.norm), "_",
-                      LayerBudgetName(p.budget), p.explicit_positions ? "_Positions" : "_Last");
-});
+INSTANTIATE_TEST_SUITE_P(Cases, AmberVsReferenceTest, ::testing::ValuesIn(AmberCases()),
+                         [](const auto& info) {
+                           const AmberCase& p = info.param;
+                           return absl::StrCat(test::DTypeTag(p.dtype), test::LayoutTag(p.layout),
+                                               ScoreNormName(p.norm), "_", LayerBudgetName(p.budget),
+                                               p.explicit_positions ? "_Positions" : "_Last", "_Recent",
+                                               p.recent_rows);
+                         });
 
 TEST(AmberTest, SinksPrecomputedScoresAndEntropyBudgets) {
   auto backend = MakeCpuBackend();
@@ -465,6 +486,97 @@ TEST(AmberTest, SinksPrecomputedScoresAndEntropyBudgets) {
   for (size_t l = 0; l < 3; ++l) EXPECT_EQ(r->layers[l].budget, want->budget[l]) << "layer " << l;
 }
 
+// The recent search keeps, per head, at least as much of the last rows'
+// attention as any one of its fractions would; with a shared selection every
+// head keeps the same tokens; precomputed statistics (no rows) fall back to
+// recent_fraction.
+TEST(AmberTest, RecentSearchHoldsTheMostOfTheLastRowsAttention) {
+  auto backend = MakeCpuBackend();
+  const int64_t layers = 3, kv_heads = 2, group = 2, tokens = 150, head_dim = 16, q_tokens = 40, rows = 6;
+  TestCache c = MakeCache(DType::kFloat32, Layout::kHND, layers, kv_heads, group, tokens, head_dim, q_tokens,
+                          test::VisualPattern::kMiddle, 77);
+  // Random rows attend about evenly; give the last rows a purpose: kv head 0's
+  // look at the most recent tokens, kv head 1's at tokens 5 .. 24, so that the
+  // two heads want different recent windows.
+  for (int64_t l = 0; l < layers; ++l) {
+    const float* k = static_cast<const float*>(c.keys[l].data());
+    float* q = static_cast<float*>(c.queries[l].data());
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      std::vector<float> target(head_dim, 0.f);
+      const int64_t first = h == 0 ? tokens - 20 : 5;
+      for (int64_t t = first; t < first + 20; ++t) {
+        for (int64_t d = 0; d < head_dim; ++d) target[d] += 0.4f * k[(h * tokens + t) * head_dim + d];
+      }
+      for (int64_t qh = h * group; qh < (h + 1) * group; ++qh) {
+        for (int64_t r = q_tokens - rows; r < q_tokens; ++r) {
+          std::copy(target.begin(), target.end(), q + (qh * q_tokens + r) * head_dim);
+        }
+      }
+    }
+  }
+  CompressOptions o = DefaultOptions(PolicyKind::kAmber);
+  o.budget.rho = 0.2;
+  o.recent_search_rows = rows;
+  absl::StatusOr<Statistics> st = ComputeStatistics(c.input, o, *backend);
+  ASSERT_TRUE(st.ok()) << st.status();
+  absl::StatusOr<CompressResult> searched = Compress(c.input, o, *backend, nullptr, &*st);
+  ASSERT_TRUE(searched.ok()) << searched.status();
+  auto held = [&](const LayerResult& lr, int64_t l, int64_t h) {
+    double sum = 0.0;
+    for (int64_t k = 0; k < lr.budget; ++k)
+      sum += st->recent_scores[l][h * tokens + lr.positions[h * lr.budget + k]];
+    return sum;
+  };
+  std::set<double> chosen;  // the searched sets differ from the fixed ones somewhere
+  for (double f : kRecentSearchFractions) {
+    CompressOptions fixed = o;
+    fixed.recent_search_rows = 0;
+    fixed.recent_fraction = f;
+    absl::StatusOr<CompressResult> r = Compress(c.input, fixed, *backend);
+    ASSERT_TRUE(r.ok()) << r.status();
+    for (int64_t l = 0; l < layers; ++l) {
+      ASSERT_EQ(r->layers[l].budget, searched->layers[l].budget);
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        EXPECT_GE(held(searched->layers[l], l, h), held(r->layers[l], l, h))
+            << "layer " << l << " head " << h;
+        if (std::equal(r->layers[l].positions.begin() + h * r->layers[l].budget,
+                       r->layers[l].positions.begin() + (h + 1) * r->layers[l].budget,
+                       searched->layers[l].positions.begin() + h * r->layers[l].budget)) {
+          chosen.insert(f);
+        }
+      }
+    }
+  }
+  EXPECT_GE(chosen.size(), 2u) << "every head chose the same fraction: the test shows nothing";
+  // Shared selection: one fraction for every head, as the reference.
+  o.shared_selection = true;
+  absl::StatusOr<CompressResult> shared = Compress(c.input, o, *backend);
+  ASSERT_TRUE(shared.ok()) << shared.status();
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  const std::vector<int32_t> positions = reference::DefaultPositions(q_tokens, tokens);
+  const std::vector<double> fractions(std::begin(kRecentSearchFractions), std::end(kRecentSearchFractions));
+  for (int64_t l = 0; l < layers; ++l) {
+    const reference::RefStats all =
+        reference::RefAttentionStats(c.queries[l].view(), positions, c.keys[l].view(), c.input.modality,
+                                     scale, o.entropy_heads, EntropySource::kCausal, 0);
+    const reference::RefStats last =
+        reference::RefAttentionStats(c.queries[l].view(), positions, c.keys[l].view(), c.input.modality,
+                                     scale, o.entropy_heads, EntropySource::kCausal, q_tokens - rows);
+    const LayerResult& lr = shared->layers[l];
+    EXPECT_EQ(lr.positions, reference::RefRecentSearch(all.scores, last.scores, c.input.modality, kv_heads,
+                                                       tokens, lr.budget, fractions, TextPrior::kNone, true))
+        << "layer " << l;
+  }
+  // Precomputed statistics: no rows to search on, recent_fraction applies.
+  TestCache pre = test::MakeTestCache({.layers = 3, .tokens = 60, .precomputed = true, .seed = 8});
+  CompressOptions off = DefaultOptions(PolicyKind::kAmber);
+  off.recent_search_rows = 0;
+  absl::StatusOr<CompressResult> a = Compress(pre.input, DefaultOptions(PolicyKind::kAmber), *backend);
+  absl::StatusOr<CompressResult> b = Compress(pre.input, off, *backend);
+  ASSERT_TRUE(a.ok() && b.ok()) << a.status() << " " << b.status();
+  test::ExpectSameResult(*a, *b);
+}
+
 // ---- the statistics stage alone, and statistics shared between runs ----------
 
 // Options of every policy, some with non-default statistics options.
@@ -485,6 +597,13 @@ std::vector<CompressOptions> StatisticsRuns() {
   snap.window = 3;
   snap.pool_kernel = 3;
   runs.push_back(snap);
+  CompressOptions amber = DefaultOptions(PolicyKind::kAmber);  // recent search on 16 rows, depth budgets
+  amber.budget.rho = 0.3;
+  runs.push_back(amber);
+  amber.recent_search_rows = 3;
+  amber.layer_budget = LayerBudget::kUniform;
+  amber.score_norm = ScoreNorm::kVisibleMean;
+  runs.push_back(amber);
   return runs;
 }
 
@@ -565,7 +684,23 @@ TEST(StatisticsKeyTest, SharedOnlyWhereTheStageReadsTheSame) {
   EXPECT_EQ(StatisticsKeyFor(meda), StatisticsKeyFor(meda2));
   meda2.scale = 0.5f;
   EXPECT_NE(StatisticsKeyFor(meda), StatisticsKeyFor(meda2));
-  EXPECT_EQ(StatisticsKeyFor(meda).ToString(), "scorer=accumulated entropy=cross_modal/mean_attention scale=0");
+  EXPECT_EQ(StatisticsKeyFor(meda).ToString(),
+            "scorer=accumulated entropy=cross_modal/mean_attention scale=0");
+  // amber's recent search reads its rows; without the search amber reads what H2O reads.
+  CompressOptions amber = DefaultOptions(PolicyKind::kAmber);
+  EXPECT_EQ(StatisticsKeyFor(amber).recent_rows, kAmberRecentSearchRows);
+  EXPECT_NE(StatisticsKeyFor(amber), StatisticsKeyFor(h2o));
+  EXPECT_EQ(StatisticsKeyFor(amber).ToString(),
+            "scorer=accumulated entropy=causal/mean_attention scale=0 recent_rows=16");
+  CompressOptions amber8 = amber;
+  amber8.recent_search_rows = 8;
+  EXPECT_NE(StatisticsKeyFor(amber), StatisticsKeyFor(amber8));
+  amber8.depth_ratio = 0.5;
+  amber8.layer_budget = LayerBudget::kUniform;
+  amber8.recent_search_rows = 16;
+  EXPECT_EQ(StatisticsKeyFor(amber), StatisticsKeyFor(amber8));
+  amber8.recent_search_rows = 0;
+  EXPECT_EQ(StatisticsKeyFor(amber8), StatisticsKeyFor(h2o));
 }
 
 TEST(SharedStatisticsErrorsTest, RejectsStatisticsOfOtherOptionsOrShapes) {
@@ -589,6 +724,23 @@ TEST(SharedStatisticsErrorsTest, RejectsStatisticsOfOtherOptionsOrShapes) {
   r = Compress(c.input, meda, *backend, nullptr, &cut);
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(std::string(r.status().message()).find("layer 1"), std::string::npos) << r.status();
+  // amber's recent-search scores cut short, or for too few layers.
+  const CompressOptions amber = DefaultOptions(PolicyKind::kAmber);
+  absl::StatusOr<Statistics> ast = ComputeStatistics(c.input, amber, *backend);
+  ASSERT_TRUE(ast.ok()) << ast.status();
+  ASSERT_EQ(ast->recent_scores.size(), 3u);
+  Statistics recent_cut = *ast;
+  recent_cut.recent_scores[2].pop_back();
+  r = Compress(c.input, amber, *backend, nullptr, &recent_cut);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(r.status().message()).find("layer 2 has 79 recent scores, expected 80"),
+            std::string::npos)
+      << r.status();
+  recent_cut.recent_scores.pop_back();
+  r = Compress(c.input, amber, *backend, nullptr, &recent_cut);
+  EXPECT_NE(std::string(r.status().message()).find("recent scores for 2 layers, expected 3"),
+            std::string::npos)
+      << r.status();
   // ComputeStatistics validates like Compress.
   CompressOptions bad = meda;
   bad.budget.rho = 2;

@@ -133,11 +133,11 @@ TEST(PresetTableTest, ResolveErrors) {
               "no such preset (this server has: meda-soft, default, snap.32)");
   const PresetTable empty;
   ExpectError(empty.Resolve(p).status(), absl::StatusCode::kInvalidArgument, "this server has no presets");
-  // Without presets, a policy with no kind is meda with its defaults.
+  // Without presets, a policy with no kind is amber with its defaults.
   absl::StatusOr<ResolvedPolicy> r = empty.Resolve(v1::Policy());
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->preset, "");
-  EXPECT_EQ(r->options.policy, PolicyKind::kMeda);
+  EXPECT_EQ(r->options.policy, PolicyKind::kAmber);
   EXPECT_EQ(r->options.budget.rho, 0.2);
   // OptionsFromProto never takes a preset.
   ExpectError(OptionsFromProto(p).status(), absl::StatusCode::kInvalidArgument, "takes no preset");
@@ -227,6 +227,8 @@ std::vector<CompressOptions> VariedOptions() {
   a.layer_budget = LayerBudget::kMass;
   a.sinks = 7;
   a.budget.alpha_min = 0.03;
+  a.recent_search_rows = 0;
+  a.depth_ratio = 1.5;
   all.push_back(a);
   all.push_back(DefaultOptions(PolicyKind::kAmber));
   CompressOptions y = DefaultOptions(PolicyKind::kPyramidKV);
@@ -260,6 +262,11 @@ TEST(PolicyToProtoTest, RoundTripsThroughOptionsFromProto) {
   EXPECT_EQ(back->merge_threshold, MergeThreshold::kMean);
   EXPECT_EQ(back->scale, 0.125f);
   EXPECT_EQ(back->shared_selection, true);
+  back = OptionsFromProto(PolicyToProto(VariedOptions()[9]));  // the amber variant
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(back->layer_budget, LayerBudget::kMass);
+  EXPECT_EQ(back->recent_search_rows, 0);
+  EXPECT_EQ(back->depth_ratio, 1.5);
 }
 
 TEST(PresetsToTextTest, ParsesBackToTheSameTable) {

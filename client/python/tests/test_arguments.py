@@ -122,7 +122,9 @@ POLICY_CASES = [
     ("rho nan", dict(rho=float("nan")), ValueError, "rho must be in (0, 1]"),
     ("rho str", dict(rho="0.2"), TypeError, "rho: expected a number, got str"),
     ("unknown option", dict(foo=1), TypeError, "compress() got an unexpected keyword argument 'foo'"),
-    ("option of another policy", dict(sinks=2), ValueError,
+    ("option of another policy", dict(window=2), ValueError,
+     "option 'window' does not apply to policy 'amber' (it is an option of snapkv, pyramidkv)"),
+    ("option of another policy, meda", dict(policy="meda", sinks=2), ValueError,
      "option 'sinks' does not apply to policy 'meda' (it is an option of streaming_llm, amber)"),
     ("option of full", dict(policy="full", merge="average"), ValueError,
      "option 'merge' does not apply to policy 'full'"),
@@ -134,7 +136,7 @@ POLICY_CASES = [
      "alpha_min (0.5) must not exceed alpha_max (0.25)"),
     ("alpha order default", dict(alpha_max=0.005), ValueError,
      "alpha_min (0.01, the default) must not exceed alpha_max (0.005)"),
-    ("exact_total int", dict(exact_total=1), TypeError, "exact_total: expected a bool, got int"),
+    ("exact_total int", dict(policy="meda", exact_total=1), TypeError, "exact_total: expected a bool, got int"),
     ("entropy_heads", dict(entropy_heads="max"), ValueError,
      "unknown entropy_heads 'max' (expected one of: mean_attention, mean_entropy)"),
     ("entropy_source", dict(entropy_source="visual"), ValueError, "unknown entropy_source 'visual'"),
@@ -158,14 +160,19 @@ POLICY_CASES = [
      "response_chunk_bytes must be in [1024, 67108864] (0: the server's default), got 100"),
     ("layout", dict(layout="thd"), ValueError, "layout: expected 'hnd'"),
     ("amber layer_budget", dict(policy="amber", layer_budget="max"), ValueError,
-     "unknown layer_budget 'max' (expected one of: uniform, mass, entropy)"),
+     "unknown layer_budget 'max' (expected one of: uniform, mass, entropy, depth)"),
+    ("amber depth_ratio", dict(policy="amber", depth_ratio=0.0), ValueError,
+     "depth_ratio must be in [0.01, 100], got 0.0"),
+    ("amber recent_search_rows", dict(policy="amber", recent_search_rows=-1), ValueError,
+     "recent_search_rows must be in [0, 2147483647], got -1"),
+    ("amber recent_search_rows type", dict(policy="amber", recent_search_rows=1.5), TypeError, "recent_search_rows"),
     ("amber score_norm", dict(policy="amber", score_norm=1), TypeError, "score_norm: expected a str"),
     ("score_norm of another policy", dict(policy="h2o", score_norm="sum"), ValueError,
      "option 'score_norm' does not apply to policy 'h2o' (it is an option of amber)"),
     ("amber sinks", dict(policy="amber", sinks=-2), ValueError, "sinks must be in [0, 2147483647], got -2"),
     ("amber tau", dict(policy="amber", tau=0.0), ValueError, "tau must be finite and > 0"),
     ("preset with a policy", dict(preset="soft"), ValueError,
-     "preset 'soft' selects the server's policy: pass policy=None with it (got policy='meda')"),
+     "preset 'soft' selects the server's policy: pass policy=None with it (got policy='amber')"),
     ("preset with an option", dict(policy=None, preset="soft", tau=2.0), ValueError,
      "tau cannot be given with it (only rho can)"),
     ("preset name", dict(policy=None, preset="Soft"), ValueError, "preset 'Soft': names are 1-64 characters"),
@@ -190,8 +197,9 @@ def test_preset_messages():
     assert medakv.build_policy(None, 0.5, preset="a.b-c_9") == pb.Policy(preset="a.b-c_9", rho=0.5)
     # Options given as None are not given.
     assert medakv.build_policy(None, None, {"tau": None}, preset="soft") == pb.Policy(preset="soft")
-    # No preset: policy None is meda, rho None is 0.2.
-    assert medakv.build_policy(None, None) == medakv.build_policy("meda", 0.2)
+    # No preset: policy None is amber (the default, as the server's), rho None is 0.2.
+    assert medakv.build_policy(None, None) == medakv.build_policy("amber", 0.2)
+    assert medakv.build_policy() == medakv.build_policy("amber", 0.2)
 
 
 def test_options_given_as_none_keep_the_defaults():

@@ -102,6 +102,8 @@ def test_meda_matches_cli(client, cli_bin, tmp_path, dtype, layout):
     ("amber", {}),
     ("amber", {"score_norm": "sum", "layer_budget": "mass", "sinks": 2, "recent_fraction": 0.25, "alpha_min": 0.05}),
     ("amber", {"layer_budget": "entropy", "tau": 3.0, "entropy_source": "causal", "merge": "average"}),
+    ("amber", {"layer_budget": "depth", "depth_ratio": 0.5, "recent_search_rows": 4}),
+    ("amber", {"recent_search_rows": 0, "score_norm": "visible_mean", "layer_budget": "uniform"}),
 ])
 def test_every_policy_matches_cli(client, cli_bin, tmp_path, policy, options):
     cache = random_cache(2, dtype="float32", layout="nhd", tokens=131, q_tokens=9)
@@ -137,7 +139,7 @@ def test_default_query_positions_and_spans_match_cli(client, cli_bin, tmp_path):
     spans = [(int(s), int(e - s)) for s, e in zip(starts, ends)]
     assert len(spans) == 2
     result = client.compress(**cache, modality=spans)
-    assert_same(result, cli_compress(cli_bin, tmp_path, dict(cache, modality=flags), "float16", "hnd", "meda", 0.2,
+    assert_same(result, cli_compress(cli_bin, tmp_path, dict(cache, modality=flags), "float16", "hnd", "amber", 0.2,
                                      {}), "float16")
     same = client.compress(**cache, modality=[medakv.ModalitySpan(s, n) for s, n in spans])
     assert [raw(r.key) for r in same.layers] == [raw(r.key) for r in result.layers]
@@ -146,7 +148,7 @@ def test_default_query_positions_and_spans_match_cli(client, cli_bin, tmp_path):
 def test_text_only_cache_matches_cli(client, cli_bin, tmp_path):
     cache = request(random_cache(6, dtype="float32"), drop=("modality",))
     result = client.compress(**cache, rho=0.1)
-    assert_same(result, cli_compress(cli_bin, tmp_path, cache, "float32", "hnd", "meda", 0.1, {}), "float32")
+    assert_same(result, cli_compress(cli_bin, tmp_path, cache, "float32", "hnd", "amber", 0.1, {}), "float32")
 
 
 def test_ml_dtypes_bfloat16_round_trip(client):

@@ -56,7 +56,8 @@ def test_round_trip_through_the_server(client):
     assert set(request) == {"keys", "values", "queries"}
     assert all(np.shares_memory(k, pk) for k, (pk, _) in zip(request["keys"], pkv))  # views, no copy
     result = client.compress(**request, modality=second["modality"], policy="meda", rho=0.2)
-    want = client.compress(second["keys"], second["values"], second["queries"], modality=second["modality"])
+    want = client.compress(second["keys"], second["values"], second["queries"], modality=second["modality"],
+                           policy="meda")
     assert [raw(r.key) for r in result.layers] == [raw(r.key) for r in want.layers]
 
     pairs = to_hf_cache(result)

@@ -159,7 +159,7 @@ class Client:
 
     def compress(self, keys: Any, values: Any, queries: Any = None, *, query_positions: Any = None,
                  scores: Any = None, entropy: Any = None, modality: Any = None, layout: str = "hnd",
-                 policy: Optional[str] = "meda", rho: Optional[float] = 0.2, preset: Optional[str] = None,
+                 policy: Optional[str] = "amber", rho: Optional[float] = 0.2, preset: Optional[str] = None,
                  timeout: Optional[float] = None,
                  chunk_bytes: Optional[int] = None, response_chunk_bytes: Optional[int] = None,
                  **options: "Unpack[PolicyOptions]") -> CompressResult:
@@ -189,7 +189,7 @@ class Client:
                 visual; array or list) or spans (``(start, length)`` tuples
                 or ``ModalitySpan``); None: all text.
             layout: "hnd" or "nhd", the dims order of every tensor.
-            policy: "meda" (default), "full", "streaming_llm", "h2o",
+            policy: "amber" (default, this project's), "meda", "full", "streaming_llm", "h2o",
                 "snapkv", "pyramidkv" or "look_m".
             rho: fraction of the cache to keep, in (0, 1].
             preset: a policy preset of the server (``medakv-server
@@ -303,7 +303,7 @@ class Client:
             raise self._error(e, "PutCache") from None
         return _cache_info(response.info)
 
-    def compress_cache(self, cache_id: str, policy: Optional[str] = "meda", rho: Optional[float] = 0.2, *,
+    def compress_cache(self, cache_id: str, policy: Optional[str] = "amber", rho: Optional[float] = 0.2, *,
                        preset: Optional[str] = None, timeout: Optional[float] = None,
                        **options: "Unpack[PolicyOptions]") -> CompressCacheResult:
         """Compresses a stored cache in place with the statistics it was stored with (``CompressCache``).

@@ -12,9 +12,11 @@ convert.cc), so a request that passes them is not refused for its policy.
 | ``exact_total`` | meda | bool (True) |
 | ``entropy_heads`` | meda, amber | "mean_attention", "mean_entropy" |
 | ``entropy_source`` | meda, amber | "cross_modal", "causal" |
-| ``score_norm`` | amber | "sum", "visible_mean" (visible_mean) |
-| ``layer_budget`` | amber | "uniform", "mass", "entropy" (uniform) |
-| ``recent_fraction`` | meda, h2o, snapkv, pyramidkv, look_m, amber | [0, 1] (0.5; amber 0.375) |
+| ``score_norm`` | amber | "sum", "visible_mean" (sum) |
+| ``layer_budget`` | amber | "uniform", "mass", "entropy", "depth" (depth) |
+| ``depth_ratio`` | amber | [0.01, 100] (0.8): layer_budget depth's first-layer weight |
+| ``recent_search_rows`` | amber | int >= 0 (16): rows whose attention picks each head's recent window; 0: recent_fraction |
+| ``recent_fraction`` | meda, h2o, snapkv, pyramidkv, look_m, amber | [0, 1] (0.5) |
 | ``text_prior`` | same | "additive", "keep_all_text", "none" (meda: additive, look_m: keep_all_text, others: none) |
 | ``shared_selection`` | same | bool (False) |
 | ``merge`` | same | "average", "pivotal", "weighted", "none" (meda: average, look_m: pivotal, others: none) |
@@ -49,15 +51,15 @@ _OPTIONS_OF: Dict[str, Tuple[str, ...]] = {
     "snapkv": ("window", "pool_kernel") + _SELECT,
     "pyramidkv": ("window", "pool_kernel", "pyramid_beta") + _SELECT,
     "look_m": _SELECT,
-    "amber": ("score_norm", "layer_budget", "sinks", "tau", "alpha_min", "alpha_max", "entropy_heads",
-              "entropy_source") + _SELECT,
+    "amber": ("score_norm", "layer_budget", "depth_ratio", "recent_search_rows", "sinks", "tau", "alpha_min",
+              "alpha_max", "entropy_heads", "entropy_source") + _SELECT,
 }
 
 #: Every option name, in the order of the table above.
 OPTIONS: Tuple[str, ...] = (
     "tau", "alpha_min", "alpha_max", "exact_total", "entropy_heads", "entropy_source", "recent_fraction",
     "text_prior", "shared_selection", "merge", "merge_threshold", "scale", "sinks", "window", "pool_kernel",
-    "pyramid_beta", "score_norm", "layer_budget",
+    "pyramid_beta", "score_norm", "layer_budget", "depth_ratio", "recent_search_rows",
 )
 
 _ENUMS: Dict[str, Dict[str, int]] = {
@@ -70,7 +72,7 @@ _ENUMS: Dict[str, Dict[str, int]] = {
     "merge_threshold": {"none": pb.MERGE_THRESHOLD_NONE, "mean": pb.MERGE_THRESHOLD_MEAN},
     "score_norm": {"sum": pb.SCORE_NORM_SUM, "visible_mean": pb.SCORE_NORM_VISIBLE_MEAN},
     "layer_budget": {"uniform": pb.LAYER_BUDGET_UNIFORM, "mass": pb.LAYER_BUDGET_MASS,
-                     "entropy": pb.LAYER_BUDGET_ENTROPY},
+                     "entropy": pb.LAYER_BUDGET_ENTROPY, "depth": pb.LAYER_BUDGET_DEPTH},
 }
 
 _INT32_MAX = 2**31 - 1
@@ -98,6 +100,8 @@ class PolicyOptions(TypedDict, total=False):
     pyramid_beta: float
     score_norm: str
     layer_budget: str
+    depth_ratio: float
+    recent_search_rows: int
 
 
 def options_of(policy: str) -> Tuple[str, ...]:
@@ -165,7 +169,7 @@ def check_preset(preset: object) -> str:
     return preset
 
 
-def build_policy(policy: str | None = "meda", rho: float | None = 0.2, options: Mapping[str, Any] | None = None,
+def build_policy(policy: str | None = "amber", rho: float | None = 0.2, options: Mapping[str, Any] | None = None,
                  *, preset: str | None = None, caller: str = "build_policy") -> pb.Policy:
     """The ``medakv.v1.Policy`` message for ``policy``, ``rho`` and ``options``.
 
@@ -178,7 +182,7 @@ def build_policy(policy: str | None = "meda", rho: float | None = 0.2, options: 
     With ``preset``, the message selects that preset of the server
     (``medakv-server --policy_presets``) instead: ``policy`` must be None and
     no option may be given; ``rho`` (when not None) replaces the preset's.
-    ``policy=None`` without a preset is "meda"; ``rho=None`` is 0.2.
+    ``policy=None`` without a preset is "amber"; ``rho=None`` is 0.2.
     """
     if preset is not None:
         check_preset(preset)
@@ -190,7 +194,7 @@ def build_policy(policy: str | None = "meda", rho: float | None = 0.2, options: 
             raise ValueError(f"preset {preset!r} selects the server's policy and its options; "
                              f"{', '.join(given_options)} cannot be given with it (only rho can)")
         return pb.Policy(preset=preset, rho=0.0 if rho is None else check_rho(rho))
-    name = _policy_name("meda" if policy is None else policy)
+    name = _policy_name("amber" if policy is None else policy)
     message = pb.Policy(rho=check_rho(0.2 if rho is None else rho))
     given = {k: v for k, v in (options or {}).items() if v is not None}
     for k in given:
@@ -288,6 +292,16 @@ def build_policy(policy: str | None = "meda", rho: float | None = 0.2, options: 
             a.score_norm = _enum("score_norm", given["score_norm"])  # type: ignore[assignment]
         if "layer_budget" in given:
             a.layer_budget = _enum("layer_budget", given["layer_budget"])  # type: ignore[assignment]
+        if "depth_ratio" in given:
+            v = _real("depth_ratio", given["depth_ratio"])
+            if not 0.01 <= v <= 100.0:
+                raise ValueError(f"depth_ratio must be in [0.01, 100], got {given['depth_ratio']}")
+            a.depth_ratio = v
+        if "recent_search_rows" in given:
+            v = _int("recent_search_rows", given["recent_search_rows"])
+            if not 0 <= v <= _INT32_MAX:
+                raise ValueError(f"recent_search_rows must be in [0, {_INT32_MAX}], got {v}")
+            a.recent_search_rows = v
         sinks(a)
         budget_and_entropy(a)
         fill_select(a.select)

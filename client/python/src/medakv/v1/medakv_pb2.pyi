@@ -76,6 +76,7 @@ class LayerBudget(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LAYER_BUDGET_UNIFORM: _ClassVar[LayerBudget]
     LAYER_BUDGET_MASS: _ClassVar[LayerBudget]
     LAYER_BUDGET_ENTROPY: _ClassVar[LayerBudget]
+    LAYER_BUDGET_DEPTH: _ClassVar[LayerBudget]
 
 class TensorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -125,6 +126,7 @@ LAYER_BUDGET_UNSPECIFIED: LayerBudget
 LAYER_BUDGET_UNIFORM: LayerBudget
 LAYER_BUDGET_MASS: LayerBudget
 LAYER_BUDGET_ENTROPY: LayerBudget
+LAYER_BUDGET_DEPTH: LayerBudget
 TENSOR_KIND_UNSPECIFIED: TensorKind
 TENSOR_KIND_KEY: TensorKind
 TENSOR_KIND_VALUE: TensorKind
@@ -243,7 +245,7 @@ class LookMPolicy(_message.Message):
     def __init__(self, select: _Optional[_Union[SelectOptions, _Mapping]] = ...) -> None: ...
 
 class AmberPolicy(_message.Message):
-    __slots__ = ("score_norm", "layer_budget", "sinks", "tau", "alpha_min", "alpha_max", "entropy_heads", "entropy_source", "select")
+    __slots__ = ("score_norm", "layer_budget", "sinks", "tau", "alpha_min", "alpha_max", "entropy_heads", "entropy_source", "select", "recent_search_rows", "depth_ratio")
     SCORE_NORM_FIELD_NUMBER: _ClassVar[int]
     LAYER_BUDGET_FIELD_NUMBER: _ClassVar[int]
     SINKS_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +255,8 @@ class AmberPolicy(_message.Message):
     ENTROPY_HEADS_FIELD_NUMBER: _ClassVar[int]
     ENTROPY_SOURCE_FIELD_NUMBER: _ClassVar[int]
     SELECT_FIELD_NUMBER: _ClassVar[int]
+    RECENT_SEARCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_RATIO_FIELD_NUMBER: _ClassVar[int]
     score_norm: ScoreNorm
     layer_budget: LayerBudget
     sinks: int
@@ -262,7 +266,9 @@ class AmberPolicy(_message.Message):
     entropy_heads: EntropyHeads
     entropy_source: EntropySource
     select: SelectOptions
-    def __init__(self, score_norm: _Optional[_Union[ScoreNorm, str]] = ..., layer_budget: _Optional[_Union[LayerBudget, str]] = ..., sinks: _Optional[int] = ..., tau: _Optional[float] = ..., alpha_min: _Optional[float] = ..., alpha_max: _Optional[float] = ..., entropy_heads: _Optional[_Union[EntropyHeads, str]] = ..., entropy_source: _Optional[_Union[EntropySource, str]] = ..., select: _Optional[_Union[SelectOptions, _Mapping]] = ...) -> None: ...
+    recent_search_rows: int
+    depth_ratio: float
+    def __init__(self, score_norm: _Optional[_Union[ScoreNorm, str]] = ..., layer_budget: _Optional[_Union[LayerBudget, str]] = ..., sinks: _Optional[int] = ..., tau: _Optional[float] = ..., alpha_min: _Optional[float] = ..., alpha_max: _Optional[float] = ..., entropy_heads: _Optional[_Union[EntropyHeads, str]] = ..., entropy_source: _Optional[_Union[EntropySource, str]] = ..., select: _Optional[_Union[SelectOptions, _Mapping]] = ..., recent_search_rows: _Optional[int] = ..., depth_ratio: _Optional[float] = ...) -> None: ...
 
 class Policy(_message.Message):
     __slots__ = ("rho", "preset", "full", "meda", "streaming_llm", "h2o", "snapkv", "pyramidkv", "look_m", "amber")
