@@ -1,7 +1,5 @@
 #include "client/cli/tune.h"
 
-#include <sys/stat.h>
-
 #include <algorithm>
 #include <cmath>
 #include <map>

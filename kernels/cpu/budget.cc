@@ -147,8 +147,7 @@ absl::StatusOr<std::vector<int64_t>> DepthBudgets(int64_t layers, int64_t tokens
     return absl::InvalidArgumentError(
         absl::StrCat("depth budgets: layers and tokens must be > 0, got ", layers, " and ", tokens));
   }
-  if (!(rho > 0.0 && rho <= 1.0))
-    return absl::InvalidArgumentError(absl::StrCat("rho must be in (0, 1], got ", rho));
+  if (!(rho > 0.0 && rho <= 1.0)) return absl::InvalidArgumentError(absl::StrCat("rho must be in (0, 1], got ", rho));
   if (!(depth_ratio > 0.0) || !std::isfinite(depth_ratio)) {
     return absl::InvalidArgumentError(absl::StrCat("depth_ratio must be finite and > 0, got ", depth_ratio));
   }
@@ -167,8 +166,8 @@ absl::StatusOr<std::vector<int64_t>> DepthBudgets(int64_t layers, int64_t tokens
   return RoundSharesToTotal(share, uniform * layers, 1, tokens);
 }
 
-absl::StatusOr<LayerBudgets> AllocateMassBudgets(const std::vector<std::vector<float>>& scores,
-                                                 int64_t kv_heads, int64_t tokens, const BudgetOptions& o) {
+absl::StatusOr<LayerBudgets> AllocateMassBudgets(const std::vector<std::vector<float>>& scores, int64_t kv_heads,
+                                                 int64_t tokens, const BudgetOptions& o) {
   if (absl::Status s = ValidateBudgetOptions(o); !s.ok()) return s;
   if (scores.empty()) return absl::InvalidArgumentError("budgets: no layers");
   if (tokens <= 0 || kv_heads <= 0) {

@@ -1,7 +1,5 @@
 // AllocateEntropyBudgets (ALGORITHM.md, MEDA step 2) against hand-computed
 // budgets, the naive reference, and the properties of the exact-total rule.
-#include "kernels/cpu/budget.h"
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -13,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "gtest/gtest.h"
+#include "kernels/cpu/budget.h"
 #include "tests/kernels/test_util.h"
 #include "tests/reference/reference.h"
 

@@ -222,8 +222,9 @@ std::vector<int64_t> RefDepthBudgets(int64_t layers, int64_t tokens, double rho,
   const int64_t c = std::clamp<int64_t>(RoundHalfUp(rho * tokens), 1, tokens);
   std::vector<double> w(layers, 1.0);
   if (layers > 1) {
-    for (int64_t l = 0; l < layers; ++l)
+    for (int64_t l = 0; l < layers; ++l) {
       w[l] = ratio + (1.0 / ratio - ratio) * l / static_cast<double>(layers - 1);
+    }
   }
   const double sum = std::accumulate(w.begin(), w.end(), 0.0);
   std::vector<double> x(layers);
@@ -277,8 +278,8 @@ std::vector<int32_t> RefRecentSearch(const std::vector<double>& scores, const st
   return best;
 }
 
-RefBudgetResult RefBudgets(const std::vector<double>& entropies, int64_t tokens, double rho, double tau,
-                           double alpha_min, double alpha_max, bool exact_total) {
+RefBudgetResult RefBudgets(const std::vector<double>& entropies, int64_t tokens, double rho,
+                           double tau, double alpha_min, double alpha_max, bool exact_total) {
   const int64_t layers = static_cast<int64_t>(entropies.size());
   const double big_l = static_cast<double>(layers);
   const double big_t = static_cast<double>(tokens);

@@ -428,8 +428,9 @@ std::vector<AmberCase> AmberCases() {
   // amber's defaults (sum scores, depth budgets, recent search on 16 rows: more than
   // the 12 query rows, so every row) in every dtype and layout.
   for (DType dt : test::kAllDTypes) {
-    for (Layout lay : test::kAllLayouts)
+    for (Layout lay : test::kAllLayouts) {
       cases.push_back({dt, lay, ScoreNorm::kSum, LayerBudget::kDepth, false});
+    }
   }
   cases.push_back({DType::kFloat16, Layout::kNHD, ScoreNorm::kSum, LayerBudget::kDepth, true, 5});
   cases.push_back({DType::kFloat32, Layout::kHND, ScoreNorm::kSum, LayerBudget::kDepth, false, 1});
@@ -523,8 +524,9 @@ TEST(AmberTest, RecentSearchHoldsTheMostOfTheLastRowsAttention) {
   ASSERT_TRUE(searched.ok()) << searched.status();
   auto held = [&](const LayerResult& lr, int64_t l, int64_t h) {
     double sum = 0.0;
-    for (int64_t k = 0; k < lr.budget; ++k)
+    for (int64_t k = 0; k < lr.budget; ++k) {
       sum += st->recent_scores[l][h * tokens + lr.positions[h * lr.budget + k]];
+    }
     return sum;
   };
   std::set<double> chosen;  // the searched sets differ from the fixed ones somewhere
