@@ -192,7 +192,7 @@ void FuzzPolicy(const v1::Policy& policy) {
   MEDAKV_FUZZ_CHECK(o.budget.rho > 0.0 && o.budget.rho <= 1.0, "rho ", o.budget.rho);
   switch (policy.kind_case()) {
     case v1::Policy::KIND_NOT_SET:
-      MEDAKV_FUZZ_CHECK(o.policy == PolicyKind::kMeda, "unset oneof is not meda");
+      MEDAKV_FUZZ_CHECK(o.policy == PolicyKind::kAmber, "unset oneof is not amber");
       break;
     case v1::Policy::kFull:
       MEDAKV_FUZZ_CHECK(o.policy == PolicyKind::kFull, "policy kind");
