@@ -63,17 +63,13 @@ absl::Status UnknownEnum(absl::string_view path, int value) {
   return Invalid(absl::StrCat(path, ": unknown value ", value));
 }
 
-absl::Status ApplyFraction(absl::string_view path, double v, double* out) {
-  if (!(v >= 0.0 && v <= 1.0)) return Invalid(absl::StrCat(path, " must be in [0, 1], got ", v));
-  *out = v;
-  return absl::OkStatus();
-}
-
 absl::Status ApplyRange(absl::string_view path, double v, double lo, double hi, double* out) {
   if (!(v >= lo && v <= hi)) return Invalid(absl::StrCat(path, " must be in [", lo, ", ", hi, "], got ", v));
   *out = v;
   return absl::OkStatus();
 }
+
+absl::Status ApplyFraction(absl::string_view path, double v, double* out) { return ApplyRange(path, v, 0.0, 1.0, out); }
 
 absl::Status ApplyPositive(absl::string_view path, double v, double* out) {
   if (!(v > 0.0) || !std::isfinite(v)) {
