@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/backend.h"
+#include "kernels/common/device_memory.h"
 #include "kernels/cuda/device.h"
 
 namespace medakv {
@@ -42,6 +43,9 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(std::string_view name, std:
 #if !defined(MEDAKV_HAVE_CUDA)
 namespace medakv {
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend() {
+  return absl::FailedPreconditionError("this binary was built without CUDA");
+}
+absl::StatusOr<std::shared_ptr<DeviceMemory>> MakeCudaDeviceMemory() {
   return absl::FailedPreconditionError("this binary was built without CUDA");
 }
 }  // namespace medakv

@@ -95,12 +95,22 @@ absl::StatusOr<std::pair<int32_t, int32_t>> ParseLayerRange(const std::string& s
   return std::pair<int32_t, int32_t>{begin, end};
 }
 
+// --tier: auto, host or device (any case), as PutCacheHeader.tier.
+absl::StatusOr<v1::CacheTier> ParseTier(const std::string& s) {
+  const std::string t = absl::AsciiStrToLower(s);
+  if (t == "auto") return v1::CACHE_TIER_AUTO;
+  if (t == "host") return v1::CACHE_TIER_HOST;
+  if (t == "device") return v1::CACHE_TIER_DEVICE;
+  return absl::InvalidArgumentError(absl::StrCat("--tier: expected auto, host or device, got '", s, "'"));
+}
+
 // ---- put ---------------------------------------------------------------------------
 
 int RunPut(RemoteCommands::Put& f) {
   absl::Status status = [&]() -> absl::Status {
     MEDAKV_RETURN_IF_ERROR(CheckCacheId(f.id));
     if (f.ttl < 0) return absl::InvalidArgumentError(absl::StrCat("--ttl must be >= 0 seconds, got ", f.ttl));
+    MEDAKV_ASSIGN_OR_RETURN(const v1::CacheTier tier, ParseTier(f.tier));
     MEDAKV_ASSIGN_OR_RETURN(std::unique_ptr<Client> client, f.server.MakeClient());
     MEDAKV_ASSIGN_OR_RETURN(const Layout layout, ParseLayout(f.layout));
     MEDAKV_ASSIGN_OR_RETURN(safetensors::File file, safetensors::File::Open(f.input));
@@ -112,6 +122,7 @@ int RunPut(RemoteCommands::Put& f) {
     put.ttl_seconds = f.ttl;
     put.overwrite = f.overwrite;
     put.with_statistics = !f.keys_values_only;
+    put.tier = tier;
     ProgressBar bar(absl::StrCat("put ", f.id), !f.no_progress);
     CallOptions call;
     call.progress = bar.Callback();
@@ -130,9 +141,9 @@ int RunPut(RemoteCommands::Put& f) {
       std::cout << j.dump(2) << "\n";
     } else {
       std::cout << absl::StrFormat(
-          "put '%s' on server %s: %d layers x %d tokens, %s in %.3f s (%.1f MB/s%s)%s\n", info.cache_id(), r->target,
-          info.shape().layers(), info.shape().tokens(), HumanBytes(r->bytes_sent), seconds,
-          MBps(r->bytes_sent, seconds), r->shared_memory ? ", shared memory" : "",
+          "put '%s' on server %s: %d layers x %d tokens, %s in %.3f s (%.1f MB/s%s), %s tier%s\n", info.cache_id(),
+          r->target, info.shape().layers(), info.shape().tokens(), HumanBytes(r->bytes_sent), seconds,
+          MBps(r->bytes_sent, seconds), r->shared_memory ? ", shared memory" : "", info.tier(),
           info.expires_unix_ms() != 0 ? absl::StrCat(", expires ", Expires(info.expires_unix_ms())) : "");
     }
     return absl::OkStatus();
@@ -509,6 +520,10 @@ void AddRemoteCommands(CLI::App& app, RemoteCommands& c) {
     s->add_option("--layout", f.layout, "Dims order of the file's tensors: hnd or nhd")->capture_default_str();
     s->add_option("--ttl", f.ttl, "Expire after this many seconds (0: never)")->capture_default_str();
     s->add_flag("--overwrite", f.overwrite, "Replace a cache stored under the id (else ALREADY_EXISTS)");
+    s->add_option("--tier", f.tier,
+                  "Where the server keeps it: auto (its device tier when it has one and the cache fits, else host), "
+                  "host, or device (FAILED_PRECONDITION without a device tier, RESOURCE_EXHAUSTED when it cannot fit)")
+        ->capture_default_str();
     s->add_flag("--keys-values-only", f.keys_values_only,
                 "Store keys and values without the statistics (no later in-place compression)");
     s->add_flag("--json", f.json, "Print the result as JSON");

@@ -50,7 +50,7 @@ absl::Status CliError(const absl::Status& s);
 struct RemoteCommands {
   struct Put {
     ServerFlags server;
-    std::string input, id, layout = "hnd";
+    std::string input, id, layout = "hnd", tier = "auto";
     int64_t ttl = 0;
     bool overwrite = false, keys_values_only = false, json = false, no_progress = false;
   } put;

@@ -604,6 +604,10 @@ absl::StatusOr<PutResult> Client::PutCache(absl::string_view cache_id, const Cac
   if (put.ttl_seconds < 0) {
     return absl::InvalidArgumentError(absl::StrCat("ttl_seconds must be >= 0, got ", put.ttl_seconds));
   }
+  if (!v1::CacheTier_IsValid(put.tier)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tier must be CACHE_TIER_AUTO, CACHE_TIER_HOST or CACHE_TIER_DEVICE, got ", static_cast<int>(put.tier)));
+  }
   CacheSpec spec;
   if (put.with_statistics) {
     MEDAKV_RETURN_IF_ERROR(ValidateCacheInput(in));
@@ -629,6 +633,7 @@ absl::StatusOr<PutResult> Client::PutCache(absl::string_view cache_id, const Cac
   ToProto(spec, h);
   h->set_ttl_seconds(put.ttl_seconds);
   h->set_overwrite(put.overwrite);
+  h->set_tier(put.tier);
   const bool sent = writer->Write(header) && client_internal::WriteTensors<v1::PutCacheRequest>(
                                                  *writer, pieces, options_.chunk_bytes, loan ? loan->lease() : nullptr,
                                                  shm_offsets, call.progress);

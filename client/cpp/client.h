@@ -155,6 +155,12 @@ struct PutOptions {
   // false: keys and values only (the cache cannot be compressed in place
   // later); true: the statistics of the CacheInput too.
   bool with_statistics = true;
+  // Where the server keeps it (PutCacheHeader.tier): AUTO, the device tier
+  // when the server has one and the cache fits, else the host tier; HOST;
+  // DEVICE, FAILED_PRECONDITION on a server without a device tier and
+  // RESOURCE_EXHAUSTED when it cannot fit. PutResult::info.tier() says
+  // where it went.
+  v1::CacheTier tier = v1::CACHE_TIER_AUTO;
 };
 
 struct PutResult {

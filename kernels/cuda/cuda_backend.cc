@@ -7,13 +7,12 @@
 #include <memory>
 #include <vector>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "kernels/backend.h"
 #include "kernels/common/status.h"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/runtime.h"
+#include "kernels/cuda/stream_pool.h"
 #include "kernels/ops/validate.h"
 
 namespace medakv {
@@ -21,48 +20,7 @@ namespace {
 
 using cuda::DeviceBuffer;
 using cuda::Stream;
-
-class StreamPool {
- public:
-  class Lease {
-   public:
-    Lease(StreamPool* pool, std::unique_ptr<Stream> s) : pool_(pool), stream_(std::move(s)) {}
-    Lease(Lease&&) = default;
-    ~Lease() {
-      if (stream_ != nullptr) pool_->Release(std::move(stream_));
-    }
-    Stream& operator*() const { return *stream_; }
-
-   private:
-    StreamPool* pool_;
-    std::unique_ptr<Stream> stream_;
-  };
-
-  absl::StatusOr<Lease> Acquire() {
-    {
-      absl::MutexLock lock(&mu_);
-      if (!free_.empty()) {
-        std::unique_ptr<Stream> s = std::move(free_.back());
-        free_.pop_back();
-        return Lease(this, std::move(s));
-      }
-    }
-    MEDAKV_ASSIGN_OR_RETURN(std::unique_ptr<Stream> s, Stream::Create());
-    return Lease(this, std::move(s));
-  }
-
- private:
-  void Release(std::unique_ptr<Stream> s) {
-    // A stream whose last call failed may hold a pending error; it is
-    // dropped rather than reused when it cannot synchronize.
-    if (!s->Synchronize().ok()) return;
-    absl::MutexLock lock(&mu_);
-    free_.push_back(std::move(s));
-  }
-
-  absl::Mutex mu_;
-  std::vector<std::unique_ptr<Stream>> free_ ABSL_GUARDED_BY(mu_);
-};
+using cuda::StreamPool;
 
 // A device copy of a host array.
 absl::StatusOr<DeviceBuffer> UploadArray(const void* host, size_t bytes, Stream& s) {

@@ -119,6 +119,27 @@ absl::Status Stream::Memset(void* device_dst, int value, size_t bytes) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<void*> AllocateLongLived(size_t bytes, Stream& stream) {
+  void* ptr = nullptr;
+  const cudaError_t err = cudaMallocAsync(&ptr, bytes, S(stream.handle()));
+  if (err == cudaErrorMemoryAllocation) {
+    (void)cudaGetLastError();  // not sticky: clear it so that later launch checks do not see it
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the CUDA device has no room for ", bytes, " more bytes: ", cudaGetErrorString(err)));
+  }
+  MEDAKV_CUDA_RETURN_IF_ERROR(err);
+  if (absl::Status s = stream.Synchronize(); !s.ok()) {
+    (void)cudaFreeAsync(ptr, S(stream.handle()));
+    return s;
+  }
+  return ptr;
+}
+
+absl::Status FreeLongLived(void* ptr, Stream& stream) {
+  MEDAKV_CUDA_RETURN_IF_ERROR(cudaFreeAsync(ptr, S(stream.handle())));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(size_t bytes, Stream& stream) {
   DeviceBuffer b;
   b.stream_ = stream.handle();

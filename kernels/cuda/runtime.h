@@ -69,6 +69,14 @@ class DeviceBuffer {
   void* stream_ = nullptr;
 };
 
+// Long-lived device memory (the cache store's device tier): taken from the
+// device's memory pool in `stream`'s order and synchronized before returning,
+// so that any stream may use it at once. RESOURCE_EXHAUSTED when the device
+// is out of memory. FreeLongLived gives it back in `stream`'s order (no
+// device-wide synchronization); the caller must have finished using it.
+[[nodiscard]] absl::StatusOr<void*> AllocateLongLived(size_t bytes, Stream& stream);
+[[nodiscard]] absl::Status FreeLongLived(void* ptr, Stream& stream);
+
 // Size of the staging chunks.
 inline constexpr size_t kStagingBytes = size_t{8} << 20;
 

@@ -17,7 +17,7 @@ ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9464",
           "Prometheus /metrics address host:port (port 0: any free port; empty: no metrics endpoint)");
 ABSL_FLAG(std::string, backend, "auto", "auto | cpu | cuda (auto: CUDA when a device answers)");
 ABSL_FLAG(int64_t, host_cache_bytes, int64_t{8} << 30, "Byte budget of the host tier of the cache store");
-ABSL_FLAG(int64_t, device_cache_bytes, 0, "Byte budget of the device tier (CUDA backend)");
+ABSL_FLAG(int64_t, device_cache_bytes, 0, "Byte budget of the store's device tier in GPU memory (needs the CUDA backend; 0: no device tier)");
 ABSL_FLAG(int64_t, max_request_bytes, int64_t{8} << 30, "Largest cache (all tensors) one request may send");
 ABSL_FLAG(int64_t, chunk_bytes, int64_t{4} << 20, "Size of response chunks");
 ABSL_FLAG(int64_t, max_message_bytes, int64_t{16} << 20, "Largest gRPC message accepted");

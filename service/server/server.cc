@@ -45,6 +45,30 @@ absl::Status ValidateServerOptions(const ServerOptions& o) {
   return absl::OkStatus();
 }
 
+// The memory of the store's device tier (null: no device tier), given the
+// backend in use. A device tier asked of the CPU backend is an error when
+// that backend was asked for, and is noted in `why` when auto chose it.
+absl::StatusOr<std::shared_ptr<DeviceMemory>> DeviceTierMemory(const ServerOptions& o, const std::string& backend,
+                                                               std::string* why) {
+  if (o.device_cache_bytes == 0) return nullptr;
+  std::shared_ptr<DeviceMemory> memory = o.device_memory;
+  if (memory == nullptr && backend == "cuda") {
+    MEDAKV_ASSIGN_OR_RETURN(memory, MakeCudaDeviceMemory());
+  }
+  if (memory != nullptr) {
+    absl::StrAppend(why, "; device tier of ", o.device_cache_bytes, " bytes on ", std::string(memory->Name()), " memory");
+    return memory;
+  }
+  if (o.backend == "auto") {
+    absl::StrAppend(why, "; no device tier (--device_cache_bytes=", o.device_cache_bytes,
+                    " needs the cuda backend)");
+    return nullptr;
+  }
+  return absl::FailedPreconditionError(absl::StrCat("--device_cache_bytes=", o.device_cache_bytes,
+                                                    " needs the cuda backend (--backend=", o.backend,
+                                                    "); set it to 0 or use --backend=cuda|auto"));
+}
+
 // Plaintext, or TLS (mutual with tls_client_ca) with the token processor
 // when authentication is on.
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(const ServerOptions& o,
@@ -77,15 +101,17 @@ void FinishUnary(CallMetrics& call, grpc::ServerUnaryReactor* reactor, const grp
 }
 
 ServiceContext::ServiceContext(const ServerOptions& o, std::unique_ptr<Backend> b, std::string name,
-                               Metrics* m, std::shared_ptr<const PresetTable> p, std::unique_ptr<Authenticator> a)
+                               Metrics* m, std::shared_ptr<const PresetTable> p, std::unique_ptr<Authenticator> a,
+                               std::shared_ptr<DeviceMemory> device)
     : options(o),
       backend(std::move(b)),
       backend_name(std::move(name)),
       metrics(m),
       presets(std::move(p)),
       auth(a != nullptr ? std::move(a) : *Authenticator::Create("")),
+      device_memory(std::move(device)),
       admission(o.max_inflight, o.queue_timeout),
-      store(StoreOptions{o.host_cache_bytes, o.device_cache_bytes}),
+      store(StoreOptions{o.host_cache_bytes, device_memory != nullptr ? o.device_cache_bytes : 0}),
       shm(o.max_shm_bytes, o.max_shm_regions),
       pool(o.threads > 0 ? o.threads : o.max_inflight) {}
 
@@ -127,11 +153,13 @@ absl::StatusOr<std::unique_ptr<MedakvServer>> MedakvServer::Start(const ServerOp
   absl::StatusOr<std::unique_ptr<Backend>> backend = MakeBackend(options.backend, &impl->backend_reason);
   if (!backend.ok()) return backend.status();
   const std::string name((*backend)->Name());
+  absl::StatusOr<std::shared_ptr<DeviceMemory>> device = DeviceTierMemory(options, name, &impl->backend_reason);
+  if (!device.ok()) return device.status();
   std::vector<std::string> preset_names;
   for (const PresetTable::Preset& p : presets->presets()) preset_names.push_back(p.name);
   impl->metrics = std::make_shared<Metrics>(MEDAKV_VERSION, name, preset_names);
   impl->ctx = std::make_unique<ServiceContext>(options, *std::move(backend), name, impl->metrics.get(), presets,
-                                               *std::move(auth));
+                                               *std::move(auth), *std::move(device));
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
       MakeCredentials(options, impl->ctx->auth.get());
   if (!credentials.ok()) return credentials.status();

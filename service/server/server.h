@@ -13,6 +13,10 @@ class Server;
 class Channel;
 }  // namespace grpc
 
+namespace medakv {
+class DeviceMemory;
+}  // namespace medakv
+
 namespace medakv::server {
 
 class Metrics;
@@ -21,7 +25,14 @@ struct ServerOptions {
   std::string listen = "0.0.0.0:50051";  // host:port; port 0 picks a free port
   std::string backend = "auto";          // auto | cpu | cuda
   int64_t host_cache_bytes = int64_t{8} << 30;
-  int64_t device_cache_bytes = 0;  // 0 with the CPU backend: no device tier
+  // The device tier of the cache store (docs/store.md): its byte budget on
+  // the CUDA device. 0: no device tier. With the CPU backend there is none:
+  // a positive value is a start-up error with --backend=cpu and is ignored
+  // (the start-up log says so) with --backend=auto.
+  int64_t device_cache_bytes = 0;
+  // Not a flag: the memory of the device tier, for tests
+  // (MakeEmulatedDeviceMemory()) on any backend. Null: the CUDA device's.
+  std::shared_ptr<DeviceMemory> device_memory;
   int64_t max_request_bytes = int64_t{8} << 30;
   int64_t chunk_bytes = int64_t{4} << 20;  // response chunks (requests: any size up to max_message_bytes)
   int64_t max_message_bytes = int64_t{16} << 20;

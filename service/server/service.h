@@ -7,6 +7,7 @@
 #include <string>
 
 #include "kernels/backend.h"
+#include "kernels/common/device_memory.h"
 #include "service/server/auth.h"
 #include "medakv/v1/medakv.grpc.pb.h"
 #include "service/server/admission.h"
@@ -23,7 +24,7 @@ struct ServiceContext {
   // `auth` null: authentication off.
   ServiceContext(const ServerOptions& o, std::unique_ptr<Backend> b, std::string backend_name, Metrics* metrics,
                  std::shared_ptr<const PresetTable> presets = std::make_shared<PresetTable>(),
-                 std::unique_ptr<Authenticator> auth = nullptr);
+                 std::unique_ptr<Authenticator> auth = nullptr, std::shared_ptr<DeviceMemory> device = nullptr);
 
   const ServerOptions options;
   const std::unique_ptr<Backend> backend;
@@ -31,6 +32,9 @@ struct ServiceContext {
   Metrics* const metrics;
   const std::shared_ptr<const PresetTable> presets;  // never null; empty without --policy_presets
   const std::unique_ptr<Authenticator> auth;         // never null; disabled without --auth_tokens_file
+  // The device tier's memory; null without a device tier (the store then has
+  // none whatever --device_cache_bytes says).
+  const std::shared_ptr<DeviceMemory> device_memory;
   Admission admission;
   CacheStore store;
   SharedMemoryRegistry shm;

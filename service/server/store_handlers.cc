@@ -153,7 +153,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
     if (!total.ok()) return Fail(total.status());
     // The entry also keeps int32 positions per kv head and token.
     const int64_t positions = spec->layers * spec->kv_heads * spec->tokens * 4;
-    absl::StatusOr<Reservation> reservation = ctx_->store.Reserve(Tier::kHost, *total + positions);
+    absl::StatusOr<Reservation> reservation = ReserveFor(h.tier(), *total + positions);
     if (!reservation.ok()) return Fail(reservation.status());
     absl::StatusOr<CacheAssembler> assembler = CacheAssembler::Create(*spec);
     if (!assembler.ok()) return Fail(assembler.status());
@@ -167,9 +167,38 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
     StartRead(&request_);
   }
 
+  // The tier the header asks for (CacheTier in the proto).
+  absl::StatusOr<Reservation> ReserveFor(v1::CacheTier tier, int64_t bytes) {
+    const bool device = ctx_->store.has_tier(Tier::kDevice);
+    switch (tier) {
+      case v1::CACHE_TIER_AUTO:
+        if (device) {
+          absl::StatusOr<Reservation> r = ctx_->store.Reserve(Tier::kDevice, bytes);
+          if (r.ok() || r.status().code() != absl::StatusCode::kResourceExhausted) return r;
+        }
+        return ctx_->store.Reserve(Tier::kHost, bytes);
+      case v1::CACHE_TIER_HOST:
+        return ctx_->store.Reserve(Tier::kHost, bytes);
+      case v1::CACHE_TIER_DEVICE:
+        if (!device) {
+          return absl::FailedPreconditionError(
+              "header.tier: CACHE_TIER_DEVICE, but this server has no device tier (it needs the cuda backend and "
+              "--device_cache_bytes > 0)");
+        }
+        return ctx_->store.Reserve(Tier::kDevice, bytes);
+      default:
+        return absl::InvalidArgumentError(absl::StrCat("header.tier: unknown value ", static_cast<int>(tier)));
+    }
+  }
+
   void Commit() {
     std::unique_ptr<StoredCache> cache = StoredFromUpload(*assembler_, tenant_, id_);
     assembler_.reset();
+    if (reservation_->tier() == Tier::kDevice) {
+      absl::StatusOr<std::unique_ptr<StoredCache>> moved = MoveToDevice(std::move(cache), *ctx_->device_memory);
+      if (!moved.ok()) return Fail(moved.status());
+      cache = *std::move(moved);
+    }
     absl::StatusOr<CacheSummary> summary = ctx_->store.Commit(std::move(*reservation_), std::move(cache), overwrite_, ttl_);
     reservation_.reset();
     if (!summary.ok()) return Fail(summary.status());
@@ -253,7 +282,16 @@ class CompressCacheReactor final : public grpc::ServerUnaryReactor {
   void Compute() {
     absl::StatusOr<std::shared_ptr<const StoredCache>> entry = ctx_->store.Get(tenant_, request_->cache_id());
     if (!entry.ok()) return Fail(entry.status());
-    absl::StatusOr<CacheInput> input = CompressionInput(**entry);
+    if (absl::Status s = CheckCompressible(**entry); !s.ok()) return Fail(s);
+    // A device entry is compressed from a host copy (the backend's ops take
+    // host memory) and its result goes back to the device.
+    std::unique_ptr<StoredCache> host_copy;
+    if ((*entry)->on_device()) {
+      absl::StatusOr<std::unique_ptr<StoredCache>> copy = HostCopy(**entry);
+      if (!copy.ok()) return Fail(copy.status());
+      host_copy = *std::move(copy);
+    }
+    absl::StatusOr<CacheInput> input = CompressionInput(host_copy != nullptr ? *host_copy : **entry);
     if (!input.ok()) return Fail(input.status());
     absl::StatusOr<CompressResult> result = medakv::Compress(*input, options_, *ctx_->backend, &cancelled_);
     if (!result.ok()) return Fail(result.status());
@@ -273,7 +311,13 @@ class CompressCacheReactor final : public grpc::ServerUnaryReactor {
     for (size_t l = 0; l < result->layers.size(); ++l) {
       medakv::ToProto(static_cast<int32_t>(l), result->layers[l], response_->add_layers());
     }
+    host_copy.reset();
     std::unique_ptr<StoredCache> next = MakeCompressedCache(**entry, *std::move(result), PolicyName(options_.policy));
+    if ((*entry)->on_device()) {
+      absl::StatusOr<std::unique_ptr<StoredCache>> moved = MoveToDevice(std::move(next), *ctx_->device_memory);
+      if (!moved.ok()) return Fail(moved.status());
+      next = *std::move(moved);
+    }
     const int64_t bytes_in = (*entry)->bytes;
     absl::StatusOr<CacheSummary> replaced = ctx_->store.Replace(*std::move(entry), std::move(next));
     if (!replaced.ok()) return Fail(replaced.status());
@@ -344,9 +388,20 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetCacheResponse> {
       End(ToGrpc(WithField(chunk.status(), "max_response_chunk_bytes")));
       return;
     }
+    // A device entry's layers are read from a host copy of them (held until the download ends).
+    const StoredCache* source = entry_.get();
+    if (entry_->on_device()) {
+      absl::StatusOr<std::unique_ptr<StoredCache>> copy = HostCopy(*entry_, begin, end);
+      if (!copy.ok()) {
+        End(ToGrpc(copy.status()));
+        return;
+      }
+      host_copy_ = *std::move(copy);
+      source = host_copy_.get();
+    }
     std::vector<LayerSlices> slices;
     for (int32_t l = begin; l < end; ++l) {
-      const StoredLayer& s = entry_->layers[l];
+      const StoredLayer& s = source->layers[l];
       slices.push_back(LayerSlices{l, s.tokens, s.entropy, s.alpha, s.key, s.value,
                                    absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(s.positions.data()),
                                                              s.positions.size() * 4)});
@@ -393,6 +448,7 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetCacheResponse> {
   CallMetrics call_;
   CallRegions regions_;  // held until the call ends
   std::shared_ptr<const StoredCache> entry_;
+  std::unique_ptr<StoredCache> host_copy_;  // a device entry's layers, on the host
   std::optional<ResultStream> stream_;
   v1::GetCacheResponse response_;
   Clock::time_point send_start_;

@@ -127,6 +127,56 @@ int64_t ByteSize(const std::vector<T>& v) {
   return static_cast<int64_t>(v.size() * sizeof(T));
 }
 
+// The sizes of a layer's big buffers, in either form.
+struct LayerBytes {
+  int64_t key = 0, value = 0, positions = 0, query = 0, scores = 0;
+};
+
+LayerBytes BytesOf(const StoredCache& cache, size_t l) {
+  if (cache.on_device()) {
+    const DeviceLayer& d = cache.device[l];
+    return {d.key_bytes, d.value_bytes, d.positions_bytes, d.query_bytes, d.scores_bytes};
+  }
+  const StoredLayer& h = cache.layers[l];
+  return {ByteSize(h.key), ByteSize(h.value), ByteSize(h.positions), ByteSize(h.query), ByteSize(h.scores)};
+}
+
+// A device-tier entry keeps its buffers on the device, a host-tier one on the host.
+absl::Status CheckForm(const StoredCache& cache, Tier tier) {
+  if (cache.on_device() == (tier == Tier::kDevice)) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat("cache ", QuoteId(cache.id), " is in ",
+                                                    cache.on_device() ? "device" : "host", " form, not fit for the ",
+                                                    TierName(tier), " tier (MoveToDevice, HostCopy)"));
+}
+
+// The cache's metadata (everything but the layers' buffers).
+std::unique_ptr<StoredCache> MetadataCopy(const StoredCache& cache) {
+  auto copy = std::make_unique<StoredCache>();
+  copy->tenant = cache.tenant;
+  copy->id = cache.id;
+  copy->description = cache.description;
+  copy->stats = cache.stats;
+  copy->q_tokens = cache.q_tokens;
+  copy->score_heads = cache.score_heads;
+  copy->compressed = cache.compressed;
+  copy->policy = cache.policy;
+  copy->created = cache.created;
+  copy->expires = cache.expires;
+  copy->tier = cache.tier;
+  copy->bytes = cache.bytes;
+  copy->layers.resize(cache.layers.size());
+  for (size_t l = 0; l < cache.layers.size(); ++l) {
+    const StoredLayer& from = cache.layers[l];
+    StoredLayer& to = copy->layers[l];
+    to.tokens = from.tokens;
+    to.entropy = from.entropy;
+    to.alpha = from.alpha;
+    to.query_positions = from.query_positions;
+    to.score_entropy = from.score_entropy;
+  }
+  return copy;
+}
+
 }  // namespace
 
 const char* TierName(Tier tier) {
@@ -170,9 +220,10 @@ absl::Status ValidateTenant(absl::string_view tenant) {
 
 int64_t StoredCache::ComputeBytes() const {
   int64_t bytes = 0;
-  for (const StoredLayer& l : layers) {
-    bytes += ByteSize(l.key) + ByteSize(l.value) + ByteSize(l.positions) + ByteSize(l.query) +
-             ByteSize(l.query_positions) + ByteSize(l.scores);
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const bool missing = on_device() && l >= device.size();  // malformed: ValidateStoredCache says so
+    const LayerBytes b = missing ? LayerBytes{} : BytesOf(*this, l);
+    bytes += b.key + b.value + b.positions + b.query + b.scores + ByteSize(layers[l].query_positions);
   }
   return bytes;
 }
@@ -227,41 +278,145 @@ absl::Status ValidateStoredCache(const StoredCache& cache) {
     default:
       return absl::InvalidArgumentError("stats: unknown form");
   }
+  const bool device = cache.on_device();
+  if (device) {
+    if (static_cast<int64_t>(cache.device.size()) != d.layers) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("device: ", cache.device.size(), " device layers for a description of ", d.layers));
+    }
+    for (int64_t l = 0; l < d.layers; ++l) {
+      const StoredLayer& h = cache.layers[l];
+      if (!h.key.empty() || !h.value.empty() || !h.positions.empty() || !h.query.empty() || !h.scores.empty()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("layer ", l, ": a cache in device form keeps its buffers on the device only"));
+      }
+      const DeviceLayer& dl = cache.device[l];
+      const int64_t sum = dl.key_bytes + dl.value_bytes + dl.positions_bytes + dl.query_bytes + dl.scores_bytes;
+      if (static_cast<int64_t>(dl.block.size()) != sum) {
+        return absl::InvalidArgumentError(absl::StrCat("layer ", l, ": device block of ", dl.block.size(),
+                                                       " bytes for buffers of ", sum));
+      }
+    }
+  }
   const int64_t dsize = DTypeSize(d.dtype);
   for (int64_t l = 0; l < d.layers; ++l) {
     const StoredLayer& layer = cache.layers[l];
+    const LayerBytes b = BytesOf(cache, l);
     const std::string prefix = absl::StrCat("layer ", l, " ");
     if (layer.tokens < 0 || layer.tokens > d.tokens) {
       return absl::InvalidArgumentError(
           absl::StrCat(prefix, "tokens must be in [0, ", d.tokens, "], got ", layer.tokens));
     }
     const int64_t kv_bytes = d.kv_heads * layer.tokens * d.head_dim * dsize;
-    MEDAKV_RETURN_IF_ERROR(CheckSize(prefix, "key", ByteSize(layer.key), kv_bytes));
-    MEDAKV_RETURN_IF_ERROR(CheckSize(prefix, "value", ByteSize(layer.value), kv_bytes));
-    if (!(layer.positions.empty() && layer.tokens == d.tokens)) {
-      MEDAKV_RETURN_IF_ERROR(
-          CheckSize(prefix, "positions", ByteSize(layer.positions), d.kv_heads * layer.tokens * 4));
-      MEDAKV_RETURN_IF_ERROR(CheckPositions(prefix, "positions", layer.positions, d.tokens));
+    MEDAKV_RETURN_IF_ERROR(CheckSize(prefix, "key", b.key, kv_bytes));
+    MEDAKV_RETURN_IF_ERROR(CheckSize(prefix, "value", b.value, kv_bytes));
+    if (!(b.positions == 0 && layer.tokens == d.tokens)) {
+      MEDAKV_RETURN_IF_ERROR(CheckSize(prefix, "positions", b.positions, d.kv_heads * layer.tokens * 4));
+      if (!device) MEDAKV_RETURN_IF_ERROR(CheckPositions(prefix, "positions", layer.positions, d.tokens));
     }
     if (!std::isfinite(layer.entropy) || !std::isfinite(layer.alpha)) {
       return absl::InvalidArgumentError(absl::StrCat(prefix, "entropy and alpha must be finite"));
     }
     const bool queries = cache.stats == KeptStats::kQueries;
     const bool scores = cache.stats == KeptStats::kPrecomputed;
-    MEDAKV_RETURN_IF_ERROR(CheckSize(prefix, "query", ByteSize(layer.query),
-                                     queries ? d.q_heads * cache.q_tokens * d.head_dim * dsize : 0));
+    MEDAKV_RETURN_IF_ERROR(
+        CheckSize(prefix, "query", b.query, queries ? d.q_heads * cache.q_tokens * d.head_dim * dsize : 0));
     if (!layer.query_positions.empty()) {
       MEDAKV_RETURN_IF_ERROR(CheckSize(prefix, "query_positions", ByteSize(layer.query_positions),
                                        queries ? cache.q_tokens * 4 : 0));
       MEDAKV_RETURN_IF_ERROR(CheckPositions(prefix, "query_positions", layer.query_positions, d.tokens));
     }
-    MEDAKV_RETURN_IF_ERROR(
-        CheckSize(prefix, "scores", ByteSize(layer.scores), scores ? cache.score_heads * d.tokens * 4 : 0));
+    MEDAKV_RETURN_IF_ERROR(CheckSize(prefix, "scores", b.scores, scores ? cache.score_heads * d.tokens * 4 : 0));
     if (scores && !std::isfinite(layer.score_entropy)) {
       return absl::InvalidArgumentError(absl::StrCat(prefix, "entropy is not finite (", layer.score_entropy, ")"));
     }
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<StoredCache>> MoveToDevice(std::unique_ptr<StoredCache> cache,
+                                                          DeviceMemory& memory) {
+  if (cache->on_device()) {
+    return absl::FailedPreconditionError(absl::StrCat("cache ", QuoteId(cache->id), " is already on a device"));
+  }
+  MEDAKV_RETURN_IF_ERROR(ValidateStoredCache(*cache));
+  std::vector<DeviceLayer> device(cache->layers.size());
+  for (size_t l = 0; l < cache->layers.size(); ++l) {
+    const StoredLayer& h = cache->layers[l];
+    DeviceLayer& d = device[l];
+    d.key_bytes = ByteSize(h.key);
+    d.value_bytes = ByteSize(h.value);
+    d.positions_bytes = ByteSize(h.positions);
+    d.query_bytes = ByteSize(h.query);
+    d.scores_bytes = ByteSize(h.scores);
+    const int64_t total = d.key_bytes + d.value_bytes + d.positions_bytes + d.query_bytes + d.scores_bytes;
+    absl::StatusOr<DeviceBlock> block = memory.Allocate(static_cast<size_t>(total));
+    if (!block.ok()) {
+      return absl::Status(block.status().code(), absl::StrCat("cache ", QuoteId(cache->id), ": layer ", l,
+                                                               " on the device: ", block.status().message()));
+    }
+    d.block = *std::move(block);
+    size_t offset = 0;
+    for (const auto& [data, bytes] : {std::pair<const void*, int64_t>{h.key.data(), d.key_bytes},
+                                      {h.value.data(), d.value_bytes},
+                                      {h.positions.data(), d.positions_bytes},
+                                      {h.query.data(), d.query_bytes},
+                                      {h.scores.data(), d.scores_bytes}}) {
+      MEDAKV_RETURN_IF_ERROR(memory.CopyToDevice(d.block, offset, data, static_cast<size_t>(bytes)));
+      offset += static_cast<size_t>(bytes);
+    }
+  }
+  // Every layer is on the device: only now are the host buffers freed.
+  for (StoredLayer& h : cache->layers) {
+    std::vector<uint8_t>().swap(h.key);
+    std::vector<uint8_t>().swap(h.value);
+    std::vector<int32_t>().swap(h.positions);
+    std::vector<uint8_t>().swap(h.query);
+    std::vector<float>().swap(h.scores);
+  }
+  cache->device = std::move(device);
+  return cache;
+}
+
+absl::StatusOr<std::unique_ptr<StoredCache>> HostCopy(const StoredCache& cache, int64_t layer_begin,
+                                                      int64_t layer_end) {
+  const int64_t layers = static_cast<int64_t>(cache.layers.size());
+  if (layer_end == 0) layer_end = layers;
+  if (layer_begin < 0 || layer_begin > layer_end || layer_end > layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer range [", layer_begin, ", ", layer_end, ") is not within [0, ", layers, ")"));
+  }
+  std::unique_ptr<StoredCache> copy = MetadataCopy(cache);
+  for (int64_t l = layer_begin; l < layer_end; ++l) {
+    StoredLayer& to = copy->layers[l];
+    if (!cache.on_device()) {
+      const StoredLayer& from = cache.layers[l];
+      to.key = from.key;
+      to.value = from.value;
+      to.positions = from.positions;
+      to.query = from.query;
+      to.scores = from.scores;
+      continue;
+    }
+    const LayerBytes b = BytesOf(cache, l);
+    to.key.resize(b.key);
+    to.value.resize(b.value);
+    to.positions.resize(b.positions / 4);
+    to.query.resize(b.query);
+    to.scores.resize(b.scores / 4);
+    const DeviceLayer& d = cache.device[l];
+    DeviceMemory* memory = d.block.memory();
+    size_t offset = 0;
+    for (const auto& [data, bytes] : {std::pair<void*, int64_t>{to.key.data(), b.key},
+                                      {to.value.data(), b.value},
+                                      {to.positions.data(), b.positions},
+                                      {to.query.data(), b.query},
+                                      {to.scores.data(), b.scores}}) {
+      if (bytes > 0) MEDAKV_RETURN_IF_ERROR(memory->CopyToHost(data, d.block, offset, static_cast<size_t>(bytes)));
+      offset += static_cast<size_t>(bytes);
+    }
+  }
+  return copy;
 }
 
 CacheSummary Summarize(const StoredCache& cache) {
@@ -281,8 +436,7 @@ CacheSummary Summarize(const StoredCache& cache) {
   return s;
 }
 
-absl::StatusOr<CacheInput> CompressionInput(const StoredCache& cache) {
-  const CacheDescription& d = cache.description;
+absl::Status CheckCompressible(const StoredCache& cache) {
   if (cache.compressed) {
     return absl::FailedPreconditionError(
         absl::StrCat("cache ", QuoteId(cache.id), " is already compressed (policy ", cache.policy, ")"));
@@ -290,6 +444,16 @@ absl::StatusOr<CacheInput> CompressionInput(const StoredCache& cache) {
   if (cache.stats == KeptStats::kNone) {
     return absl::FailedPreconditionError(
         absl::StrCat("cache ", QuoteId(cache.id), " was stored without attention statistics"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<CacheInput> CompressionInput(const StoredCache& cache) {
+  const CacheDescription& d = cache.description;
+  MEDAKV_RETURN_IF_ERROR(CheckCompressible(cache));
+  if (cache.on_device()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cache ", QuoteId(cache.id), " is in device form: compress a HostCopy of it"));
   }
   CacheInput in;
   in.kv_heads = d.kv_heads;
@@ -413,6 +577,7 @@ absl::StatusOr<CacheSummary> CacheStore::Commit(Reservation reservation, std::un
   }
   if (cache == nullptr) return absl::InvalidArgumentError("no cache to commit");
   MEDAKV_RETURN_IF_ERROR(ValidateStoredCache(*cache));
+  MEDAKV_RETURN_IF_ERROR(CheckForm(*cache, reservation.tier()));
   const int64_t bytes = cache->ComputeBytes();
   if (bytes > reservation.bytes()) {
     return absl::FailedPreconditionError(absl::StrCat("cache ", QuoteId(cache->id), " has ", bytes,
@@ -444,6 +609,7 @@ absl::StatusOr<CacheSummary> CacheStore::Put(Tier tier, std::unique_ptr<StoredCa
                                              absl::Duration ttl) {
   if (cache == nullptr) return absl::InvalidArgumentError("no cache to put");
   MEDAKV_RETURN_IF_ERROR(ValidateStoredCache(*cache));  // before anything is evicted for it
+  MEDAKV_RETURN_IF_ERROR(CheckForm(*cache, tier));
   MEDAKV_ASSIGN_OR_RETURN(Reservation reservation, Reserve(tier, cache->ComputeBytes()));
   return Commit(std::move(reservation), std::move(cache), overwrite, ttl);
 }
@@ -514,6 +680,7 @@ absl::StatusOr<CacheSummary> CacheStore::Replace(std::shared_ptr<const StoredCac
   }
   MEDAKV_RETURN_IF_ERROR(ValidateStoredCache(*next));
   const Tier tier = expected->tier;
+  MEDAKV_RETURN_IF_ERROR(CheckForm(*next, tier));
   const int64_t bytes = next->ComputeBytes();
   if (bytes > capacity(tier)) {
     return absl::ResourceExhaustedError(absl::StrCat("a cache of ", bytes, " bytes exceeds the ", TierName(tier),

@@ -47,6 +47,12 @@
 // and the byte budgets are shared by all tenants. The one-argument forms are
 // the "" tenant's.
 //
+// Tiers (docs/store.md). A host-tier entry keeps its buffers in its
+// StoredLayer vectors; a device-tier entry is in device form (MoveToDevice:
+// the buffers in device memory, StoredCache::device). Commit, Put and Replace
+// take only the form of the tier (FAILED_PRECONDITION otherwise); HostCopy
+// reads either form. The store itself never copies between tiers.
+//
 // Expired entries are invisible and are reclaimed at the start of every call
 // that takes the store mutex (no background thread). Big buffers are never
 // copied and never freed with the store mutex held: removed entries are
@@ -70,6 +76,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "kernels/common/device_memory.h"
 #include "kernels/common/dtype.h"
 #include "kernels/common/tensor.h"
 #include "service/compress/pipeline.h"
@@ -127,6 +134,13 @@ struct StoredLayer {
   float score_entropy = 0.f;             // kPrecomputed: the worker's entropy of the layer
 };
 
+// A device-tier layer: its key, value, positions, query and scores back to
+// back in one device block, in that order (MoveToDevice, HostCopy).
+struct DeviceLayer {
+  DeviceBlock block;
+  int64_t key_bytes = 0, value_bytes = 0, positions_bytes = 0, query_bytes = 0, scores_bytes = 0;
+};
+
 struct StoredCache {
   std::string tenant;  // "" without authentication; never shown to other tenants
   std::string id;
@@ -135,6 +149,11 @@ struct StoredCache {
   int64_t q_tokens = 0;     // kQueries: query rows per layer
   int64_t score_heads = 0;  // kPrecomputed: kv_heads or q_heads
   std::vector<StoredLayer> layers;
+  // Device form (device tier): one DeviceLayer per layer holding the big
+  // buffers, whose StoredLayer vectors key, value, positions, query and
+  // scores are then empty (the scalars and query_positions stay in
+  // `layers`). Host form (host tier): empty.
+  std::vector<DeviceLayer> device;
   bool compressed = false;
   std::string policy;  // the policy that compressed it, if any
 
@@ -145,13 +164,31 @@ struct StoredCache {
   Tier tier = Tier::kHost;
   int64_t bytes = 0;  // ComputeBytes()
 
-  // The sum of the sizes of every buffer (keys, values, positions, statistics).
+  // The sum of the sizes of every buffer (keys, values, positions,
+  // statistics), the same in either form.
   int64_t ComputeBytes() const;
+  bool on_device() const { return !device.empty(); }
 };
 
 // Every buffer consistent with the description and the kept statistics;
-// INVALID_ARGUMENT naming the layer and the field.
+// INVALID_ARGUMENT naming the layer and the field. In device form only the
+// sizes are checked (the contents were checked by MoveToDevice).
 [[nodiscard]] absl::Status ValidateStoredCache(const StoredCache& cache);
+
+// The device form of a valid host-form cache: validates it, copies every
+// layer's buffers into a block of `memory` and frees the host buffers.
+// RESOURCE_EXHAUSTED when the device has no room (nothing is kept then);
+// INVALID_ARGUMENT for an invalid cache, FAILED_PRECONDITION for one already
+// on a device.
+[[nodiscard]] absl::StatusOr<std::unique_ptr<StoredCache>> MoveToDevice(std::unique_ptr<StoredCache> cache,
+                                                                        DeviceMemory& memory);
+
+// A host-form copy of `cache` (of either form) with the same metadata, whose
+// layers outside [layer_begin, layer_end) are left empty (layer_end 0: every
+// layer; a partial copy is for reading those layers, not for storing).
+// INVALID_ARGUMENT for a range outside the cache.
+[[nodiscard]] absl::StatusOr<std::unique_ptr<StoredCache>> HostCopy(const StoredCache& cache,
+                                                                    int64_t layer_begin = 0, int64_t layer_end = 0);
 
 // What ListCaches, PutCache and CompressCache report about an entry
 // (CacheInfo in the proto): everything but the buffers.
@@ -170,10 +207,14 @@ struct CacheSummary {
 };
 CacheSummary Summarize(const StoredCache& cache);
 
+// FAILED_PRECONDITION when the cache is already compressed or was stored
+// without statistics.
+[[nodiscard]] absl::Status CheckCompressible(const StoredCache& cache);
+
 // Views of a stored, uncompressed cache with its kept statistics, ready for
 // Compress(). The views point into `cache`: keep the shared_ptr alive while
-// the input is used. FAILED_PRECONDITION when the cache is already compressed
-// or was stored without statistics.
+// the input is used. FAILED_PRECONDITION when CheckCompressible fails or the
+// cache is in device form (compress its HostCopy).
 [[nodiscard]] absl::StatusOr<CacheInput> CompressionInput(const StoredCache& cache);
 
 // The compressed form of `original` for Replace: same tenant, id and description,

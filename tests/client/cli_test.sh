@@ -257,7 +257,7 @@ else
   placed_ok=1
   for i in 1 2 3 4 5 6; do
     out=$("$medakv" put "$dir/in.safetensors" --id "cli-$i" --server "$both" --ttl 3600 2>&1) || placed_ok=0
-    echo "$out" | grep -q "^put 'cli-$i' on server 127.0.0.1:[0-9]*: 3 layers x 300 tokens, .*shared memory" || placed_ok=0
+    echo "$out" | grep -q "^put 'cli-$i' on server 127.0.0.1:[0-9]*: 3 layers x 300 tokens, .*shared memory), host tier" || placed_ok=0
     echo "$out" >>"$dir/puts"
   done
   # (Whether both replicas got one of the six depends on the ports: the
@@ -275,6 +275,19 @@ else
   else
     bad "put --overwrite --json: $json"
   fi
+  # --tier: this server has no device tier, so host and auto (any case) both land on the host tier.
+  tiers_ok=1
+  for tier in host AUTO; do
+    json=$("$medakv" put "$dir/in.safetensors" --id cli-1 --server "$both" --overwrite --tier "$tier" --json) || tiers_ok=0
+    python3 -c 'import json,sys; j=json.loads(sys.argv[1]); assert j["cache_id"]=="cli-1" and j["tier"]=="host", j' "$json" ||
+      tiers_ok=0
+  done
+  if [ $tiers_ok -eq 1 ]; then ok "put --tier host, --tier AUTO: the host tier"; else bad "put --tier: $json"; fi
+  expect_error "put: bad --tier" "--tier: expected auto, host or device, got 'bogus'" put "$dir/in.safetensors" \
+    --id cli-1 --server "$both" --overwrite --tier bogus
+  # Refused before the network: nothing listens on port 1.
+  expect_error "put: empty --tier" "--tier: expected auto, host or device, got ''" put "$dir/in.safetensors" \
+    --id cli-1 --server 127.0.0.1:1 --tier ""
   expect_error "put: the id exists" "ALREADY_EXISTS: cache 'cli-2' exists" put "$dir/in.safetensors" --id cli-2 --server "$both"
   expect_error "put: bad id" "byte 3 is outside" put "$dir/in.safetensors" --id "bad id" --server "$both"
   out=$("$medakv" ls --server "$both" --prefix cli-)

@@ -6,6 +6,7 @@
 #include "client/cpp/client.h"
 
 #include <arpa/inet.h>
+#include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -20,9 +21,11 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "kernels/backend.h"
 #include "kernels/common/tensor_util.h"
+#include "medakv/v1/medakv.grpc.pb.h"
 #include "tests/client/client_test_util.h"
 #include "tests/client/server_process.h"
 #include "tests/service/test_cache.h"
@@ -201,6 +204,10 @@ TEST(ClientOptionsTest, BadArgumentsFailBeforeTheNetwork) {
   PutOptions ttl;
   ttl.ttl_seconds = -1;
   ExpectStatus(client->PutCache("x", c.input, ttl).status(), absl::StatusCode::kInvalidArgument, "ttl_seconds");
+  PutOptions tier;
+  tier.tier = static_cast<v1::CacheTier>(7);
+  ExpectStatus(client->PutCache("x", c.input, tier).status(), absl::StatusCode::kInvalidArgument,
+               "tier must be CACHE_TIER_AUTO, CACHE_TIER_HOST or CACHE_TIER_DEVICE, got 7");
   CacheInput bad = c.input;
   bad.layers[1].value.tokens = 3;
   ExpectStatus(client->Compress(bad, Meda(0.2)).status(), absl::StatusCode::kInvalidArgument, "layer 1 value");
@@ -216,6 +223,82 @@ TEST(ClientOptionsTest, BadArgumentsFailBeforeTheNetwork) {
   ExpectStatus(client->GetCache("x", range).status(), absl::StatusCode::kInvalidArgument, "layer range");
   ExpectStatus(client->ListCaches("", -1).status(), absl::StatusCode::kInvalidArgument, "limit");
   ExpectStatus(client->DeleteCache("").status(), absl::StatusCode::kInvalidArgument, "cache id");
+}
+
+// ---- what PutCache sends --------------------------------------------------------------
+
+// An in-process server whose PutCache keeps every header it receives and
+// answers with the id (every other method: UNIMPLEMENTED).
+class HeaderRecorder final : public v1::Medakv::Service {
+ public:
+  grpc::Status PutCache(grpc::ServerContext*, grpc::ServerReader<v1::PutCacheRequest>* reader,
+                        v1::PutCacheResponse* response) override {
+    v1::PutCacheRequest request;
+    while (reader->Read(&request)) {
+      if (!request.has_header()) continue;
+      response->mutable_info()->set_cache_id(request.header().cache_id());
+      absl::MutexLock lock(&mu_);
+      headers_.push_back(request.header());
+    }
+    return grpc::Status::OK;
+  }
+
+  std::vector<v1::PutCacheHeader> headers() {
+    absl::MutexLock lock(&mu_);
+    return headers_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::vector<v1::PutCacheHeader> headers_ ABSL_GUARDED_BY(mu_);
+};
+
+TEST(PutHeaderTest, TheHeaderCarriesTheTierAndTheOtherPutOptions) {
+  HeaderRecorder recorder;
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&recorder);
+  const std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  ASSERT_GT(port, 0);
+  ClientOptions o = Options({absl::StrCat("127.0.0.1:", port)});
+  o.shared_memory = SharedMemoryMode::kOff;  // the recorder has no RegisterSharedMemory
+  const std::unique_ptr<Client> client = NewClient(o);
+  ASSERT_NE(client, nullptr);
+  TestCache c = MakeTestCache(CacheParams{});
+
+  EXPECT_EQ(PutOptions{}.tier, v1::CACHE_TIER_AUTO);
+  ASSERT_OK(client->PutCache("tier-default", c.input).status());
+  ASSERT_EQ(recorder.headers().size(), 1u);
+  EXPECT_EQ(recorder.headers()[0].tier(), v1::CACHE_TIER_AUTO);
+  EXPECT_EQ(recorder.headers()[0].cache_id(), "tier-default");
+
+  for (v1::CacheTier tier : {v1::CACHE_TIER_HOST, v1::CACHE_TIER_DEVICE, v1::CACHE_TIER_AUTO}) {
+    SCOPED_TRACE(v1::CacheTier_Name(tier));
+    const std::string id = absl::StrCat("tier-", v1::CacheTier_Name(tier));
+    PutOptions put;
+    put.tier = tier;
+    put.ttl_seconds = 60;
+    put.overwrite = true;
+    absl::StatusOr<PutResult> r = client->PutCache(id, c.input, put);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->info.cache_id(), id);
+    const v1::PutCacheHeader h = recorder.headers().back();
+    EXPECT_EQ(h.cache_id(), id);
+    EXPECT_EQ(h.tier(), tier);
+    EXPECT_EQ(h.ttl_seconds(), 60);
+    EXPECT_TRUE(h.overwrite());
+  }
+  EXPECT_EQ(recorder.headers().size(), 4u);
+
+  // A value outside the enum is refused before anything is sent.
+  PutOptions bad;
+  bad.tier = static_cast<v1::CacheTier>(3);
+  ExpectStatus(client->PutCache("tier-bad", c.input, bad).status(), absl::StatusCode::kInvalidArgument,
+               "tier must be CACHE_TIER_AUTO, CACHE_TIER_HOST or CACHE_TIER_DEVICE, got 3");
+  EXPECT_EQ(recorder.headers().size(), 4u);
+  server->Shutdown();
 }
 
 // ---- one server ------------------------------------------------------------------------
@@ -388,6 +471,26 @@ TEST_F(OneServerTest, StoreErrorsKeepTheirCodesAndNameTheServer) {
   GetOptions range;
   range.layer_begin = 5;
   ExpectStatus(client->GetCache("errors-1", range).status(), absl::StatusCode::kInvalidArgument, "layer range");
+}
+
+TEST_F(OneServerTest, HostAndAutoTiersLandOnTheHostTierOfACpuServer) {
+  // The test server has no device tier: AUTO falls back to the host tier.
+  const std::unique_ptr<Client> client = NewClientFor();
+  TestCache c = MakeTestCache(CacheParams{});
+  for (v1::CacheTier tier : {v1::CACHE_TIER_HOST, v1::CACHE_TIER_AUTO}) {
+    SCOPED_TRACE(v1::CacheTier_Name(tier));
+    const std::string id = absl::StrCat("tier-", v1::CacheTier_Name(tier));
+    PutOptions put;
+    put.tier = tier;
+    absl::StatusOr<PutResult> r = client->PutCache(id, c.input, put);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->info.tier(), "host");
+    absl::StatusOr<FetchedCache> got = client->GetCache(id);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->info.tier(), "host");
+    ExpectStoredAsSent(*got, c.input, 0, static_cast<int32_t>(c.input.layers.size()));
+    ASSERT_OK(client->DeleteCache(id).status());
+  }
 }
 
 TEST_F(OneServerTest, DeleteListStatsAndHealth) {

@@ -239,7 +239,8 @@ TEST(CacheStoreTest, PutGetListDeleteRoundTripPreservesEveryByte) {
     layer.score_entropy = 1.5f;
     b->layers.push_back(std::move(layer));
   }
-  const StoredCache a_copy = *a, b_copy = *b;
+  const std::unique_ptr<StoredCache> a_copy_ptr = *HostCopy(*a), b_copy_ptr = *HostCopy(*b);
+  const StoredCache &a_copy = *a_copy_ptr, &b_copy = *b_copy_ptr;
   const int64_t a_bytes = a->ComputeBytes(), b_bytes = b->ComputeBytes();
   EXPECT_EQ(a_bytes, 2 * (2 * 512 + 2 * 16 * 4 + 4 * 3 * 8 * 2 + 3 * 4));  // k, v, positions, query, query positions
   EXPECT_EQ(b_bytes, 80 + 80 + 20);
@@ -660,6 +661,164 @@ TEST(CacheStoreTest, ReplaceMayEvictOthersButNeverAReadEntry) {
   EXPECT_FALSE(store.Contains("b"));
   EXPECT_EQ(HostStats(store).evicted_lru, 1);
   ExpectConsistent(store, 3 * size, size);
+}
+
+// ---- the device tier (emulated device memory) -------------------------------------------
+
+std::unique_ptr<StoredCache> OnDevice(std::unique_ptr<StoredCache> cache, DeviceMemory& memory) {
+  absl::StatusOr<std::unique_ptr<StoredCache>> moved = MoveToDevice(std::move(cache), memory);
+  EXPECT_TRUE(moved.ok()) << moved.status();
+  return moved.ok() ? *std::move(moved) : nullptr;
+}
+
+TierStats DeviceStats(CacheStore& store) {
+  for (const TierStats& t : store.Stats()) {
+    if (t.tier == Tier::kDevice) return t;
+  }
+  ADD_FAILURE() << "no device tier";
+  return TierStats{};
+}
+
+TEST(DeviceTierTest, MoveToDeviceAndHostCopyKeepEveryByte) {
+  std::shared_ptr<EmulatedDeviceMemory> memory = MakeEmulatedDeviceMemory();
+  std::unique_ptr<StoredCache> host = PatternCache("d", 3, 3, 2, 4, 5, /*queries=*/true);
+  host->layers[1].query_positions = {4};
+  host->bytes = host->ComputeBytes();
+  const int64_t bytes = host->bytes;
+  std::unique_ptr<StoredCache> device = OnDevice(std::move(host), *memory);
+  ASSERT_NE(device, nullptr);
+  EXPECT_TRUE(device->on_device());
+  EXPECT_EQ(device->ComputeBytes(), bytes);
+  // Everything but the query positions (host metadata) is in device memory.
+  EXPECT_EQ(memory->allocated_bytes(), bytes - 4);
+  EXPECT_EQ(memory->allocated_blocks(), 3);
+  for (const StoredLayer& l : device->layers) {
+    EXPECT_TRUE(l.key.empty() && l.value.empty() && l.positions.empty() && l.query.empty());
+  }
+  EXPECT_TRUE(ValidateStoredCache(*device).ok());
+  EXPECT_EQ(MoveToDevice(std::move(device), *memory).status().code(), absl::StatusCode::kFailedPrecondition);
+
+  device = OnDevice(PatternCache("d", 3, 3, 2, 4, 5, true), *memory);
+  ASSERT_NE(device, nullptr);
+  absl::StatusOr<std::unique_ptr<StoredCache>> copy = HostCopy(*device);
+  ASSERT_TRUE(copy.ok()) << copy.status();
+  EXPECT_FALSE((*copy)->on_device());
+  (*copy)->bytes = (*copy)->ComputeBytes();
+  EXPECT_TRUE(Intact(**copy));
+  const std::unique_ptr<StoredCache> reference = PatternCache("d", 3, 3, 2, 4, 5, true);
+  for (int l = 0; l < 3; ++l) {
+    EXPECT_EQ((*copy)->layers[l].query, reference->layers[l].query) << l;
+    EXPECT_EQ((*copy)->layers[l].positions, reference->layers[l].positions) << l;
+  }
+  // A range: the layers outside it stay empty.
+  absl::StatusOr<std::unique_ptr<StoredCache>> part = HostCopy(*device, 1, 2);
+  ASSERT_TRUE(part.ok());
+  EXPECT_TRUE((*part)->layers[0].key.empty());
+  EXPECT_EQ((*part)->layers[1].key, reference->layers[1].key);
+  EXPECT_EQ((*part)->layers[1].value, reference->layers[1].value);
+  EXPECT_TRUE((*part)->layers[2].value.empty());
+  EXPECT_EQ(HostCopy(*device, 2, 4).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(HostCopy(*device, -1, 1).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(HostCopy(*device, 2, 1).status().code(), absl::StatusCode::kInvalidArgument);
+  // A device entry is compressed from its host copy.
+  EXPECT_EQ(CompressionInput(*device).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(CompressionInput(**copy).ok());
+  device.reset();
+  EXPECT_EQ(memory->allocated_bytes(), 0);
+}
+
+TEST(DeviceTierTest, MoveToDeviceKeepsNothingWhenTheDeviceIsFull) {
+  const int64_t size = SizeOf(3, 1, 4, 8);
+  std::shared_ptr<EmulatedDeviceMemory> memory = MakeEmulatedDeviceMemory(size - 1);
+  absl::StatusOr<std::unique_ptr<StoredCache>> moved = MoveToDevice(PatternCache("f", 1, 3, 1, 4, 8), *memory);
+  EXPECT_EQ(moved.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(moved.status().message().find("layer 2"), std::string::npos) << moved.status();
+  EXPECT_EQ(memory->allocated_bytes(), 0);
+  // An invalid cache is refused before anything is allocated.
+  std::unique_ptr<StoredCache> bad = PatternCache("f", 1, 1, 1, 4, 8);
+  bad->layers[0].value.pop_back();
+  EXPECT_EQ(MoveToDevice(std::move(bad), *memory).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(memory->allocated_blocks(), 0);
+}
+
+TEST(DeviceTierTest, EachTierTakesOnlyItsOwnForm) {
+  std::shared_ptr<EmulatedDeviceMemory> memory = MakeEmulatedDeviceMemory();
+  StoreOptions o = Options(1 << 20);
+  o.device_capacity_bytes = 1 << 20;
+  CacheStore store(o);
+  absl::Status s = store.Put(Tier::kDevice, PatternCache("h", 1, 1, 1, 4, 4), false, kNoTtl).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(s.message().find("host form"), std::string::npos) << s;
+  s = store.Put(Tier::kHost, OnDevice(PatternCache("h", 1, 1, 1, 4, 4), *memory), false, kNoTtl).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  // The reservation is consumed by a failed commit, and nothing is charged.
+  absl::StatusOr<Reservation> r = store.Reserve(Tier::kDevice, SizeOf(1, 1, 4, 4));
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(store.Commit(*std::move(r), PatternCache("h", 1, 1, 1, 4, 4), false, kNoTtl).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(store.used_bytes(Tier::kDevice), 0);
+  EXPECT_EQ(store.used_bytes(Tier::kHost), 0);
+
+  absl::StatusOr<CacheSummary> info =
+      store.Put(Tier::kDevice, OnDevice(PatternCache("d", 1, 2, 1, 4, 4), *memory), false, kNoTtl);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->tier, Tier::kDevice);
+  EXPECT_EQ(info->bytes, SizeOf(2, 1, 4, 4));
+  EXPECT_EQ(DeviceStats(store).used_bytes, SizeOf(2, 1, 4, 4));
+  EXPECT_EQ(DeviceStats(store).entries, 1);
+  EXPECT_EQ(HostStats(store).used_bytes, 0);
+  EXPECT_EQ(memory->allocated_bytes(), SizeOf(2, 1, 4, 4));
+  // Replace keeps the tier and wants the device form.
+  std::shared_ptr<const StoredCache> current = *store.Get("d");
+  EXPECT_EQ(store.Replace(current, PatternCache("d", 2, 2, 1, 4, 2)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  absl::StatusOr<CacheSummary> replaced =
+      store.Replace(std::move(current), OnDevice(PatternCache("d", 2, 2, 1, 4, 2), *memory));
+  ASSERT_TRUE(replaced.ok()) << replaced.status();
+  EXPECT_EQ(replaced->tier, Tier::kDevice);
+  EXPECT_EQ(DeviceStats(store).used_bytes, SizeOf(2, 1, 4, 2));
+  EXPECT_EQ(memory->allocated_bytes(), SizeOf(2, 1, 4, 2));
+  absl::StatusOr<std::unique_ptr<StoredCache>> back = HostCopy(**store.Get("d"));
+  ASSERT_TRUE(back.ok());
+  EXPECT_TRUE(Intact(**back));
+  EXPECT_EQ((*back)->policy, "2");
+  ASSERT_TRUE(store.Delete("d").ok());
+  EXPECT_EQ(memory->allocated_bytes(), 0);
+  EXPECT_EQ(DeviceStats(store).used_bytes, 0);
+}
+
+TEST(DeviceTierTest, EvictionFreesDeviceMemoryOnlyWhenTheLastReaderDrops) {
+  std::shared_ptr<EmulatedDeviceMemory> memory = MakeEmulatedDeviceMemory();
+  const int64_t size = SizeOf(1, 1, 4, 4);
+  StoreOptions o = Options(10 * size);
+  o.device_capacity_bytes = 2 * size;
+  CacheStore store(o);
+  for (const char* id : {"a", "b"}) {
+    ASSERT_TRUE(store.Put(Tier::kDevice, OnDevice(PatternCache(id, 1, 1, 1, 4, 4), *memory), false, kNoTtl).ok());
+  }
+  std::shared_ptr<const StoredCache> reader = *store.Get("a");  // b is now the least recently used
+  ASSERT_TRUE(store.Put(Tier::kDevice, OnDevice(PatternCache("c", 1, 1, 1, 4, 4), *memory), false, kNoTtl).ok());
+  EXPECT_FALSE(store.Contains("b"));
+  EXPECT_EQ(memory->allocated_bytes(), 2 * size);  // b freed
+  // a is held: c cannot evict it, so d does not fit; nothing is evicted for it.
+  std::shared_ptr<const StoredCache> reader_c = *store.Get("c");
+  EXPECT_EQ(store.Put(Tier::kDevice, OnDevice(PatternCache("d", 1, 1, 1, 4, 4), *memory), false, kNoTtl)
+                .status()
+                .code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(memory->allocated_bytes(), 2 * size);  // d's device copy was dropped with the failed put
+  // Deleted while read: the memory stays until the reader drops it.
+  ASSERT_TRUE(store.Delete("a").ok());
+  EXPECT_EQ(memory->allocated_bytes(), 2 * size);
+  EXPECT_EQ(DeviceStats(store).held_bytes, size);
+  absl::StatusOr<std::unique_ptr<StoredCache>> copy = HostCopy(*reader);
+  ASSERT_TRUE(copy.ok());
+  EXPECT_TRUE(Intact(**copy));
+  reader.reset();
+  EXPECT_EQ(memory->allocated_bytes(), size);
+  EXPECT_EQ(DeviceStats(store).used_bytes, size);
+  EXPECT_EQ(DeviceStats(store).evicted_lru, 1);
+  EXPECT_EQ(HostStats(store).used_bytes, 0);  // the host tier was never touched
 }
 
 // ---- compression helpers --------------------------------------------------------------

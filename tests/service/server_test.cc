@@ -15,6 +15,8 @@
 #include "absl/strings/str_cat.h"
 #include "client/cpp/remote.h"
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "kernels/common/device_memory.h"
+#include "kernels/cuda/device.h"
 #include "medakv/v1/medakv.grpc.pb.h"
 #include "service/server/convert.h"
 #include "tests/kernels/test_util.h"
@@ -221,9 +223,11 @@ TEST_F(ServerTest, MalformedCompressStreams) {
 
 // Uploads `c` under `id` (with its statistics) in chunks.
 grpc::Status Put(v1::Medakv::Stub& stub, const TestCache& c, const std::string& id, bool overwrite = false,
-                 int64_t chunk = 1000, bool cancel_midway = false) {
+                 int64_t chunk = 1000, bool cancel_midway = false, v1::CacheTier tier = v1::CACHE_TIER_AUTO,
+                 v1::PutCacheResponse* out = nullptr) {
   grpc::ClientContext ctx;
-  v1::PutCacheResponse response;
+  v1::PutCacheResponse local;
+  v1::PutCacheResponse& response = out != nullptr ? *out : local;
   auto writer = stub.PutCache(&ctx, &response);
   v1::PutCacheRequest req;
   v1::PutCacheHeader* h = req.mutable_header();
@@ -231,6 +235,7 @@ grpc::Status Put(v1::Medakv::Stub& stub, const TestCache& c, const std::string& 
   h->set_overwrite(overwrite);
   const CacheSpec spec = *SpecFromInput(c.input);
   ToProto(spec, h);
+  h->set_tier(tier);
   bool ok = writer->Write(req);
   auto send = [&](int32_t layer, v1::TensorKind kind, int64_t offset, const uint8_t* data, int64_t n) {
     req.Clear();
@@ -401,6 +406,152 @@ TEST_F(ServerTest, PutSemantics) {
   EXPECT_EQ(st.error_code(), grpc::StatusCode::NOT_FOUND) << "the least recently used entry is evicted";
   Get(*stub_, "c", &st);
   EXPECT_TRUE(st.ok());
+}
+
+// ---- the device tier (emulated device memory: the same paths as CUDA's) -----------------
+
+class DeviceTierTest : public ServerTest {
+ protected:
+  void StartWithDevice(int64_t device_bytes, int64_t host_bytes = int64_t{1} << 30) {
+    memory_ = MakeEmulatedDeviceMemory();
+    ServerOptions o;
+    o.host_cache_bytes = host_bytes;
+    o.device_cache_bytes = device_bytes;
+    o.device_memory = memory_;
+    StartServer(o);
+  }
+  v1::TierStats Tier(const std::string& name) {
+    grpc::ClientContext ctx;
+    v1::StatsResponse r;
+    EXPECT_TRUE(stub_->Stats(&ctx, v1::StatsRequest(), &r).ok());
+    for (const auto& t : r.tiers()) {
+      if (t.tier() == name) return t;
+    }
+    ADD_FAILURE() << "no " << name << " tier in Stats";
+    return {};
+  }
+  std::string PutTier(const TestCache& c, const std::string& id, v1::CacheTier tier) {
+    v1::PutCacheResponse r;
+    const grpc::Status s = Put(*stub_, c, id, false, 1000, false, tier, &r);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return r.info().tier();
+  }
+  std::shared_ptr<EmulatedDeviceMemory> memory_;
+};
+
+TEST_F(DeviceTierTest, PutGetCompressDeleteOnTheDeviceEqualTheHostTier) {
+  StartWithDevice(int64_t{1} << 30);
+  TestCache c = MakeCache(DType::kFloat16, Layout::kHND, 3, 2, 2, 90, 16, 5, false, 51);
+  EXPECT_EQ(PutTier(c, "dev", v1::CACHE_TIER_AUTO), "device");  // auto prefers the device
+  EXPECT_EQ(PutTier(c, "host", v1::CACHE_TIER_HOST), "host");
+  const v1::TierStats device = Tier("device");
+  EXPECT_EQ(device.entries(), 1);
+  EXPECT_EQ(device.capacity_bytes(), int64_t{1} << 30);
+  EXPECT_EQ(device.used_bytes(), Tier("host").used_bytes());
+  // The query positions are host metadata; with the default (last rows) there are none.
+  EXPECT_EQ(memory_->allocated_bytes(), device.used_bytes());
+  // Both downloads return the uploaded bytes, whole and as a range.
+  grpc::Status st;
+  for (const char* id : {"dev", "host"}) {
+    auto layers = Reassemble(Get(*stub_, id, &st));
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    ASSERT_EQ(layers.size(), 3u);
+    for (int l = 0; l < 3; ++l) {
+      EXPECT_EQ(layers[l].key, std::string(static_cast<const char*>(c.keys[l].data()), c.keys[l].NumBytes()));
+      EXPECT_EQ(layers[l].value, std::string(static_cast<const char*>(c.values[l].data()), c.values[l].NumBytes()));
+    }
+  }
+  auto range = Reassemble(Get(*stub_, "dev", &st, 1, 3));
+  ASSERT_TRUE(st.ok());
+  ASSERT_EQ(range.size(), 2u);
+  EXPECT_EQ(range[2].value, std::string(static_cast<const char*>(c.values[2].data()), c.values[2].NumBytes()));
+  // Compression in place: the same result on both tiers, and the device entry stays on the device.
+  CompressOptions o = DefaultOptions(PolicyKind::kMeda);
+  o.budget.rho = 0.3;
+  for (const char* id : {"dev", "host"}) {
+    grpc::ClientContext ctx;
+    v1::CompressCacheRequest req;
+    req.set_cache_id(id);
+    *req.mutable_policy() = PolicyToProto(o);
+    v1::CompressCacheResponse resp;
+    const grpc::Status s = stub_->CompressCache(&ctx, req, &resp);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    EXPECT_EQ(resp.info().tier(), std::string(id) == "dev" ? "device" : "host");
+  }
+  auto on_device = Reassemble(Get(*stub_, "dev", &st));
+  ASSERT_TRUE(st.ok());
+  auto on_host = Reassemble(Get(*stub_, "host", &st));
+  ASSERT_TRUE(st.ok());
+  absl::StatusOr<CompressResult> want = Compress(c.input, o, *MakeCpuBackend());
+  ASSERT_TRUE(want.ok());
+  for (int l = 0; l < 3; ++l) {
+    const LayerResult& w = want->layers[l];
+    EXPECT_EQ(on_device[l].budget, w.budget);
+    EXPECT_EQ(on_device[l].key, std::string(w.key.begin(), w.key.end())) << l;
+    EXPECT_EQ(on_device[l].value, on_host[l].value) << l;
+    EXPECT_EQ(on_device[l].positions, on_host[l].positions) << l;
+  }
+  EXPECT_EQ(Tier("device").used_bytes(), Tier("host").used_bytes());
+  EXPECT_EQ(memory_->allocated_bytes(), Tier("device").used_bytes());
+  // Deleting frees the device memory.
+  grpc::ClientContext ctx;
+  v1::DeleteCacheRequest del;
+  del.set_cache_id("dev");
+  v1::DeleteCacheResponse freed;
+  ASSERT_TRUE(stub_->DeleteCache(&ctx, del, &freed).ok());
+  EXPECT_GT(freed.bytes_freed(), 0);
+  EXPECT_EQ(memory_->allocated_bytes(), 0);
+  EXPECT_EQ(Tier("device").used_bytes(), 0);
+}
+
+TEST_F(DeviceTierTest, AutoFallsBackToTheHostAndDeviceSaysWhyNot) {
+  TestCache c = MakeCache(DType::kFloat16, Layout::kHND, 2, 2, 2, 100, 16, 4, false, 52);  // ~27 KB stored
+  TestCache big = MakeCache(DType::kFloat32, Layout::kHND, 2, 2, 2, 400, 32, 4, false, 53);
+  StartWithDevice(40000);
+  EXPECT_EQ(PutTier(c, "a", v1::CACHE_TIER_AUTO), "device");
+  EXPECT_EQ(PutTier(big, "big", v1::CACHE_TIER_AUTO), "host");  // larger than the whole device tier
+  ExpectStatus(Put(*stub_, big, "big2", false, 1000, false, v1::CACHE_TIER_DEVICE),
+               grpc::StatusCode::RESOURCE_EXHAUSTED, "device tier's capacity");
+  // A second device entry evicts the first (LRU), as on the host tier.
+  EXPECT_EQ(PutTier(c, "b", v1::CACHE_TIER_DEVICE), "device");
+  grpc::Status st;
+  Get(*stub_, "a", &st);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(Tier("device").evictions(), 1);
+  EXPECT_EQ(memory_->allocated_bytes(), Tier("device").used_bytes());
+  ExpectStatus(Put(*stub_, c, "x", false, 1000, false, static_cast<v1::CacheTier>(7)),
+               grpc::StatusCode::INVALID_ARGUMENT, "header.tier");
+  EXPECT_EQ(memory_->allocated_bytes(), Tier("device").used_bytes());
+}
+
+TEST_F(ServerTest, NoDeviceTierWithoutDeviceMemory) {
+  // The CPU backend has no device memory: --device_cache_bytes is an error
+  // when the CPU backend was asked for, and is ignored (and said) with auto.
+  ServerOptions o;
+  o.listen = "127.0.0.1:0";
+  o.device_cache_bytes = 1 << 20;
+  o.backend = "cpu";
+  absl::Status s = MedakvServer::Start(o).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(s.message().find("--device_cache_bytes"), std::string::npos) << s;
+  if (!cuda::Compiled() || cuda::DeviceCount() == 0) {
+    o.backend = "auto";
+    absl::StatusOr<std::unique_ptr<MedakvServer>> server = MedakvServer::Start(o);
+    ASSERT_TRUE(server.ok()) << server.status();
+    EXPECT_NE((*server)->backend_reason().find("no device tier"), std::string::npos) << (*server)->backend_reason();
+    auto stub = v1::Medakv::NewStub((*server)->InProcessChannel());
+    TestCache c = MakeCache(DType::kFloat16, Layout::kHND, 1, 1, 1, 16, 16, 2, false, 54);
+    ExpectStatus(Put(*stub, c, "d", false, 1000, false, v1::CACHE_TIER_DEVICE), grpc::StatusCode::FAILED_PRECONDITION,
+                 "no device tier");
+    v1::PutCacheResponse r;
+    ASSERT_TRUE(Put(*stub, c, "d", false, 1000, false, v1::CACHE_TIER_AUTO, &r).ok());
+    EXPECT_EQ(r.info().tier(), "host");
+    grpc::ClientContext ctx;
+    v1::StatsResponse stats;
+    ASSERT_TRUE(stub->Stats(&ctx, v1::StatsRequest(), &stats).ok());
+    ASSERT_EQ(stats.tiers_size(), 1);  // no device tier is shown
+    EXPECT_EQ(stats.tiers(0).tier(), "host");
+  }
 }
 
 // Results stream as the layers are done: the first one arrives while most of

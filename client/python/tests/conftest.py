@@ -121,11 +121,15 @@ def client(server: ServerProcess) -> Iterator[medakv.Client]:
 
 
 class FakeMedakv(pb_grpc.MedakvServicer):
-    """Counts every call; Compress answers with `compress_responses` (or fails with `compress_error`)."""
+    """Counts every call; Compress answers with `compress_responses` (or fails with `compress_error`).
+
+    PutCache keeps the headers it receives in `put_headers`.
+    """
 
     def __init__(self) -> None:
         self.calls: List[str] = []
         self.messages = 0
+        self.put_headers: List[pb.PutCacheHeader] = []
         self.compress_responses: List[pb.CompressResponse] = []
         self.lock = threading.Lock()
 
@@ -142,8 +146,10 @@ class FakeMedakv(pb_grpc.MedakvServicer):
 
     def PutCache(self, request_iterator, context):  # noqa: N802
         self._record("PutCache")
-        for _ in request_iterator:
-            pass
+        for request in request_iterator:
+            if request.WhichOneof("msg") == "header":
+                with self.lock:
+                    self.put_headers.append(request.header)
         return pb.PutCacheResponse()
 
     def GetCache(self, request, context):  # noqa: N802

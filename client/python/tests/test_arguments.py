@@ -220,6 +220,14 @@ STORE_CASES: list = [
     ("ttl", lambda c: c.put_cache("a", **good(), ttl_seconds=-1), ValueError, "ttl_seconds must be >= 0"),
     ("ttl float", lambda c: c.put_cache("a", **good(), ttl_seconds=1.5), TypeError, "ttl_seconds: expected an int"),
     ("overwrite", lambda c: c.put_cache("a", **good(), overwrite="yes"), TypeError, "overwrite: expected a bool"),
+    ("tier", lambda c: c.put_cache("a", **good(), tier="gpu"), ValueError,
+     "tier: expected 'auto', 'host' or 'device', got 'gpu'"),
+    ("tier empty", lambda c: c.put_cache("a", **good(), tier=""), ValueError,
+     "tier: expected 'auto', 'host' or 'device', got ''"),
+    ("tier type", lambda c: c.put_cache("a", **good(), tier=pb.CACHE_TIER_HOST), TypeError,
+     "tier: expected a str ('auto', 'host' or 'device'), got int"),
+    ("tier none", lambda c: c.put_cache("a", **good(), tier=None), TypeError,
+     "tier: expected a str ('auto', 'host' or 'device'), got NoneType"),
     ("put bad keys", lambda c: c.put_cache("a", keys=[np.zeros((2, 3), np.float16)], values=[np.zeros((2, 3),
                                             np.float16)]), ValueError, "keys[0]: shape (2, 3) is not 3-D"),
     ("compress_cache option", lambda c: c.compress_cache("a", policy="h2o", window=3), ValueError,
@@ -255,6 +263,24 @@ def test_bad_store_arguments_are_refused_before_sending(fake, call: Callable, ex
 def test_bad_client_arguments(kwargs, exc, fragment):
     with pytest.raises(exc, match=re.escape(fragment)):
         medakv.Client(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,want", [
+    ({}, pb.CACHE_TIER_AUTO),
+    (dict(tier="auto"), pb.CACHE_TIER_AUTO),
+    (dict(tier="host"), pb.CACHE_TIER_HOST),
+    (dict(tier="device"), pb.CACHE_TIER_DEVICE),
+    (dict(tier=" Device "), pb.CACHE_TIER_DEVICE),  # as layout=: case and surrounding blanks do not matter
+], ids=["default", "auto", "host", "device", "case"])
+def test_put_cache_sends_the_tier(fake, kwargs, want):
+    servicer, address = fake
+    with medakv.Client(address, timeout=10) as client:
+        client.put_cache("tier/a", **good(), overwrite=True, ttl_seconds=5, **kwargs)
+    assert servicer.calls == ["PutCache"]
+    assert len(servicer.put_headers) == 1
+    header = servicer.put_headers[0]
+    assert header.tier == want
+    assert (header.cache_id, header.overwrite, header.ttl_seconds) == ("tier/a", True, 5)
 
 
 def test_a_good_request_reaches_the_fake(fake):

@@ -71,6 +71,19 @@ def test_put_get_compress_get_delete(store, dtype, layout):
         store.get_cache(cache_id)
 
 
+@pytest.mark.parametrize("tier", ["auto", "host"])
+def test_put_cache_with_a_tier_lands_on_the_host_tier_of_a_cpu_server(store, tier):
+    # The test server has no device tier: auto falls back to the host tier.
+    cache = random_cache(43, layers=2, tokens=50, dtype="float16")
+    cache_id = f"store/tier-{tier}"
+    info = store.put_cache(cache_id, **cache, tier=tier)
+    assert info.tier == "host"
+    stored = store.get_cache(cache_id)
+    assert stored.info.tier == "host"
+    assert [raw(r.key) for r in stored.layers] == [raw(k) for k in cache["keys"]]
+    assert store.delete_cache(cache_id) == info.bytes
+
+
 def test_precomputed_statistics_are_kept_for_compress_cache(store):
     cache = random_cache(41, layers=2, tokens=90, dtype="float16", precomputed=True, score_heads=4)
     store.put_cache("store/precomputed", **cache)

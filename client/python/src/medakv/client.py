@@ -55,6 +55,8 @@ _CACHE_ID = re.compile(r"[A-Za-z0-9._:/-]{1,256}")
 _DTYPE_NAME = {pb.DTYPE_FLOAT16: "float16", pb.DTYPE_BFLOAT16: "bfloat16", pb.DTYPE_FLOAT32: "float32"}
 _LAYOUT_NAME = {pb.LAYOUT_UNSPECIFIED: "hnd", pb.LAYOUT_HND: "hnd", pb.LAYOUT_NHD: "nhd"}
 _TENSOR_NAME: Dict[int, str] = {pb.TENSOR_KIND_KEY: "key", pb.TENSOR_KIND_VALUE: "value", pb.TENSOR_KIND_POSITIONS: "positions"}
+_TIER_PROTO: Dict[str, "pb.CacheTier"] = {"auto": pb.CACHE_TIER_AUTO, "host": pb.CACHE_TIER_HOST,
+                                          "device": pb.CACHE_TIER_DEVICE}
 
 
 class Client:
@@ -264,7 +266,7 @@ class Client:
 
     def put_cache(self, cache_id: str, keys: Any, values: Any, queries: Any = None, *, query_positions: Any = None,
                   scores: Any = None, entropy: Any = None, modality: Any = None, layout: str = "hnd",
-                  ttl_seconds: int = 0, overwrite: bool = False, timeout: Optional[float] = None,
+                  ttl_seconds: int = 0, overwrite: bool = False, tier: str = "auto", timeout: Optional[float] = None,
                   chunk_bytes: Optional[int] = None) -> CacheInfo:
         """Stores a cache on the server under ``cache_id`` (``PutCache``).
 
@@ -273,8 +275,12 @@ class Client:
         ``compress_cache``. ``cache_id``: 1-256 characters of
         ``[A-Za-z0-9._:/-]`` (e.g. a hash of the prompt prefix).
         ``ttl_seconds``: 0 keeps it until evicted or deleted. An existing id
-        is ALREADY_EXISTS unless ``overwrite``. Returns the stored entry's
-        ``CacheInfo``.
+        is ALREADY_EXISTS unless ``overwrite``. ``tier``: where the server
+        keeps it: ``"auto"`` (its device tier when it has one and the cache
+        fits there, else the host tier), ``"host"``, or ``"device"``
+        (FAILED_PRECONDITION on a server without a device tier,
+        RESOURCE_EXHAUSTED when the cache cannot fit there). Returns the
+        stored entry's ``CacheInfo`` (its ``tier`` says where it went).
         """
         cache_id = _check_cache_id(cache_id)
         if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, numbers.Integral):
@@ -283,13 +289,15 @@ class Client:
             raise ValueError(f"ttl_seconds must be >= 0 (0: no expiry), got {ttl_seconds}")
         if not isinstance(overwrite, bool):
             raise TypeError(f"overwrite: expected a bool, got {type(overwrite).__name__}")
+        tier_proto = _check_tier(tier)
         cache = prepare_cache(keys, values, queries, query_positions=query_positions, scores=scores,
                               entropy=entropy, modality=modality, layout=layout, need_stats=False)
         timeout = self._call_timeout(timeout)
         chunk = self._chunk(chunk_bytes)
         header = pb.PutCacheHeader(cache_id=cache_id, shape=cache.shape(), stats=cache.stats,
                                    q_tokens=cache.q_tokens, query_positions=cache.has_query_positions,
-                                   score_heads=cache.score_heads, ttl_seconds=int(ttl_seconds), overwrite=overwrite)
+                                   score_heads=cache.score_heads, ttl_seconds=int(ttl_seconds), overwrite=overwrite,
+                                   tier=tier_proto)
 
         def requests() -> Iterator[pb.PutCacheRequest]:
             yield pb.PutCacheRequest(header=header)
@@ -621,6 +629,15 @@ def _check_response_chunk_bytes(response_chunk_bytes: object) -> int:
         raise ValueError(f"response_chunk_bytes must be in [{_MIN_RESPONSE_CHUNK}, {_MAX_RESPONSE_CHUNK}] "
                          f"(0: the server's default), got {n}")
     return n
+
+
+def _check_tier(tier: object) -> "pb.CacheTier":
+    if not isinstance(tier, str):
+        raise TypeError(f"tier: expected a str ('auto', 'host' or 'device'), got {type(tier).__name__}")
+    key = tier.strip().lower()
+    if key not in _TIER_PROTO:
+        raise ValueError(f"tier: expected 'auto', 'host' or 'device', got {tier!r}")
+    return _TIER_PROTO[key]
 
 
 def _check_cache_id(cache_id: object) -> str:

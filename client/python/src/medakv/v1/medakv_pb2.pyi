@@ -88,6 +88,12 @@ class TensorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TENSOR_KIND_SCORES: _ClassVar[TensorKind]
     TENSOR_KIND_ENTROPY: _ClassVar[TensorKind]
     TENSOR_KIND_POSITIONS: _ClassVar[TensorKind]
+
+class CacheTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CACHE_TIER_AUTO: _ClassVar[CacheTier]
+    CACHE_TIER_HOST: _ClassVar[CacheTier]
+    CACHE_TIER_DEVICE: _ClassVar[CacheTier]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT16: DType
 DTYPE_BFLOAT16: DType
@@ -135,6 +141,9 @@ TENSOR_KIND_QUERY_POSITIONS: TensorKind
 TENSOR_KIND_SCORES: TensorKind
 TENSOR_KIND_ENTROPY: TensorKind
 TENSOR_KIND_POSITIONS: TensorKind
+CACHE_TIER_AUTO: CacheTier
+CACHE_TIER_HOST: CacheTier
+CACHE_TIER_DEVICE: CacheTier
 
 class ModalitySpan(_message.Message):
     __slots__ = ("start", "length", "modality")
@@ -417,7 +426,7 @@ class CompressResponse(_message.Message):
     def __init__(self, layer: _Optional[_Union[LayerInfo, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., summary: _Optional[_Union[CompressSummary, _Mapping]] = ...) -> None: ...
 
 class PutCacheHeader(_message.Message):
-    __slots__ = ("cache_id", "shape", "stats", "q_tokens", "query_positions", "score_heads", "ttl_seconds", "overwrite")
+    __slots__ = ("cache_id", "shape", "stats", "q_tokens", "query_positions", "score_heads", "ttl_seconds", "overwrite", "tier")
     CACHE_ID_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
@@ -426,6 +435,7 @@ class PutCacheHeader(_message.Message):
     SCORE_HEADS_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     cache_id: str
     shape: CacheShape
     stats: StatsForm
@@ -434,7 +444,8 @@ class PutCacheHeader(_message.Message):
     score_heads: int
     ttl_seconds: int
     overwrite: bool
-    def __init__(self, cache_id: _Optional[str] = ..., shape: _Optional[_Union[CacheShape, _Mapping]] = ..., stats: _Optional[_Union[StatsForm, str]] = ..., q_tokens: _Optional[int] = ..., query_positions: bool = ..., score_heads: _Optional[int] = ..., ttl_seconds: _Optional[int] = ..., overwrite: bool = ...) -> None: ...
+    tier: CacheTier
+    def __init__(self, cache_id: _Optional[str] = ..., shape: _Optional[_Union[CacheShape, _Mapping]] = ..., stats: _Optional[_Union[StatsForm, str]] = ..., q_tokens: _Optional[int] = ..., query_positions: bool = ..., score_heads: _Optional[int] = ..., ttl_seconds: _Optional[int] = ..., overwrite: bool = ..., tier: _Optional[_Union[CacheTier, str]] = ...) -> None: ...
 
 class PutCacheRequest(_message.Message):
     __slots__ = ("header", "chunk")
