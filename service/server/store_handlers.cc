@@ -388,10 +388,14 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetCacheResponse> {
       End(ToGrpc(WithField(chunk.status(), "max_response_chunk_bytes")));
       return;
     }
-    // A device entry's layers are read from a host copy of them (held until the download ends).
+    // A device entry's layers are read from host copies: into a shared-memory
+    // output all at once, else one layer at a time as the stream reaches it
+    // (OnWriteDone), so that the host holds one layer of it at most.
     const StoredCache* source = entry_.get();
+    int32_t last = end;
     if (entry_->on_device()) {
-      absl::StatusOr<std::unique_ptr<StoredCache>> copy = HostCopy(*entry_, begin, end);
+      if (output == nullptr) last = begin + 1;
+      absl::StatusOr<std::unique_ptr<StoredCache>> copy = HostCopy(*entry_, begin, last);
       if (!copy.ok()) {
         End(ToGrpc(copy.status()));
         return;
@@ -399,13 +403,10 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetCacheResponse> {
       host_copy_ = *std::move(copy);
       source = host_copy_.get();
     }
+    next_layer_ = last;
+    end_layer_ = end;
     std::vector<LayerSlices> slices;
-    for (int32_t l = begin; l < end; ++l) {
-      const StoredLayer& s = source->layers[l];
-      slices.push_back(LayerSlices{l, s.tokens, s.entropy, s.alpha, s.key, s.value,
-                                   absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(s.positions.data()),
-                                                             s.positions.size() * 4)});
-    }
+    for (int32_t l = begin; l < last; ++l) slices.push_back(Slices(*source, l));
     if (output != nullptr) {
       // A memcpy on this gRPC thread, as the byte path copies into messages here.
       if (absl::Status s = WriteResults(slices, *output, request->output(), "output"); !s.ok()) {
@@ -426,7 +427,19 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetCacheResponse> {
       return;
     }
     response_.Clear();
-    if (stream_->Next(&response_)) {
+    bool more = stream_->Next(&response_);
+    if (!more && next_layer_ < end_layer_) {
+      // The previous layer's bytes are in the messages already: its copy may go.
+      absl::StatusOr<std::unique_ptr<StoredCache>> copy = HostCopy(*entry_, next_layer_, next_layer_ + 1);
+      if (!copy.ok()) {
+        End(ToGrpc(copy.status()));
+        return;
+      }
+      host_copy_ = *std::move(copy);
+      stream_->Append(Slices(*host_copy_, next_layer_++));
+      more = stream_->Next(&response_);
+    }
+    if (more) {
       call_.SentSoFar(stream_->bytes_sent());
       StartWrite(&response_);
     } else {
@@ -448,7 +461,15 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetCacheResponse> {
   CallMetrics call_;
   CallRegions regions_;  // held until the call ends
   std::shared_ptr<const StoredCache> entry_;
-  std::unique_ptr<StoredCache> host_copy_;  // a device entry's layers, on the host
+  static LayerSlices Slices(const StoredCache& cache, int32_t l) {
+    const StoredLayer& s = cache.layers[l];
+    return LayerSlices{l, s.tokens, s.entropy, s.alpha, s.key, s.value,
+                       absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(s.positions.data()),
+                                                 s.positions.size() * 4)};
+  }
+
+  std::unique_ptr<StoredCache> host_copy_;  // a device entry's layers (one, or all for shared memory), on the host
+  int32_t next_layer_ = 0, end_layer_ = 0;  // the layers still to copy from the device
   std::optional<ResultStream> stream_;
   v1::GetCacheResponse response_;
   Clock::time_point send_start_;

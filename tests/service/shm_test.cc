@@ -16,6 +16,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/cpp/remote.h"
+#include "kernels/common/device_memory.h"
 #include "medakv/v1/medakv.grpc.pb.h"
 #include "service/server/assembler.h"
 #include "service/server/convert.h"
@@ -334,8 +335,19 @@ std::map<int32_t, Downloaded> GetAll(v1::Medakv::Stub& stub, const std::string& 
   return out;
 }
 
-TEST_F(ShmTest, PutViaShmThenGetAsBytesAndViaShm) {
-  StartServer();
+// On the host tier, and on the device tier (emulated device memory): a
+// device entry is downloaded a layer at a time into messages, or all at once
+// into the output area.
+class ShmTierTest : public ShmTest, public ::testing::WithParamInterface<bool> {};
+
+TEST_P(ShmTierTest, PutViaShmThenGetAsBytesAndViaShm) {
+  const bool device = GetParam();
+  ServerOptions options;
+  if (device) {
+    options.device_cache_bytes = int64_t{1} << 30;
+    options.device_memory = MakeEmulatedDeviceMemory();
+  }
+  StartServer(options);
   TestCache c = MakeCache(DType::kBFloat16, Layout::kNHD, 3, 2, 2, 120, 16, 6, false, 31);
   auto input = NewRegion(1 << 20);
   auto output = NewRegion(1 << 20);
@@ -345,6 +357,13 @@ TEST_F(ShmTest, PutViaShmThenGetAsBytesAndViaShm) {
   EXPECT_EQ(RegionsRegistered(), 2);
   const grpc::Status put = PutViaShm(*stub_, c, "prompt/shm", *input, "in", 64);
   ASSERT_TRUE(put.ok()) << put.error_message();
+  {
+    grpc::ClientContext ctx;
+    v1::ListCachesResponse list;
+    ASSERT_TRUE(stub_->ListCaches(&ctx, v1::ListCachesRequest(), &list).ok());
+    ASSERT_EQ(list.caches_size(), 1);
+    EXPECT_EQ(list.caches(0).tier(), device ? "device" : "host");
+  }
 
   grpc::Status st;
   std::map<int32_t, Downloaded> bytes = GetAll(*stub_, "prompt/shm", &st);
@@ -386,6 +405,9 @@ TEST_F(ShmTest, PutViaShmThenGetAsBytesAndViaShm) {
     EXPECT_EQ(shm[l].positions, std::string(reinterpret_cast<const char*>(w.positions.data()), w.positions.size() * 4));
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Tiers, ShmTierTest, ::testing::Values(false, true),
+                         [](const ::testing::TestParamInfo<bool>& i) { return i.param ? "Device" : "Host"; });
 
 TEST_F(ShmTest, OutputAreaTooSmallIsResourceExhaustedBeforeAnyWrite) {
   StartServer();
