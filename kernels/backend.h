@@ -17,6 +17,11 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual std::string_view Name() const = 0;
+  // How many layers the pipeline may run through the statistics ops at once.
+  // 1 (the CPU backend: its ops use every core already); more where calls
+  // on different threads overlap, so that one layer's copy to the device
+  // runs while another's kernels do (the CUDA backend: a stream per call).
+  virtual int ConcurrentLayers() const { return 1; }
 
   [[nodiscard]] virtual absl::Status AttentionStats(const AttentionStatsArgs& args,
                                                     AttentionStatsOutput* out) const = 0;

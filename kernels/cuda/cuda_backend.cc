@@ -39,6 +39,8 @@ absl::StatusOr<DeviceBuffer> UploadView(const TensorView& v, Stream& s, TensorVi
 class CudaBackend final : public Backend {
  public:
   std::string_view Name() const override { return "cuda"; }
+  // Two layers in flight: the next one's upload overlaps the current one's kernels.
+  int ConcurrentLayers() const override { return 2; }
 
   absl::Status AttentionStats(const AttentionStatsArgs& a, AttentionStatsOutput* out) const override {
     MEDAKV_RETURN_IF_ERROR(ValidateAttentionStats(a, out));

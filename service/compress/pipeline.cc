@@ -1,11 +1,14 @@
 #include "service/compress/pipeline.h"
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstring>
 #include <numeric>
 #include <optional>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/common/status.h"
@@ -225,6 +228,41 @@ absl::Status RecentRowScores(const LayerInput& layer, const std::vector<int32_t>
   return backend.AttentionStats(a, &out);
 }
 
+// Runs fn(0), ..., fn(layers - 1), `concurrency` at a time (on this thread
+// and concurrency - 1 more), stopping early once `stop()` reads true or a
+// call fails. Returns the error of the lowest failed layer (CANCELLED when
+// stopped), so the result does not depend on the threads' timing.
+absl::Status ForEachLayer(int64_t layers, int concurrency, const std::function<bool()>& stop,
+                          const std::function<absl::Status(int64_t)>& fn) {
+  std::vector<absl::Status> status(layers);
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> failed{false};
+  auto work = [&] {
+    for (int64_t l; (l = next.fetch_add(1)) < layers;) {
+      if (failed.load() || stop()) {
+        status[l] = absl::CancelledError("compression cancelled");
+        failed.store(true);
+        continue;
+      }
+      status[l] = fn(l);
+      if (!status[l].ok()) failed.store(true);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(std::max(concurrency, 1), layers) - 1;
+  std::vector<std::thread> threads;
+  for (int64_t i = 0; i < helpers; ++i) threads.emplace_back(work);
+  work();
+  for (std::thread& t : threads) t.join();
+  // The lowest layer that failed on its own; else the cancellation.
+  const absl::Status* cancelled = nullptr;
+  for (const absl::Status& s : status) {
+    if (s.ok()) continue;
+    if (!absl::IsCancelled(s) || s.message() != "compression cancelled") return s;
+    if (cancelled == nullptr) cancelled = &s;
+  }
+  return cancelled != nullptr ? *cancelled : absl::OkStatus();
+}
+
 // The statistics stage on a validated input and options.
 absl::StatusOr<Statistics> StatisticsStage(const CacheInput& in, const CompressOptions& options,
                                            const Backend& backend, const std::atomic<bool>* cancelled) {
@@ -249,8 +287,8 @@ absl::StatusOr<Statistics> StatisticsStage(const CacheInput& in, const CompressO
   const std::vector<uint8_t> modality =
       in.modality.empty() ? std::vector<uint8_t>(tokens, static_cast<uint8_t>(Modality::kText)) : in.modality;
   const float scale = options.scale > 0.f ? options.scale : 1.f / std::sqrt(static_cast<float>(in.head_dim));
-  for (int64_t l = 0; l < layers; ++l) {
-    if (stop()) return absl::CancelledError("compression cancelled");
+  // One layer's statistics; layers are independent (each writes only its own slots of `st`).
+  auto one_layer = [&](int64_t l) -> absl::Status {
     const LayerInput& layer = in.layers[l];
     std::vector<float>& s = st.scores[l];
     s.resize(kv_heads * tokens);
@@ -293,7 +331,9 @@ absl::StatusOr<Statistics> StatisticsStage(const CacheInput& in, const CompressO
                              pooled.data()));
       s.swap(pooled);
     }
-  }
+    return absl::OkStatus();
+  };
+  MEDAKV_RETURN_IF_ERROR(ForEachLayer(layers, backend.ConcurrentLayers(), stop, one_layer));
   st.seconds = Seconds(t0);
   return st;
 }

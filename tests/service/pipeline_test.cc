@@ -5,6 +5,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <numeric>
 #include <set>
@@ -12,6 +14,8 @@
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "kernels/cpu/budget.h"
 #include "tests/kernels/test_util.h"
 #include "tests/service/test_cache.h"
@@ -801,6 +805,104 @@ TEST(PipelineLayerCallbackTest, LayersInOrderEqualToTheWholeResult) {
     EXPECT_EQ(stopped.status().code(), absl::StatusCode::kCancelled);
     EXPECT_EQ(calls, 2);
   }
+}
+
+// ---- layers in flight at once (Backend::ConcurrentLayers) -----------------------------
+
+// The CPU backend, declaring `concurrency` layers at once. Every
+// AttentionStats call waits (up to 5 s) until `concurrency` calls are in
+// flight or no more can come, so a pipeline that ran the layers one at a
+// time would never see two at once. It can fail the calls of chosen layers
+// (recognised by their key's data pointer).
+class ConcurrentCpuBackend final : public Backend {
+ public:
+  ConcurrentCpuBackend(int concurrency, int64_t calls) : concurrency_(concurrency), remaining_(calls) {}
+  std::string_view Name() const override { return "concurrent-cpu"; }
+  int ConcurrentLayers() const override { return concurrency_; }
+  absl::Status AttentionStats(const AttentionStatsArgs& args, AttentionStatsOutput* out) const override {
+    {
+      absl::MutexLock lock(&mu_);
+      ++in_flight_;
+      --remaining_;
+      max_in_flight_ = std::max(max_in_flight_, in_flight_);
+      auto ready = [this] { return in_flight_ >= concurrency_ || remaining_ <= 0 || released_; };
+      mu_.AwaitWithTimeout(absl::Condition(&ready), absl::Seconds(5));
+      released_ = released_ || in_flight_ >= concurrency_;
+    }
+    absl::Status s = failing_.count(args.key.data) != 0 ? absl::InternalError("injected failure")
+                                                        : cpu_->AttentionStats(args, out);
+    absl::MutexLock lock(&mu_);
+    --in_flight_;
+    return s;
+  }
+  absl::Status ReduceScores(const float* scores, int64_t sh, int64_t kvh, int64_t t, float* out) const override {
+    return cpu_->ReduceScores(scores, sh, kvh, t, out);
+  }
+  absl::Status PoolScores(const float* in, int64_t h, int64_t t, int64_t len, int64_t k, float* out) const override {
+    return cpu_->PoolScores(in, h, t, len, k, out);
+  }
+  absl::Status SelectTokens(const SelectArgs& args, int32_t* kept) const override {
+    return cpu_->SelectTokens(args, kept);
+  }
+  absl::Status MergeAndGather(const MergeArgs& args, MutableTensorView k, MutableTensorView v) const override {
+    return cpu_->MergeAndGather(args, k, v);
+  }
+  void Fail(const void* key) { failing_.insert(key); }
+  int max_in_flight() const {
+    absl::MutexLock lock(&mu_);
+    return max_in_flight_;
+  }
+
+ private:
+  const std::unique_ptr<Backend> cpu_ = MakeCpuBackend();
+  const int concurrency_;
+  std::set<const void*> failing_;
+  mutable absl::Mutex mu_;
+  mutable int in_flight_ ABSL_GUARDED_BY(mu_) = 0;
+  mutable int max_in_flight_ ABSL_GUARDED_BY(mu_) = 0;
+  mutable int64_t remaining_ ABSL_GUARDED_BY(mu_);
+  mutable bool released_ ABSL_GUARDED_BY(mu_) = false;  // once `concurrency` met, nobody waits again
+};
+
+TEST(ConcurrentLayersTest, LayersInFlightAtOnceGiveTheSameResult) {
+  for (PolicyKind policy : {PolicyKind::kMeda, PolicyKind::kAmber, PolicyKind::kSnapKV}) {
+    for (DType dtype : {DType::kFloat16, DType::kBFloat16, DType::kFloat32}) {
+      SCOPED_TRACE(absl::StrCat(PolicyName(policy), " dtype ", static_cast<int>(dtype)));
+      TestCache c = test::MakeTestCache({.dtype = dtype, .layout = Layout::kNHD, .layers = 5, .kv_heads = 2,
+                                         .group = 2, .tokens = 77, .head_dim = 16, .q_tokens = 20, .seed = 23});
+      CompressOptions o = DefaultOptions(policy);
+      o.budget.rho = 0.3;
+      absl::StatusOr<CompressResult> want = Compress(c.input, o, *MakeCpuBackend());
+      ASSERT_TRUE(want.ok()) << want.status();
+      // Amber's recent search calls AttentionStats twice per layer.
+      const int64_t calls = policy == PolicyKind::kAmber ? 10 : 5;
+      ConcurrentCpuBackend concurrent(3, calls);
+      absl::StatusOr<CompressResult> got = Compress(c.input, o, concurrent);
+      ASSERT_TRUE(got.ok()) << got.status();
+      test::ExpectSameResult(*got, *want);
+      EXPECT_GE(concurrent.max_in_flight(), 2) << "the layers ran one at a time";
+      EXPECT_LE(concurrent.max_in_flight(), 3);
+    }
+  }
+}
+
+TEST(ConcurrentLayersTest, TheLowestFailedLayerIsReportedAndCancellationHolds) {
+  TestCache c = test::MakeTestCache({.layers = 6, .tokens = 50, .seed = 29});
+  const CompressOptions o = DefaultOptions(PolicyKind::kMeda);
+  ConcurrentCpuBackend concurrent(2, 6);
+  concurrent.Fail(c.input.layers[4].key.data);
+  concurrent.Fail(c.input.layers[2].key.data);
+  absl::Status s = Compress(c.input, o, concurrent).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInternal);
+  EXPECT_NE(s.message().find("layer 2: injected failure"), std::string::npos) << s;
+  // The sequential path reports the same.
+  ConcurrentCpuBackend sequential(1, 6);
+  sequential.Fail(c.input.layers[4].key.data);
+  sequential.Fail(c.input.layers[2].key.data);
+  EXPECT_EQ(Compress(c.input, o, sequential).status(), s);
+  ConcurrentCpuBackend cancelled_backend(2, 6);
+  std::atomic<bool> cancelled{true};
+  EXPECT_EQ(Compress(c.input, o, cancelled_backend, &cancelled).status().code(), absl::StatusCode::kCancelled);
 }
 
 }  // namespace
