@@ -1,6 +1,7 @@
 #include "service/store/cache_store.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <utility>
 
@@ -139,6 +140,16 @@ LayerBytes BytesOf(const StoredCache& cache, size_t l) {
   }
   const StoredLayer& h = cache.layers[l];
   return {ByteSize(h.key), ByteSize(h.value), ByteSize(h.positions), ByteSize(h.query), ByteSize(h.scores)};
+}
+
+// A host-form layer's big buffers as bytes, in the order they lie in its
+// device block (DeviceLayer: key, value, positions, query, scores).
+std::array<std::pair<uint8_t*, int64_t>, 5> InBlockOrder(StoredLayer& h) {
+  return {{{h.key.data(), ByteSize(h.key)},
+           {h.value.data(), ByteSize(h.value)},
+           {reinterpret_cast<uint8_t*>(h.positions.data()), ByteSize(h.positions)},
+           {h.query.data(), ByteSize(h.query)},
+           {reinterpret_cast<uint8_t*>(h.scores.data()), ByteSize(h.scores)}}};
 }
 
 // A device-tier entry keeps its buffers on the device, a host-tier one on the host.
@@ -342,14 +353,14 @@ absl::StatusOr<std::unique_ptr<StoredCache>> MoveToDevice(std::unique_ptr<Stored
   MEDAKV_RETURN_IF_ERROR(ValidateStoredCache(*cache));
   std::vector<DeviceLayer> device(cache->layers.size());
   for (size_t l = 0; l < cache->layers.size(); ++l) {
-    const StoredLayer& h = cache->layers[l];
+    const LayerBytes b = BytesOf(*cache, l);
     DeviceLayer& d = device[l];
-    d.key_bytes = ByteSize(h.key);
-    d.value_bytes = ByteSize(h.value);
-    d.positions_bytes = ByteSize(h.positions);
-    d.query_bytes = ByteSize(h.query);
-    d.scores_bytes = ByteSize(h.scores);
-    const int64_t total = d.key_bytes + d.value_bytes + d.positions_bytes + d.query_bytes + d.scores_bytes;
+    d.key_bytes = b.key;
+    d.value_bytes = b.value;
+    d.positions_bytes = b.positions;
+    d.query_bytes = b.query;
+    d.scores_bytes = b.scores;
+    const int64_t total = b.key + b.value + b.positions + b.query + b.scores;
     absl::StatusOr<DeviceBlock> block = memory.Allocate(static_cast<size_t>(total));
     if (!block.ok()) {
       return absl::Status(block.status().code(), absl::StrCat("cache ", QuoteId(cache->id), ": layer ", l,
@@ -357,11 +368,7 @@ absl::StatusOr<std::unique_ptr<StoredCache>> MoveToDevice(std::unique_ptr<Stored
     }
     d.block = *std::move(block);
     size_t offset = 0;
-    for (const auto& [data, bytes] : {std::pair<const void*, int64_t>{h.key.data(), d.key_bytes},
-                                      {h.value.data(), d.value_bytes},
-                                      {h.positions.data(), d.positions_bytes},
-                                      {h.query.data(), d.query_bytes},
-                                      {h.scores.data(), d.scores_bytes}}) {
+    for (const auto& [data, bytes] : InBlockOrder(cache->layers[l])) {
       MEDAKV_RETURN_IF_ERROR(memory.CopyToDevice(d.block, offset, data, static_cast<size_t>(bytes)));
       offset += static_cast<size_t>(bytes);
     }
@@ -407,11 +414,7 @@ absl::StatusOr<std::unique_ptr<StoredCache>> HostCopy(const StoredCache& cache, 
     const DeviceLayer& d = cache.device[l];
     DeviceMemory* memory = d.block.memory();
     size_t offset = 0;
-    for (const auto& [data, bytes] : {std::pair<void*, int64_t>{to.key.data(), b.key},
-                                      {to.value.data(), b.value},
-                                      {to.positions.data(), b.positions},
-                                      {to.query.data(), b.query},
-                                      {to.scores.data(), b.scores}}) {
+    for (const auto& [data, bytes] : InBlockOrder(to)) {
       if (bytes > 0) MEDAKV_RETURN_IF_ERROR(memory->CopyToHost(data, d.block, offset, static_cast<size_t>(bytes)));
       offset += static_cast<size_t>(bytes);
     }
