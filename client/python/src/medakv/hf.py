@@ -1,29 +1,39 @@
-"""Hugging Face-style caches in and out.
+"""Hugging Face transformers models and caches, in and out of medakv-server.
 
-A ``transformers`` model returns its KV cache as ``past_key_values``: a
-``DynamicCache`` (any version) or the legacy tuple ``((key, value), ...)``,
-each tensor ``[batch, kv_heads, tokens, head_dim]``. ``from_hf_cache`` turns
-one sequence of the batch into the per-layer arguments of
-``Client.compress``; ``to_hf_cache`` turns the result back into per-layer
-``(key, value)`` pairs, ``[1, kv_heads, kept_l, head_dim]``, whose length
-``kept_l`` varies by layer under MEDA's budgets::
+The worker's path (needs torch and transformers >= 5: ``pip install
+'medakv[hf]'``; imported on first use)::
 
-    import medakv
-    from medakv.hf import from_hf_cache, to_hf_cache
+    import medakv.hf
 
-    out = model(**inputs, use_cache=True)
-    request = from_hf_cache(out.past_key_values, queries=captured_queries)
-    result = client.compress(**request, modality=image_flags, policy="meda", rho=0.2)
-    compact = to_hf_cache(result)  # [(key, value), ...] per layer
+    cache = medakv.hf.compress(model, context_ids, rho=0.25)          # prefill, compress on the server
+    out = model.generate(torch.cat([context_ids, question_ids], -1),
+                         past_key_values=cache.copy(), max_new_tokens=64)
 
-The keys are post-RoPE as the cache holds them, so the kept rows stay valid
-at their original positions: decoding continues at position ``tokens`` (the
-prompt's length, not ``kept_l``), and each layer attends to its own
-``kept_l`` rows. ``result.layers[l].positions`` says which original token
-each row is (per kv head). Queries are not part of a transformers cache; a
-worker captures them during the prefill (see bench/dump_hf_cache.py), as
-``[batch, q_heads, q_tokens, head_dim]`` per layer.
-"""
+    pipe = medakv.hf.pipeline(model, tokenizer, rho=0.25)            # or, in one call per context
+    pipe(context, questions=["...", "..."])["answers"]
+
+- ``capture_queries(model)``: a context manager recording every attention
+  layer's post-RoPE queries (and keys and values) during a forward pass.
+- ``compress(model, context_ids, ...)``: prefill with capture, compress on
+  the server (``client``, default ``$MEDAKV_SERVER`` or 127.0.0.1:50051),
+  return a ``CompressedCache``.
+- ``CompressedCache``: a transformers ``Cache`` that ``generate()`` and a
+  hand-written forward loop decode correctly (original positions, per-layer
+  lengths, sliding windows by original position); ``copy()`` for reuse.
+- ``pipeline(model, tokenizer, ...)``: ``pipe(context, question=...)``.
+
+``rho`` is the fraction of the cache KEPT: kvpress's ``compression_ratio``
+(the fraction removed) of 0.75 is ``rho=0.25``. See docs/python_hf.md.
+
+Without torch, the converters work on NumPy arrays and any cache object:
+``from_hf_cache`` turns one sequence of a ``past_key_values`` (a
+``DynamicCache`` of any version, or the legacy tuple ``((key, value),
+...)``, each tensor ``[batch, kv_heads, tokens, head_dim]``) into the
+per-layer arguments of ``Client.compress``; ``to_hf_cache`` turns a result
+back into per-layer ``(key, value)`` pairs ``[1, kv_heads, kept_l,
+head_dim]``, ``kept_l`` varying by layer. Such pairs are NOT a cache that
+``generate()`` can use as it is (the layers' lengths differ and the context's
+length is lost): use ``CompressedCache``."""
 
 from __future__ import annotations
 
@@ -32,7 +42,22 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from . import _arrays
 from .types import CompressResult, StoredCache
 
-__all__ = ["cache_layers", "from_hf_cache", "to_hf_cache"]
+__all__ = ["CompressedCache", "Pipeline", "cache_layers", "capture_queries", "compress", "from_hf_cache", "pipeline",
+           "to_hf_cache"]
+
+_TORCH_NAMES = ("CapturedQueries", "CompressedCache", "Pipeline", "capture_queries", "compress", "default_client",
+                "pipeline")
+
+
+def __getattr__(name: str) -> Any:
+    """The torch side (``_hf_cache``), imported on first use so that the package works without torch."""
+    if name not in _TORCH_NAMES:
+        raise AttributeError(f"module 'medakv.hf' has no attribute {name!r}")
+    try:
+        from . import _hf_cache
+    except ImportError as e:
+        raise ImportError(f"medakv.hf.{name} needs torch and transformers >= 5 (pip install 'medakv[hf]'): {e}") from e
+    return getattr(_hf_cache, name)
 
 
 def cache_layers(past_key_values: Any) -> List[Tuple[Any, Any]]:
@@ -107,9 +132,10 @@ def to_hf_cache(result: CompressResult | StoredCache, *, batch_dim: bool = True)
 
     Works for the results of ``Client.compress`` and ``Client.get_cache``, in
     either layout (NHD results are transposed to the HND order transformers
-    uses). The tensors are NumPy arrays or torch tensors as in the result;
-    with torch, ``DynamicCache.from_legacy_cache(tuple(pairs))`` (or setting
-    the layers of a new cache) gives a cache object again.
+    uses). The tensors are NumPy arrays or torch tensors as in the result.
+    For decoding, ``CompressedCache.from_result(result, model)`` is the cache
+    object (a plain ``DynamicCache`` of these pairs decodes wrongly: it
+    takes the first layer's kept length for the context's).
     """
     layout = result.layout if isinstance(result, CompressResult) else result.info.shape.layout
     out = []

@@ -1,0 +1,520 @@
+"""``capture_queries``, ``compress``, ``CompressedCache`` and ``pipeline``: the torch side of ``medakv.hf``.
+
+Needs torch and transformers >= 5 (``pip install 'medakv[hf]'``); imported by
+``medakv.hf`` on first use of one of these names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import _hf_attention as attn
+from .client import Client
+from .types import CompressResult
+
+__all__ = ["CapturedQueries", "CompressedCache", "Pipeline", "capture_queries", "compress", "pipeline"]
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+# ---- capture ------------------------------------------------------------------------------------
+
+class CapturedQueries:
+    """What ``capture_queries`` recorded: per layer, every forward call's rows joined along the tokens.
+
+    ``queries[l]``: ``[batch, q_heads, tokens, head_dim]``, post-RoPE (and
+    post q_norm where the model has one), exactly as attention received them.
+    ``keys[l]``, ``values[l]``: ``[batch, kv_heads, tokens, head_dim]`` the
+    same way (only with ``keys=True``; a cached forward gives attention the
+    cache's keys, so record without a cache, ``use_cache=False``). Filled
+    when the ``with`` block ends.
+    """
+
+    def __init__(self, layers: int) -> None:
+        self.layers = layers
+        self.queries: List[torch.Tensor] = []
+        self.keys: List[torch.Tensor] = []
+        self.values: List[torch.Tensor] = []
+
+    def _fill(self, rec: attn.Recorder) -> None:
+        missing = [layer for layer in range(self.layers) if layer not in rec.queries]
+        if missing and len(missing) < self.layers:
+            raise RuntimeError(f"capture_queries: layers {missing} of {self.layers} ran no attention through "
+                               "transformers' attention interface")
+        if missing:
+            return  # no forward pass inside the block
+        self.queries = [_join(rec.queries[layer]) for layer in range(self.layers)]
+        if rec.keep_kv:
+            self.keys = [_join(rec.keys[layer]) for layer in range(self.layers)]
+            self.values = [_join(rec.values[layer]) for layer in range(self.layers)]
+
+
+def _join(parts: List[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+
+@contextlib.contextmanager
+def capture_queries(model: Any, *, keys: bool = False) -> Iterator[CapturedQueries]:
+    """Records every attention layer's post-RoPE queries during the forward passes run inside the block.
+
+    ::
+
+        with medakv.hf.capture_queries(model) as cap:
+            model(input_ids=ids, use_cache=False)
+        cap.queries[l]  # [batch, q_heads, tokens, head_dim] per layer
+
+    Works for any decoder-only model that calls attention through
+    transformers' attention interface (Llama/SmolLM2, Gemma 3 with its
+    sliding-window layers and q/k norms, Qwen2/Qwen3, Mistral are tested),
+    with any attention implementation. The model runs exactly as without the
+    capture (its own attention function, mask and results). ``keys=True``
+    also records the keys and values attention received. Only this thread's
+    calls of this model are recorded.
+    """
+    layers = attn.attention_modules(model)
+    attn.install(model)
+    rec = attn.Recorder(module_ids=frozenset(id(m) for m in layers.values()), keep_kv=keys)
+    out = CapturedQueries(max(layers) + 1)
+    attn.STATE.recorders.append(rec)
+    try:
+        yield out
+    finally:
+        attn.STATE.recorders.remove(rec)
+    out._fill(rec)
+
+
+# ---- the cache ----------------------------------------------------------------------------------
+
+class _CompressedLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
+    """One layer of a ``CompressedCache``: kept keys and values, and each row's original position per kv head."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, seen: int,
+                 sliding: bool) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.keys = keys                # [batch, kv_heads, L, head_dim]
+        self.values = values
+        self.positions = positions      # [batch, kv_heads, L] int64
+        self.seen = seen                # positions 0 .. seen-1 have been processed (kept or not)
+        self.is_sliding = sliding
+        self.device = keys.device
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        n = key_states.shape[-2]
+        new = torch.arange(self.seen, self.seen + n, dtype=torch.int64, device=self.positions.device)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.positions = torch.cat([self.positions, new.expand(*self.positions.shape[:2], n)], dim=-1)
+        self.seen += n
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> Tuple[int, int]:
+        # The mask the model builds from this is replaced (per layer, by position) before attention.
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        raise ValueError("a CompressedCache cannot be reset: use cache.copy() before decoding to keep a fresh one")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("a CompressedCache cannot be cropped (assisted or speculative decoding is not supported)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.keys = self.keys.repeat_interleave(repeats, dim=0)
+        self.values = self.values.repeat_interleave(repeats, dim=0)
+        self.positions = self.positions.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.keys = self.keys[indices.to(self.keys.device)]
+        self.values = self.values[indices.to(self.values.device)]
+        self.positions = self.positions[indices.to(self.positions.device)]
+
+    def clone(self) -> "_CompressedLayer":
+        return _CompressedLayer(self.keys.clone(), self.values.clone(), self.positions.clone(), self.seen,
+                                self.is_sliding)
+
+
+def _fingerprint(module: Any) -> Tuple[float, ...]:
+    """A few weights of an attention module: tells another model (or other weights) from the one compressed for."""
+    w = module.k_proj.weight.detach().reshape(-1)
+    return tuple(float(x) for x in w[: min(8, w.numel())].float().cpu())
+
+
+class CompressedCache(Cache):
+    """A transformers ``Cache`` over a context compressed by medakv-server.
+
+    Each layer holds its kept keys and values (layers keep different numbers
+    of tokens; within a layer each kv head keeps its own tokens) and every
+    kept row's ORIGINAL position. The cache reports the original context
+    length ``T`` as its sequence length, so new tokens take positions T,
+    T+1, ... as they would after the full context, and each layer attends to
+    its kept keys by position: causally, and on sliding-window layers (Gemma
+    3) only to keys within the window of the query's position. So both
+
+    ::
+
+        model.generate(torch.cat([context_ids, question_ids], -1), past_key_values=cache.copy(), ...)
+        model(input_ids=question_ids, past_key_values=cache)     # a forward loop of your own
+
+    decode as the model would over the kept tokens. New tokens are appended
+    to every layer. ``copy()`` gives an independent cache, so one compression
+    answers several questions.
+
+    Made by ``medakv.hf.compress`` (or ``CompressedCache.from_result``). Only
+    the model it was made for may use it (checked: layer count and shapes,
+    and a few weights of each attention module on first use); input ids given
+    to ``generate`` must start with the compressed context. Batch: the
+    cache's own (1 from ``compress``); ``generate`` may repeat it
+    (``num_return_sequences``, beams).
+    """
+
+    def __init__(self, layers: List[_CompressedLayer], *, context_length: int,
+                 context_ids: Optional[torch.Tensor] = None, fingerprints: Optional[Dict[int, Tuple[float, ...]]] = None,
+                 model_name: str = "", result: Optional[CompressResult] = None) -> None:
+        super().__init__(layers=list(layers))
+        self.context_length = context_length
+        self.context_ids = context_ids
+        self.result = result
+        self._fingerprints = dict(fingerprints or {})
+        self._model_name = model_name
+        self._checked: set[int] = set()
+
+    # ---- made from a result ---------------------------------------------------------------------
+
+    @classmethod
+    def from_result(cls, result: CompressResult, model: Any, *,
+                    context_ids: Optional[torch.Tensor] = None) -> "CompressedCache":
+        """The cache of ``Client.compress``'s result (torch tensors, batch of one) for ``model``."""
+        if not isinstance(result, CompressResult):
+            raise TypeError(f"result: expected a medakv.CompressResult, got {type(result).__name__}")
+        modules = attn.attention_modules(model)
+        if len(result.layers) != len(modules):
+            raise ValueError(f"the result has {len(result.layers)} layers, {type(model).__name__} has {len(modules)}")
+        attn.install(model)
+        _guard_generation(model)
+        types = getattr(model.config.get_text_config(), "layer_types", None) or []
+        device = next(model.parameters()).device
+        layers = []
+        for i, r in enumerate(result.layers):
+            k, v, pos = r.key, r.value, r.positions
+            if not isinstance(k, torch.Tensor):
+                raise TypeError("the result holds NumPy arrays: compress torch tensors to build a CompressedCache")
+            if result.layout == "nhd":
+                k, v, pos = k.transpose(0, 1), v.transpose(0, 1), torch.as_tensor(pos).transpose(0, 1)
+            pos = torch.as_tensor(pos).to(device=device, dtype=torch.int64)
+            sliding = i < len(types) and types[i] == "sliding_attention"
+            layers.append(_CompressedLayer(k.contiguous().unsqueeze(0).to(device), v.contiguous().unsqueeze(0).to(device),
+                                           pos.unsqueeze(0).contiguous(), result.tokens, sliding))
+        if context_ids is not None:
+            context_ids = torch.as_tensor(context_ids).reshape(1, -1).to(device)
+            if context_ids.shape[1] != result.tokens:
+                raise ValueError(f"context_ids: {context_ids.shape[1]} tokens, but the result is of {result.tokens}")
+        return cls(layers, context_length=result.tokens, context_ids=context_ids,
+                   fingerprints={i: _fingerprint(m) for i, m in modules.items()},
+                   model_name=type(model).__name__, result=result)
+
+    # ---- what it holds --------------------------------------------------------------------------
+
+    @property
+    def kept(self) -> List[int]:
+        """Context tokens kept per layer (per kv head)."""
+        return [int(layer.positions.shape[-1]) - (layer.seen - self.context_length) for layer in self._layers()]
+
+    def positions(self, layer: int) -> torch.Tensor:
+        """``[kv_heads, rows]``: the original position of every row layer ``layer`` holds now (batch item 0)."""
+        return self._layers()[layer].positions[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the keys and values held now (appended tokens included)."""
+        return sum(x.numel() * x.element_size() for layer in self._layers() for x in (layer.keys, layer.values))
+
+    @property
+    def context_nbytes(self) -> int:
+        """Bytes of the kept context's keys and values (what the compression left of ``full_nbytes``)."""
+        total = 0
+        for layer, kept in zip(self._layers(), self.kept):
+            b, h, _, d = layer.keys.shape
+            total += 2 * b * h * kept * d * layer.keys.element_size()
+        return total
+
+    @property
+    def full_nbytes(self) -> int:
+        """Bytes the uncompressed context's keys and values take (every layer, all T tokens)."""
+        total = 0
+        for layer in self._layers():
+            b, h, _, d = layer.keys.shape
+            total += 2 * b * h * self.context_length * d * layer.keys.element_size()
+        return total
+
+    def copy(self) -> "CompressedCache":
+        """An independent cache in the same state (tensors copied): one compression, several questions."""
+        out = CompressedCache([layer.clone() for layer in self._layers()], context_length=self.context_length,
+                              context_ids=self.context_ids, fingerprints=self._fingerprints,
+                              model_name=self._model_name, result=self.result)
+        out._checked = set(self._checked)
+        return out
+
+    def __repr__(self) -> str:
+        kept = self.kept
+        return (f"CompressedCache({len(kept)} layers, context {self.context_length} tokens, kept "
+                f"{min(kept)}..{max(kept)} per layer, seen {self.get_seq_length()})")
+
+    def _layers(self) -> List[_CompressedLayer]:
+        return self.layers  # type: ignore[return-value]
+
+    # ---- transformers' Cache --------------------------------------------------------------------
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        layers = self._layers()
+        if not 0 <= layer_idx < len(layers):
+            raise ValueError(f"CompressedCache: layer {layer_idx} does not exist (the cache has {len(layers)} layers: "
+                             f"made for another model?)")
+        stale = attn.STATE.pending.pop(layer_idx, None)
+        if stale is not None:
+            raise RuntimeError(f"CompressedCache: layer {layer_idx}'s last attention call did not go through medakv's "
+                               "attention wrapper; use the model the cache was made for (medakv.hf.compress or "
+                               "CompressedCache.from_result install the wrapper)")
+        layer = layers[layer_idx]
+        b, h, n, d = key_states.shape
+        if n == 0:
+            raise ValueError("CompressedCache: no new tokens; the input ids must be the compressed context followed "
+                             f"by at least one new token (the cache holds {layer.seen} positions)")
+        if (h, d) != (layer.keys.shape[1], layer.keys.shape[3]):
+            raise ValueError(f"CompressedCache: layer {layer_idx} holds {layer.keys.shape[1]} kv heads of dim "
+                             f"{layer.keys.shape[3]}, the model gives {h} of dim {d}: another model?")
+        if b != layer.keys.shape[0]:
+            raise ValueError(f"CompressedCache: a batch of {b} sequences, but the cache holds {layer.keys.shape[0]} "
+                             "(compress each sequence's context, or let generate() expand the cache)")
+        if key_states.dtype != layer.keys.dtype or key_states.device != layer.keys.device:
+            raise ValueError(f"CompressedCache: the cache holds {layer.keys.dtype} on {layer.keys.device}, the model "
+                             f"computes {key_states.dtype} on {key_states.device}")
+        first_new = layer.seen
+        keys, values = layer.update(key_states, value_states)
+        qpos = torch.arange(first_new, first_new + n, dtype=torch.int64, device=layer.positions.device)
+        attn.STATE.pending[layer_idx] = attn.Pending(key=keys, key_positions=layer.positions, query_positions=qpos,
+                                                     check_module=lambda m: self._check_module(layer_idx, m))
+        return keys, values
+
+    def _check_module(self, layer_idx: int, module: Any) -> None:
+        if id(module) in self._checked:
+            return
+        want = self._fingerprints.get(layer_idx)
+        if want is not None and _fingerprint(module) != want:
+            raise ValueError(f"CompressedCache: layer {layer_idx}'s attention weights differ from those of the "
+                             f"{self._model_name} the cache was compressed for (another model?)")
+        self._checked.add(id(module))
+
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Raises ValueError unless ``input_ids`` ([batch, n]) start with the compressed context and extend past what is cached."""
+        seen = self.get_seq_length()
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] <= seen:
+            raise ValueError(f"input_ids: {input_ids.shape[1]} tokens, but the CompressedCache already holds {seen} "
+                             f"positions (the compressed context is {self.context_length}): pass the context's ids "
+                             "followed by the new ones, e.g. torch.cat([context_ids, question_ids], -1)")
+        if self.context_ids is not None:
+            want = self.context_ids.to(input_ids.device)
+            if not torch.equal(input_ids[:, : self.context_length], want.expand(input_ids.shape[0], -1)):
+                raise ValueError(f"input_ids do not start with the {self.context_length} tokens of the compressed "
+                                 "context")
+
+
+def _guard_generation(model: Any) -> None:
+    """Makes the model's ``generate()`` check its input ids against a CompressedCache it is given (once per model)."""
+    prepare = getattr(model, "prepare_inputs_for_generation", None)
+    if prepare is None or getattr(prepare, attn._MARK, False):
+        return
+
+    def prepare_inputs_for_generation(input_ids: Any, *args: Any, **kwargs: Any) -> Any:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if isinstance(cache, CompressedCache) and isinstance(input_ids, torch.Tensor):
+            cache.check_input_ids(input_ids)
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
+                raise ValueError("a CompressedCache takes no padding: the attention mask must be all ones (is a token "
+                                 "of your input the tokenizer's pad token? pass attention_mask=torch.ones_like(ids))")
+        return prepare(input_ids, *args, **kwargs)
+
+    setattr(prepare_inputs_for_generation, attn._MARK, True)
+    model.prepare_inputs_for_generation = prepare_inputs_for_generation
+
+
+# ---- compress -----------------------------------------------------------------------------------
+
+def default_client() -> Client:
+    """A client of ``$MEDAKV_SERVER`` (host:port; default 127.0.0.1:50051)."""
+    target = os.environ.get("MEDAKV_SERVER", "").strip() or DEFAULT_SERVER
+    if "," in target:
+        raise ValueError(f"MEDAKV_SERVER={target!r}: the Python client takes one server; pass client=")
+    return Client(target)
+
+
+def _context_ids(model: Any, context_ids: Any) -> torch.Tensor:
+    ids = torch.as_tensor(context_ids)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"context_ids: expected [tokens] or [1, tokens], got shape {tuple(ids.shape)} "
+                         "(compress one context at a time)")
+    if ids.shape[1] < 1:
+        raise ValueError("context_ids: empty context")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"context_ids: expected integer token ids, got {ids.dtype}")
+    return ids.to(device=next(model.parameters()).device, dtype=torch.int64)
+
+
+@torch.no_grad()
+def compress(model: Any, context_ids: Any, *, client: Optional[Client] = None, policy: Optional[str] = None,
+             rho: Optional[float] = None, preset: Optional[str] = None, query_rows: Optional[int] = None,
+             modality: Any = None, **options: Any) -> CompressedCache:
+    """Prefills ``context_ids`` with ``model``, compresses the cache on medakv-server, returns a ``CompressedCache``.
+
+    ``client``: a ``medakv.Client`` (default: one of ``$MEDAKV_SERVER``,
+    else 127.0.0.1:50051, closed afterwards). ``policy``, ``rho``,
+    ``preset`` and ``**options`` are ``Client.compress``'s (``rho`` is the
+    fraction KEPT, 1 - kvpress's ``compression_ratio``; None: the policy's
+    default, amber at 0.2, or the preset's). ``query_rows``: send only the
+    last this many query rows as statistics (default: all of them).
+    ``modality``: ``Client.compress``'s visual-token spans or flags.
+    """
+    ids = _context_ids(model, context_ids)
+    if query_rows is not None and (isinstance(query_rows, bool) or not isinstance(query_rows, int) or query_rows < 1):
+        raise ValueError(f"query_rows: expected a positive int or None, got {query_rows!r}")
+    with capture_queries(model, keys=True) as cap:
+        kwargs: Dict[str, Any] = {"use_cache": False}
+        if "logits_to_keep" in _forward_parameters(model):
+            kwargs["logits_to_keep"] = 1
+        model(input_ids=ids, **kwargs)
+    queries = [q[0] if query_rows is None else q[0, :, -query_rows:] for q in cap.queries]
+    own = client is None
+    c = default_client() if client is None else client
+    try:
+        result = c.compress([k[0] for k in cap.keys], [v[0] for v in cap.values], queries, policy=policy, rho=rho,
+                            preset=preset, modality=modality, **options)
+    finally:
+        if own:
+            c.close()
+    return CompressedCache.from_result(result, model, context_ids=ids)
+
+
+def _forward_parameters(model: Any) -> Sequence[str]:
+    import inspect
+    return list(inspect.signature(model.forward).parameters)
+
+
+def _cache_argument(model: Any) -> str:
+    """The name the model takes its cache under: ``cache`` from transformers 5.2x on, ``past_key_values`` before."""
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+
+
+# ---- the pipeline -------------------------------------------------------------------------------
+
+_SEPARATOR = "\n\n"
+
+
+class Pipeline:
+    """``pipe(context, question=...)`` or ``pipe(context, questions=[...])``: see ``pipeline``."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, client: Optional[Client] = None, policy: Optional[str] = None,
+                 rho: Optional[float] = None, preset: Optional[str] = None, max_new_tokens: int = 128,
+                 **options: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.client = client
+        self.policy, self.rho, self.preset, self.options = policy, rho, preset, options
+        self.max_new_tokens = max_new_tokens
+        self.cache: Optional[CompressedCache] = None
+
+    def split(self, context: str, questions: Sequence[str]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The context's token ids and each question's (what follows the context in the prompt)."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            marker = "\x00medakv-question\x00"
+            text = tok.apply_chat_template([{"role": "user", "content": context + _SEPARATOR + marker}],
+                                           add_generation_prompt=True, tokenize=False)
+            if text.count(marker) != 1:
+                raise ValueError("the tokenizer's chat template does not keep the user's text as given")
+            head, tail = text.split(marker)
+            if not head.endswith(_SEPARATOR):
+                raise ValueError("the tokenizer's chat template does not keep the user's text as given")
+            context_ids = tok(head[: -len(_SEPARATOR)], add_special_tokens=False, return_tensors="pt").input_ids
+            rests = [_SEPARATOR + q + tail for q in questions]
+        else:
+            context_ids = tok(context, return_tensors="pt").input_ids
+            rests = [_SEPARATOR + q + _SEPARATOR for q in questions]
+        question_ids = [tok(r, add_special_tokens=False, return_tensors="pt").input_ids for r in rests]
+        return context_ids, question_ids
+
+    @torch.no_grad()
+    def __call__(self, context: str, question: Optional[str] = None, *, questions: Optional[Sequence[str]] = None,
+                 max_new_tokens: Optional[int] = None, **generate_kwargs: Any) -> Dict[str, Any]:
+        if (question is None) == (questions is None):
+            raise ValueError("pass question= or questions=, one of them")
+        asked = [question] if question is not None else list(questions or [])
+        if not asked or not all(isinstance(q, str) for q in asked):
+            raise ValueError("questions: expected one or more strings")
+        if not isinstance(context, str) or not context:
+            raise ValueError("context: expected a non-empty string")
+        context_ids, question_ids = self.split(context, asked)
+        self.cache = compress(self.model, context_ids, client=self.client, policy=self.policy, rho=self.rho,
+                              preset=self.preset, **self.options)
+        device = context_ids.device if self.cache.context_ids is None else self.cache.context_ids.device
+        answers = []
+        for q in question_ids:
+            ids = torch.cat([context_ids.to(device), q.to(device)], dim=-1)
+            gen: Dict[str, Any] = dict(max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=False)
+            gen.update(generate_kwargs)
+            gen[_cache_argument(self.model)] = self.cache.copy()
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **gen)
+            answers.append(self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        return {"answer": answers[0]} if question is not None else {"answers": answers}
+
+
+def pipeline(model: Any, tokenizer: Any, *, client: Optional[Client] = None, policy: Optional[str] = None,
+             rho: Optional[float] = None, preset: Optional[str] = None, max_new_tokens: int = 128,
+             **options: Any) -> Pipeline:
+    """Question answering over a compressed context, in the manner of kvpress's pipeline.
+
+    ::
+
+        pipe = medakv.hf.pipeline(model, tokenizer, rho=0.25)
+        pipe(context, question="...")["answer"]
+        pipe(context, questions=["...", "..."])["answers"]
+
+    The prompt is the tokenizer's chat template around one user turn, the
+    context then the question (without a template: the context, then the
+    question). The context is prefilled and compressed once
+    (``medakv.hf.compress`` with these ``client``, ``policy``, ``rho``,
+    ``preset`` and options); each question is decoded greedily by
+    ``model.generate`` over a copy of the compressed cache.
+    ``pipe.cache`` is the last compressed cache (its ``full_nbytes`` and
+    ``context_nbytes`` say what the compression saved).
+    """
+    return Pipeline(model, tokenizer, client=client, policy=policy, rho=rho, preset=preset,
+                    max_new_tokens=max_new_tokens, **options)

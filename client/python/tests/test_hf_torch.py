@@ -1,0 +1,384 @@
+"""medakv.hf with torch and transformers: capture, compress, CompressedCache under generate(), reuse, misuse.
+
+Tiny random-weight models built from configs (no download): Llama (the
+SmolLM2 family), Gemma 3 (sliding-window layers shorter than the context,
+q/k norms), Qwen2, Qwen3, Mistral. Every compression goes through the real
+medakv-server of the test session. The real SmolLM2 runs in
+test_hf_quickstart.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+if os.environ.get("MEDAKV_REQUIRE_HF") != "1":
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import medakv  # noqa: E402
+import medakv.hf as hf  # noqa: E402
+
+VOCAB = 97
+CONTEXT, QUESTION, NEW = 60, 7, 8
+POLICIES = ["amber", "meda", "h2o", "snapkv", "pyramidkv", "streaming_llm", "look_m"]
+
+
+def make_model(family: str, attn: str = "eager", seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(**common)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif family == "gemma3":
+        cfg = transformers.Gemma3TextConfig(**common, sliding_window=24, query_pre_attn_scalar=16,
+                                            layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                                         "sliding_attention"])
+        model = transformers.Gemma3ForCausalLM(cfg)
+    elif family == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    elif family == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common))
+    elif family == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=None))
+    else:
+        raise AssertionError(family)
+    model.eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def ids(seed: int, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (1, n), generator=g)  # no pad, bos or eos token
+
+
+def generate(model, input_ids, cache=None, n=NEW):
+    kw = {} if cache is None else {"past_key_values": cache}
+    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, output_logits=True, return_dict_in_generate=True, **kw)
+    return out.sequences[0, input_ids.shape[1]:], torch.stack([x[0] for x in out.logits])
+
+
+# ---- capture ----------------------------------------------------------------------------------------
+
+def reference_queries(model, input_ids):
+    """Post-RoPE queries rebuilt from q_proj's output, the module's q_norm and the rotary embedding it is given."""
+    modules = hf_attention_modules(model)
+    got, handles = {}, []
+    for layer, m in modules.items():
+        def pre(mod, args, kwargs, layer=layer):
+            got.setdefault(layer, {})["rope"] = kwargs["position_embeddings"]
+
+        def proj(mod, args, out, layer=layer):
+            got.setdefault(layer, {})["q"] = out.detach()
+        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(m.q_proj.register_forward_hook(proj))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for layer, m in sorted(modules.items()):
+        b, t, _ = got[layer]["q"].shape
+        q = got[layer]["q"].view(b, t, -1, m.head_dim)
+        if hasattr(m, "q_norm"):
+            q = m.q_norm(q)
+        q = q.transpose(1, 2)
+        cos, sin = got[layer]["rope"]
+        rotate = sys.modules[type(m).__module__].apply_rotary_pos_emb
+        q, _ = rotate(q, q, cos, sin)
+        out.append(q)
+    return out, logits
+
+
+def hf_attention_modules(model):
+    from medakv._hf_attention import attention_modules
+    return attention_modules(model)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2", "qwen3", "mistral"])
+def test_capture_equals_post_rope_queries(family, attn):
+    model = make_model(family, attn)
+    x = ids(1, 33)
+    want, want_logits = reference_queries(model, x)
+    with torch.no_grad(), hf.capture_queries(model, keys=True) as cap:
+        logits = model(input_ids=x, use_cache=False).logits
+    assert torch.equal(logits, want_logits)  # the model runs as without the capture
+    assert len(cap.queries) == len(want) == 4
+    for q, w in zip(cap.queries, want):
+        assert q.shape == (1, 4, 33, 16)
+        assert torch.equal(q, w)
+    assert [k.shape for k in cap.keys] == [(1, 2, 33, 16)] * 4 and len(cap.values) == 4
+
+
+def test_capture_joins_chunked_forward_passes_and_records_only_inside_the_block():
+    model = make_model("llama")
+    x = ids(2, 30)
+    with torch.no_grad():
+        with hf.capture_queries(model) as whole:
+            model(input_ids=x, use_cache=False)
+        cache = transformers.DynamicCache(config=model.config)
+        with hf.capture_queries(model) as parts:
+            model(input_ids=x[:, :17], past_key_values=cache)
+            model(input_ids=x[:, 17:], past_key_values=cache)
+        model(input_ids=x, use_cache=False)  # outside any block: recorded nowhere
+    assert all(p.shape == w.shape for p, w in zip(parts.queries, whole.queries))
+    for p, w in zip(parts.queries, whole.queries):
+        torch.testing.assert_close(p, w, rtol=0, atol=1e-6)
+    with hf.capture_queries(model) as empty:
+        pass
+    assert empty.queries == []
+
+
+# ---- generate over a CompressedCache ------------------------------------------------------------------
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])
+def test_full_policy_generates_the_uncompressed_models_tokens(client, family, attn):
+    model = make_model(family, attn)
+    context, question = ids(3, CONTEXT), ids(4, QUESTION)
+    prompt = torch.cat([context, question], -1)
+    want, want_logits = generate(model, prompt)
+    cache = hf.compress(model, context, client=client, policy="full", rho=1.0)
+    assert cache.kept == [CONTEXT] * 4 and cache.get_seq_length() == CONTEXT
+    got, logits = generate(model, prompt, cache)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(logits, want_logits, rtol=0, atol=1e-5)
+    assert cache.get_seq_length() == CONTEXT + QUESTION + NEW - 1
+
+
+class NaiveDecode:
+    """The reference: a registered attention function, no cache. Each layer attends to the compressed
+    context's kept rows at their original positions, then to the new tokens, one query head and one row at
+    a time in float64, causal by position and within the sliding window by position."""
+
+    NAME = "medakv_test_naive"
+
+    def __init__(self, result, start: int):
+        self.layers = [(torch.as_tensor(r.key, dtype=torch.float64), torch.as_tensor(r.value, dtype=torch.float64),
+                        torch.as_tensor(r.positions, dtype=torch.int64)) for r in result.layers]
+        self.start = start
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, sliding_window=None, softcap=None,
+                 **kwargs):
+        kk, vv, pp = self.layers[module.layer_idx]
+        n, hq, hkv = query.shape[2], query.shape[1], key.shape[1]
+        qpos = list(range(self.start, self.start + n))
+        out = torch.zeros(1, n, hq, query.shape[3], dtype=torch.float64)
+        for h in range(hq):
+            g = h // (hq // hkv)
+            keys = torch.cat([kk[g], key[0, g].double()])
+            values = torch.cat([vv[g], value[0, g].double()])
+            pos = torch.cat([pp[g], torch.tensor(qpos)])
+            for i, p in enumerate(qpos):
+                seen = pos <= p
+                if sliding_window is not None:
+                    seen &= (p - pos) < sliding_window
+                s = (keys[seen] @ query[0, h, i].double()) * scaling
+                if softcap is not None:
+                    s = torch.tanh(s / softcap) * softcap
+                out[0, i, h] = torch.softmax(s, 0) @ values[seen]
+        return out.to(query.dtype), None
+
+    def logits(self, model, tokens):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(self.NAME, self)
+        AttentionMaskInterface.register(self.NAME, sdpa_mask)
+        before = model.config._attn_implementation
+        model.set_attn_implementation(self.NAME)
+        try:
+            with torch.no_grad():
+                pos = torch.arange(self.start, self.start + tokens.shape[1]).unsqueeze(0)
+                return model(input_ids=tokens, position_ids=pos, use_cache=False).logits[0]
+        finally:
+            model.set_attn_implementation(before)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_generate_over_a_compressed_cache_equals_a_naive_decode(client, family, attn, policy):
+    model = make_model(family, attn, seed=5)
+    context, question = ids(6, CONTEXT), ids(7, QUESTION)
+    prompt = torch.cat([context, question], -1)
+    cache = hf.compress(model, context, client=client, policy=policy, rho=0.3)
+    assert all(k < CONTEXT for k in cache.kept)
+    tokens, logits = generate(model, prompt, cache.copy())
+    naive = NaiveDecode(cache.result, CONTEXT)
+    fed = torch.cat([question, tokens[None, :-1]], -1)
+    want = naive.logits(model, fed)[QUESTION - 1:]
+    torch.testing.assert_close(logits, want, rtol=0, atol=1e-5)
+
+
+def test_sliding_window_hides_kept_keys_by_their_original_position(client):
+    """A Gemma sliding layer: the kept keys a query may see are those within the window of its position."""
+    model = make_model("gemma3", "eager", seed=8)
+    context = ids(9, CONTEXT)
+    cache = hf.compress(model, context, client=client, policy="streaming_llm", rho=0.5)
+    pos = cache.positions(0)
+    assert bool((pos < CONTEXT - 24).any())  # kept keys outside the window of the first new token
+    tokens, logits = generate(model, torch.cat([context, ids(10, 3)], -1), cache.copy(), n=3)
+    naive = NaiveDecode(cache.result, CONTEXT)
+    want = naive.logits(model, torch.cat([ids(10, 3), tokens[None, :-1]], -1))[2:]
+    torch.testing.assert_close(logits, want, rtol=0, atol=1e-5)
+    # The window matters here: attending to every kept key gives other logits.
+    no_window = _logits_without_window(model, cache, torch.cat([ids(10, 3), tokens[None, :-1]], -1))[2:]
+    assert (no_window - want).abs().max() > 1e-4
+
+
+def _logits_without_window(model, cache, tokens):
+    class NoWindow(NaiveDecode):
+        NAME = "medakv_test_naive_no_window"
+
+        def __call__(self, module, query, key, value, attention_mask, sliding_window=None, **kw):
+            return super().__call__(module, query, key, value, attention_mask, sliding_window=None, **kw)
+    return NoWindow(cache.result, CONTEXT).logits(model, tokens)
+
+
+def test_a_forward_loop_of_ones_own_decodes_like_generate(client):
+    model = make_model("gemma3", "sdpa", seed=11)
+    context, question = ids(12, CONTEXT), ids(13, QUESTION)
+    cache = hf.compress(model, context, client=client, policy="amber", rho=0.25)
+    want, want_logits = generate(model, torch.cat([context, question], -1), cache.copy(), n=4)
+    loop = cache.copy()
+    step, got, logits = question, [], []
+    with torch.no_grad():
+        for _ in range(4):
+            out = model(input_ids=step, past_key_values=loop).logits[0, -1]
+            logits.append(out)
+            got.append(int(out.argmax()))
+            step = torch.tensor([[got[-1]]])
+    assert got == want.tolist()
+    torch.testing.assert_close(torch.stack(logits), want_logits, rtol=0, atol=1e-5)
+
+
+def test_one_compression_answers_several_questions(client):
+    model = make_model("llama", "sdpa", seed=14)
+    context = ids(15, CONTEXT)
+    questions = [ids(16, 5), ids(17, 9)]
+    once = hf.compress(model, context, client=client, policy="amber", rho=0.3)
+    before = [layer.keys.clone() for layer in once.layers]
+    for q in questions:
+        prompt = torch.cat([context, q], -1)
+        got, got_logits = generate(model, prompt, once.copy())
+        fresh = hf.compress(model, context, client=client, policy="amber", rho=0.3)
+        want, want_logits = generate(model, prompt, fresh)
+        assert torch.equal(got, want) and torch.equal(got_logits, want_logits)
+    assert all(torch.equal(layer.keys, b) for layer, b in zip(once.layers, before))  # copies left it untouched
+    assert once.get_seq_length() == CONTEXT
+
+
+def test_sizes_and_result(client):
+    model = make_model("llama", seed=18)
+    cache = hf.compress(model, ids(19, CONTEXT), client=client, policy="meda", rho=0.25)
+    assert cache.context_length == CONTEXT
+    assert cache.full_nbytes == 4 * 2 * 2 * CONTEXT * 16 * 4
+    assert cache.context_nbytes == sum(2 * 2 * k * 16 * 4 for k in cache.kept) == cache.nbytes
+    assert cache.kept == [r.budget for r in cache.result.layers]
+    assert cache.result.summary.policy.WhichOneof("kind") == "meda"
+    assert cache.result.summary.tokens_kept == sum(cache.kept)  # summed over layers, per kv head
+
+
+def test_default_client_reads_medakv_server(monkeypatch, server):
+    model = make_model("llama", seed=20)
+    monkeypatch.setenv("MEDAKV_SERVER", server.address)
+    cache = hf.compress(model, ids(21, 40).tolist()[0], rho=0.5)  # a list of ids works too
+    assert cache.context_length == 40
+    monkeypatch.setenv("MEDAKV_SERVER", "127.0.0.1:1")
+    with pytest.raises(medakv.MedakvError, match="UNAVAILABLE"):
+        hf.compress(model, ids(21, 40))
+    monkeypatch.setenv("MEDAKV_SERVER", "a:1,b:2")
+    with pytest.raises(ValueError, match="one server"):
+        hf.compress(model, ids(21, 40))
+
+
+# ---- misuse -----------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def compressed(client):
+    model = make_model("llama", seed=22)
+    context = ids(23, CONTEXT)
+    return model, context, hf.compress(model, context, client=client, policy="h2o", rho=0.3)
+
+
+def test_another_model_is_refused(compressed):
+    _, context, cache = compressed
+    other = make_model("llama", seed=99)  # same shapes, other weights
+    with pytest.raises(ValueError, match="differ from those of the LlamaForCausalLM"):
+        generate(other, torch.cat([context, ids(24, 3)], -1), cache.copy())
+    gemma = make_model("gemma3")
+    with pytest.raises(ValueError, match="differ|another model"):
+        generate(gemma, torch.cat([context, ids(24, 3)], -1), cache.copy())
+
+
+def test_input_ids_must_start_with_the_context(compressed):
+    model, context, cache = compressed
+    with pytest.raises(ValueError, match="do not start with the 60 tokens of the compressed context"):
+        generate(model, torch.cat([ids(25, CONTEXT), ids(24, 3)], -1), cache.copy())
+    with pytest.raises(ValueError, match="already holds 60 positions"):
+        generate(model, ids(24, 5), cache.copy())
+    with pytest.raises(ValueError, match="already holds 60 positions"):
+        generate(model, context, cache.copy())
+    empty = torch.zeros(1, 2, 0, 16)
+    with pytest.raises(ValueError, match="no new tokens"):
+        cache.copy().update(empty, empty, 0)
+
+
+def test_batch_and_padding_are_refused(compressed):
+    model, context, cache = compressed
+    prompt = torch.cat([context, ids(24, 3)], -1)
+    with pytest.raises(ValueError, match="batch of 2 sequences, but the cache holds 1"):
+        with torch.no_grad():
+            model(input_ids=ids(24, 3).repeat(2, 1), past_key_values=cache.copy())
+    mask = torch.ones_like(prompt)
+    mask[0, -1] = 0
+    with pytest.raises(ValueError, match="no padding"):
+        model.generate(prompt, attention_mask=mask, past_key_values=cache.copy(), max_new_tokens=2)
+
+
+def test_argument_errors(client, compressed):
+    model, context, _ = compressed
+    with pytest.raises(ValueError, match="one context at a time"):
+        hf.compress(model, context.repeat(2, 1), client=client)
+    with pytest.raises(ValueError, match="empty context"):
+        hf.compress(model, context[:, :0], client=client)
+    with pytest.raises(TypeError, match="integer token ids"):
+        hf.compress(model, context.float(), client=client)
+    with pytest.raises(ValueError, match="query_rows"):
+        hf.compress(model, context, client=client, query_rows=0)
+    with pytest.raises(ValueError, match="rho"):
+        hf.compress(model, context, client=client, rho=1.5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nonsense'"):
+        hf.compress(model, context, client=client, nonsense=1)
+    with pytest.raises(TypeError, match="NumPy"):
+        import numpy as np
+        r = client.compress([np.zeros((2, 8, 16), np.float32)] * 4, [np.zeros((2, 8, 16), np.float32)] * 4,
+                            [np.zeros((4, 8, 16), np.float32)] * 4)
+        hf.CompressedCache.from_result(r, model)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        hf.nope  # noqa: B018
+
+
+def test_query_rows_sends_only_the_last_rows(client, compressed):
+    model, context, _ = compressed
+    # SnapKV scores with the last `window` rows only: sending just those selects the same tokens.
+    some = hf.compress(model, context, client=client, policy="snapkv", rho=0.3, window=16, query_rows=16)
+    every = hf.compress(model, context, client=client, policy="snapkv", rho=0.3, window=16)
+    assert some.kept == every.kept
+    assert all(torch.equal(some.positions(i), every.positions(i)) for i in range(4))
+    fewer = hf.compress(model, context, client=client, policy="h2o", rho=0.3, query_rows=8)
+    more = hf.compress(model, context, client=client, policy="h2o", rho=0.3)
+    assert any(not torch.equal(fewer.positions(i), more.positions(i)) for i in range(4))  # H2O sums every row
