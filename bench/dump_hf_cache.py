@@ -12,12 +12,10 @@ format of README.md "File format" (safetensors, HND layout):
 
 Keys and values come from the returned cache (DynamicCache of any
 transformers version, or legacy tuples). Queries are captured while the model
-runs: the attention function that transformers calls with the rotated query
-(eager, sdpa, flash, ... through its attention interface, transformers >= 4.48)
-is wrapped for the duration of the forward pass; for older transformers the
-modeling module's apply_*rotary_pos_emb functions are wrapped instead. Only
-calls made by the language model's decoder attention modules are recorded
-(forward pre-hooks say which layer is running), so a vision tower is ignored.
+runs by medakv.hf.capture_queries (the Python client's, client/python): what
+the attention function that transformers calls (eager, sdpa, flash, ...
+through its attention interface; transformers >= 5) receives, for the
+language model's decoder attention modules only (a vision tower is ignored).
 
 --check runs the model with eager attention and output_attentions=True and
 compares the attention probabilities recomputed from the written queries and
@@ -293,163 +291,36 @@ def build_inputs(args, model, tok_or_proc, multimodal: bool, prompt: str):
 
 
 def decoder_attention_modules(model, n_layers: int):
-    """The language model's per-layer self-attention modules, in layer order."""
-    import torch.nn as nn
+    """The language model's per-layer self-attention modules, in layer order (medakv.hf's choice)."""
+    import medakv.hf
 
-    roots = []
-    if hasattr(model, "get_decoder"):
-        try:
-            d = model.get_decoder()
-            if d is not None:
-                roots.append(d)
-        except Exception:  # noqa: BLE001 - some models raise for get_decoder
-            pass
-    roots.append(model)
-    for root in roots:
-        # A ModuleList of n_layers decoder layers, each with a self-attention child.
-        for name, mod in root.named_modules():
-            if not isinstance(mod, nn.ModuleList) or len(mod) != n_layers:
-                continue
-            if "vision" in name or "visual" in name or "encoder" in name:
-                continue
-            attns = []
-            for layer in mod:
-                a = getattr(layer, "self_attn", None) or getattr(layer, "attention", None) \
-                    or getattr(layer, "attn", None)
-                if a is None:
-                    break
-                attns.append(a)
-            if len(attns) == n_layers:
-                return attns
-    raise DumpError(f"cannot find the {n_layers} decoder layers' attention modules (self_attn) in "
-                    f"{type(model).__name__}")
+    try:
+        modules = medakv.hf.attention_modules(model)
+    except ValueError as e:
+        raise DumpError(str(e)) from None
+    if sorted(modules) != list(range(n_layers)):
+        raise DumpError(f"attention modules of layers {sorted(modules)[:8]}... found in {type(model).__name__}, "
+                        f"the config says {n_layers} layers")
+    return [modules[i] for i in range(n_layers)]
 
 
-class QueryCapture:
-    """Records, per decoder layer, the post-RoPE query rows that attention used.
-
-    Primary: wrap transformers' attention functions (the entries of
-    AttentionInterface and the modeling module's eager_attention_forward),
-    called as fn(module, query [b, q_heads, T, d], key, value, attention_mask,
-    scaling=..., ...). Fallback (transformers < 4.48, attention computed inline):
-    wrap the modeling module's apply_*rotary_pos_emb functions.
-    """
-
-    def __init__(self, attn_modules, n_rows: int, q_heads: int, want_mask: bool):
-        self.attn_modules = attn_modules
-        self.n_rows = n_rows
-        self.q_heads = q_heads
-        self.want_mask = want_mask
-        self.current = None
-        self.via_attention = {}  # layer -> dict(query, key, scaling, mask, sliding_window, softcap)
-        self.via_rotary = {}  # layer -> query rows
-        self.calls = {}
-        self._undo = []
-
-    # -- recording
-    def _attention_wrapper(self, orig):
-        capture = self
-
-        def wrapper(module, query, key, value, attention_mask, *args, **kwargs):
-            layer = capture.current
-            if layer is not None and layer not in capture.via_attention:
-                scaling = kwargs.get("scaling")
-                if scaling is None and args:
-                    scaling = args[0] if isinstance(args[0], float) else None
-                if scaling is None:
-                    scaling = getattr(module, "scaling", None)
-                rec = {
-                    "query": query[0, :, -capture.n_rows:, :].detach(),
-                    "key": key[0].detach() if key is not None else None,
-                    "value": value[0].detach() if value is not None else None,
-                    "scaling": scaling,
-                    "sliding_window": kwargs.get("sliding_window"),
-                    "softcap": kwargs.get("softcap"),
-                    "mask": None,
-                }
-                if capture.want_mask and attention_mask is not None and hasattr(attention_mask, "dim") \
-                        and attention_mask.dim() == 4:
-                    rec["mask"] = attention_mask[0, :, -capture.n_rows:, :].detach().clone()
-                capture.via_attention[layer] = rec
-            return orig(module, query, key, value, attention_mask, *args, **kwargs)
-
-        wrapper.__wrapped__ = orig
-        return wrapper
-
-    def _rotary_wrapper(self, orig):
-        capture = self
-
-        def wrapper(*args, **kwargs):
-            out = orig(*args, **kwargs)
-            layer = capture.current
-            if layer is not None and layer not in capture.via_rotary and isinstance(out, tuple) and out:
-                q = out[0]
-                if hasattr(q, "dim") and q.dim() == 4:
-                    # [b, heads, T, d] (unsqueeze_dim=1) or [b, T, heads, d] (unsqueeze_dim=2)
-                    if q.shape[1] != capture.q_heads and q.shape[2] == capture.q_heads:
-                        q = q.transpose(1, 2)
-                    capture.via_rotary[layer] = q[0, :, -capture.n_rows:, :].detach()
-            return out
-
-        wrapper.__wrapped__ = orig
-        return wrapper
-
-    # -- patching
-    def _patch(self, obj, name, new, container=False):
-        if container:
-            old = obj[name]
-            obj[name] = new
-            self._undo.append(lambda: obj.__setitem__(name, old))
-        else:
-            old = getattr(obj, name)
-            setattr(obj, name, new)
-            self._undo.append(lambda: setattr(obj, name, old))
-
-    def __enter__(self):
-        try:
-            modules = {sys.modules[type(a).__module__] for a in self.attn_modules}
-            for mod in modules:
-                if callable(getattr(mod, "eager_attention_forward", None)):
-                    self._patch(mod, "eager_attention_forward",
-                                self._attention_wrapper(mod.eager_attention_forward))
-                for name in list(vars(mod)):
-                    if name.startswith("apply_") and "rotary" in name and callable(getattr(mod, name)):
-                        self._patch(mod, name, self._rotary_wrapper(getattr(mod, name)))
-            try:
-                from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-            except ImportError:
-                ALL_ATTENTION_FUNCTIONS = AttentionInterface = None
-            if AttentionInterface is not None:
-                for mapping in (getattr(AttentionInterface, "_global_mapping", None),
-                                getattr(ALL_ATTENTION_FUNCTIONS, "_local_mapping", None)):
-                    if isinstance(mapping, dict):
-                        for k in list(mapping):
-                            if callable(mapping[k]):
-                                self._patch(mapping, k, self._attention_wrapper(mapping[k]), container=True)
-            for i, a in enumerate(self.attn_modules):
-                self._undo.append(a.register_forward_pre_hook(self._pre_hook(i)).remove)
-                self._undo.append(a.register_forward_hook(self._post_hook()).remove)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def _pre_hook(self, i):
-        def hook(_module, _args):
-            self.current = i
-            self.calls[i] = self.calls.get(i, 0) + 1
-        return hook
-
-    def _post_hook(self):
-        def hook(_module, _args, _out):
-            self.current = None
-        return hook
-
-    def __exit__(self, *exc):
-        while self._undo:
-            self._undo.pop()()
-        self.current = None
-        return False
+def capture_records(cap, attn_modules, n_rows: int, want_mask: bool):
+    """Per layer: the last n_rows query rows, keys, values, scaling, sliding window, softcap (and mask rows)."""
+    recs = {}
+    for layer, module in enumerate(attn_modules):
+        kw = cap.attention_kwargs[layer]
+        scaling = kw.get("scaling")
+        if scaling is None:
+            scaling = getattr(module, "scaling", None)
+        mask = None
+        if want_mask and cap.masks[layer]:
+            m = cap.masks[layer][-1]
+            if m is not None and m.dim() == 4:
+                mask = m[0, :, -n_rows:, :].clone()
+        recs[layer] = {"query": cap.queries[layer][0, :, -n_rows:, :], "key": cap.keys[layer][0],
+                       "value": cap.values[layer][0], "scaling": scaling,
+                       "sliding_window": kw.get("sliding_window"), "softcap": kw.get("softcap"), "mask": mask}
+    return recs
 
 
 class IndependentQueries:
@@ -644,7 +515,9 @@ def run(args) -> int:
     indep = IndependentQueries(model, attn_modules, q_heads, getattr(cfg, "head_dim", None)
                                or cfg.hidden_size // q_heads) if args.check else None
     t1 = time.time()
-    with torch.no_grad(), QueryCapture(attn_modules, n_rows, q_heads, want_mask=args.check) as cap, \
+    import medakv.hf
+
+    with torch.no_grad(), medakv.hf.capture_queries(model, keys=True, masks=args.check) as cap, \
             (indep if indep is not None else contextlib.nullcontext()):
         fwd_kw = {"use_cache": True, "return_dict": True}
         if args.check:
@@ -657,13 +530,10 @@ def run(args) -> int:
     layers_kv = cache_layers(cache_of(outputs))
     if len(layers_kv) != n_layers:
         raise DumpError(f"the cache has {len(layers_kv)} layers, the config says {n_layers}")
-    missing = [i for i in range(n_layers) if i not in cap.via_attention and i not in cap.via_rotary]
-    if missing:
-        raise DumpError(f"no query was captured for layers {missing[:8]}{'...' if len(missing) > 8 else ''}: "
-                        f"this model's attention bypasses transformers' attention functions and "
-                        f"apply_*rotary_pos_emb (attention implementation {attn_impl}); try "
-                        f"--attn-implementation eager")
-    multi_calls = sorted(i for i, c in cap.calls.items() if c != 1)
+    if len(cap.queries) != n_layers:
+        raise DumpError(f"no query was captured: this model's attention bypasses transformers' attention "
+                        f"interface (attention implementation {attn_impl})")
+    multi_calls = [i for i, c in enumerate(cap.calls) if c != 1]
     if multi_calls:
         raise DumpError(f"decoder attention of layers {multi_calls[:8]} ran more than once in one forward pass")
 
@@ -675,8 +545,9 @@ def run(args) -> int:
     kv_heads = head_dim = None
     sliding_layers, trimmed_layers, scalings, softcaps = [], [], {}, {}
     key_cache_vs_attention = 0.0
+    recs = capture_records(cap, attn_modules, n_rows, want_mask=args.check)
     for l, (k, v) in enumerate(layers_kv):
-        rec = cap.via_attention.get(l)
+        rec = recs[l]
         if k.dim() != 4 or k.shape[0] != 1 or v.shape != k.shape:
             raise DumpError(f"layer {l}: cache key {tuple(k.shape)} / value {tuple(v.shape)}, expected "
                             f"[1, kv_heads, tokens, head_dim] for both")
@@ -702,7 +573,7 @@ def run(args) -> int:
         elif (k.shape[0], k.shape[2]) != (kv_heads, head_dim):
             raise DumpError(f"layer {l}: {k.shape[0]} kv heads x head_dim {k.shape[2]}, layer 0 has "
                             f"{kv_heads} x {head_dim}; the medakv format needs the same shape in every layer")
-        q = rec["query"] if rec is not None else cap.via_rotary[l]
+        q = rec["query"]
         if tuple(q.shape) != (q_heads, n_rows, head_dim):
             raise DumpError(f"layer {l}: captured query {tuple(q.shape)}, expected "
                             f"[q_heads={q_heads}, q_tokens={n_rows}, head_dim={head_dim}]")
@@ -738,7 +609,7 @@ def run(args) -> int:
     # ---- check
     check_result = {}
     if args.check:
-        check_result = check(args, outputs, tensors, cap, indep, n_layers, n_rows, tokens, q_heads, kv_heads,
+        check_result = check(args, outputs, tensors, recs, indep, n_layers, n_rows, tokens, q_heads, kv_heads,
                              head_dim, scalings, out_dtype)
         check_result["cache_vs_attention_keys_max_abs_diff"] = key_cache_vs_attention
         log(f"  keys in the cache vs keys the attention received: max abs diff {key_cache_vs_attention:.3e}")
@@ -786,7 +657,7 @@ def run(args) -> int:
         "model_dtype": run_dtype,
         "attn_implementation": str(attn_impl),
         "attn_scaling": json.dumps(scale_values),
-        "query_capture": "attention_function" if len(cap.via_attention) == n_layers else "rotary_function",
+        "query_capture": "attention_function",
         "rope": json.dumps(jsonable(config_summary(cfg)), sort_keys=True),
         "sliding_window_layers": ",".join(map(str, sliding_layers)),
         "notes": "; ".join(notes),
@@ -814,7 +685,7 @@ def run(args) -> int:
     return 0
 
 
-def check(args, outputs, tensors, cap, indep, n_layers, n_rows, tokens, q_heads, kv_heads, head_dim,
+def check(args, outputs, tensors, recs, indep, n_layers, n_rows, tokens, q_heads, kv_heads, head_dim,
           scalings, out_dtype) -> dict:
     """Recomputes attention probabilities of the written query rows from the written q and k."""
     import numpy as np
@@ -837,7 +708,7 @@ def check(args, outputs, tensors, cap, indep, n_layers, n_rows, tokens, q_heads,
         k = k.repeat_interleave(g, dim=0)  # query head h reads kv head h // g
         scale = scalings.get(l, head_dim ** -0.5)
         logits = torch.einsum("hrd,htd->hrt", q, k) * scale
-        rec = cap.via_attention.get(l)
+        rec = recs.get(l)
         softcap = rec["softcap"] if rec is not None else None
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap

@@ -1,75 +1,53 @@
-"""Attention functions that capture the model's q/k/v and decode over a compacted cache.
+"""The prompt's forward pass, captured, and decoding over a compacted cache.
 
-Two functions are registered in transformers' AttentionInterface, each with a
-mask function in AttentionMaskInterface (without one the model builds no
-causal mask for an unknown implementation, silently):
+  prefill_capture  the prompt's forward pass with the model's own eager
+                   attention and mask (causal, or sliding-window causal), under
+                   medakv.hf.capture_queries: per layer the post-RoPE
+                   (post-q_norm/k_norm) queries, keys and values attention
+                   receives, the layer's scale, sliding window and softcap,
+                   and the eager attention probabilities of the last
+                   `check_rows` rows (what the attention module returns), so
+                   that the capture can be checked.
 
-  medakv_capture  the prompt's forward pass. Records, per layer, the post-RoPE
-                  (post-q_norm/k_norm) queries, keys and values that attention
-                  receives, then runs the modeling module's own eager attention
-                  with the model's own mask (causal, or sliding-window causal).
-                  It also keeps the eager attention probabilities of the last
-                  `check_rows` rows so that the capture can be checked.
-
-  medakv_prefix   decoding after the prompt without transformers' cache: each
-                  layer attends over a prefix given per layer (keys, values and
-                  the *original* token position of each key per kv head: the
-                  full prompt, or a compressed cache whose layers have different
-                  lengths) plus the new tokens themselves (causal). The new
-                  tokens' positions are the caller's (they continue from the
-                  original prompt length, not from the compacted one). Sliding-
-                  window layers see a key iff q_pos - key_pos < window, with the
-                  key's original position. With `append`, the new tokens' keys
-                  and values are added to the prefix (greedy generation).
+  medakv_prefix    an attention function registered in transformers'
+                   AttentionInterface for decoding after the prompt without
+                   transformers' cache, a batch of different prefixes at once:
+                   each layer attends over a prefix given per layer and batch
+                   item (keys, values and the *original* token position of each
+                   key per kv head: the full prompt, or a compressed cache whose
+                   layers have different lengths) plus the new tokens
+                   themselves (causal). The new tokens' positions are the
+                   caller's (they continue from the original prompt length, not
+                   from the compacted one). Sliding-window layers see a key iff
+                   q_pos - key_pos < window, with the key's original position.
+                   With `append`, the new tokens' keys and values are added to
+                   the prefix (greedy generation). medakv.hf.CompressedCache
+                   does the same for one sequence inside generate(); this one
+                   takes a batch of prefixes, which the evaluation needs.
 
 Everything here is float32 on the CPU.
 """
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
-CAPTURE = "medakv_capture"
+import medakv.hf
+
 PREFIX = "medakv_prefix"
 
 
 class State:
-    """What the two attention functions read and write (one model at a time)."""
+    """What the prefix attention reads and writes (one model at a time)."""
 
     def __init__(self):
-        self.records = {}        # capture: layer -> dict(q, k, v, probs)
-        self.check_rows = 0      # capture: keep eager probabilities of the last rows
-        self.prefix = {}         # prefix: layer -> dict(k [Hkv,B,D], v, pos [Hkv,B] int64)
-        self.qpos = None         # prefix: [n] int64 positions of the tokens being decoded
-        self.append = False      # prefix: add the new keys/values to the prefix
-        self.future = None       # prefix: when a dict, layer -> query [Hq, n, D] is recorded
+        self.prefix = {}         # layer -> dict(k [b,Hkv,B,D], v, pos [b,Hkv,B] int64, fill)
+        self.qpos = None         # [n] int64 positions of the tokens being decoded
+        self.append = False      # add the new keys/values to the prefix
         self.calls = 0
 
 
 STATE = State()
-
-
-def _eager_of(module):
-    mod = sys.modules[type(module).__module__]
-    fn = getattr(mod, "eager_attention_forward", None)
-    if fn is None:
-        raise RuntimeError(f"{type(module).__module__} has no eager_attention_forward")
-    return fn
-
-
-def capture_attention(module, query, key, value, attention_mask, *args, **kwargs):
-    """query [1, Hq, T, D], key/value [1, Hkv, T, D] post-RoPE; returns eager attention."""
-    out, probs = _eager_of(module)(module, query, key, value, attention_mask, *args, **kwargs)
-    rec = {"q": query[0].detach().clone(), "k": key[0].detach().clone(), "v": value[0].detach().clone(),
-           "scaling": kwargs.get("scaling"), "sliding_window": kwargs.get("sliding_window"),
-           "softcap": kwargs.get("softcap")}
-    if STATE.check_rows and probs is not None:
-        rec["probs"] = probs[0, :, -STATE.check_rows:, :].detach().clone()
-    STATE.records[module.layer_idx] = rec
-    STATE.calls += 1
-    return out, None
 
 
 FAR = 1 << 62  # the position of an empty slot: no query sees it
@@ -108,8 +86,6 @@ def prefix_attention(module, query, key, value, attention_mask, *args, scaling=N
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     out = torch.matmul(probs, v.unsqueeze(2))                                   # [b, Hkv, g, n, D]
     out = out.reshape(b, hq, n, d).transpose(1, 2).contiguous()                 # [b, n, Hq, D]
-    if STATE.future is not None:
-        STATE.future[layer] = query[0].detach().clone()
     if STATE.append:
         p["fill"] = used
     else:
@@ -126,9 +102,7 @@ def register():
     if _registered:
         return
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
-    AttentionInterface.register(CAPTURE, capture_attention)
-    AttentionMaskInterface.register(CAPTURE, eager_mask)       # the model's own additive mask for eager
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     AttentionInterface.register(PREFIX, prefix_attention)
     AttentionMaskInterface.register(PREFIX, sdpa_mask)         # built but unused: prefix_attention masks by position
     _registered = True
@@ -143,10 +117,29 @@ def set_attention(model, name: str):
 @torch.no_grad()
 def prefill_capture(model, ids: torch.Tensor, check_rows: int = 0):
     """Forward over the prompt ids [T] with capture; returns (logits [T, V], records by layer)."""
-    set_attention(model, CAPTURE)
-    STATE.records, STATE.check_rows, STATE.calls = {}, check_rows, 0
-    out = model(input_ids=ids.unsqueeze(0), use_cache=False)
-    records, STATE.records = STATE.records, {}
+    set_attention(model, "eager")  # the probabilities of the check are what eager attention returns
+    modules = medakv.hf.attention_modules(model)
+    probs, hooks = {}, []
+    if check_rows:
+        def keep(layer):
+            def hook(_module, _args, out):
+                probs[layer] = out[1][0, :, -check_rows:, :].detach().clone()
+            return hook
+        hooks = [m.register_forward_hook(keep(layer)) for layer, m in modules.items()]
+    try:
+        with medakv.hf.capture_queries(model, keys=True) as cap:
+            out = model(input_ids=ids.unsqueeze(0), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    records = {}
+    for layer, m in modules.items():
+        records[layer] = {"q": cap.queries[layer][0].clone(), "k": cap.keys[layer][0].clone(),
+                          "v": cap.values[layer][0].clone(), "scaling": getattr(m, "scaling", None),
+                          "sliding_window": getattr(m, "sliding_window", None),
+                          "softcap": getattr(m, "attn_logit_softcapping", None)}
+        if layer in probs:
+            records[layer]["probs"] = probs[layer]
     return out.logits[0].float(), records
 
 
@@ -180,9 +173,9 @@ def decode_prefix(model, ids: torch.Tensor, start: int, append: bool = False, re
     b, n = ids.shape
     STATE.qpos = torch.arange(start, start + n, dtype=torch.int64)
     STATE.append = append
-    STATE.future = {} if record_queries else None
-    out = model(input_ids=ids, position_ids=STATE.qpos.unsqueeze(0).expand(b, n), use_cache=False)
-    queries, STATE.future = STATE.future, None
+    with medakv.hf.capture_queries(model) as cap:
+        out = model(input_ids=ids, position_ids=STATE.qpos.unsqueeze(0).expand(b, n), use_cache=False)
+    queries = {layer: q[0].clone() for layer, q in enumerate(cap.queries)} if record_queries else None
     return out.logits.float(), queries
 
 

@@ -56,9 +56,12 @@ class Recorder:
 
     module_ids: frozenset[int]
     keep_kv: bool
+    keep_masks: bool = False
     queries: Dict[int, List[torch.Tensor]] = field(default_factory=dict)
     keys: Dict[int, List[torch.Tensor]] = field(default_factory=dict)
     values: Dict[int, List[torch.Tensor]] = field(default_factory=dict)
+    masks: Dict[int, List[Optional[torch.Tensor]]] = field(default_factory=dict)
+    kwargs: Dict[int, Dict[str, Any]] = field(default_factory=dict)
 
 
 class _State(threading.local):
@@ -85,7 +88,8 @@ def _layer_of(module: Any) -> int:
     return layer
 
 
-def _record(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+def _record(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            mask: Optional[torch.Tensor], kwargs: Dict[str, Any]) -> None:
     for rec in STATE.recorders:
         if id(module) in rec.module_ids:
             layer = _layer_of(module)
@@ -93,6 +97,10 @@ def _record(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Te
             if rec.keep_kv:
                 rec.keys.setdefault(layer, []).append(key.detach())
                 rec.values.setdefault(layer, []).append(value.detach())
+            if rec.keep_masks:
+                rec.masks.setdefault(layer, []).append(mask.detach() if isinstance(mask, torch.Tensor) else None)
+            rec.kwargs[layer] = {k: v for k, v in kwargs.items()
+                                 if v is None or isinstance(v, (bool, int, float, str))}
 
 
 def _position_mask(module: Any, query: torch.Tensor, p: Pending, sliding_window: Optional[int]) -> torch.Tensor:
@@ -115,7 +123,7 @@ def _wrap(original: Callable[..., Any], name: str) -> Callable[..., Any]:
                   attention_mask: Optional[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         fn = original
         if STATE.recorders:
-            _record(module, query, key, value)
+            _record(module, query, key, value, attention_mask, kwargs)
         if STATE.pending:
             layer = getattr(module, "layer_idx", None)
             p = STATE.pending.get(layer) if isinstance(layer, int) else None
@@ -140,9 +148,22 @@ def _wrap(original: Callable[..., Any], name: str) -> Callable[..., Any]:
 
 
 def attention_modules(model: Any) -> Dict[int, Any]:
-    """The model's self-attention modules by layer: modules with an integer ``layer_idx`` and q/k projections."""
+    """The language model's self-attention modules by layer: modules with an integer ``layer_idx`` and q/k projections.
+
+    Searched in ``model.get_decoder()`` where the model has one (the text
+    decoder of a multimodal model, not its vision tower), else in the model.
+    """
+    root = model
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            decoder = get_decoder()
+        except (AttributeError, NotImplementedError, ValueError):
+            decoder = None
+        if decoder is not None:
+            root = decoder
     found: Dict[int, Any] = {}
-    for m in model.modules():
+    for m in root.modules():
         layer = getattr(m, "layer_idx", None)
         if isinstance(layer, int) and hasattr(m, "k_proj") and hasattr(m, "q_proj"):
             if layer in found and found[layer] is not m:

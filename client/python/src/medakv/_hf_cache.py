@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -17,7 +17,11 @@ from . import _hf_attention as attn
 from .client import Client
 from .types import CompressResult
 
-__all__ = ["CapturedQueries", "CompressedCache", "Pipeline", "capture_queries", "compress", "pipeline"]
+__all__ = ["CapturedQueries", "CompressedCache", "Pipeline", "attention_modules", "capture_queries", "compress",
+           "pipeline"]
+
+#: The model's self-attention modules by layer index (what capture and CompressedCache work with).
+attention_modules = attn.attention_modules
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 
@@ -31,8 +35,12 @@ class CapturedQueries:
     post q_norm where the model has one), exactly as attention received them.
     ``keys[l]``, ``values[l]``: ``[batch, kv_heads, tokens, head_dim]`` the
     same way (only with ``keys=True``; a cached forward gives attention the
-    cache's keys, so record without a cache, ``use_cache=False``). Filled
-    when the ``with`` block ends.
+    cache's keys, so record without a cache, ``use_cache=False``).
+    ``masks[l]``: the attention mask each call received, in call order (None
+    where it got none; only with ``masks=True``). ``attention_kwargs[l]``:
+    the scalar keyword arguments of the layer's last call (``scaling``,
+    ``sliding_window``, ``softcap``, ...). ``calls[l]``: how many attention
+    calls the layer made. Filled when the ``with`` block ends.
     """
 
     def __init__(self, layers: int) -> None:
@@ -40,6 +48,9 @@ class CapturedQueries:
         self.queries: List[torch.Tensor] = []
         self.keys: List[torch.Tensor] = []
         self.values: List[torch.Tensor] = []
+        self.masks: List[List[Optional[torch.Tensor]]] = []
+        self.attention_kwargs: List[Dict[str, Any]] = []
+        self.calls: List[int] = []
 
     def _fill(self, rec: attn.Recorder) -> None:
         missing = [layer for layer in range(self.layers) if layer not in rec.queries]
@@ -49,6 +60,10 @@ class CapturedQueries:
         if missing:
             return  # no forward pass inside the block
         self.queries = [_join(rec.queries[layer]) for layer in range(self.layers)]
+        self.calls = [len(rec.queries[layer]) for layer in range(self.layers)]
+        self.attention_kwargs = [rec.kwargs[layer] for layer in range(self.layers)]
+        if rec.keep_masks:
+            self.masks = [rec.masks[layer] for layer in range(self.layers)]
         if rec.keep_kv:
             self.keys = [_join(rec.keys[layer]) for layer in range(self.layers)]
             self.values = [_join(rec.values[layer]) for layer in range(self.layers)]
@@ -59,7 +74,7 @@ def _join(parts: List[torch.Tensor]) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def capture_queries(model: Any, *, keys: bool = False) -> Iterator[CapturedQueries]:
+def capture_queries(model: Any, *, keys: bool = False, masks: bool = False) -> Iterator[CapturedQueries]:
     """Records every attention layer's post-RoPE queries during the forward passes run inside the block.
 
     ::
@@ -73,12 +88,14 @@ def capture_queries(model: Any, *, keys: bool = False) -> Iterator[CapturedQueri
     sliding-window layers and q/k norms, Qwen2/Qwen3, Mistral are tested),
     with any attention implementation. The model runs exactly as without the
     capture (its own attention function, mask and results). ``keys=True``
-    also records the keys and values attention received. Only this thread's
-    calls of this model are recorded.
+    also records the keys and values attention received, ``masks=True`` the
+    attention masks. Only this thread's calls of this model's decoder
+    (``model.get_decoder()`` where it has one: not a vision tower) are
+    recorded.
     """
     layers = attn.attention_modules(model)
     attn.install(model)
-    rec = attn.Recorder(module_ids=frozenset(id(m) for m in layers.values()), keep_kv=keys)
+    rec = attn.Recorder(module_ids=frozenset(id(m) for m in layers.values()), keep_kv=keys, keep_masks=masks)
     out = CapturedQueries(max(layers) + 1)
     attn.STATE.recorders.append(rec)
     try:

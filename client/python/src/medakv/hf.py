@@ -45,8 +45,8 @@ from .types import CompressResult, StoredCache
 __all__ = ["CompressedCache", "Pipeline", "cache_layers", "capture_queries", "compress", "from_hf_cache", "pipeline",
            "to_hf_cache"]
 
-_TORCH_NAMES = ("CapturedQueries", "CompressedCache", "Pipeline", "capture_queries", "compress", "default_client",
-                "pipeline")
+_TORCH_NAMES = ("CapturedQueries", "CompressedCache", "Pipeline", "attention_modules", "capture_queries", "compress",
+                "default_client", "pipeline")
 
 
 def __getattr__(name: str) -> Any:
