@@ -4,6 +4,7 @@ server whose answers break the protocol."""
 from __future__ import annotations
 
 import grpc
+import numpy as np
 import pytest
 from conftest import random_cache
 
@@ -46,7 +47,7 @@ def test_server_limits_come_back_as_resource_exhausted(start_server):
 def test_chunk_over_the_message_limit_says_what_to_change(start_server):
     s = start_server("--max_message_bytes=65536")
     cache = random_cache(32, layers=1, kv_heads=1, q_heads=1, tokens=200, head_dim=128, dtype="float32")
-    with medakv.Client(s.address, timeout=60) as client:
+    with medakv.Client(s.address, timeout=60, shared_memory="off") as client:
         with pytest.raises(medakv.MedakvError) as e:
             client.compress(**cache, chunk_bytes=100000)  # a 102400-byte key in one 100000-byte chunk
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -54,6 +55,9 @@ def test_chunk_over_the_message_limit_says_what_to_change(start_server):
         # The same cache in chunks under the limit goes through.
         result = client.compress(**cache, chunk_bytes=16384)
         assert result.layers[0].key.shape == (1, 40, 128)
+    with medakv.Client(s.address, timeout=60) as client:  # through shared memory no message carries a tensor
+        shared = client.compress(**cache, chunk_bytes=100000)
+        assert shared.shared_memory and np.array_equal(shared.layers[0].key, result.layers[0].key)
 
 
 def test_store_errors_carry_their_status(client):
@@ -114,7 +118,7 @@ def whole_layer(layer, budget=1):
     ([chunk(0, KEY, 0, b"x")], "server sent a chunk of layer 0 tensor 1 before that layer's info"),
     ([info(0, 1), chunk(0, KEY, 4, b"x")], "server sent an out-of-order chunk of layer 0's key (offset 4"),
     ([info(0, 1), chunk(0, KEY, 0, b"x" * (ROW + 1))], "server sent an out-of-order chunk of layer 0's key"),
-    ([info(0, 1), chunk(0, POS, 0, shm=True)], "without bytes (a shared-memory ref this client did not ask for)"),
+    ([info(0, 1), chunk(0, POS, 0, shm=True)], "which this client did not ask for"),
     (whole_layer(0) + whole_layer(1), "server sent no summary at the end of the stream"),
     (whole_layer(0) + [SUMMARY], "server sent no info for layer 1"),
     (whole_layer(0) + whole_layer(1)[:3] + [SUMMARY], "server sent 0 of the 8 bytes of layer 1's positions"),

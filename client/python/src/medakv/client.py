@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional,
 import grpc
 import numpy as np
 
-from . import _arrays, _health
+from . import _arrays, _health, _shm
 from ._cache import PreparedCache, prepare_cache
 from .errors import MedakvError
 from .options import build_policy
@@ -82,6 +82,15 @@ class Client:
             unless the network is trusted.
         channel_options: extra gRPC channel arguments, e.g.
             ``[("grpc.lb_policy_name", "round_robin")]``.
+        shared_memory: "auto" (default): ``compress`` and ``put_cache`` send
+            their tensors through POSIX shared memory (docs/shared_memory.md)
+            when the target is on this host (loopback, ``localhost``, a Unix
+            socket), and fall back to bytes on the socket when a region
+            cannot be made or registered; "always": try it with any target
+            (a node-local server reached through a pod IP, started with
+            ``--shm_allow_remote``); "off": bytes only.
+        shared_memory_pool_bytes: idle registered regions kept (default
+            1 GiB); also the largest call that uses shared memory.
 
     The channel accepts messages of any size (the server's limits apply).
     Use it as a context manager, or call ``close()``.
@@ -90,7 +99,8 @@ class Client:
     def __init__(self, target: str, *, timeout: Optional[float] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  response_chunk_bytes: int = 0, wait_for_ready: bool = False,
                  credentials: Optional[grpc.ChannelCredentials] = None,
-                 channel_options: Sequence[Tuple[str, Any]] = (), token: Optional[str] = None) -> None:
+                 channel_options: Sequence[Tuple[str, Any]] = (), token: Optional[str] = None,
+                 shared_memory: str = "auto", shared_memory_pool_bytes: int = 1 << 30) -> None:
         if not isinstance(target, str) or not target.strip():
             raise ValueError(f"target: expected 'host:port', got {target!r}")
         self._target = target
@@ -114,6 +124,15 @@ class Client:
         else:
             self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.MedakvStub(self._channel)  # type: ignore[no-untyped-call]
+        if shared_memory not in _shm.MODES:
+            raise ValueError(f"shared_memory: expected one of {', '.join(_shm.MODES)}, got {shared_memory!r}")
+        if isinstance(shared_memory_pool_bytes, bool) or not isinstance(shared_memory_pool_bytes, int) \
+                or shared_memory_pool_bytes < 0:
+            raise ValueError(f"shared_memory_pool_bytes: expected an int >= 0, got {shared_memory_pool_bytes!r}")
+        self._shm: Optional[_shm.Pool] = None
+        if shared_memory == "always" or (shared_memory == "auto" and _shm.is_local_target(target)):
+            self._shm = _shm.Pool(self._stub, self._metadata, shared_memory_pool_bytes, self._shm_prefix)
+        self._shm_name_prefix: Optional[str] = None
         self._health_check = self._channel.unary_unary(
             _health.CHECK_METHOD, request_serializer=_health.HealthCheckRequest.SerializeToString,
             response_deserializer=_health.HealthCheckResponse.FromString)
@@ -126,7 +145,9 @@ class Client:
         return self._target
 
     def close(self) -> None:
-        """Closes the channel; calls in flight are cancelled."""
+        """Closes the channel (calls in flight are cancelled) and releases the shared-memory regions."""
+        if self._shm is not None:
+            self._shm.close()
         self._channel.close()
 
     def __enter__(self) -> "Client":
@@ -228,15 +249,36 @@ class Client:
         header = pb.CompressHeader(shape=cache.shape(), policy=policy_message, stats=cache.stats,
                                    q_tokens=cache.q_tokens, query_positions=cache.has_query_positions,
                                    score_heads=cache.score_heads, max_response_chunk_bytes=response_chunk)
+        input_end = sum(_shm.align(len(data)) for _, _, data in cache.pieces)
+        output_bytes = _result_bytes_bound(cache)
+        region = self._shm.borrow(input_end + output_bytes) if self._shm is not None else None
+        if region is not None:
+            header.output.CopyFrom(pb.SharedMemoryRef(region=region.name, offset=input_end, length=output_bytes))
+        chunks = _request_chunks(cache.pieces, chunk, region)
 
         def requests() -> Iterator[pb.CompressRequest]:
             yield pb.CompressRequest(header=header)
-            for layer, kind, offset, data in _chunks(cache.pieces, chunk):
-                yield pb.CompressRequest(chunk=pb.TensorChunk(layer=layer, tensor=kind, offset=offset, data=data))
+            for c in chunks:
+                yield pb.CompressRequest(chunk=c)
 
-        assembler = _LayerAssembler(self._target, "Compress", range(cache.layers), cache, cache.output)
+        assembler = _LayerAssembler(self._target, "Compress", range(cache.layers), cache, cache.output,
+                                    region=region, area=(input_end, output_bytes))
+        clean = False
+        try:
+            summary = self._compress_call(requests(), timeout, assembler)
+            result = CompressResult(layers=assembler.finish(), summary=_summary(summary), dtype=cache.dtype,
+                                    layout=cache.layout, kv_heads=cache.kv_heads, head_dim=cache.head_dim,
+                                    tokens=cache.tokens, shared_memory=region is not None)
+            clean = True
+            return result
+        finally:
+            if region is not None and self._shm is not None:
+                self._shm.give_back(region, clean)
+
+    def _compress_call(self, requests: Iterator[pb.CompressRequest], timeout: Optional[float],
+                       assembler: "_LayerAssembler") -> pb.CompressSummary:
         summary: Optional[pb.CompressSummary] = None
-        call = self._stub.Compress(requests(), timeout=timeout, wait_for_ready=self._wait_for_ready,
+        call = self._stub.Compress(requests, timeout=timeout, wait_for_ready=self._wait_for_ready,
                                    metadata=self._metadata)
         try:
             for response in call:
@@ -258,9 +300,7 @@ class Client:
         if summary is None:
             raise MedakvError(grpc.StatusCode.INTERNAL, "server sent no summary at the end of the stream",
                               target=self._target, method="Compress")
-        return CompressResult(layers=assembler.finish(), summary=_summary(summary), dtype=cache.dtype,
-                              layout=cache.layout, kv_heads=cache.kv_heads, head_dim=cache.head_dim,
-                              tokens=cache.tokens)
+        return summary
 
     # ---- the cache store ------------------------------------------------------------
 
@@ -299,16 +339,25 @@ class Client:
                                    score_heads=cache.score_heads, ttl_seconds=int(ttl_seconds), overwrite=overwrite,
                                    tier=tier_proto)
 
+        input_end = sum(_shm.align(len(data)) for _, _, data in cache.pieces)
+        region = self._shm.borrow(input_end) if self._shm is not None else None
+        chunks = _request_chunks(cache.pieces, chunk, region)
+
         def requests() -> Iterator[pb.PutCacheRequest]:
             yield pb.PutCacheRequest(header=header)
-            for layer, kind, offset, data in _chunks(cache.pieces, chunk):
-                yield pb.PutCacheRequest(chunk=pb.TensorChunk(layer=layer, tensor=kind, offset=offset, data=data))
+            for c in chunks:
+                yield pb.PutCacheRequest(chunk=c)
 
+        clean = False
         try:
             response = self._stub.PutCache(requests(), timeout=timeout, wait_for_ready=self._wait_for_ready,
                                            metadata=self._metadata)
+            clean = True
         except grpc.RpcError as e:
             raise self._error(e, "PutCache") from None
+        finally:
+            if region is not None and self._shm is not None:
+                self._shm.give_back(region, clean)
         return _cache_info(response.info)
 
     def compress_cache(self, cache_id: str, policy: Optional[str] = "amber", rho: Optional[float] = 0.2, *,
@@ -442,6 +491,16 @@ class Client:
 
     # ---- helpers -------------------------------------------------------------------
 
+    def _shm_prefix(self) -> str:
+        """The name prefix of this client's shared-memory objects: the tenant's (Stats) with a token."""
+        if not self._metadata:
+            return "medakv-"
+        if self._shm_name_prefix is None:
+            prefix = self._stub.Stats(pb.StatsRequest(), timeout=_shm._REGISTER_TIMEOUT,
+                                      metadata=self._metadata).shm_name_prefix
+            self._shm_name_prefix = (prefix or "/medakv-").lstrip("/")
+        return self._shm_name_prefix
+
     def _call_timeout(self, timeout: Optional[float]) -> Optional[float]:
         return self._timeout if timeout is None else _check_timeout(timeout)
 
@@ -473,13 +532,44 @@ def _chunks(pieces: Iterable[Tuple[int, "pb.TensorKind", memoryview]],
             yield layer, kind, offset, bytes(data[offset:offset + chunk_bytes])
 
 
+def _request_chunks(pieces: Sequence[Tuple[int, "pb.TensorKind", memoryview]], chunk_bytes: int,
+                    region: Optional[_shm.Region]) -> Iterator[pb.TensorChunk]:
+    """The request's tensor chunks: bytes, or (with a region) each tensor copied into it and sent as one ref.
+
+    The copies are made here, before the call starts, so that the call's
+    stream only sends refs."""
+    if region is None:
+        return (pb.TensorChunk(layer=layer, tensor=kind, offset=offset, data=data)
+                for layer, kind, offset, data in _chunks(pieces, chunk_bytes))
+    out = []
+    at = 0
+    view = region.buf
+    for layer, kind, data in pieces:
+        n = len(data)
+        view[at:at + n] = data
+        out.append(pb.TensorChunk(layer=layer, tensor=kind, offset=0,
+                                  shm=pb.SharedMemoryRef(region=region.name, offset=at, length=n)))
+        at += _shm.align(n)
+    return iter(out)
+
+
+def _result_bytes_bound(cache: PreparedCache) -> int:
+    """The most bytes a compression's results take: every token kept, key, value and int32 positions per layer."""
+    itemsize = 4 if cache.dtype == "float32" else 2
+    per_layer = cache.kv_heads * cache.tokens * (2 * cache.head_dim * itemsize + 4)
+    return int(cache.layers * per_layer)
+
+
 # ---- results --------------------------------------------------------------------------------
 
 
 class _LayerAssembler:
     """Reassembles result layers (a LayerInfo, then key, value and positions chunks in order) and checks them."""
 
-    def __init__(self, target: str, method: str, layers: range, shape: Any, output: _arrays.Output) -> None:
+    def __init__(self, target: str, method: str, layers: range, shape: Any, output: _arrays.Output, *,
+                 region: Optional[_shm.Region] = None, area: Tuple[int, int] = (0, 0)) -> None:
+        self._region = region
+        self._area = area  # (offset, length) of the output area in the region
         self._target = target
         self._method = method
         self._expected = layers
@@ -521,9 +611,11 @@ class _LayerAssembler:
         if buffer is None:
             raise self._fail(f"a chunk of layer {c.layer} tensor {c.tensor} before that layer's info "
                              "(or of a tensor kind that results do not have)")
+        if c.WhichOneof("payload") == "shm":
+            self._shm_chunk(c, key, buffer)
+            return
         if c.WhichOneof("payload") != "data":
-            raise self._fail(f"a chunk of layer {c.layer} without bytes (a shared-memory ref this client did "
-                             "not ask for)")
+            raise self._fail(f"a chunk of layer {c.layer} without bytes")
         done = self._received[key]
         data = c.data
         if c.offset != done or len(data) > buffer.size - done:
@@ -531,6 +623,20 @@ class _LayerAssembler:
                              f"{len(data)} bytes; {done} of {buffer.size} received)")
         buffer[done:done + len(data)] = np.frombuffer(data, dtype=np.uint8)
         self._received[key] = done + len(data)
+
+    def _shm_chunk(self, c: pb.TensorChunk, key: Tuple[int, int], buffer: np.ndarray) -> None:
+        ref = c.shm
+        start, length = self._area
+        if self._region is None or ref.region != self._region.name:
+            raise self._fail(f"a chunk of layer {c.layer} in shared-memory region {ref.region!r}, which this client "
+                             "did not ask for")
+        if c.offset != 0 or self._received[key] != 0 or ref.length != buffer.size or ref.offset < start \
+                or ref.offset + ref.length > start + length:
+            raise self._fail(f"a shared-memory chunk of layer {c.layer}'s {_TENSOR_NAME[key[1]]} outside the output "
+                             f"area or of the wrong size (offset {ref.offset}, {ref.length} bytes; area "
+                             f"[{start}, {start + length}), tensor {buffer.size} bytes)")
+        buffer[:] = np.frombuffer(self._region.buf, dtype=np.uint8, count=ref.length, offset=ref.offset)
+        self._received[key] = buffer.size
 
     def finish(self) -> List[LayerResult]:
         out = []

@@ -110,6 +110,8 @@ class CompressResult:
     kv_heads: int
     head_dim: int
     tokens: int  # tokens per layer before compression
+    #: Whether the tensors went through shared memory (a server on this host, ``Client(shared_memory=...)``).
+    shared_memory: bool = False
 
     @property
     def tokens_kept(self) -> int:
