@@ -9,6 +9,7 @@ test_hf_quickstart.py.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -335,6 +336,12 @@ def test_input_ids_must_start_with_the_context(compressed):
     empty = torch.zeros(1, 2, 0, 16)
     with pytest.raises(ValueError, match="no new tokens"):
         cache.copy().update(empty, empty, 0)
+    # A deep copy of the model checks its own input ids, and decodes like the original.
+    twin = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="do not start with the 60 tokens"):
+        generate(twin, torch.cat([ids(25, CONTEXT), ids(24, 3)], -1), cache.copy())
+    prompt = torch.cat([context, ids(24, 3)], -1)
+    assert torch.equal(generate(twin, prompt, cache.copy())[0], generate(model, prompt, cache.copy())[0])
 
 
 def test_batch_and_padding_are_refused(compressed):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import types
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -363,12 +364,16 @@ class CompressedCache(Cache):
 
 
 def _guard_generation(model: Any) -> None:
-    """Makes the model's ``generate()`` check its input ids against a CompressedCache it is given (once per model)."""
+    """Makes the model's ``generate()`` check its input ids against a CompressedCache it is given (once per model).
+
+    The check is a method bound to the model (``copy.deepcopy`` binds it to
+    the copy) that calls the class's own ``prepare_inputs_for_generation``."""
     prepare = getattr(model, "prepare_inputs_for_generation", None)
     if prepare is None or getattr(prepare, attn._MARK, False):
         return
+    original = getattr(type(model), "prepare_inputs_for_generation")
 
-    def prepare_inputs_for_generation(input_ids: Any, *args: Any, **kwargs: Any) -> Any:
+    def prepare_inputs_for_generation(self: Any, input_ids: Any, *args: Any, **kwargs: Any) -> Any:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if isinstance(cache, CompressedCache) and isinstance(input_ids, torch.Tensor):
             cache.check_input_ids(input_ids)
@@ -376,10 +381,10 @@ def _guard_generation(model: Any) -> None:
             if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
                 raise ValueError("a CompressedCache takes no padding: the attention mask must be all ones (is a token "
                                  "of your input the tokenizer's pad token? pass attention_mask=torch.ones_like(ids))")
-        return prepare(input_ids, *args, **kwargs)
+        return original(self, input_ids, *args, **kwargs)
 
     setattr(prepare_inputs_for_generation, attn._MARK, True)
-    model.prepare_inputs_for_generation = prepare_inputs_for_generation
+    model.prepare_inputs_for_generation = types.MethodType(prepare_inputs_for_generation, model)
 
 
 # ---- compress -----------------------------------------------------------------------------------
