@@ -65,14 +65,28 @@ def test_one_region_serves_call_after_call_and_goes_with_the_client(start_server
         assert regions(observer, 0) == 0  # closing ends the lease
 
 
-def test_put_cache_through_shared_memory(client):
-    cache = random_cache(73, layers=3, tokens=150, dtype="float32")
-    info = client.put_cache("shm/put", **cache, overwrite=True)
-    assert info.bytes > 0
-    stored = client.get_cache("shm/put")
-    for layer, k, v in zip(stored.layers, cache["keys"], cache["values"]):
-        assert np.array_equal(layer.key, k) and np.array_equal(layer.value, v)
-    assert client.stats().shared_memory_regions >= 1
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_the_store_through_shared_memory(server, dtype):
+    cache = random_cache(73, layers=3, tokens=150, dtype=dtype)
+    with medakv.Client(server.address) as shared, medakv.Client(server.address, shared_memory="off") as socket:
+        info = shared.put_cache(f"shm/put-{dtype}", **cache, overwrite=True)
+        assert info.bytes > 0
+        stored = shared.get_cache(f"shm/put-{dtype}")
+        assert stored.shared_memory
+        for layer, k, v in zip(stored.layers, cache["keys"], cache["values"]):
+            assert raw(layer.key) == raw(k) and raw(layer.value) == raw(v)
+        shared.compress_cache(f"shm/put-{dtype}", policy="h2o", rho=0.3)
+        for begin, end in ((0, None), (1, 3), (2, 3)):
+            got = shared.get_cache(f"shm/put-{dtype}", layer_begin=begin, layer_end=end)
+            want = socket.get_cache(f"shm/put-{dtype}", layer_begin=begin, layer_end=end)
+            assert got.shared_memory and not want.shared_memory
+            assert [(r.layer, r.budget) for r in got.layers] == [(r.layer, r.budget) for r in want.layers]
+            assert all(raw(g.key) == raw(w.key) and raw(g.value) == raw(w.value) and raw(g.positions) ==
+                       raw(w.positions) for g, w in zip(got.layers, want.layers))
+        with pytest.raises(medakv.MedakvError) as e:
+            shared.get_cache(f"shm/put-{dtype}-missing")
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert shared.stats().shared_memory_regions >= 1
 
 
 def test_a_failed_call_releases_its_region_and_the_next_one_works(start_server):

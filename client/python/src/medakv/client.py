@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import time
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import grpc
@@ -407,6 +408,39 @@ class Client:
         timeout = self._call_timeout(timeout)
         request = pb.GetCacheRequest(cache_id=cache_id, layer_begin=begin, layer_end=end or 0,
                                      max_response_chunk_bytes=self._response_chunk(response_chunk_bytes))
+        region = None
+        if self._shm is not None:
+            # The stored size bounds the results: a region that big, and the server writes them there. The
+            # call's deadline covers both calls.
+            started = time.monotonic()
+            stored_bytes = self._stored_bytes(cache_id, timeout)
+            region = self._shm.borrow(stored_bytes) if stored_bytes > 0 else None
+            if timeout is not None:
+                timeout = max(0.0, timeout - (time.monotonic() - started))
+        if region is not None:
+            request.output.CopyFrom(pb.SharedMemoryRef(region=region.name, offset=0, length=region.size))
+        clean = False
+        try:
+            stored = self._get_cache_call(request, begin, end, output, timeout, region)
+            clean = True
+            return stored
+        finally:
+            if region is not None and self._shm is not None:
+                self._shm.give_back(region, clean)
+
+    def _stored_bytes(self, cache_id: str, timeout: Optional[float]) -> int:
+        """The stored size of ``cache_id`` (0 when it is not there: GetCache then says NOT_FOUND)."""
+        try:
+            response = self._stub.ListCaches(pb.ListCachesRequest(prefix=cache_id, limit=1), timeout=timeout,
+                                             wait_for_ready=self._wait_for_ready, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise self._error(e, "ListCaches") from None
+        if len(response.caches) == 1 and response.caches[0].cache_id == cache_id:
+            return int(response.caches[0].bytes)
+        return 0
+
+    def _get_cache_call(self, request: pb.GetCacheRequest, begin: int, end: Optional[int], output: _arrays.Output,
+                        timeout: Optional[float], region: Optional[_shm.Region]) -> StoredCache:
         stored: Optional[StoredCache] = None
         assembler: Optional[_LayerAssembler] = None
         call = self._stub.GetCache(request, timeout=timeout, wait_for_ready=self._wait_for_ready,
@@ -428,7 +462,8 @@ class Client:
                     if last > shape.layers:
                         raise MedakvError(grpc.StatusCode.INTERNAL, f"server sent layers [{begin}, {last}) of a "
                                           f"{shape.layers}-layer cache", target=self._target, method="GetCache")
-                    assembler = _LayerAssembler(self._target, "GetCache", range(begin, last), shape, output)
+                    assembler = _LayerAssembler(self._target, "GetCache", range(begin, last), shape, output,
+                                                region=region, area=(0, region.size if region is not None else 0))
                 elif assembler is None:
                     raise MedakvError(grpc.StatusCode.INTERNAL, "server sent layers before the cache info",
                                       target=self._target, method="GetCache")
@@ -448,6 +483,7 @@ class Client:
             raise MedakvError(grpc.StatusCode.INTERNAL, "server ended the stream without the cache info",
                               target=self._target, method="GetCache")
         stored.layers = assembler.finish()
+        stored.shared_memory = region is not None
         return stored
 
     def delete_cache(self, cache_id: str, *, timeout: Optional[float] = None) -> int:

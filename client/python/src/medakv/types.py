@@ -178,6 +178,8 @@ class StoredCache:
 
     info: CacheInfo
     layers: List[LayerResult] = field(default_factory=list)
+    #: Whether the layers came through shared memory (a server on this host).
+    shared_memory: bool = False
 
 
 @dataclass(frozen=True)
