@@ -111,3 +111,25 @@ def test_torch_cache(client):
     assert all(isinstance(k, torch.Tensor) and k.shape == (1, 2, r.budget, 16) for (k, _), r in zip(pairs, result.layers))
     want = client.compress(second["keys"], second["values"], second["queries"], modality=second["modality"])
     assert [raw(k[0]) for k, _ in pairs] == [raw(r.key) for r in want.layers]
+
+
+def test_the_package_works_without_torch():
+    """Without torch and transformers: the core and the converters import; the torch side says what to install."""
+    import subprocess
+    import sys
+    code = """
+import sys
+sys.modules["torch"] = None          # import torch now raises ImportError
+sys.modules["transformers"] = None
+import numpy as np
+import medakv, medakv.hf
+pairs = medakv.hf.cache_layers([(np.zeros((1, 2, 3, 4)), np.zeros((1, 2, 3, 4)))])
+assert len(pairs) == 1
+try:
+    medakv.hf.compress
+except ImportError as e:
+    print("ImportError:", e)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "ImportError: medakv.hf.compress needs torch and transformers >= 5 (pip install 'medakv[hf]')" in done.stdout
