@@ -311,6 +311,12 @@ absl::StatusOr<Statistics> StatisticsStage(const CacheInput& in, const CompressO
       out.scores = s.data();
       absl::Status status = backend.AttentionStats(args, &out);
       if (!status.ok()) return absl::Status(status.code(), absl::StrCat("layer ", l, ": ", status.message()));
+      if (!std::isfinite(out.entropy)) {
+        // Finite keys and queries whose dot products overflow float32: no score is meaningful.
+        return absl::InvalidArgumentError(absl::StrCat(
+            "layer ", l, ": the attention statistics are not finite (entropy ", out.entropy,
+            "): the keys or queries hold values whose products overflow float32"));
+      }
       st.entropy[l] = out.entropy;
       if (st.key.recent_rows > 0) {
         status = RecentRowScores(layer, positions, args, st.key.recent_rows, backend, &st.recent_scores[l]);

@@ -26,6 +26,7 @@
 #include <string>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "client/cli/cache_file.h"
@@ -200,7 +201,13 @@ void CheckLoad(File file, Layout layout, size_t input_size) {
                                              PolicyKind::kLookM,  PolicyKind::kAmber};
   const CompressOptions options = DefaultOptions(kPolicies[input_size % 8]);
   absl::StatusOr<CompressResult> result = Compress(in, options, Cpu());
-  MEDAKV_FUZZ_CHECK(result.ok(), "Compress of a loaded cache fails: ", result.status().ToString());
+  if (!result.ok()) {
+    // Finite keys and queries may still overflow float32 in their dot products: a precise INVALID_ARGUMENT.
+    MEDAKV_FUZZ_CHECK(result.status().code() == absl::StatusCode::kInvalidArgument &&
+                          absl::StrContains(result.status().message(), "the attention statistics are not finite"),
+                      "Compress of a loaded cache fails: ", result.status().ToString());
+    return;
+  }
   fuzz::CheckResult(*result, in, options);
 }
 

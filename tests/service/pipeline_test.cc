@@ -313,6 +313,25 @@ TEST(PipelineValidationTest, RejectsMalformedInput) {
   }
 }
 
+// Keys and queries that are finite but whose products overflow float32, as a
+// fuzzer wrote them (tests/fuzz/corpus/fuzz_safetensors/crash-statistics-overflow,
+// bf16): MEDA's cross-modal entropy comes out -inf, and the request is refused
+// with INVALID_ARGUMENT naming the layer instead of failing in the budgets.
+TEST(PipelineValidationTest, RejectsStatisticsThatOverflow) {
+  TestCache c = MakeCache(DType::kBFloat16, Layout::kHND, 1, 1, 2, 8, 2, 2, test::VisualPattern::kMiddle, 3);
+  const uint16_t key[] = {0x2e7b, 0x7571, 0x7265, 0x5f79, 0x6f70, 0x6973, 0x6974, 0x6e6f,
+                          0x3d73, 0x3e16, 0xbdfe, 0xbef4, 0xbd38, 0xd5d5, 0x7ad5, 0x6cd5};
+  const uint16_t query[] = {0x228a, 0x6873, 0x7061, 0x2265, 0xbe90, 0xc00b, 0xbe90, 0xc00b};
+  std::memcpy(c.keys[0].storage.data(), key, sizeof(key));
+  std::memcpy(c.queries[0].storage.data(), query, sizeof(query));
+  c.input.layers[0].query_positions = {6, 7};
+  c.input.modality.assign({0, 0, 0, 0, 0, 0, 1, 0});
+  ExpectInvalid(c.input, DefaultOptions(PolicyKind::kMeda),
+                "layer 0: the attention statistics are not finite (entropy -inf)");
+  absl::StatusOr<CompressResult> full = Compress(c.input, DefaultOptions(PolicyKind::kFull), *MakeCpuBackend());
+  EXPECT_TRUE(full.ok()) << full.status();  // no statistics: nothing overflows
+}
+
 TEST(PipelineValidationTest, RejectsBadOptions) {
   TestCache c = MakeCache(DType::kFloat32, Layout::kHND, 2, 1, 1, 10, 4, 2, test::VisualPattern::kNone, 4);
   const std::pair<std::function<void(CompressOptions&)>, std::string> cases[] = {
