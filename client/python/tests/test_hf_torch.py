@@ -344,6 +344,17 @@ def test_input_ids_must_start_with_the_context(compressed):
     assert torch.equal(generate(twin, prompt, cache.copy())[0], generate(model, prompt, cache.copy())[0])
 
 
+def test_an_attention_call_that_bypasses_the_wrapper_is_caught(compressed):
+    _, _, cache = compressed
+    new = torch.zeros(1, 2, 1, 16)
+    mine = cache.copy()
+    mine.update(new, new, 0)                      # keys handed to layer 0, no attention call takes them
+    cache.copy().update(new, new, 0)              # another cache: the first one's entry is dropped, not an error
+    mine.update(new, new, 0)
+    with pytest.raises(RuntimeError, match="did not go through medakv's attention wrapper"):
+        mine.update(new, new, 0)
+
+
 def test_batch_and_padding_are_refused(compressed):
     model, context, cache = compressed
     prompt = torch.cat([context, ids(24, 3)], -1)

@@ -48,6 +48,7 @@ class Pending:
     key_positions: torch.Tensor       # [batch, kv_heads, L] int64, original positions
     query_positions: torch.Tensor     # [n] int64
     check_module: Callable[[Any], None]
+    owner: int                        # id() of the CompressedCache that handed the keys
 
 
 @dataclass

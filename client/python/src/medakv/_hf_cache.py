@@ -313,7 +313,7 @@ class CompressedCache(Cache):
             raise ValueError(f"CompressedCache: layer {layer_idx} does not exist (the cache has {len(layers)} layers: "
                              f"made for another model?)")
         stale = attn.STATE.pending.pop(layer_idx, None)
-        if stale is not None:
+        if stale is not None and stale.owner == id(self):  # (another cache's: a forward interrupted midway)
             raise RuntimeError(f"CompressedCache: layer {layer_idx}'s last attention call did not go through medakv's "
                                "attention wrapper; use the model the cache was made for (medakv.hf.compress or "
                                "CompressedCache.from_result install the wrapper)")
@@ -335,7 +335,8 @@ class CompressedCache(Cache):
         keys, values = layer.update(key_states, value_states)
         qpos = torch.arange(first_new, first_new + n, dtype=torch.int64, device=layer.positions.device)
         attn.STATE.pending[layer_idx] = attn.Pending(key=keys, key_positions=layer.positions, query_positions=qpos,
-                                                     check_module=lambda m: self._check_module(layer_idx, m))
+                                                     check_module=lambda m: self._check_module(layer_idx, m),
+                                                     owner=id(self))
         return keys, values
 
     def _check_module(self, layer_idx: int, module: Any) -> None:
