@@ -171,7 +171,7 @@ POLICY_CASES = [
      "option 'score_norm' does not apply to policy 'h2o' (it is an option of amber)"),
     ("amber sinks", dict(policy="amber", sinks=-2), ValueError, "sinks must be in [0, 2147483647], got -2"),
     ("amber tau", dict(policy="amber", tau=0.0), ValueError, "tau must be finite and > 0"),
-    ("preset with a policy", dict(preset="soft"), ValueError,
+    ("preset with a policy", dict(policy="amber", preset="soft"), ValueError,
      "preset 'soft' selects the server's policy: pass policy=None with it (got policy='amber')"),
     ("preset with an option", dict(policy=None, preset="soft", tau=2.0), ValueError,
      "tau cannot be given with it (only rho can)"),
@@ -197,9 +197,12 @@ def test_preset_messages():
     assert medakv.build_policy(None, 0.5, preset="a.b-c_9") == pb.Policy(preset="a.b-c_9", rho=0.5)
     # Options given as None are not given.
     assert medakv.build_policy(None, None, {"tau": None}, preset="soft") == pb.Policy(preset="soft")
-    # No preset: policy None is amber (the default, as the server's), rho None is 0.2.
-    assert medakv.build_policy(None, None) == medakv.build_policy("amber", 0.2)
-    assert medakv.build_policy() == medakv.build_policy("amber", 0.2)
+    # No preset and no option: no policy kind, the server's default; with options, policy None is amber.
+    assert medakv.build_policy(None, None) == pb.Policy() == medakv.build_policy()
+    assert medakv.build_policy(None, 0.3) == pb.Policy(rho=0.3)
+    assert medakv.build_policy(None, None, {"sinks": 2}) == medakv.build_policy("amber", 0.2, {"sinks": 2})
+    with pytest.raises(ValueError, match="rho"):
+        medakv.build_policy(None, 1.5)
 
 
 def test_options_given_as_none_keep_the_defaults():

@@ -270,6 +270,21 @@ def test_preset_equals_its_options(preset_client):
     assert default.summary.policy.WhichOneof("kind") == "h2o" and default.summary.policy.rho == pytest.approx(0.3)
 
 
+def test_a_request_that_names_no_policy_gets_the_servers_default(preset_client, client):
+    cache = random_cache(24, dtype="float16", tokens=150)
+    ran = preset_client.compress(**cache).summary.policy  # policy=None, rho=None: the "default" preset
+    assert ran.preset == "default" and ran.WhichOneof("kind") == "h2o" and ran.rho == pytest.approx(0.3)
+    ran = preset_client.compress(**cache, rho=0.5).summary.policy
+    assert ran.preset == "default" and ran.WhichOneof("kind") == "h2o" and ran.rho == pytest.approx(0.5)
+    ran = preset_client.compress(**cache, policy="snapkv").summary.policy
+    assert ran.preset == "" and ran.WhichOneof("kind") == "snapkv"
+    # A server without presets runs amber at 0.2, as a request naming amber does.
+    plain = client.compress(**cache)
+    named = client.compress(**cache, policy="amber", rho=0.2)
+    assert plain.summary.policy.WhichOneof("kind") == "amber" and plain.summary.policy.rho == pytest.approx(0.2)
+    assert [raw(r.key) for r in plain.layers] == [raw(r.key) for r in named.layers]
+
+
 def test_unknown_preset_is_the_servers_error(preset_client):
     cache = random_cache(22, dtype="float16")
     with pytest.raises(medakv.MedakvError) as e:

@@ -421,8 +421,8 @@ def compress(model: Any, context_ids: Any, *, client: Optional[Client] = None, p
     ``client``: a ``medakv.Client`` (default: one of ``$MEDAKV_SERVER``,
     else 127.0.0.1:50051, closed afterwards). ``policy``, ``rho``,
     ``preset`` and ``**options`` are ``Client.compress``'s (``rho`` is the
-    fraction KEPT, 1 - kvpress's ``compression_ratio``; None: the policy's
-    default, amber at 0.2, or the preset's). ``query_rows``: send only the
+    fraction KEPT, 1 - kvpress's ``compression_ratio``; ``policy=None``:
+    the server's ``default`` preset, or amber at 0.2 when it has none). ``query_rows``: send only the
     last this many query rows as statistics (default: all of them).
     ``modality``: ``Client.compress``'s visual-token spans or flags.
     """

@@ -183,7 +183,7 @@ class Client:
 
     def compress(self, keys: Any, values: Any, queries: Any = None, *, query_positions: Any = None,
                  scores: Any = None, entropy: Any = None, modality: Any = None, layout: str = "hnd",
-                 policy: Optional[str] = "amber", rho: Optional[float] = 0.2, preset: Optional[str] = None,
+                 policy: Optional[str] = None, rho: Optional[float] = None, preset: Optional[str] = None,
                  timeout: Optional[float] = None,
                  chunk_bytes: Optional[int] = None, response_chunk_bytes: Optional[int] = None,
                  **options: "Unpack[PolicyOptions]") -> CompressResult:
@@ -213,9 +213,13 @@ class Client:
                 visual; array or list) or spans (``(start, length)`` tuples
                 or ``ModalitySpan``); None: all text.
             layout: "hnd" or "nhd", the dims order of every tensor.
-            policy: "amber" (default, this project's), "meda", "full", "streaming_llm", "h2o",
-                "snapkv", "pyramidkv" or "look_m".
-            rho: fraction of the cache to keep, in (0, 1].
+            policy: "amber" (this project's), "meda", "full", "streaming_llm",
+                "h2o", "snapkv", "pyramidkv" or "look_m"; None (default)
+                names no policy: the server runs its ``default`` preset
+                (docs/presets.md), or amber when it has none (with options
+                given, None is amber).
+            rho: fraction of the cache to keep, in (0, 1]; None (default):
+                the policy's, the preset's, or 0.2.
             preset: a policy preset of the server (``medakv-server
                 --policy_presets``, docs/presets.md) instead of ``policy``
                 and its options: pass ``policy=None``; ``rho`` replaces the
@@ -361,7 +365,7 @@ class Client:
                 self._shm.give_back(region, clean)
         return _cache_info(response.info)
 
-    def compress_cache(self, cache_id: str, policy: Optional[str] = "amber", rho: Optional[float] = 0.2, *,
+    def compress_cache(self, cache_id: str, policy: Optional[str] = None, rho: Optional[float] = None, *,
                        preset: Optional[str] = None, timeout: Optional[float] = None,
                        **options: "Unpack[PolicyOptions]") -> CompressCacheResult:
         """Compresses a stored cache in place with the statistics it was stored with (``CompressCache``).

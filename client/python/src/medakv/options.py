@@ -169,7 +169,7 @@ def check_preset(preset: object) -> str:
     return preset
 
 
-def build_policy(policy: str | None = "amber", rho: float | None = 0.2, options: Mapping[str, Any] | None = None,
+def build_policy(policy: str | None = None, rho: float | None = None, options: Mapping[str, Any] | None = None,
                  *, preset: str | None = None, caller: str = "build_policy") -> pb.Policy:
     """The ``medakv.v1.Policy`` message for ``policy``, ``rho`` and ``options``.
 
@@ -182,7 +182,11 @@ def build_policy(policy: str | None = "amber", rho: float | None = 0.2, options:
     With ``preset``, the message selects that preset of the server
     (``medakv-server --policy_presets``) instead: ``policy`` must be None and
     no option may be given; ``rho`` (when not None) replaces the preset's.
-    ``policy=None`` without a preset is "amber"; ``rho=None`` is 0.2.
+
+    ``policy=None`` without a preset or options names no policy: the message
+    has no kind, and the server runs its ``default`` preset (with ``rho``
+    when given), or amber when it has none; ``rho=None`` is then the
+    preset's, or 0.2. With options, ``policy=None`` is amber.
     """
     if preset is not None:
         check_preset(preset)
@@ -194,9 +198,11 @@ def build_policy(policy: str | None = "amber", rho: float | None = 0.2, options:
             raise ValueError(f"preset {preset!r} selects the server's policy and its options; "
                              f"{', '.join(given_options)} cannot be given with it (only rho can)")
         return pb.Policy(preset=preset, rho=0.0 if rho is None else check_rho(rho))
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    if policy is None and not given:
+        return pb.Policy(rho=0.0 if rho is None else check_rho(rho))  # the server's default
     name = _policy_name("amber" if policy is None else policy)
     message = pb.Policy(rho=check_rho(0.2 if rho is None else rho))
-    given = {k: v for k, v in (options or {}).items() if v is not None}
     for k in given:
         if k not in OPTIONS:
             raise TypeError(f"{caller}() got an unexpected keyword argument {k!r} "
