@@ -17,6 +17,10 @@
 namespace medakv::server {
 namespace {
 
+// The metrics endpoint's civetweb workers, and its timeout on every read and write.
+constexpr int kMetricsThreads = 8;
+constexpr int kMetricsRequestTimeoutMs = 5000;
+
 absl::Status ValidateServerOptions(const ServerOptions& o) {
   if (o.listen.empty()) return absl::InvalidArgumentError("--listen must not be empty");
   if (o.host_cache_bytes < 0 || o.device_cache_bytes < 0) {
@@ -179,7 +183,12 @@ absl::StatusOr<std::unique_ptr<MedakvServer>> MedakvServer::Start(const ServerOp
   if (!options.metrics_listen.empty()) {
     // Before the gRPC port: a server that cannot serve its metrics does not start.
     try {
-      impl->exposer = std::make_unique<prometheus::Exposer>(options.metrics_listen, /*num_threads=*/2);
+      // civetweb gives each connection a worker until its request is read: enough workers that a few idle
+      // or slow connections cannot hold up a scrape, and a short timeout on every read and write, so that
+      // none holds one for long.
+      impl->exposer = std::make_unique<prometheus::Exposer>(std::vector<std::string>{
+          "listening_ports", options.metrics_listen, "num_threads", std::to_string(kMetricsThreads),
+          "request_timeout_ms", std::to_string(kMetricsRequestTimeoutMs)});
     } catch (const std::exception& e) {  // civetweb cannot bind: prometheus-cpp throws
       return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", options.metrics_listen,
                                                  " (address in use, or not a valid host:port): ", e.what()));
