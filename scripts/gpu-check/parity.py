@@ -35,16 +35,9 @@ def read(path: str) -> tuple[dict, dict]:
     return meta, tensors
 
 
-def ints(raw: bytes) -> list[int]:
-    a = array.array("i")
-    a.frombytes(raw)
-    if sys.byteorder != "little":
-        a.byteswap()
-    return a.tolist()
-
-
-def floats(raw: bytes) -> list[float]:
-    a = array.array("f")
+def numbers(raw: bytes, typecode: str) -> list:
+    """Little-endian int32 ("i") or float32 ("f") values."""
+    a = array.array(typecode)
     a.frombytes(raw)
     if sys.byteorder != "little":
         a.byteswap()
@@ -78,14 +71,14 @@ def main(argv: list[str]) -> int:
     for layer in layers:
         def t(side, what):
             return side[f"layer.{layer}.{what}"]
-        b_cpu, b_gpu = ints(t(cpu, "budget")[2])[0], ints(t(gpu, "budget")[2])[0]
+        b_cpu, b_gpu = numbers(t(cpu, "budget")[2], "i")[0], numbers(t(gpu, "budget")[2], "i")[0]
         if abs(b_cpu - b_gpu) > 1:
             problems.append(f"layer {layer} budget {b_gpu} against {b_cpu}")
-        e_cpu, e_gpu = floats(t(cpu, "entropy")[2])[0], floats(t(gpu, "entropy")[2])[0]
+        e_cpu, e_gpu = numbers(t(cpu, "entropy")[2], "f")[0], numbers(t(gpu, "entropy")[2], "f")[0]
         if abs(e_cpu - e_gpu) > 1e-4 * abs(e_cpu) + 1e-6:
             problems.append(f"layer {layer} entropy {e_gpu} against {e_cpu}")
         heads = t(cpu, "positions")[1][0]
-        p_cpu, p_gpu = ints(t(cpu, "positions")[2]), ints(t(gpu, "positions")[2])
+        p_cpu, p_gpu = numbers(t(cpu, "positions")[2], "i"), numbers(t(gpu, "positions")[2], "i")
         for h in range(heads):
             a = set(p_cpu[h * b_cpu:(h + 1) * b_cpu])
             b = set(p_gpu[h * b_gpu:(h + 1) * b_gpu])

@@ -72,7 +72,7 @@ def generate(model, input_ids, cache=None, n=NEW):
 
 def reference_queries(model, input_ids):
     """Post-RoPE queries rebuilt from q_proj's output, the module's q_norm and the rotary embedding it is given."""
-    modules = hf_attention_modules(model)
+    modules = hf.attention_modules(model)
     got, handles = {}, []
     for layer, m in modules.items():
         def pre(mod, args, kwargs, layer=layer):
@@ -100,11 +100,6 @@ def reference_queries(model, input_ids):
         q, _ = rotate(q, q, cos, sin)
         out.append(q)
     return out, logits
-
-
-def hf_attention_modules(model):
-    from medakv._hf_attention import attention_modules
-    return attention_modules(model)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -104,7 +104,7 @@ def _record(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Te
                                  if v is None or isinstance(v, (bool, int, float, str))}
 
 
-def _position_mask(module: Any, query: torch.Tensor, p: Pending, sliding_window: Optional[int]) -> torch.Tensor:
+def _position_mask(query: torch.Tensor, p: Pending, sliding_window: Optional[int]) -> torch.Tensor:
     """[batch, q_heads, n, L] bool: may query row i of head h see key j of its kv head."""
     kpos = p.key_positions.unsqueeze(2)                       # [b, Hkv, 1, L]
     qpos = p.query_positions.view(1, 1, -1, 1)                # [1, 1, n, 1]
@@ -133,7 +133,7 @@ def _wrap(original: Callable[..., Any], name: str) -> Callable[..., Any]:
                 p.check_module(module)
                 window = kwargs.pop("sliding_window") if "sliding_window" in kwargs else getattr(
                     module, "sliding_window", None)
-                allowed = _position_mask(module, query, p, window)
+                allowed = _position_mask(query, p, window)
                 if name == "sdpa" and kwargs.get("softcap") is None:
                     return fn(module, query, key, value, allowed, *args, **kwargs)
                 eager = _eager_of(module)
