@@ -1,4 +1,4 @@
-// GPU benchmark of the CUDA backend's device ops (issue 4): effective
+// GPU benchmark of the CUDA backend's device ops: effective
 // bandwidth of each op (bytes read + written / time) against the device's own
 // copy bandwidth measured in the same run (cudaMemcpyAsync device to
 // device of the same bytes), the statistics kernel's FLOP/s, and the

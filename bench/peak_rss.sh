@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Peak server memory per Compress request (issue 9, "Memory"): for each case a
-# fresh medakv-server (CPU backend) gets exactly one `medakv compress
-# --server` of a synthetic cache, and the growth of its memory during the call
-# is reported as a multiple of the request's tensor bytes (keys, values and
-# queries). The target of issue 9 is at most 2x for a store-less Compress.
+# Peak server memory per Compress request (bench/README.md, "Memory per
+# request"): for each case a fresh medakv-server (CPU backend) gets exactly
+# one `medakv compress --server` of a synthetic cache, and the growth of its
+# memory during the call is reported as a multiple of the request's tensor
+# bytes (keys, values and queries). The target is at most 2x for a
+# store-less Compress.
 # Two measures: the peak of RssAnon (the server's private memory, sampled
 # every 10 ms) minus its value before the call, and the growth of VmHWM (the
 # kernel's exact peak of the whole resident set, which with shared memory
@@ -11,7 +12,7 @@
 #   bench/peak_rss.sh [--build DIR] [--out DIR] [CASE...]
 # A CASE is POLICY:TOKENS:DATA_PLANE, e.g. meda:1024:socket or snapkv:8192:shm;
 # the cache is 32 layers, 8 kv heads, 32 query heads x 64 rows, head_dim 128,
-# fp16 (the shape of issue 9's end-to-end table), rho 0.2.
+# fp16 (the shape of bench/README.md's end-to-end tables), rho 0.2.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=$root/build out=""

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End to end per stage (issue 9, table 2): a medakv-server on loopback
+# End to end per stage (bench/README.md, table 2): a medakv-server on loopback
 # compresses synthetic caches of a 32-layer, 8-kv-head, head_dim-128 fp16
 # model at several lengths T and ratios rho, and this prints the server's own
 # stage timings (receive, statistics, allocate, select + merge, send) as a

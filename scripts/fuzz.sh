@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# libFuzzer runs of the fuzz targets in tests/fuzz (issue 10). Usage:
+# libFuzzer runs of the fuzz targets in tests/fuzz. Usage:
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 #
 # Builds build-fuzz/ with Debian's clang (clang-14, libFuzzer from

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check in one command, for a bare GPU machine (the `device` tool's:
-# an NVIDIA driver, CUDA, CMake and Python, none of this project's Debian
-# packages, no network).
+# The GPU check in one command, for a bare GPU machine (an NVIDIA driver,
+# CUDA, CMake and Python, none of this project's Debian packages, no
+# network).
 #
 #   scripts/gpu-check.sh bundle DIR     on a development machine (nvcc needed)
 #   DIR/run.sh [OUT]                    on the GPU machine
@@ -13,8 +13,8 @@
 # DIR/bin with every shared library they load that is not part of glibc or the
 # NVIDIA driver (DIR/lib), the parity checker (DIR/parity.py) and DIR/run.sh
 # (scripts/gpu-check/run.sh). It fails if the bundle is 48 MiB or more.
-# run.sh is documented in itself; docs/cuda.md says how to run it with the
-# device tool and where its figures go.
+# run.sh is documented in itself; docs/cuda.md says how to run it and where
+# its figures go.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 limit_bytes=$((48 << 20))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sanitizer builds and test runs (issues 5 and 10). Usage:
+# Sanitizer builds and test runs. Usage:
 #   scripts/sanitize.sh asan|tsan [ctest args...]
 #
 # asan: AddressSanitizer + LeakSanitizer + UndefinedBehaviorSanitizer (GCC),

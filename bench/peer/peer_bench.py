@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Peer benchmark (issue 9, table 4): NVIDIA's kvpress against medakv on one cache file.
+"""Peer benchmark (bench/README.md, table 4): NVIDIA's kvpress against medakv on one cache file.
 
   peer_bench.py run CACHE [--rho 0.2] [--threads 2] [--repeats 5] ...   -> one JSON result
   peer_bench.py table RESULT.json ...                                      -> the markdown table
@@ -57,7 +57,7 @@ and compress gathers the values with the same indices as the keys); the kept
 keys and values of the call as timed are checked against the file's at those
 positions.
 Both are also compared with a float64 reference of each definition
-(ALGORITHM.md's SNAPKV and H2O, and kvpress's observed-attention score).
+(docs/algorithm.md's SNAPKV and H2O, and kvpress's observed-attention score).
 """
 
 import argparse
@@ -416,7 +416,7 @@ def read_positions(path, layers, torch):
 
 
 def reference_kept(torch, layer, budget, window, kernel, rho_recent=0.5):
-    """ALGORITHM.md's SNAPKV and H2O, and kvpress's observed-attention score, in
+    """docs/algorithm.md's SNAPKV and H2O, and kvpress's observed-attention score, in
     float64 from the file's tensors. Returns {name: kept [Hkv, B]} and the scores."""
     k = layer["key"].to(torch.float64)  # [Hkv, T, D]
     q = layer["query"].to(torch.float64)  # [Hq, Tq, D]

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Issue 9, table 4: kvpress (SnapKVPress, ObservedAttentionPress) against
+# bench/README.md, table 4: kvpress (SnapKVPress, ObservedAttentionPress) against
 # medakv (SNAPKV, H2O; in process and through medakv-server) on the same
 # synthetic caches, with the same number of threads. Prints a markdown table
 # (also written to $OUT/table.md) and the details under it.

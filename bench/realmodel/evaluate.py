@@ -13,7 +13,7 @@ For each prompt dumped by dump.py (OUT/<model>/<id>.*), each policy and each rho
      of the next-token distributions over the N positions.
   4. Greedy generation of N tokens from y_0 over the compacted cache (growing as it decodes):
      exact match with the full cache's y_1..y_N, and the length of the matching prefix.
-  5. Attention-output error of ALGORITHM.md ("How fidelity is judged") for the future
+  5. Attention-output error of docs/algorithm.md ("How fidelity is judged") for the future
      queries (the full-cache queries of y_0..y_{N-1}, from the dump): per layer, kv head,
      query head and row, ||softmax(s q K'^T) V' - softmax(s q K^T) V|| / ||softmax(s q K^T) V||
      over all T keys (no mask), the mean over rows x heads x layers. `medakv eval` computes

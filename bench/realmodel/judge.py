@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""judge: a policy against every baseline on the judging prompts (issue 13; bench/FIDELITY.md, "amber").
+"""judge: a policy against every baseline on the judging prompts (bench/FIDELITY.md, "amber").
 
 Reads evaluate.py's rows (results.jsonl, and/or the CSV report.py writes) and
 prints, per rho, the mean over the given prompts of each metric for every

@@ -80,7 +80,7 @@ SPECS = [
                "formatted input, and how do they differ?"),
 ]
 
-# Tuning-only prompts (issue 13): more data for `medakv tune` and for choosing amber's
+# Tuning-only prompts: more data for `medakv tune` and for choosing amber's
 # defaults, disjoint from the judging prompts above (bench/FIDELITY.md, "amber"). Not in the
 # default set: dump them with `dump.py --prompts` (or `--prompts tuning`).
 TUNING_SPECS = [

@@ -207,7 +207,7 @@ def main():
               "each row in bold. top-1: next-token top-1 agreement with the full cache (teacher-forced over "
               "the full cache's 32-token greedy continuation); KL: mean KL(full || compressed) of the "
               "next-token distributions; exact match: share of prompts whose 32 greedy tokens over the "
-              "compressed cache equal the full cache's; greedy tokens equal: how many of the 32 match before the first difference; attention-output error: ALGORITHM.md's relative "
+              "compressed cache equal the full cache's; greedy tokens equal: how many of the 32 match before the first difference; attention-output error: docs/algorithm.md's relative "
               "error for the 32 future queries, mean over rows, heads and layers.\n",
               f"`full` (the check row, medakv's pass-through): top-1 "
               f"{mean([r['top1_agreement'] for r in full]):.3f}, max KL {max([r['kl_max'] for r in full] or [0]):.2e}, "

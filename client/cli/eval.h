@@ -1,4 +1,4 @@
-// `medakv eval`: the fidelity of compression policies (ALGORITHM.md, "How
+// `medakv eval`: the fidelity of compression policies (docs/algorithm.md, "How
 // fidelity is judged"; docs/evaluation.md).
 //
 // The last `holdout` query rows of every layer are held out as the "future":
@@ -130,7 +130,7 @@ std::vector<PolicyKind> AllPolicies();
 // "0.05,0.1": each in (0, 1]; sorted ascending, duplicates dropped.
 [[nodiscard]] absl::StatusOr<std::vector<double>> ParseRhoList(absl::string_view list);
 
-// The uniform-budget baselines of ALGORITHM.md (streaming_llm, h2o, snapkv,
+// The uniform-budget baselines of docs/algorithm.md (streaming_llm, h2o, snapkv,
 // look_m), which MEDA must beat at the same rho on multimodal inputs.
 bool IsUniformBaseline(PolicyKind policy);
 

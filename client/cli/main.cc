@@ -1,9 +1,12 @@
 // medakv: the command-line tool. `medakv compress` runs a policy on a cache
-// file with the CPU backend, or on medakv servers (`--server`); `medakv synth`
-// writes a synthetic cache file; `medakv eval` measures the fidelity of
-// policies (docs/evaluation.md). put, get, delete, ls, stats, health and bench
-// talk to servers through medakv::Client (remote_commands.h, docs/client.md).
-// Errors print one line "medakv: error: ..." on stderr and exit non-zero.
+// file on medakv servers (`--server`, else $MEDAKV_SERVER) or, without
+// them or with --local, with the CPU backend; `medakv synth` writes a
+// synthetic cache file; `medakv eval` measures the fidelity of policies
+// (docs/evaluation.md). put, get, compress-cache, delete, ls, stats, health
+// and bench talk to servers through medakv::Client (remote_commands.h,
+// docs/client.md). Errors, command-line errors included, print one line
+// "medakv: error: ..." on stderr and exit non-zero; --version prints the
+// version.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -30,10 +33,10 @@
 #include "client/cli/remote_commands.h"
 #include "client/cli/synth.h"
 #include "client/cli/tune_command.h"
+#include "client/cli/version.h"
 #include "client/cpp/client.h"
 #include "kernels/common/status.h"
 #include "kernels/common/tensor_util.h"
-#include "service/server/presets.h"
 
 namespace medakv {
 namespace {
@@ -47,8 +50,9 @@ struct CompressFlags {
   bool verbose = false;
   bool no_progress = false;
   PolicyFlags policy;
-  std::string preset;  // --preset: the server's preset (needs --server)
-  ServerFlags server;  // --server given: compress there; its other flags are refused without it
+  std::string preset;  // --preset: the server's preset (needs a server)
+  ServerFlags server;  // --server or $MEDAKV_SERVER: compress there; its other flags are refused without
+  bool local = false;  // --local: here, whatever $MEDAKV_SERVER says
 };
 
 struct SynthFlags {
@@ -87,12 +91,9 @@ struct Compressed {
 };
 
 absl::StatusOr<Compressed> CompressOnServer(const CompressFlags& f, Client& client, const CacheInput& in,
-                                            const CompressOptions& options) {
+                                            const CompressOptions& options, CallOptions call) {
   ProgressBar bar("compress", !f.no_progress && !f.json);
-  CallOptions call;
   call.progress = bar.Callback();
-  call.preset = f.preset;
-  if (!f.preset.empty() && f.policy.rho_given()) call.preset_rho = f.policy.rho();
   const auto t0 = std::chrono::steady_clock::now();
   absl::StatusOr<RemoteResult> got = client.Compress(in, options, call);
   bar.Finish();
@@ -108,24 +109,29 @@ absl::StatusOr<Compressed> CompressOnServer(const CompressFlags& f, Client& clie
 }
 
 absl::Status RunCompress(CompressFlags& f) {
-  const bool remote = f.server.server_opt->count() > 0;
+  // Remote when --server is given or $MEDAKV_SERVER is set, unless --local.
+  if (f.local && f.server.server_given()) return absl::InvalidArgumentError("--local and --server: give one of them");
+  const bool remote = !f.local && f.server.Given();
   std::unique_ptr<Client> client;
+  CallOptions call;
+  CompressOptions options;
   if (remote) {
     MEDAKV_ASSIGN_OR_RETURN(client, f.server.MakeClient());
+    MEDAKV_ASSIGN_OR_RETURN(options, RemotePolicy(f.policy, f.preset, &call));
   } else {
+    const char* why = f.local ? " (not with --local)" : "";
     for (const CLI::Option* opt : f.server.options) {
-      if (opt->count() > 0) return absl::InvalidArgumentError(absl::StrCat(opt->get_name(), " needs --server"));
+      if (opt->count() > 0) {
+        return absl::InvalidArgumentError(absl::StrCat(opt->get_name(), " needs --server (or $", kServerEnv, ")", why));
+      }
     }
-    if (!f.preset.empty()) return absl::InvalidArgumentError("--preset needs --server (presets live on the server)");
-  }
-  if (!f.preset.empty()) {
-    MEDAKV_RETURN_IF_ERROR(ValidatePresetName(f.preset));
-    if (const std::string flag = f.policy.FirstGiven(/*with_rho=*/false); !flag.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat("--preset selects the server's policy and its options; ", flag,
-                                                     " cannot be combined with it (only --rho can)"));
+    if (!f.preset.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--preset needs --server (or $", kServerEnv, "; presets live on the server)", why));
     }
+    // Here: --policy, amber when not given, at rho 0.2 unless --rho.
+    MEDAKV_ASSIGN_OR_RETURN(options, f.policy.Resolve());
   }
-  MEDAKV_ASSIGN_OR_RETURN(CompressOptions options, f.policy.Resolve());
   MEDAKV_ASSIGN_OR_RETURN(const Layout layout, ParseLayout(f.layout));
   const auto t0 = std::chrono::steady_clock::now();
   MEDAKV_ASSIGN_OR_RETURN(safetensors::File file, safetensors::File::Open(f.input));
@@ -133,18 +139,13 @@ absl::Status RunCompress(CompressFlags& f) {
   if (!loaded.ok()) return absl::Status(loaded.status().code(), absl::StrCat(f.input, ": ", loaded.status().message()));
   const CacheInput& in = (*loaded)->input;
   Compressed c;
+  std::string preset;  // the server's preset that ran: --preset, or "default" for a request that named no policy
   if (remote) {
-    MEDAKV_ASSIGN_OR_RETURN(c, CompressOnServer(f, *client, in, options));
-    if (!f.preset.empty()) {
-      // The options that the server's preset gave, for the file and the report.
-      v1::Policy ran = c.summary->policy();
-      ran.clear_preset();
-      absl::StatusOr<CompressOptions> o = OptionsFromProto(ran);
-      if (!o.ok()) {
-        return absl::InternalError(absl::StrCat("the server's summary names a policy this tool cannot read (",
-                                                o.status().message(), "); is the server newer?"));
-      }
-      options = *o;
+    MEDAKV_ASSIGN_OR_RETURN(c, CompressOnServer(f, *client, in, options, call));
+    if (!call.preset.empty() || call.server_default) {
+      // The options that the server chose (a preset's, or its default), for the file and the report.
+      MEDAKV_ASSIGN_OR_RETURN(options, RanOptions(c.summary->policy()));
+      preset = c.summary->policy().preset();
     }
   } else {
     const std::unique_ptr<Backend> backend = MakeCpuBackend();
@@ -179,7 +180,7 @@ absl::Status RunCompress(CompressFlags& f) {
       {"backend", c.backend},
   };
   std::vector<std::pair<std::string, std::string>> file_metadata = metadata;
-  if (!f.preset.empty()) file_metadata.emplace_back("preset", f.preset);
+  if (!preset.empty()) file_metadata.emplace_back("preset", preset);
   const auto t_write = std::chrono::steady_clock::now();
   MEDAKV_RETURN_IF_ERROR(WriteCompressed(result, in, file_metadata, f.output));
   const double write_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_write).count();
@@ -193,7 +194,7 @@ absl::Status RunCompress(CompressFlags& f) {
     j["input"] = f.input;
     j["output"] = f.output;
     j["policy"] = PolicyName(o.policy);
-    if (!f.preset.empty()) j["preset"] = f.preset;
+    if (!preset.empty()) j["preset"] = preset;
     j["rho"] = o.budget.rho;
     j["backend"] = c.backend;
     if (remote) {
@@ -227,7 +228,7 @@ absl::Status RunCompress(CompressFlags& f) {
   std::cout << absl::StrFormat(
       "%s: %d layers x %d tokens, policy %s%s: kept %d of %d tokens (%.1f%%), KV %.1f MiB -> %.1f MiB%s\n", f.output,
       in.layers.size(), in.tokens, PolicyName(o.policy),
-      f.preset.empty() ? "" : absl::StrCat(" (preset ", f.preset, ")"), result.tokens_kept, result.tokens_in,
+      preset.empty() ? "" : absl::StrCat(" (preset ", preset, ")"), result.tokens_kept, result.tokens_in,
       100.0 * static_cast<double>(result.tokens_kept) / static_cast<double>(result.tokens_in),
       static_cast<double>(bytes_in) / (1 << 20), static_cast<double>(bytes_out) / (1 << 20),
       remote ? absl::StrFormat(" on server %s (%s)", c.server, c.backend) : "");
@@ -412,22 +413,35 @@ absl::Status RunEval(EvalFlags& f) {
 
 void AddCompressCommand(CLI::App& app, CompressFlags& f) {
   CLI::App* c = app.add_subcommand(
-      "compress", "Compress a cache file with a policy (CPU backend, or on a medakv server with --server)");
+      "compress",
+      "Compress a cache file with a policy: on medakv servers when --server is given or $MEDAKV_SERVER is set, "
+      "else here with the CPU backend (--local: here in any case)");
   c->add_option("input", f.input, "Input cache (.safetensors)")->required();
   c->add_option("-o,--output", f.output, "Output file (.safetensors)")->required();
   c->add_option("--layout", f.layout, "Dims order of the file's tensors: hnd or nhd")->capture_default_str();
   f.policy.Add(c);
+  c->get_option("--policy")
+      ->description(
+          "full | meda | streaming_llm | h2o | snapkv | pyramidkv | look_m | amber. Not given: here, amber (at "
+          "rho 0.2 unless --rho); on a server, when no policy flag but --rho is given either, the request names "
+          "no policy and the server runs its preset \"default\" (--policy_presets, e.g. from `medakv tune`), or "
+          "amber at rho 0.2 when it has none")
+      ->default_str("");
   c->add_option("--preset", f.preset,
-                "--server: the server's policy preset NAME (--policy_presets; docs/presets.md) instead of --policy "
+                "Server: the server's policy preset NAME (--policy_presets; docs/presets.md) instead of --policy "
                 "and its options (--rho replaces the preset's rho)");
   c->add_flag("--json", f.json, "Print the summary as JSON");
   c->add_flag("-v,--verbose", f.verbose, "Print entropy, alpha and budget per layer");
-  f.server.Add(c, /*required=*/false, /*with_verbose=*/false);
+  f.server.Add(c, /*with_verbose=*/false);
   f.server.server_opt->description(
-      "Compress on medakv servers host:port (gRPC; repeatable or a comma list: the replicas, used in turn)");
-  f.server.server_opt->envname("");  // compress runs here unless --server is given
-  for (CLI::Option* opt : f.server.options) opt->description(absl::StrCat("--server: ", opt->get_description()));
-  c->add_flag("--no-progress", f.no_progress, "--server: no progress bar (drawn only when stderr is a terminal)");
+      "Compress on medakv servers host:port (gRPC; repeatable or a comma list: the replicas, used in turn; "
+      "default: $MEDAKV_SERVER; with neither, compress runs here)");
+  for (CLI::Option* opt : f.server.options) {
+    opt->description(absl::StrCat("Server: ", opt->get_description()));
+  }
+  c->add_flag("--local", f.local,
+              "Compress here with the CPU backend even when $MEDAKV_SERVER is set (not with --server)");
+  c->add_flag("--no-progress", f.no_progress, "Server: no progress bar (drawn only when stderr is a terminal)");
 }
 
 void AddSynthCommand(CLI::App& app, SynthFlags& f) {
@@ -487,8 +501,14 @@ void AddEvalCommand(CLI::App& app, EvalFlags& f) {
 }
 
 int Main(int argc, char** argv) {
-  CLI::App app{"medakv: KV cache compression (MEDA and baselines)"};
+  CLI::App app{"medakv: KV cache compression (amber, MEDA and baselines). Commands that talk to servers take "
+               "--server HOST:PORT, or $MEDAKV_SERVER when it is not given"};
   app.require_subcommand(1);
+  app.set_version_flag("--version", VersionString("medakv"), "Print the version (and the git commit) and exit");
+  // Command-line errors as one line, like every other error.
+  app.failure_message([](const CLI::App*, const CLI::Error& e) {
+    return absl::StrCat("medakv: error: ", e.what(), " (--help lists the flags)\n");
+  });
   CompressFlags compress;
   SynthFlags synth;
   AddCompressCommand(app, compress);

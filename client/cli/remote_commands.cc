@@ -22,6 +22,7 @@
 #include "kernels/common/tensor_util.h"
 #include "service/server/config_file.h"
 #include "service/server/convert.h"
+#include "service/server/presets.h"
 
 namespace medakv {
 namespace {
@@ -211,6 +212,65 @@ int RunGet(RemoteCommands::Get& f) {
           layers * info.shape().tokens(), info.compressed() ? absl::StrCat(" (", info.policy(), ")") : "",
           HumanBytes(r->bytes_received), seconds, MBps(r->bytes_received, seconds),
           r->shared_memory ? ", shared memory" : "");
+    }
+    return absl::OkStatus();
+  }();
+  return status.ok() ? 0 : PrintError(status);
+}
+
+// ---- compress-cache -------------------------------------------------------------------
+
+int RunCompressCache(RemoteCommands::CompressCacheCmd& f) {
+  absl::Status status = [&]() -> absl::Status {
+    MEDAKV_RETURN_IF_ERROR(CheckCacheId(f.id));
+    CallOptions call;
+    MEDAKV_ASSIGN_OR_RETURN(const CompressOptions options, RemotePolicy(f.policy, f.preset, &call));
+    MEDAKV_ASSIGN_OR_RETURN(std::unique_ptr<Client> client, f.server.MakeClient());
+    const auto t0 = std::chrono::steady_clock::now();
+    absl::StatusOr<v1::CompressCacheResponse> r = client->CompressCache(f.id, options, call);
+    const double seconds = Since(t0);
+    if (!r.ok()) return CliError(r.status());
+    const v1::CacheInfo& info = r->info();
+    const v1::CompressSummary& summary = r->summary();
+    MEDAKV_ASSIGN_OR_RETURN(const CompressOptions ran, RanOptions(summary.policy()));
+    const std::string& preset = summary.policy().preset();
+    const std::string& target = client->ReplicaFor(f.id);
+    const int64_t tokens_in = summary.tokens_in(), kept = summary.tokens_kept();
+    const double percent = tokens_in > 0 ? 100.0 * static_cast<double>(kept) / static_cast<double>(tokens_in) : 0.0;
+    const v1::StageTimes& t = summary.times();
+    if (f.json) {
+      nlohmann::json j = InfoJson(info);
+      j["server"] = target;
+      j["policy"] = PolicyName(ran.policy);
+      if (!preset.empty()) j["preset"] = preset;
+      j["rho"] = ran.budget.rho;
+      j["backend"] = summary.backend();
+      j["tokens_in"] = tokens_in;
+      j["tokens_kept"] = kept;
+      j["seconds"] = {{"statistics", t.statistics_seconds()},
+                      {"allocate", t.allocate_seconds()},
+                      {"select_merge", t.select_merge_seconds()},
+                      {"round_trip", seconds}};
+      nlohmann::json per_layer = nlohmann::json::array();
+      for (const v1::LayerInfo& l : r->layers()) {
+        per_layer.push_back(
+            {{"layer", l.layer()}, {"entropy", l.entropy()}, {"alpha", l.alpha()}, {"budget", l.budget()}});
+      }
+      j["per_layer"] = per_layer;
+      std::cout << j.dump(2) << "\n";
+      return absl::OkStatus();
+    }
+    std::cout << absl::StrFormat(
+        "compressed '%s' on server %s (%s): policy %s%s, rho %g: kept %d of %d tokens (%.1f%%), %s stored\n"
+        "time: server: statistics %.3f s, allocate %.3f s, select+merge %.3f s; round trip %.3f s\n",
+        info.cache_id(), target, summary.backend(), PolicyName(ran.policy),
+        preset.empty() ? "" : absl::StrCat(" (preset ", preset, ")"), ran.budget.rho, kept, tokens_in, percent,
+        HumanBytes(info.bytes()), t.statistics_seconds(), t.allocate_seconds(), t.select_merge_seconds(), seconds);
+    if (f.verbose) {
+      std::cout << "layer  entropy    alpha  budget\n";
+      for (const v1::LayerInfo& l : r->layers()) {
+        std::cout << absl::StrFormat("%5d  %7.4f  %7.4f  %6d\n", l.layer(), l.entropy(), l.alpha(), l.budget());
+      }
     }
     return absl::OkStatus();
   }();
@@ -416,12 +476,30 @@ int RunBenchCmd(RemoteCommands& c) {
 
 // ---- ServerFlags ------------------------------------------------------------------------
 
-void ServerFlags::Add(CLI::App* app, bool required, bool with_verbose) {
-  server_opt = app->add_option("--server", servers,
-                               "medakv server host:port (repeatable, or a comma list: the replicas; "
-                               "default: $MEDAKV_SERVER)");
-  server_opt->envname("MEDAKV_SERVER");
-  if (required) server_opt->required();
+std::string CheckServerValue(const std::string& value) {
+  if (!value.empty() && value[0] == '-') {
+    return absl::StrCat("--server needs an address (host:port), got '", value,
+                        "', which is an option: write --server HOST:PORT, or set $", kServerEnv);
+  }
+  return "";
+}
+
+void ServerFlags::Add(CLI::App* app, bool with_verbose) {
+  // Not CLI11's envname(): every command reads $MEDAKV_SERVER alike
+  // (Targets), and `compress --local` must be able to ignore it.
+  server_opt = app->add_option_function<std::vector<std::string>>(
+      "--server",
+      [this](const std::vector<std::string>& values) {
+        // CLI11 takes the next argument as the value whatever it looks like:
+        // `--server --policy meda` would connect to "--policy".
+        for (const std::string& v : values) {
+          if (std::string e = CheckServerValue(v); !e.empty()) throw CLI::ValidationError(e);
+        }
+        servers = values;
+      },
+      absl::StrCat("medakv server host:port (repeatable, or a comma list: the replicas; default: $", kServerEnv,
+                   ")"));
+  server_opt->type_name("HOST:PORT");
   timeout_opt = app->add_option("--timeout", timeout, "Deadline of each call in seconds [none]");
   options.push_back(timeout_opt);
   options.push_back(
@@ -447,9 +525,16 @@ void ServerFlags::Add(CLI::App* app, bool required, bool with_verbose) {
   options.push_back(app->add_option("--tls-key", tls_key, "Key of --tls-cert (PEM)"));
 }
 
+bool ServerFlags::Given() const { return !Targets().empty() || server_given(); }
+
 std::vector<std::string> ServerFlags::Targets() const {
+  std::vector<std::string> from = servers;
+  if (!server_given()) {
+    from.clear();
+    if (const char* env = std::getenv(kServerEnv); env != nullptr) from.emplace_back(env);
+  }
   std::vector<std::string> out;
-  for (const std::string& s : servers) {
+  for (const std::string& s : from) {
     for (absl::string_view part : absl::StrSplit(s, ',')) {
       part = absl::StripAsciiWhitespace(part);
       if (!part.empty()) out.emplace_back(part);
@@ -461,7 +546,11 @@ std::vector<std::string> ServerFlags::Targets() const {
 absl::StatusOr<std::unique_ptr<Client>> ServerFlags::MakeClient() const {
   ClientOptions o;
   o.targets = Targets();
-  if (o.targets.empty()) return absl::InvalidArgumentError("--server: expected host:port, got an empty string");
+  if (o.targets.empty()) {
+    if (server_given()) return absl::InvalidArgumentError("--server: expected host:port, got an empty string");
+    return absl::InvalidArgumentError(
+        absl::StrCat("no server: give --server HOST:PORT (or a comma list), or set $", kServerEnv));
+  }
   if (timeout_opt != nullptr && timeout_opt->count() > 0) {
     if (!(timeout > 0 && timeout <= 1e9)) {
       return absl::InvalidArgumentError(absl::StrCat("--timeout must be > 0 seconds, got ", timeout));
@@ -500,6 +589,35 @@ absl::StatusOr<std::unique_ptr<Client>> ServerFlags::MakeClient() const {
   return client;
 }
 
+absl::StatusOr<CompressOptions> RemotePolicy(const PolicyFlags& policy, const std::string& preset,
+                                             CallOptions* call) {
+  const std::string flag = policy.FirstGiven(/*with_rho=*/false);
+  if (!preset.empty()) {
+    MEDAKV_RETURN_IF_ERROR(ValidatePresetName(preset));
+    if (!flag.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("--preset selects the server's policy and its options; ", flag,
+                                                     " cannot be combined with it (only --rho can)"));
+    }
+    call->preset = preset;
+  } else if (flag.empty()) {
+    call->server_default = true;  // no policy named: the server's "default" preset, or amber
+  }
+  MEDAKV_ASSIGN_OR_RETURN(const CompressOptions options, policy.Resolve());
+  if ((call->server_default || !call->preset.empty()) && policy.rho_given()) call->preset_rho = policy.rho();
+  return options;
+}
+
+absl::StatusOr<CompressOptions> RanOptions(const v1::Policy& ran) {
+  v1::Policy p = ran;
+  p.clear_preset();
+  absl::StatusOr<CompressOptions> o = OptionsFromProto(p);
+  if (!o.ok()) {
+    return absl::InternalError(absl::StrCat("the server's summary names a policy this tool cannot read (",
+                                            o.status().message(), "); is the server newer?"));
+  }
+  return o;
+}
+
 absl::Status CliError(const absl::Status& s) {
   if (s.code() == absl::StatusCode::kResourceExhausted && absl::StrContains(s.message(), "larger than max")) {
     return absl::Status(s.code(),
@@ -516,7 +634,7 @@ void AddRemoteCommands(CLI::App& app, RemoteCommands& c) {
     RemoteCommands::Put& f = c.put;
     s->add_option("input", f.input, "Cache file (.safetensors, the compress input format)")->required();
     s->add_option("--id", f.id, "Cache id: 1-256 bytes of [A-Za-z0-9._:/-]")->required();
-    f.server.Add(s, true);
+    f.server.Add(s);
     s->add_option("--layout", f.layout, "Dims order of the file's tensors: hnd or nhd")->capture_default_str();
     s->add_option("--ttl", f.ttl, "Expire after this many seconds (0: never)")->capture_default_str();
     s->add_flag("--overwrite", f.overwrite, "Replace a cache stored under the id (else ALREADY_EXISTS)");
@@ -534,27 +652,48 @@ void AddRemoteCommands(CLI::App& app, RemoteCommands& c) {
     RemoteCommands::Get& f = c.get;
     s->add_option("id", f.id, "Cache id")->required();
     s->add_option("-o,--output", f.output, "Output file (.safetensors, the compress output format)")->required();
-    f.server.Add(s, true);
+    f.server.Add(s);
     s->add_option("--layers", f.layers, "Only layers [BEGIN, END), as BEGIN:END");
     s->add_flag("--json", f.json, "Print the result as JSON");
     s->add_flag("--no-progress", f.no_progress, "No progress bar (drawn only when stderr is a terminal)");
   }
   {
+    CLI::App* s = app.add_subcommand(
+        "compress-cache",
+        "Compress a stored cache in place on its server (CompressCache), with the statistics it was stored with "
+        "(put without --keys-values-only); `get` then downloads the kept tokens");
+    RemoteCommands::CompressCacheCmd& f = c.compress_cache;
+    s->add_option("id", f.id, "Cache id (as given to put)")->required();
+    f.server.Add(s, /*with_verbose=*/false);
+    f.policy.Add(s);
+    s->get_option("--policy")
+        ->description(
+            "full | meda | streaming_llm | h2o | snapkv | pyramidkv | look_m | amber. Not given (nor any "
+            "policy flag but --rho): the request names no policy, and the server runs its preset \"default\" "
+            "(--policy_presets), or amber at rho 0.2 when it has none")
+        ->default_str("");
+    s->add_option("--preset", f.preset,
+                  "The server's policy preset NAME (--policy_presets; docs/presets.md) instead of --policy and its "
+                  "options (--rho replaces the preset's rho)");
+    s->add_flag("--json", f.json, "Print the result as JSON");
+    s->add_flag("-v,--verbose", f.verbose, "Print entropy, alpha and budget per layer");
+  }
+  {
     CLI::App* s = app.add_subcommand("delete", "Delete stored caches (DeleteCache)");
     s->add_option("ids", c.del.ids, "Cache ids")->required();
-    c.del.server.Add(s, true);
+    c.del.server.Add(s);
     s->add_flag("--json", c.del.json, "Print the results as JSON");
   }
   {
     CLI::App* s = app.add_subcommand("ls", "List the stored caches of every server, by id (ListCaches)");
-    c.ls.server.Add(s, true);
+    c.ls.server.Add(s);
     s->add_option("--prefix", c.ls.prefix, "Only ids that start with this");
     s->add_option("--limit", c.ls.limit, "At most this many (0: 1000)")->capture_default_str();
     s->add_flag("--json", c.ls.json, "Print the list as JSON");
   }
   {
     CLI::App* s = app.add_subcommand("stats", "Store usage of every server and their total (Stats)");
-    c.stats.server.Add(s, true);
+    c.stats.server.Add(s);
     s->add_flag("--json", c.stats.json, "Print the stats as JSON");
   }
   {
@@ -562,7 +701,7 @@ void AddRemoteCommands(CLI::App& app, RemoteCommands& c) {
         "health",
         "Ask medakv servers whether they serve: prints SERVING or NOT_SERVING (per server with several); "
         "exit 0 only when every one is SERVING");
-    c.health.server.Add(s, true);
+    c.health.server.Add(s);
     c.health.server.timeout = 5;
     c.health.server.timeout_opt->capture_default_str();
     s->add_flag("--json", c.health.json, "Print the answers as JSON");
@@ -572,7 +711,7 @@ void AddRemoteCommands(CLI::App& app, RemoteCommands& c) {
         "bench",
         "Load medakv servers with synthetic caches at a concurrency for a duration: requests/s, MB/s, "
         "latency percentiles, errors by code");
-    c.bench_server.Add(s, true);
+    c.bench_server.Add(s);
     AddBenchFlags(s, c.bench);
   }
 }
@@ -580,6 +719,7 @@ void AddRemoteCommands(CLI::App& app, RemoteCommands& c) {
 std::optional<int> RunRemoteCommand(const CLI::App& app, RemoteCommands& c) {
   if (app.got_subcommand("put")) return RunPut(c.put);
   if (app.got_subcommand("get")) return RunGet(c.get);
+  if (app.got_subcommand("compress-cache")) return RunCompressCache(c.compress_cache);
   if (app.got_subcommand("delete")) return RunDelete(c.del);
   if (app.got_subcommand("ls")) return RunList(c.ls);
   if (app.got_subcommand("stats")) return RunStats(c.stats);

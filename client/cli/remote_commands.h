@@ -1,6 +1,6 @@
 // The subcommands of the `medakv` tool that talk to medakv servers through
-// medakv::Client: put, get, delete, ls, stats, health and bench (bench.h), and
-// the server flags that they and `compress --server` share.
+// medakv::Client: put, get, compress-cache, delete, ls, stats, health and
+// bench (bench.h), and the server flags that they and `compress` share.
 #pragma once
 
 #include <CLI/CLI.hpp>
@@ -12,14 +12,18 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "client/cli/bench.h"
+#include "client/cli/policy_flags.h"
 #include "client/cpp/client.h"
 
 namespace medakv {
 
-// --server (repeatable, or a comma list; MEDAKV_SERVER when not given),
-// --timeout, --attempts, --no-shm, --chunk-bytes, -v, and security:
-// --token ($MEDAKV_TOKEN) or --token-file, --tls, --tls-ca, --tls-cert,
-// --tls-key.
+// The environment variable that names the servers when --server is not given.
+inline constexpr char kServerEnv[] = "MEDAKV_SERVER";
+
+// --server (repeatable, or a comma list; $MEDAKV_SERVER when not given: the
+// same rule for every command that talks to servers), --timeout, --attempts,
+// --no-shm, --chunk-bytes, -v, and security: --token ($MEDAKV_TOKEN) or
+// --token-file, --tls, --tls-ca, --tls-cert, --tls-key.
 struct ServerFlags {
   std::vector<std::string> servers;
   std::string token, token_file;
@@ -34,14 +38,41 @@ struct ServerFlags {
   CLI::Option* timeout_opt = nullptr;
   std::vector<CLI::Option*> options;  // every flag but --server (compress refuses them without --server)
 
-  // `required`: --server must be given (or MEDAKV_SERVER set). `with_verbose`:
-  // add -v (compress has its own).
-  void Add(CLI::App* app, bool required, bool with_verbose = true);
-  // The servers as a list (comma lists split, blanks dropped).
+  // `with_verbose`: add -v (compress has its own). A value of --server that
+  // starts with '-' is refused at parse time ("--server needs an address"):
+  // `--server --policy meda` forgot the address.
+  void Add(CLI::App* app, bool with_verbose = true);
+  // Whether --server was given on the command line.
+  bool server_given() const { return server_opt != nullptr && server_opt->count() > 0; }
+  // Whether servers are named: --server, else a non-empty $MEDAKV_SERVER.
+  bool Given() const;
+  // The servers as a list (comma lists split, blanks dropped): --server's,
+  // else $MEDAKV_SERVER's.
   std::vector<std::string> Targets() const;
-  // Checks the flags (errors name them) and makes the client.
+  // Checks the flags (errors name them) and makes the client; an error when
+  // no server is named.
   absl::StatusOr<std::unique_ptr<Client>> MakeClient() const;
 };
+
+// --server's check: a value that starts with '-' is an option, not an
+// address; the message ("--server needs an address ..."), empty when fine.
+std::string CheckServerValue(const std::string& value);
+
+// The policy of a request to a server (compress, compress-cache), from the
+// policy flags and --preset; sets `call`'s preset fields:
+//   - --preset NAME: the server's preset (--rho replaces its rho; no other
+//     policy flag may be given with it);
+//   - neither --policy nor an option flag (--rho aside): no policy at all
+//     (CallOptions::server_default): the server's preset named "default",
+//     or amber at rho 0.2 when it has none; --rho replaces the rho;
+//   - else the flags' options (--policy, amber when not given).
+// The options returned are checked and, with a preset or the server's
+// default, only a placeholder: what ran is in the summary (RanOptions).
+absl::StatusOr<CompressOptions> RemotePolicy(const PolicyFlags& policy, const std::string& preset,
+                                             CallOptions* call);
+
+// The options a server ran, from a summary's policy (its preset cleared).
+absl::StatusOr<CompressOptions> RanOptions(const v1::Policy& ran);
 
 // A client error with the CLI's hint when a chunk is over the server's
 // message limit.
@@ -59,6 +90,13 @@ struct RemoteCommands {
     std::string id, output, layers;
     bool json = false, no_progress = false;
   } get;
+  struct CompressCacheCmd {
+    ServerFlags server;
+    std::string id;
+    PolicyFlags policy;
+    std::string preset;
+    bool json = false, verbose = false;
+  } compress_cache;
   struct Delete {
     ServerFlags server;
     std::vector<std::string> ids;

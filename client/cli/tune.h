@@ -1,7 +1,7 @@
 // `medakv tune`: fits a policy to a user's model. Every candidate policy (a
 // grid of policies and parameters, or a file of them) runs at every rho on
 // sample caches of the model with their future queries; the attention-output
-// error of those queries (ALGORITHM.md, "How fidelity is judged"; eval.h)
+// error of those queries (docs/algorithm.md, "How fidelity is judged"; eval.h)
 // ranks the candidates, and the best one per rho becomes a preset that
 // medakv-server loads (--policy_presets, docs/presets.md). docs/tune.md.
 #pragma once

@@ -93,6 +93,15 @@ absl::StatusOr<absl::Time> CallDeadline(const ClientOptions& o, const CallOption
   return d == absl::InfiniteDuration() ? absl::InfiniteFuture() : absl::Now() + d;
 }
 
+// CallOptions::preset and server_default exclude each other.
+absl::Status CheckPolicyChoice(const CallOptions& call) {
+  if (!call.preset.empty() && call.server_default) {
+    return absl::InvalidArgumentError(absl::StrCat("CallOptions: preset '", call.preset,
+                                                   "' and server_default both set; set one of them"));
+  }
+  return absl::OkStatus();
+}
+
 void SetDeadline(grpc::ClientContext& context, absl::Time deadline) {
   if (deadline != absl::InfiniteFuture()) context.set_deadline(absl::ToChronoTime(deadline));
 }
@@ -322,7 +331,7 @@ absl::StatusOr<CacheSpec> KeysValuesSpec(const CacheInput& in) {
   spec.tokens = in.tokens;
   spec.dtype = in.dtype;
   spec.layout = in.layout;
-  spec.modality = in.modality;
+  MEDAKV_ASSIGN_OR_RETURN(spec.visual_spans, VisualSpansOf(in.modality, in.tokens));
   spec.stats = SpecStats::kNone;
   MEDAKV_RETURN_IF_ERROR(ValidateSpec(spec, /*max_request_bytes=*/0, /*prefix=*/""));
   for (size_t l = 0; l < in.layers.size(); ++l) {
@@ -573,6 +582,7 @@ absl::StatusOr<RemoteResult> Client::Compress(const CacheInput& in, const Compre
                                               const CallOptions& call) {
   MEDAKV_RETURN_IF_ERROR(ValidateCacheInput(in));
   MEDAKV_RETURN_IF_ERROR(ValidateOptions(options));
+  MEDAKV_RETURN_IF_ERROR(CheckPolicyChoice(call));
   MEDAKV_ASSIGN_OR_RETURN(const CacheSpec spec, SpecFromInput(in));
   MEDAKV_ASSIGN_OR_RETURN(const absl::Time deadline, CallDeadline(options_, call));
   Replica& r = PickForCompress();
@@ -581,6 +591,7 @@ absl::StatusOr<RemoteResult> Client::Compress(const CacheInput& in, const Compre
   remote.response_chunk_bytes = options_.response_chunk_bytes;
   remote.progress = call.progress;
   remote.preset = call.preset;
+  remote.server_default = call.server_default;
   remote.preset_rho = call.preset_rho;
   int64_t input_end = 0;
   (void)client_internal::ShmLayout(client_internal::RequestTensors(in, spec), &input_end);
@@ -657,13 +668,14 @@ absl::StatusOr<v1::CompressCacheResponse> Client::CompressCache(absl::string_vie
                                                                 const CallOptions& call) {
   MEDAKV_RETURN_IF_ERROR(CheckCacheId(cache_id));
   MEDAKV_RETURN_IF_ERROR(ValidateOptions(options));
+  MEDAKV_RETURN_IF_ERROR(CheckPolicyChoice(call));
   Replica& r = *replicas_[ReplicaIndex(cache_id)];
   MEDAKV_ASSIGN_OR_RETURN(const absl::Time deadline, CallDeadline(options_, call));
   grpc::ClientContext context;
   SetDeadline(context, deadline);
   v1::CompressCacheRequest request;
   request.set_cache_id(std::string(cache_id));
-  *request.mutable_policy() = RequestPolicy(options, call.preset, call.preset_rho);
+  *request.mutable_policy() = RequestPolicy(options, call.preset, call.preset_rho, call.server_default);
   v1::CompressCacheResponse response;
   const grpc::Status status = r.stub->CompressCache(&context, request, &response);
   if (!status.ok()) return WithReplica(r, cache_id, FromGrpc(status));
@@ -812,19 +824,29 @@ absl::StatusOr<CacheList> Client::ListCaches(absl::string_view prefix, int32_t l
   if (limit < 0) return absl::InvalidArgumentError(absl::StrCat("limit must be >= 0, got ", limit));
   MEDAKV_ASSIGN_OR_RETURN(const absl::Time deadline, CallDeadline(options_, call));
   const size_t n = replicas_.size();
-  std::vector<v1::ListCachesResponse> responses(n);
+  const int64_t max = limit == 0 ? 1000 : limit;
+  // Each replica's caches, page after page, until `max` or its last page.
+  std::vector<std::vector<v1::CacheInfo>> listed(n);
   std::vector<absl::Status> statuses(n);
   ForEachReplica(n, [&](size_t i) {
     const Replica& r = *replicas_[i];
-    statuses[i] = RetryCall(options_, "ListCaches", r, deadline, [&] {
-      grpc::ClientContext context;
-      SetDeadline(context, deadline);
-      v1::ListCachesRequest request;
-      request.set_prefix(std::string(prefix));
-      request.set_limit(limit);
-      responses[i].Clear();
-      return FromGrpc(r.stub->ListCaches(&context, request, &responses[i]));
-    });
+    std::string token;
+    do {
+      v1::ListCachesResponse response;
+      statuses[i] = RetryCall(options_, "ListCaches", r, deadline, [&] {
+        grpc::ClientContext context;
+        SetDeadline(context, deadline);
+        v1::ListCachesRequest request;
+        request.set_prefix(std::string(prefix));
+        request.set_limit(static_cast<int32_t>(max - static_cast<int64_t>(listed[i].size())));
+        request.set_page_token(token);
+        response.Clear();
+        return FromGrpc(r.stub->ListCaches(&context, request, &response));
+      });
+      if (!statuses[i].ok()) return;
+      for (v1::CacheInfo& info : *response.mutable_caches()) listed[i].push_back(std::move(info));
+      token = response.next_page_token();
+    } while (!token.empty() && static_cast<int64_t>(listed[i].size()) < max);
   });
   CacheList out;
   for (size_t i = 0; i < n; ++i) {
@@ -832,15 +854,12 @@ absl::StatusOr<CacheList> Client::ListCaches(absl::string_view prefix, int32_t l
       out.errors.push_back(ReplicaError{replicas_[i]->target, WithReplica(*replicas_[i], "", statuses[i])});
       continue;
     }
-    for (v1::CacheInfo& info : *responses[i].mutable_caches()) {
-      out.caches.push_back(ListedCache{std::move(info), replicas_[i]->target});
-    }
+    for (v1::CacheInfo& info : listed[i]) out.caches.push_back(ListedCache{std::move(info), replicas_[i]->target});
   }
   if (out.errors.size() == n) return out.errors.front().status;
   std::sort(out.caches.begin(), out.caches.end(),
             [](const ListedCache& a, const ListedCache& b) { return a.info.cache_id() < b.info.cache_id(); });
-  const size_t max = limit == 0 ? 1000 : static_cast<size_t>(limit);
-  if (out.caches.size() > max) out.caches.resize(max);
+  if (out.caches.size() > static_cast<size_t>(max)) out.caches.resize(static_cast<size_t>(max));
   return out;
 }
 

@@ -146,7 +146,14 @@ struct CallOptions {
   // instead of the options' policy; preset_rho > 0 replaces its rho
   // (RemoteOptions::preset).
   std::string preset;
-  double preset_rho = 0.0;
+  // Compress and CompressCache: name no policy (a Policy with neither a kind
+  // nor a preset), so that the server decides: its preset named "default"
+  // (--policy_presets, e.g. written by `medakv tune`) when it has one, else
+  // amber at rho 0.2. preset_rho > 0 replaces the rho. The options are then
+  // only checked; the summary's `policy` says what ran (and `policy.preset`
+  // which preset, if any). Not with `preset` (INVALID_ARGUMENT).
+  bool server_default = false;
+  double preset_rho = 0.0;  // with `preset` or `server_default`: > 0 replaces the rho
 };
 
 struct PutOptions {
@@ -264,9 +271,9 @@ class Client {
   [[nodiscard]] absl::StatusOr<int64_t> DeleteCache(absl::string_view cache_id, const CallOptions& call = {});
 
   // The stored caches whose ids start with `prefix`, from every replica at
-  // once, merged by id; at most `limit` (0: 1000). An error only when no
-  // replica answered; the replicas that did not are in CacheList::errors.
-  // Retried per replica.
+  // once (following each replica's pages), merged by id; at most `limit`
+  // (0: 1000). An error only when no replica answered; the replicas that did
+  // not are in CacheList::errors. Retried per page.
   [[nodiscard]] absl::StatusOr<CacheList> ListCaches(absl::string_view prefix = "", int32_t limit = 0,
                                                      const CallOptions& call = {});
 

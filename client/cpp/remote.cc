@@ -21,10 +21,11 @@ namespace medakv {
 
 using client_internal::FromGrpc;
 
-v1::Policy RequestPolicy(const CompressOptions& options, const std::string& preset, double preset_rho) {
-  if (preset.empty()) return PolicyToProto(options);
+v1::Policy RequestPolicy(const CompressOptions& options, const std::string& preset, double preset_rho,
+                         bool server_default) {
+  if (preset.empty() && !server_default) return PolicyToProto(options);
   v1::Policy p;
-  p.set_preset(preset);
+  if (!preset.empty()) p.set_preset(preset);
   p.set_rho(preset_rho);
   return p;
 }
@@ -84,6 +85,11 @@ absl::StatusOr<std::unique_ptr<SharedMemoryRegion>> SharedMemoryRegion::Create(i
 
 // ---- SharedMemoryLease --------------------------------------------------------------
 
+namespace {
+// How long a lease's destructor waits for the server to end the lease.
+constexpr absl::Duration kReleaseTimeout = absl::Seconds(2);
+}  // namespace
+
 SharedMemoryLease::SharedMemoryLease(v1::Medakv::StubInterface& stub, const SharedMemoryRegion& region,
                                      std::string name)
     : stub_(stub), region_(region), name_(std::move(name)) {}
@@ -126,7 +132,22 @@ void SharedMemoryLease::Run(std::unique_ptr<grpc::ClientReaderInterface<v1::Regi
 }
 
 SharedMemoryLease::~SharedMemoryLease() {
-  context_.TryCancel();
+  // A registered lease ends cleanly: UnregisterSharedMemory, and the server
+  // finishes the stream with OK. Cancelling the stream would do as well for
+  // the region, but the server would count every client that goes away as a
+  // CANCELLED call (medakv_requests_total). Cancelled only when the server
+  // does not answer in time (or never answered the registration).
+  if (registered_.HasBeenNotified() && !ended()) {
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kReleaseTimeout));
+    v1::UnregisterSharedMemoryRequest request;
+    request.set_region(name_);
+    v1::UnregisterSharedMemoryResponse response;
+    if (stub_.UnregisterSharedMemory(&context, request, &response).ok()) {
+      (void)ended_.WaitForNotificationWithTimeout(kReleaseTimeout);
+    }
+  }
+  if (!ended()) context_.TryCancel();
   if (thread_.joinable()) thread_.join();
 }
 
@@ -335,7 +356,8 @@ absl::StatusOr<RemoteResult> CompressRemote(v1::Medakv::StubInterface& stub, con
 
   v1::CompressRequest request;
   ToProto(spec, request.mutable_header());
-  *request.mutable_header()->mutable_policy() = RequestPolicy(options, remote.preset, remote.preset_rho);
+  *request.mutable_header()->mutable_policy() =
+      RequestPolicy(options, remote.preset, remote.preset_rho, remote.server_default);
   request.mutable_header()->set_max_response_chunk_bytes(remote.response_chunk_bytes);
   if (shm_out) {
     v1::SharedMemoryRef* out = request.mutable_header()->mutable_output();

@@ -62,9 +62,9 @@ class SharedMemoryRegion {
 
 // A region registered with one server: the RegisterSharedMemory lease stream,
 // held open by a background thread. The server keeps the region registered
-// until the lease ends: on destruction (the stream is cancelled), Release(),
-// or when the server ends it (shutdown, or an UnregisterSharedMemory from
-// elsewhere).
+// until the lease ends: on destruction or Release() (UnregisterSharedMemory,
+// so that the server ends the stream with OK), or when the server ends it
+// (shutdown, or an UnregisterSharedMemory from elsewhere).
 class SharedMemoryLease {
  public:
   // Registers `region` under `name` and waits (at most `timeout`) for the
@@ -73,8 +73,12 @@ class SharedMemoryLease {
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<SharedMemoryLease>> Register(
       v1::Medakv::StubInterface& stub, const SharedMemoryRegion& region, std::string name,
       absl::Duration timeout = absl::Seconds(30));
-  // Cancels the stream (the server unregisters the region once the calls
-  // that use it end) and waits for the thread.
+  // Ends the lease as Release() does, waiting at most 2 s for the server;
+  // cancels the stream when the server does not answer in time or never
+  // answered the registration (a cancelled lease is a CANCELLED call in the
+  // server's metrics, a released one is OK). Either way the server
+  // unregisters the region, and the calls that use it keep it until they
+  // end. Waits for the thread.
   ~SharedMemoryLease();
   SharedMemoryLease(const SharedMemoryLease&) = delete;
   SharedMemoryLease& operator=(const SharedMemoryLease&) = delete;
@@ -134,12 +138,18 @@ struct RemoteOptions {
   // replaces the preset's rho. The options are still checked; the summary's
   // `policy` says what the server ran.
   std::string preset;
+  // Set (and no preset): the request names no policy (no kind, no preset):
+  // the server runs its "default" preset, or amber at rho 0.2 without one;
+  // `preset_rho` (when > 0) is the rho. The options are still checked.
+  bool server_default = false;
   double preset_rho = 0.0;
 };
 
-// The policy a request sends: PolicyToProto(options), or with a preset the
-// preset's name and preset_rho.
-v1::Policy RequestPolicy(const CompressOptions& options, const std::string& preset, double preset_rho);
+// The policy a request sends: PolicyToProto(options); with a preset the
+// preset's name and preset_rho; with `server_default` (and no preset) only
+// preset_rho, no kind: the server's default.
+v1::Policy RequestPolicy(const CompressOptions& options, const std::string& preset, double preset_rho,
+                         bool server_default = false);
 
 struct RemoteResult {
   CompressResult result;  // layers as the library returns them

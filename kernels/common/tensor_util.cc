@@ -1,5 +1,7 @@
 #include "kernels/common/tensor_util.h"
 
+#include <algorithm>
+
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/common/cpu_features.h"
@@ -96,6 +98,53 @@ absl::Status CheckView(const TensorView& view, absl::string_view name, int64_t h
     return absl::InvalidArgumentError(absl::StrCat(name, ": no data"));
   }
   return absl::OkStatus();
+}
+
+namespace {
+
+// The index of the first of `n` elements whose exponent bits (`mask`) are
+// all ones (NaN or infinity), or -1. Blocks are first tested as a whole (a
+// loop the compiler vectorises), then searched only where one holds a hit.
+template <typename Bits>
+int64_t FirstExponentAllOnes(const Bits* p, int64_t n, Bits mask) {
+  constexpr int64_t kBlock = 4096;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    bool any = false;
+    for (int64_t i = b0; i < b1; ++i) any |= (p[i] & mask) == mask;
+    if (!any) continue;
+    for (int64_t i = b0; i < b1; ++i) {
+      if ((p[i] & mask) == mask) return i;
+    }
+  }
+  return -1;
+}
+
+}  // namespace
+
+absl::Status CheckFinite(const TensorView& view, absl::string_view name) {
+  const int64_t n = view.NumElements();
+  if (n <= 0) return absl::OkStatus();
+  int64_t at = -1;
+  switch (view.dtype) {
+    case DType::kFloat16:
+      at = FirstExponentAllOnes(static_cast<const uint16_t*>(view.data), n, uint16_t{0x7C00});
+      break;
+    case DType::kBFloat16:
+      at = FirstExponentAllOnes(static_cast<const uint16_t*>(view.data), n, uint16_t{0x7F80});
+      break;
+    case DType::kFloat32:
+      at = FirstExponentAllOnes(static_cast<const uint32_t*>(view.data), n, uint32_t{0x7F800000});
+      break;
+  }
+  if (at < 0) return absl::OkStatus();
+  const int64_t row = at / view.head_dim, dim = at % view.head_dim;
+  const int64_t head = view.layout == Layout::kHND ? row / view.tokens : row % view.heads;
+  const int64_t token = view.layout == Layout::kHND ? row % view.tokens : row / view.heads;
+  float value = 0.f;
+  RowToFloat(view.dtype, static_cast<const char*>(view.data) + at * DTypeSize(view.dtype), &value, 1);
+  return absl::InvalidArgumentError(absl::StrCat(name, ": the value at head ", head, ", token ", token, ", dim ", dim,
+                                                 " is not finite (", value, ")"));
 }
 
 void RowToFloat(DType dtype, const void* src, float* dst, int64_t count) {

@@ -25,6 +25,12 @@ absl::StatusOr<Layout> ParseLayout(absl::string_view name);
 [[nodiscard]] absl::Status CheckView(const TensorView& view, absl::string_view name,
                                      int64_t heads, int64_t tokens, int64_t head_dim);
 
+// Checks that every element of `view` is finite (not NaN, not infinite);
+// otherwise INVALID_ARGUMENT naming the first one in memory order: "<name>:
+// the value at head H, token T, dim D is not finite (nan)". One pass over the
+// bytes, reading only the exponent bits.
+[[nodiscard]] absl::Status CheckFinite(const TensorView& view, absl::string_view name);
+
 // Calls f(tag) with tag a value of the storage type of `dtype` (Half,
 // BFloat16 or float); a dtype outside the enum is an InvalidArgument.
 template <typename F>

@@ -1,4 +1,4 @@
-// Attention statistics of one layer from its queries (ALGORITHM.md, MEDA
+// Attention statistics of one layer from its queries (docs/algorithm.md, MEDA
 // step 1 and the score of step 3), without a Tq x T matrix. Parallel over
 // blocks of query rows; each task keeps its rows' logits over the visible
 // keys (at most kLogitBytes unless one row needs more) and makes two passes
@@ -127,9 +127,15 @@ absl::Status AttentionStats(const AttentionStatsArgs& a, AttentionStatsOutput* o
     for (int64_t i = r0; i < r1; ++i) last = std::max<int64_t>(last, pos[i]);
     return BlockRows{r0, r1 - r0, last + 1};
   };
+  // Blocks skipped once the caller cancels (their ordered part too).
+  std::vector<uint8_t> skipped(row_blocks, 0);
   ParallelForOrdered(
       row_blocks,
       [&](int64_t block) {
+        if (IsSet(a.cancelled)) {
+          skipped[block] = 1;
+          return;
+        }
         const BlockRows b = block_rows(block);
         const int64_t r0 = b.r0, nr = b.nr, visible = b.visible;
         std::vector<float>& logits = scratch[ThreadIndex()];
@@ -210,6 +216,7 @@ absl::Status AttentionStats(const AttentionStatsArgs& a, AttentionStatsOutput* o
       [&](int64_t block) {
         // In block order: the scored rows' probabilities into the scores, row by
         // row, head by head.
+        if (skipped[block]) return;
         const BlockRows b = block_rows(block);
         const int64_t r0 = b.r0, nr = b.nr, visible = b.visible;
         const float* probs = scratch[ThreadIndex()].data();
@@ -224,6 +231,9 @@ absl::Status AttentionStats(const AttentionStatsArgs& a, AttentionStatsOutput* o
         }
       });
 
+  if (std::find(skipped.begin(), skipped.end(), 1) != skipped.end()) {
+    return absl::CancelledError("attention statistics cancelled");
+  }
   // Reduce the row entropies in a fixed order.
   double sum_tv = 0.0, sum_vt = 0.0, sum_all = 0.0;
   int64_t n_tv = 0, n_vt = 0;

@@ -1,8 +1,10 @@
 #include "kernels/cpu/budget.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
@@ -49,8 +51,8 @@ absl::Status ValidateBudgetOptions(const BudgetOptions& o) {
   if (!(o.rho > 0.0 && o.rho <= 1.0)) {
     return absl::InvalidArgumentError(absl::StrCat("rho must be in (0, 1], got ", o.rho));
   }
-  if (!(o.tau > 0.0) || !std::isfinite(o.tau)) {
-    return absl::InvalidArgumentError(absl::StrCat("tau must be a finite number > 0, got ", o.tau));
+  if (!(o.tau >= kMinTau && o.tau <= kMaxTau)) {
+    return absl::InvalidArgumentError(absl::StrCat("tau must be in [", kMinTau, ", ", kMaxTau, "], got ", o.tau));
   }
   if (!(o.alpha_min >= 0.0 && o.alpha_min <= 1.0)) {
     return absl::InvalidArgumentError(absl::StrCat("alpha_min must be in [0, 1], got ", o.alpha_min));
@@ -121,8 +123,9 @@ absl::StatusOr<std::vector<int64_t>> PyramidBudgets(int64_t layers, int64_t toke
   }
   if (!(rho > 0.0 && rho <= 1.0)) return absl::InvalidArgumentError(absl::StrCat("rho must be in (0, 1], got ", rho));
   if (window < 0) return absl::InvalidArgumentError(absl::StrCat("window must be >= 0, got ", window));
-  if (!(beta > 0.0) || !std::isfinite(beta)) {
-    return absl::InvalidArgumentError(absl::StrCat("pyramid_beta must be finite and > 0, got ", beta));
+  if (!(beta >= kMinPyramidBeta && beta <= kMaxPyramidBeta)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("pyramid_beta must be in [", kMinPyramidBeta, ", ", kMaxPyramidBeta, "], got ", beta));
   }
   const int64_t uniform = UniformBudget(rho, tokens);
   const int64_t total = uniform * layers;
@@ -202,26 +205,82 @@ absl::StatusOr<LayerBudgets> AllocateMassBudgets(const std::vector<std::vector<f
       for (int64_t k = 0; k < tokens; ++k) gain[l][k] += sorted[k] / total / static_cast<double>(kv_heads);
     }
   }
-  // The n - L lo largest gains of tokens lo+1 .. hi (0-based k in [lo, hi)).
-  struct Slot {
-    double gain;
-    int64_t layer, k;
+  // The n - L lo largest gains of tokens lo+1 .. hi (0-based k in [lo, hi)),
+  // in the order (gain descending, then k ascending, then layer ascending).
+  // Each layer's gains do not increase with k (each head's sorted scores do
+  // not, and rounding is monotone), so the chosen slots of a layer are a
+  // prefix of its range, and the choice is found by counting, without a list
+  // of all L (hi - lo) slots: the threshold gain g (the extra-th largest),
+  // every slot above it, then the slots equal to it by k, then by layer.
+  const int64_t extra = n - layers * lo;
+  // Slots of layer l in [lo, hi) with gain > g (above) or >= g (at_least).
+  auto above = [&](int64_t l, double g) {
+    return std::partition_point(gain[l].begin() + lo, gain[l].begin() + hi, [g](double x) { return x > g; }) -
+           (gain[l].begin() + lo);
   };
-  std::vector<Slot> slots;
-  slots.reserve(static_cast<size_t>(layers * (hi - lo)));
-  for (int64_t l = 0; l < layers; ++l) {
-    for (int64_t k = lo; k < hi; ++k) slots.push_back({gain[l][k], l, k});
+  auto at_least = [&](int64_t l, double g) {
+    return std::partition_point(gain[l].begin() + lo, gain[l].begin() + hi, [g](double x) { return x >= g; }) -
+           (gain[l].begin() + lo);
+  };
+  auto count_at_least = [&](double g) {
+    int64_t c = 0;
+    for (int64_t l = 0; l < layers; ++l) c += at_least(l, g);
+    return c;
+  };
+  std::vector<int64_t> take(layers, 0);  // slots chosen per layer, beyond lo
+  if (extra >= layers * (hi - lo)) {
+    std::fill(take.begin(), take.end(), hi - lo);
+  } else if (extra > 0) {
+    // The largest g with count_at_least(g) >= extra: gains are >= 0, and the
+    // bits of non-negative doubles order like their values.
+    uint64_t lo_bits = 0, hi_bits = std::bit_cast<uint64_t>(std::numeric_limits<double>::infinity());
+    while (lo_bits < hi_bits) {
+      const uint64_t mid = lo_bits + (hi_bits - lo_bits + 1) / 2;
+      if (count_at_least(std::bit_cast<double>(mid)) >= extra) {
+        lo_bits = mid;
+      } else {
+        hi_bits = mid - 1;
+      }
+    }
+    const double g = std::bit_cast<double>(lo_bits);
+    int64_t taken = 0;
+    for (int64_t l = 0; l < layers; ++l) {
+      take[l] = above(l, g);
+      taken += take[l];
+    }
+    // The rest among the slots equal to g: layer l's are k in [lo + take[l], lo + at_least(l, g)).
+    int64_t rest = extra - taken;
+    std::vector<int64_t> equal_end(layers);
+    for (int64_t l = 0; l < layers; ++l) equal_end[l] = at_least(l, g);
+    // By k ascending: whole columns of k while they fit, then the layers of the next one in order.
+    auto equal_before = [&](int64_t k) {  // equal slots with offset < k
+      int64_t c = 0;
+      for (int64_t l = 0; l < layers; ++l) c += std::max<int64_t>(0, std::min(k, equal_end[l]) - take[l]);
+      return c;
+    };
+    int64_t k_lo = 0, k_hi = hi - lo;  // the largest k with equal_before(k) <= rest
+    while (k_lo < k_hi) {
+      const int64_t mid = k_lo + (k_hi - k_lo + 1) / 2;
+      if (equal_before(mid) <= rest) {
+        k_lo = mid;
+      } else {
+        k_hi = mid - 1;
+      }
+    }
+    rest -= equal_before(k_lo);
+    for (int64_t l = 0; l < layers; ++l) {
+      const int64_t end = std::max(take[l], std::min(k_lo, equal_end[l]));
+      const bool one_more = rest > 0 && take[l] <= k_lo && k_lo < equal_end[l];
+      take[l] = end;
+      if (one_more) {
+        ++take[l];
+        --rest;
+      }
+    }
   }
-  const size_t extra = static_cast<size_t>(n - layers * lo);
-  auto before = [](const Slot& a, const Slot& b) {
-    if (a.gain != b.gain) return a.gain > b.gain;
-    if (a.k != b.k) return a.k < b.k;  // equal gains: spread over the layers
-    return a.layer < b.layer;
-  };
-  if (extra < slots.size()) std::nth_element(slots.begin(), slots.begin() + extra, slots.end(), before);
   LayerBudgets out;
   out.budget.assign(layers, lo);
-  for (size_t i = 0; i < extra && i < slots.size(); ++i) ++out.budget[slots[i].layer];
+  for (int64_t l = 0; l < layers; ++l) out.budget[l] += take[l];
   out.alpha.resize(layers);
   for (int64_t l = 0; l < layers; ++l) out.alpha[l] = static_cast<double>(out.budget[l]) / static_cast<double>(tokens);
   return out;

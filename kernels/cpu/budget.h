@@ -1,4 +1,4 @@
-// Layer budget allocation (ALGORITHM.md, MEDA step 2). Tiny, host-only; the
+// Layer budget allocation (docs/algorithm.md, MEDA step 2). Tiny, host-only; the
 // CUDA backend calls it too, on entropies reduced on the device.
 #pragma once
 
@@ -24,7 +24,14 @@ struct LayerBudgets {
   std::vector<int64_t> budget;  // [layers] B_l in tokens
 };
 
-// rho in (0, 1], tau finite > 0, 0 <= alpha_min <= alpha_max, alpha_max in (0, 1].
+// The range of tau: beyond it the softmax of E / tau is already one-hot
+// (below) or uniform (above) for any entropy a layer can have, and outside
+// it E / tau may overflow.
+inline constexpr double kMinTau = 1e-6;
+inline constexpr double kMaxTau = 1e6;
+
+// rho in (0, 1], tau in [kMinTau, kMaxTau], 0 <= alpha_min <= alpha_max,
+// alpha_max in (0, 1].
 [[nodiscard]] absl::Status ValidateBudgetOptions(const BudgetOptions& options);
 
 // Entropy-guided budgets for `entropy.size()` layers of `tokens` tokens each.
@@ -60,7 +67,11 @@ int64_t UniformBudget(double rho, int64_t tokens);
 // and w the observation window, min = (C - w) / beta, max = 2 (C - w) - min
 // (if max > T - w: max = T - w, min = 2 (C - w) - max); layer l keeps
 // w + max - l (max - min) / (L - 1), rounded so that the total is exactly
-// L * C (each within [1, T]). Uniform when C <= w or L = 1.
+// L * C (each within [1, T]). Uniform when C <= w or L = 1. beta in
+// [kMinPyramidBeta, kMaxPyramidBeta] (below, min would overflow; above, the
+// first layer's budget no longer changes).
+inline constexpr double kMinPyramidBeta = 1e-3;
+inline constexpr double kMaxPyramidBeta = 1e6;
 [[nodiscard]] absl::StatusOr<std::vector<int64_t>> PyramidBudgets(int64_t layers, int64_t tokens, double rho,
                                                                   int64_t window, double beta);
 

@@ -1,6 +1,7 @@
 // Merging evicted tokens into kept ones and compaction into the output
-// layout (ALGORITHM.md, MEDA step 4; LOOK-M's PIVOTAL and WEIGHTED rules).
+// layout (docs/algorithm.md, MEDA step 4; LOOK-M's PIVOTAL and WEIGHTED rules).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -75,7 +76,12 @@ absl::Status MergeAndGather(const MergeArgs& a, MutableTensorView out_key, Mutab
     }
   });
   const int64_t blocks_per_head = (tokens - budget + kEvictedBlock - 1) / kEvictedBlock;
+  std::atomic<bool> stopped{false};  // the caller cancelled: the remaining tasks return at once
   ParallelFor(heads * blocks_per_head, [&](int64_t task) {
+    if (stopped.load(std::memory_order_relaxed) || IsSet(a.cancelled)) {
+      stopped.store(true, std::memory_order_relaxed);
+      return;
+    }
     const int64_t h = task / blocks_per_head;
     HeadAssignment& as = assign[h];
     const int64_t begin = (task % blocks_per_head) * kEvictedBlock;
@@ -92,6 +98,10 @@ absl::Status MergeAndGather(const MergeArgs& a, MutableTensorView out_key, Mutab
     const float* kk = kept_keys[h].data();
     const float* kn = kept_norms[h].data();
     for (int64_t j0 = 0; j0 < budget; j0 += kKeptChunk) {
+      if (IsSet(a.cancelled)) {
+        stopped.store(true, std::memory_order_relaxed);
+        return;
+      }
       const int64_t nj = std::min(kKeptChunk, budget - j0);
       DotTile(ke.data(), d, ne, kk + j0 * d, d, nj, d, dots.data(), kKeptChunk);
       for (int64_t i = 0; i < ne; ++i) {
@@ -110,6 +120,8 @@ absl::Status MergeAndGather(const MergeArgs& a, MutableTensorView out_key, Mutab
       as.cosine[begin + i] = best[i] != best[i] ? 0.f : best[i];
     }
   });
+
+  if (stopped.load()) return absl::CancelledError("merge cancelled");
 
   // Phase 2 (MEAN threshold): one filter for all heads of the layer.
   if (a.threshold == MergeThreshold::kMean) {

@@ -1,4 +1,4 @@
-// Token selection (ALGORITHM.md, MEDA step 3): text prior, recent window,
+// Token selection (docs/algorithm.md, MEDA step 3): text prior, recent window,
 // top-k per kv head (or shared), deterministic ties, ascending output.
 #include <algorithm>
 #include <cmath>

@@ -1,4 +1,4 @@
-// Attention statistics on the GPU (ALGORITHM.md, MEDA step 1 and the score
+// Attention statistics on the GPU (docs/algorithm.md, MEDA step 1 and the score
 // of step 3), the CPU backend's two-pass scheme in tiles:
 //   pass 1 (StatsPass1Kernel): per (query head, 32-row tile, key split) the
 //     online softmax states (max, sum, sum of e^x x) of every row, causal and

@@ -44,6 +44,7 @@ class CudaBackend final : public Backend {
 
   absl::Status AttentionStats(const AttentionStatsArgs& a, AttentionStatsOutput* out) const override {
     MEDAKV_RETURN_IF_ERROR(ValidateAttentionStats(a, out));
+    if (IsSet(a.cancelled)) return absl::CancelledError("attention statistics cancelled");
     if (!cuda::SupportedHeadDim(a.key.head_dim)) {
       return absl::InvalidArgumentError(absl::StrCat("attention stats: head_dim ", a.key.head_dim,
                                                      " has no CUDA kernel (supported: ", cuda::kSupportedHeadDims,
@@ -111,6 +112,7 @@ class CudaBackend final : public Backend {
   absl::Status MergeAndGather(const MergeArgs& a, MutableTensorView out_key,
                               MutableTensorView out_value) const override {
     MEDAKV_RETURN_IF_ERROR(ValidateMerge(a, out_key, out_value));
+    if (IsSet(a.cancelled)) return absl::CancelledError("merge cancelled");
     const bool merging = a.mode != MergeMode::kNone && a.budget < a.key.tokens;
     if (merging && !cuda::SupportedHeadDim(a.key.head_dim)) {
       return absl::InvalidArgumentError(absl::StrCat("merge: head_dim ", a.key.head_dim,

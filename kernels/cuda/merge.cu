@@ -1,5 +1,5 @@
 // Merging evicted tokens into kept ones and compaction, on the GPU
-// (ALGORITHM.md, MEDA step 4; LOOK-M's PIVOTAL and WEIGHTED rules):
+// (docs/algorithm.md, MEDA step 4; LOOK-M's PIVOTAL and WEIGHTED rules):
 //   1. evicted positions per head (flags of the kept list, compacted);
 //   2. kept keys as fp32 and their norms;
 //   3. MergeArgmaxKernel: the most similar kept key of every evicted key, a

@@ -1,4 +1,4 @@
-// Token selection on the GPU (ALGORITHM.md, MEDA step 3): the text prior,
+// Token selection on the GPU (docs/algorithm.md, MEDA step 3): the text prior,
 // sinks and recent window, then per-head top-k by a segmented radix sort of
 // 64-bit keys (cub::DeviceSegmentedRadixSort) whose order is exactly the CPU
 // backend's RanksBefore (SelectSortKey in kernels/ops/select_math.h: class,

@@ -1,4 +1,4 @@
-// Arithmetic of the layer budget rule (ALGORITHM.md, MEDA step 2).
+// Arithmetic of the layer budget rule (docs/algorithm.md, MEDA step 2).
 #pragma once
 
 #include <cmath>

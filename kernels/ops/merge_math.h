@@ -1,4 +1,4 @@
-// Arithmetic of merging evicted tokens into kept ones (ALGORITHM.md, MEDA
+// Arithmetic of merging evicted tokens into kept ones (docs/algorithm.md, MEDA
 // step 4, and LOOK-M's PIVOTAL and WEIGHTED rules).
 #pragma once
 

@@ -2,12 +2,20 @@
 // host pointers for the CPU backend and device pointers for the CUDA backend.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include "kernels/common/tensor.h"
 #include "kernels/ops/options.h"
 
 namespace medakv {
+
+// A caller's cancellation flag (nullptr: none). Long ops poll it between
+// blocks of work, a few milliseconds apart at most; once it reads true they
+// stop early and return CANCELLED, their outputs then unspecified. The CUDA
+// backend checks it before it launches.
+using CancelFlag = const std::atomic<bool>*;
+inline bool IsSet(CancelFlag flag) { return flag != nullptr && flag->load(std::memory_order_relaxed); }
 
 // Op 1: attention statistics of one layer from its queries.
 struct AttentionStatsArgs {
@@ -21,11 +29,12 @@ struct AttentionStatsArgs {
   // Only query rows with index >= score_rows_begin add to the scores (an
   // observation window); every row counts for the entropy.
   int64_t score_rows_begin = 0;
+  CancelFlag cancelled = nullptr;
 };
 
 struct AttentionStatsOutput {
   float* scores = nullptr;  // [kv_heads, tokens]: sum over scored rows and the group's heads of A[i, t]
-  float entropy = 0.f;      // E_l = E_TV + E_VT (or the causal entropy, see ALGORITHM.md)
+  float entropy = 0.f;      // E_l = E_TV + E_VT (or the causal entropy, see docs/algorithm.md)
   float entropy_tv = 0.f;   // text rows over visual keys (0 when no such row)
   float entropy_vt = 0.f;   // visual rows over text keys (0 when no such row)
   bool causal = false;      // whether E_l was computed as CAUSAL
@@ -53,6 +62,7 @@ struct MergeArgs {
   int64_t budget = 0;
   MergeMode mode = MergeMode::kAverage;
   MergeThreshold threshold = MergeThreshold::kNone;
+  CancelFlag cancelled = nullptr;
 };
 
 }  // namespace medakv

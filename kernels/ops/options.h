@@ -1,4 +1,4 @@
-// Enumerations shared by the ops, the policies and the API (see ALGORITHM.md).
+// Enumerations shared by the ops, the policies and the API (see docs/algorithm.md).
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// Arithmetic of token selection (ALGORITHM.md, MEDA step 3).
+// Arithmetic of token selection (docs/algorithm.md, MEDA step 3).
 #pragma once
 
 #include <cmath>

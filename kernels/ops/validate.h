@@ -22,7 +22,7 @@ namespace medakv {
 [[nodiscard]] absl::Status ValidateMerge(const MergeArgs& args, const MutableTensorView& out_key,
                                          const MutableTensorView& out_value, bool check_data = true);
 
-// The sinks and recent-window sizes of a selection (ALGORITHM.md): sinks =
+// The sinks and recent-window sizes of a selection (docs/algorithm.md): sinks =
 // min(sinks, B); recent = min(recent_tokens or round(recent_fraction B), B - sinks).
 struct SelectCounts {
   int64_t sinks = 0;

@@ -132,8 +132,9 @@ absl::Status ValidateOptions(const CompressOptions& o) {
   if (!(o.recent_fraction >= 0.0 && o.recent_fraction <= 1.0)) {
     return absl::InvalidArgumentError(absl::StrCat("recent_fraction must be in [0, 1], got ", o.recent_fraction));
   }
-  if (!(o.scale >= 0.f) || !std::isfinite(o.scale)) {
-    return absl::InvalidArgumentError(absl::StrCat("scale must be finite and >= 0 (0: 1/sqrt(head_dim)), got ", o.scale));
+  if (!(o.scale >= 0.f && o.scale <= kMaxScale)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("scale must be in [0, ", kMaxScale, "] (0: 1/sqrt(head_dim)), got ", o.scale));
   }
   if (!(o.depth_ratio >= kMinDepthRatio && o.depth_ratio <= 1.0 / kMinDepthRatio)) {
     return absl::InvalidArgumentError(absl::StrCat("depth_ratio must be in [", kMinDepthRatio, ", ",
@@ -145,11 +146,13 @@ absl::Status ValidateOptions(const CompressOptions& o) {
   }
   if (o.sinks < 0) return absl::InvalidArgumentError(absl::StrCat("sinks must be >= 0, got ", o.sinks));
   if (o.window < 1) return absl::InvalidArgumentError(absl::StrCat("window must be >= 1, got ", o.window));
-  if (o.pool_kernel < 1 || o.pool_kernel % 2 == 0) {
-    return absl::InvalidArgumentError(absl::StrCat("pool_kernel must be odd and >= 1, got ", o.pool_kernel));
+  if (o.pool_kernel < 1 || o.pool_kernel > kMaxPoolKernel || o.pool_kernel % 2 == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("pool_kernel must be odd and in [1, ", kMaxPoolKernel, "], got ", o.pool_kernel));
   }
-  if (!(o.pyramid_beta > 0.0) || !std::isfinite(o.pyramid_beta)) {
-    return absl::InvalidArgumentError(absl::StrCat("pyramid_beta must be finite and > 0, got ", o.pyramid_beta));
+  if (!(o.pyramid_beta >= kMinPyramidBeta && o.pyramid_beta <= kMaxPyramidBeta)) {
+    return absl::InvalidArgumentError(absl::StrCat("pyramid_beta must be in [", kMinPyramidBeta, ", ",
+                                                   kMaxPyramidBeta, "], got ", o.pyramid_beta));
   }
   if (!Known(o.entropy_heads, kEntropyHeads)) return absl::InvalidArgumentError("entropy_heads: unknown value");
   if (!Known(o.entropy_source, kEntropySources)) return absl::InvalidArgumentError("entropy_source: unknown value");

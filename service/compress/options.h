@@ -1,5 +1,5 @@
 // What a compression request asks for: the policy and every option of
-// ALGORITHM.md, with the documented defaults.
+// docs/algorithm.md, with the documented defaults.
 #pragma once
 
 #include <string>
@@ -12,7 +12,7 @@
 
 namespace medakv {
 
-// The policies of ALGORITHM.md; each is a composition of a budget rule, a
+// The policies of docs/algorithm.md; each is a composition of a budget rule, a
 // scorer, a selector and a merger (service/compress/policy.h).
 enum class PolicyKind : uint8_t {
   kFull = 0,          // keep everything (a pass-through, for comparison)
@@ -48,6 +48,14 @@ inline constexpr double kRecentSearchFractions[] = {0.125, 0.25, 0.375, 0.5, 0.6
 inline constexpr double kAmberDepthRatio = 0.8;
 inline constexpr int64_t kAmberRecentSearchRows = 16;
 inline constexpr double kMinDepthRatio = 0.01;  // depth_ratio in [0.01, 100]
+// The logits scale: 0 (1/sqrt(head_dim)) or in (0, kMaxScale]. Attention
+// logits are scale * q.k; a larger scale only makes every softmax one-hot
+// and overflows float logits sooner.
+inline constexpr float kMaxScale = 1e4f;
+// SnapKV's pooling kernel: odd, in [1, kMaxPoolKernel]. Pooling costs
+// kernel operations per token, and a kernel this wide already averages
+// over more positions than a local smoothing means (SnapKV uses 5 to 7).
+inline constexpr int64_t kMaxPoolKernel = 1023;
 
 struct CompressOptions {
   PolicyKind policy = PolicyKind::kMeda;

@@ -307,9 +307,11 @@ absl::StatusOr<Statistics> StatisticsStage(const CacheInput& in, const CompressO
       args.entropy_heads = options.entropy_heads;
       args.entropy_source = st.key.entropy_source;
       args.score_rows_begin = plan.scorer == Scorer::kWindowPooled ? layer.query.tokens - rows : 0;
+      args.cancelled = cancelled;
       AttentionStatsOutput out;
       out.scores = s.data();
       absl::Status status = backend.AttentionStats(args, &out);
+      if (absl::IsCancelled(status)) return absl::CancelledError("compression cancelled");
       if (!status.ok()) return absl::Status(status.code(), absl::StrCat("layer ", l, ": ", status.message()));
       if (!std::isfinite(out.entropy)) {
         // Finite keys and queries whose dot products overflow float32: no score is meaningful.
@@ -320,6 +322,7 @@ absl::StatusOr<Statistics> StatisticsStage(const CacheInput& in, const CompressO
       st.entropy[l] = out.entropy;
       if (st.key.recent_rows > 0) {
         status = RecentRowScores(layer, positions, args, st.key.recent_rows, backend, &st.recent_scores[l]);
+        if (absl::IsCancelled(status)) return absl::CancelledError("compression cancelled");
         if (!status.ok()) {
           return absl::Status(status.code(), absl::StrCat("layer ", l, ": ", status.message()));
         }
@@ -380,10 +383,23 @@ absl::Status SelectWithRecentSearch(SelectArgs sel, const std::vector<float>& re
 
 }  // namespace
 
+absl::Status CheckFiniteInput(const CacheInput& in) {
+  for (size_t l = 0; l < in.layers.size(); ++l) {
+    const LayerInput& layer = in.layers[l];
+    MEDAKV_RETURN_IF_ERROR(CheckFinite(layer.key, absl::StrCat("layer ", l, " key")));
+    MEDAKV_RETURN_IF_ERROR(CheckFinite(layer.value, absl::StrCat("layer ", l, " value")));
+    if (in.stats == StatsForm::kQueries) {
+      MEDAKV_RETURN_IF_ERROR(CheckFinite(layer.query, absl::StrCat("layer ", l, " query")));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Statistics> ComputeStatistics(const CacheInput& in, const CompressOptions& options,
                                              const Backend& backend, const std::atomic<bool>* cancelled) {
   MEDAKV_RETURN_IF_ERROR(ValidateOptions(options));
   MEDAKV_RETURN_IF_ERROR(ValidateCacheInput(in));
+  MEDAKV_RETURN_IF_ERROR(CheckFiniteInput(in));
   return StatisticsStage(in, options, backend, cancelled);
 }
 
@@ -394,6 +410,7 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
   const absl::Status cancel_status = absl::CancelledError("compression cancelled");
   MEDAKV_RETURN_IF_ERROR(ValidateOptions(options));
   MEDAKV_RETURN_IF_ERROR(ValidateCacheInput(in));
+  MEDAKV_RETURN_IF_ERROR(CheckFiniteInput(in));
   const PolicyPlan plan = PlanFor(options);
   const int64_t layers = static_cast<int64_t>(in.layers.size());
   const int64_t kv_heads = in.kv_heads, tokens = in.tokens;
@@ -563,9 +580,11 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
     merge.budget = budget[l];
     merge.mode = options.merge;
     merge.threshold = options.merge_threshold;
+    merge.cancelled = cancelled;
     const MutableTensorView out_key{r.key.data(), in.dtype, in.layout, kv_heads, budget[l], in.head_dim};
     const MutableTensorView out_value{r.value.data(), in.dtype, in.layout, kv_heads, budget[l], in.head_dim};
     absl::Status s = backend.MergeAndGather(merge, out_key, out_value);
+    if (absl::IsCancelled(s)) return cancel_status;
     if (!s.ok()) return absl::Status(s.code(), absl::StrCat("layer ", l, ": ", s.message()));
     if (on_layer != nullptr && *on_layer) MEDAKV_RETURN_IF_ERROR((*on_layer)(l, r));
   }

@@ -1,5 +1,5 @@
 // One prompt's cache through a policy: statistics per layer, budgets across
-// layers, then selection, merging and compaction per layer (ALGORITHM.md).
+// layers, then selection, merging and compaction per layer (docs/algorithm.md).
 #pragma once
 
 #include <atomic>
@@ -71,6 +71,13 @@ struct CompressResult {
 // before any output memory is reserved.
 [[nodiscard]] absl::Status ValidateCacheInput(const CacheInput& input);
 
+// Every key, value and query element is finite: a NaN or an infinity would
+// make the scores meaningless (keys, queries) or spread into the rows a merge
+// averages (values). INVALID_ARGUMENT names the layer, tensor, head, token
+// and dim of the first one. Compress and ComputeStatistics call it after
+// ValidateCacheInput; precomputed scores and entropies are checked there.
+[[nodiscard]] absl::Status CheckFiniteInput(const CacheInput& input);
+
 // ---- the statistics stage -----------------------------------------------------------
 
 // What the statistics stage (scores for the scorer, the entropy for the
@@ -114,7 +121,7 @@ struct Statistics {
 };
 
 // Stage 1 of Compress: validates the options and the input, then computes
-// the statistics that `options` needs (ALGORITHM.md; nothing when the policy
+// the statistics that `options` needs (docs/algorithm.md; nothing when the policy
 // needs none). `cancelled` as for Compress.
 [[nodiscard]] absl::StatusOr<Statistics> ComputeStatistics(const CacheInput& input, const CompressOptions& options,
                                                            const Backend& backend,

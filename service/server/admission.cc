@@ -7,8 +7,11 @@
 
 namespace medakv::server {
 
-Admission::Admission(int slots, absl::Duration max_wait)
-    : slots_(slots < 1 ? 1 : slots), max_wait_(max_wait), timer_([this] { TimerLoop(); }) {}
+Admission::Admission(int slots, absl::Duration max_wait, int max_waiting)
+    : slots_(slots < 1 ? 1 : slots),
+      max_wait_(max_wait),
+      max_waiting_(max_waiting),
+      timer_([this] { TimerLoop(); }) {}
 
 Admission::~Admission() {
   std::deque<Waiter> orphans;
@@ -27,20 +30,24 @@ uint64_t Admission::NewTicket() {
 }
 
 void Admission::Acquire(uint64_t ticket, Callback done) {
-  bool granted = false;
+  absl::Status status = absl::CancelledError("server shutting down");
   {
     absl::MutexLock lock(&mu_);
     if (!stopping_) {
       if (in_use_ < slots_ && waiters_.empty()) {
         ++in_use_;
-        granted = true;
+        status = absl::OkStatus();
+      } else if (max_waiting_ >= 0 && static_cast<int>(waiters_.size()) >= max_waiting_) {
+        status = absl::ResourceExhaustedError(
+            absl::StrCat("server busy: all ", slots_, " slots (--max_inflight) are in use and ", waiters_.size(),
+                         " calls wait for one already (--max_queued); retry later"));
       } else {
         waiters_.push_back(Waiter{ticket, absl::Now() + max_wait_, std::move(done)});
         return;
       }
     }
   }
-  done(granted ? absl::OkStatus() : absl::CancelledError("server shutting down"));
+  done(std::move(status));
 }
 
 void Admission::Cancel(uint64_t ticket) {

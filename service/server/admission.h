@@ -28,15 +28,18 @@ class Admission {
   // was cancelled or the admission shut down. Runs on an arbitrary thread.
   using Callback = std::function<void(absl::Status)>;
 
-  Admission(int slots, absl::Duration max_wait);
+  // At most `max_waiting` calls wait at once (< 0: no bound; 0: none wait);
+  // one more is refused at once with RESOURCE_EXHAUSTED.
+  Admission(int slots, absl::Duration max_wait, int max_waiting = -1);
   ~Admission();  // fails every waiter with CANCELLED
   Admission(const Admission&) = delete;
   Admission& operator=(const Admission&) = delete;
 
   // A fresh ticket for Acquire and Cancel.
   static uint64_t NewTicket();
-  // Grants a slot now (the callback runs before Acquire returns) or queues the
-  // waiter under `ticket`. The caller must not touch state the callback may
+  // Grants a slot now (the callback runs before Acquire returns), queues the
+  // waiter under `ticket`, or refuses it (RESOURCE_EXHAUSTED, before Acquire
+  // returns) when max_waiting calls wait already. The caller must not touch state the callback may
   // have released after Acquire returns.
   void Acquire(uint64_t ticket, Callback done);
   // Withdraws a queued waiter (its callback gets CANCELLED); no-op if granted.
@@ -56,6 +59,7 @@ class Admission {
 
   const int slots_;
   const absl::Duration max_wait_;
+  const int max_waiting_;
   mutable absl::Mutex mu_;
   int in_use_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;

@@ -140,7 +140,7 @@ absl::Status CacheAssembler::Finish() {
   in.tokens = spec_.tokens;
   in.dtype = spec_.dtype;
   in.layout = spec_.layout;
-  in.modality = spec_.modality;
+  in.modality = ModalityVector(spec_);
   in.stats = spec_.stats == SpecStats::kPrecomputed ? StatsForm::kPrecomputed : StatsForm::kQueries;
   in.layers.resize(static_cast<size_t>(spec_.layers));
   auto view = [&](int64_t l, v1::TensorKind kind, int64_t heads, int64_t tokens) {

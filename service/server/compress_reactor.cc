@@ -22,19 +22,24 @@ double SecondsSince(Clock::time_point t) { return std::chrono::duration<double>(
 
 class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest, v1::CompressResponse> {
  public:
-  CompressReactor(ServiceContext* ctx, Caller caller)
+  CompressReactor(ServiceContext* ctx, grpc::CallbackServerContext* context, Caller caller)
       : ctx_(ctx),
+        context_(context),
         call_(ctx->metrics, Method::kCompress),
-        regions_(&ctx->shm, std::move(caller.shm_access), caller.tenant.value_or("")) {
+        regions_(&ctx->shm, std::move(caller.shm_access), caller.tenant.value_or("")),
+        idle_(ctx->idle.Watch([this] { OnIdle(); })) {
+    call_.set_log(&ctx->log, caller.peer, caller.tenant.value_or(""));
     ctx_->inflight.fetch_add(1);
     if (!caller.tenant.ok()) {
       Fail(caller.tenant.status());
       return;
     }
+    idle_->SetWaiting(true);
     StartRead(&request_);
   }
 
   void OnReadDone(bool ok) override {
+    idle_->Progress();
     if (!ok) {  // the client closed its side (or the call is cancelled)
       if (cancelled_.load()) return Fail(absl::CancelledError("cancelled during the upload"));
       if (!spec_) return Fail(absl::InvalidArgumentError("the stream ended before the header"));
@@ -48,6 +53,7 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
   }
 
   void OnWriteDone(bool ok) override {
+    idle_->SetWaiting(false);
     if (!ok) cancelled_.store(true);  // stops a compression still running
     Pump([&] {
       writing_ = false;
@@ -63,6 +69,7 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
   }
 
   void OnDone() override {
+    ctx_->idle.Release(idle_);  // after this the watchdog does not touch the reactor
     ctx_->inflight.fetch_sub(1);
     delete this;
   }
@@ -92,24 +99,33 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
     options_ = policy->options;
     preset_ = policy->preset;
     spec_ = *std::move(spec);
-    request_.Clear();
+    // Frees the header's memory (Clear would keep its repeated fields' for
+    // reuse): a call waiting for a slot holds only its spec.
+    v1::CompressRequest().Swap(&request_);
     queue_start_ = Clock::now();
+    idle_->SetWaiting(false);  // waiting for a slot is bounded by --queue_timeout
+    held_.Hold(&ctx_->held_queued_bytes, static_cast<int64_t>(sizeof(CacheSpec) + sizeof(CompressReactor) +
+                                                             spec_->visual_spans.size() * sizeof(ModalitySpan)));
     // OnSlot may run (and finish the call) before Request returns: nothing after it.
     slot_.Request([this](absl::Status s) { OnSlot(std::move(s)); });
   }
 
   void OnSlot(absl::Status s) {
     call_.QueueWait(SecondsSince(queue_start_));
+    held_.Reset();
     if (!s.ok()) return Fail(s);
+    held_.Hold(&ctx_->held_inflight_bytes, TotalBytes(*spec_).value_or(0));
     if (cancelled_.load()) return Fail(absl::CancelledError("cancelled while waiting for a slot"));
     absl::StatusOr<CacheAssembler> assembler = CacheAssembler::Create(*spec_);
     if (!assembler.ok()) return Fail(assembler.status());
     assembler_.emplace(*std::move(assembler));
     receive_start_ = Clock::now();
+    idle_->SetWaiting(true);
     StartRead(&request_);
   }
 
   void ReceiveDone() {
+    idle_->SetWaiting(false);
     if (absl::Status s = assembler_->Finish(); !s.ok()) return Fail(s);
     receive_seconds_ = SecondsSince(receive_start_);
     call_.ObserveStage(Stage::kReceive, receive_seconds_);
@@ -225,6 +241,7 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
       }
     }
     if (write) {
+      idle_->SetWaiting(true);
       StartWrite(&response_);
     } else if (finish.has_value()) {
       End(*finish);
@@ -246,28 +263,54 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
     s->mutable_policy()->set_preset(preset_);
   }
 
+  // Ends the call with `s` (through Pump, so that the call is finished once
+  // whoever fails it: a gRPC thread, the worker or the idle watchdog).
   void Fail(const absl::Status& s) {
     assembler_.reset();
-    End(ToGrpc(s));
+    Pump([&] {
+      if (!pending_.has_value()) pending_ = ToGrpc(s);
+    });
+  }
+
+  // The idle watchdog's `expire` (service/server/idle.h): the client stalled
+  // during the upload (the call finishes now) or stopped reading the results
+  // (a write is pending and cannot complete: the call is cancelled, and ends
+  // once the write fails). The reactor is alive while this runs.
+  void OnIdle() {
+    bool cancel = false;
+    Pump([&] {
+      if (!pending_.has_value()) {
+        pending_ = grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                                ctx_->idle.Message(writing_ ? "sending the results" : "receiving the request"));
+      }
+      cancel = writing_;
+    });
+    if (cancel) {
+      cancelled_.store(true);
+      context_->TryCancel();
+    }
   }
 
   // Records the request, then finishes the call (which may delete the reactor).
   void End(const grpc::Status& status) {
-    call_.End(static_cast<absl::StatusCode>(status.error_code()));
+    call_.End(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
     Finish(status);
   }
 
   ServiceContext* ctx_;
+  grpc::CallbackServerContext* const context_;
   CallMetrics call_;
   v1::CompressRequest request_;
   v1::CompressResponse response_;
   std::atomic<bool> cancelled_{false};
   SlotClaim slot_{&ctx_->admission};  // released when the reactor is deleted
+  HeldBytes held_;  // the request's bytes while admitted, its header's while queued
   std::optional<CacheSpec> spec_;
   CompressOptions options_;
   std::string preset_;  // the preset that gave options_ (empty: none)
   int64_t chunk_bytes_ = 0;
   CallRegions regions_;  // held until the call ends
+  const std::shared_ptr<IdleWatch> idle_;
   const MappedRegion* output_region_ = nullptr;  // set: results go into output_
   v1::SharedMemoryRef output_;
   std::optional<CacheAssembler> assembler_;
@@ -295,7 +338,7 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
 
 grpc::ServerBidiReactor<v1::CompressRequest, v1::CompressResponse>* MedakvService::Compress(
     grpc::CallbackServerContext* context) {
-  return new CompressReactor(ctx_, Identify(*context, *ctx_));
+  return new CompressReactor(ctx_, context, Identify(*context, *ctx_));
 }
 
 }  // namespace medakv::server

@@ -71,14 +71,6 @@ absl::Status ApplyRange(absl::string_view path, double v, double lo, double hi, 
 
 absl::Status ApplyFraction(absl::string_view path, double v, double* out) { return ApplyRange(path, v, 0.0, 1.0, out); }
 
-absl::Status ApplyPositive(absl::string_view path, double v, double* out) {
-  if (!(v > 0.0) || !std::isfinite(v)) {
-    return Invalid(absl::StrCat(path, " must be > 0 and finite, got ", v));
-  }
-  *out = v;
-  return absl::OkStatus();
-}
-
 absl::Status ApplySelect(const v1::SelectOptions& s, absl::string_view path, CompressOptions* o) {
   if (s.has_recent_fraction()) {
     MEDAKV_RETURN_IF_ERROR(
@@ -132,8 +124,8 @@ absl::Status ApplySelect(const v1::SelectOptions& s, absl::string_view path, Com
   }
   if (s.has_scale()) {
     const float scale = s.scale();
-    if (!(scale >= 0.f) || !std::isfinite(scale)) {
-      return Invalid(absl::StrCat(path, ".scale must be >= 0 and finite (0: 1/sqrt(head_dim)), got ", scale));
+    if (!(scale >= 0.f && scale <= kMaxScale)) {
+      return Invalid(absl::StrCat(path, ".scale must be in [0, ", kMaxScale, "] (0: 1/sqrt(head_dim)), got ", scale));
     }
     o->scale = scale;
   }
@@ -147,8 +139,8 @@ absl::Status ApplyWindow(absl::string_view path, bool has_window, int64_t window
     o->window = window;
   }
   if (has_kernel) {
-    if (kernel < 1 || kernel > kMaxPolicyInt || kernel % 2 == 0) {
-      return Invalid(absl::StrCat(path, ".pool_kernel must be odd and in [1, ", kMaxPolicyInt, "], got ", kernel));
+    if (kernel < 1 || kernel > kMaxPoolKernel || kernel % 2 == 0) {
+      return Invalid(absl::StrCat(path, ".pool_kernel must be odd and in [1, ", kMaxPoolKernel, "], got ", kernel));
     }
     o->pool_kernel = kernel;
   }
@@ -162,7 +154,7 @@ template <typename PolicyProto>
 absl::Status ApplyBudgetAndEntropy(const PolicyProto& m, absl::string_view path, CompressOptions* o) {
   BudgetOptions& b = o->budget;
   if (m.has_tau()) {
-    MEDAKV_RETURN_IF_ERROR(ApplyPositive(absl::StrCat(path, ".tau"), m.tau(), &b.tau));
+    MEDAKV_RETURN_IF_ERROR(ApplyRange(absl::StrCat(path, ".tau"), m.tau(), kMinTau, kMaxTau, &b.tau));
   }
   if (m.has_alpha_min()) {
     MEDAKV_RETURN_IF_ERROR(ApplyFraction(absl::StrCat(path, ".alpha_min"), m.alpha_min(), &b.alpha_min));
@@ -259,6 +251,9 @@ absl::Status ApplyAmber(const v1::AmberPolicy& a, CompressOptions* o) {
 // ---- spans -----------------------------------------------------------------------
 
 absl::Status CheckSpans(const google::protobuf::RepeatedPtrField<v1::ModalitySpan>& spans, int64_t tokens) {
+  if (spans.size() > kMaxModalitySpans) {
+    return Invalid(absl::StrCat("header.shape.modality: ", spans.size(), " spans, at most ", kMaxModalitySpans));
+  }
   for (int i = 0; i < spans.size(); ++i) {
     const v1::ModalitySpan& s = spans.Get(i);
     const std::string path = absl::StrCat("header.shape.modality[", i, "]");
@@ -373,7 +368,8 @@ absl::StatusOr<CompressOptions> OptionsFromProto(const v1::Policy& policy) {
       MEDAKV_RETURN_IF_ERROR(
           ApplyWindow("policy.pyramidkv", p.has_window(), p.window(), p.has_pool_kernel(), p.pool_kernel(), &o));
       if (p.has_beta()) {
-        MEDAKV_RETURN_IF_ERROR(ApplyPositive("policy.pyramidkv.beta", p.beta(), &o.pyramid_beta));
+        MEDAKV_RETURN_IF_ERROR(
+            ApplyRange("policy.pyramidkv.beta", p.beta(), kMinPyramidBeta, kMaxPyramidBeta, &o.pyramid_beta));
       }
       MEDAKV_RETURN_IF_ERROR(ApplySelect(p.select(), "policy.pyramidkv.select", &o));
       break;
@@ -626,17 +622,19 @@ absl::Status ValidateSpec(const CacheSpec& spec, int64_t max_request_bytes, absl
     return Invalid(absl::StrCat(prefix, "score_heads must be 0 with ", StatsProtoName(spec.stats),
                                 " (it counts the score rows of STATS_FORM_PRECOMPUTED), got ", spec.score_heads));
   }
-  if (!spec.modality.empty()) {
-    if (static_cast<int64_t>(spec.modality.size()) != spec.tokens) {
-      return Invalid(
-          absl::StrCat(shape, "modality: ", spec.modality.size(), " entries for ", shape, "tokens=", spec.tokens));
+  if (static_cast<int64_t>(spec.visual_spans.size()) > kMaxModalitySpans) {
+    return Invalid(absl::StrCat(shape, "modality: ", spec.visual_spans.size(), " visual spans, at most ",
+                                kMaxModalitySpans));
+  }
+  int64_t end = 0;  // of the previous span
+  for (size_t i = 0; i < spec.visual_spans.size(); ++i) {
+    const ModalitySpan& v = spec.visual_spans[i];
+    if (v.start < end || v.length <= 0 || v.length > spec.tokens - v.start || v.modality != Modality::kVisual) {
+      return Invalid(absl::StrCat(shape, "modality: visual span ", i, " (start ", v.start, ", length ", v.length,
+                                  ") is not a visual span within [0, ", shape, "tokens=", spec.tokens,
+                                  ") after the previous one"));
     }
-    for (size_t t = 0; t < spec.modality.size(); ++t) {
-      if (spec.modality[t] > 1) {
-        return Invalid(absl::StrCat(shape, "modality: token ", t, " has modality ", int{spec.modality[t]},
-                                    " (expected 0 for text or 1 for visual)"));
-      }
-    }
+    end = v.start + v.length;
   }
   MEDAKV_ASSIGN_OR_RETURN(const int64_t total, TotalBytes(spec));
   if (max_request_bytes > 0 && total > max_request_bytes) {
@@ -662,16 +660,18 @@ absl::StatusOr<CacheSpec> SpecFromHeader(const v1::CacheShape& shape, v1::StatsF
   spec.score_heads = score_heads;
   MEDAKV_RETURN_IF_ERROR(ValidateSpec(spec, max_request_bytes, "header."));
   MEDAKV_RETURN_IF_ERROR(CheckSpans(shape.modality(), spec.tokens));
-  // Everything holds: now the modality vector may be built (tokens bytes,
-  // fewer than the key tensors already admitted by the byte limit).
-  bool any_visual = false;
-  for (const v1::ModalitySpan& s : shape.modality()) any_visual = any_visual || s.modality() == v1::MODALITY_VISUAL;
-  if (any_visual) {
-    spec.modality.assign(spec.tokens, static_cast<uint8_t>(Modality::kText));
-    for (const v1::ModalitySpan& s : shape.modality()) {
-      if (s.modality() != v1::MODALITY_VISUAL) continue;
-      std::fill(spec.modality.begin() + s.start(), spec.modality.begin() + s.start() + s.length(),
-                static_cast<uint8_t>(Modality::kVisual));
+  // The spans are disjoint and within the tokens: keep the visual ones,
+  // ascending, adjacent ones joined.
+  std::vector<ModalitySpan> visual;
+  for (const v1::ModalitySpan& s : shape.modality()) {
+    if (s.modality() == v1::MODALITY_VISUAL) visual.push_back({s.start(), s.length(), Modality::kVisual});
+  }
+  std::sort(visual.begin(), visual.end(), [](const ModalitySpan& a, const ModalitySpan& b) { return a.start < b.start; });
+  for (const ModalitySpan& v : visual) {
+    if (!spec.visual_spans.empty() && spec.visual_spans.back().start + spec.visual_spans.back().length == v.start) {
+      spec.visual_spans.back().length += v.length;
+    } else {
+      spec.visual_spans.push_back(v);
     }
   }
   return spec;
@@ -780,7 +780,7 @@ absl::StatusOr<CacheSpec> SpecFromInput(const CacheInput& in) {
   spec.tokens = in.tokens;
   spec.dtype = in.dtype;
   spec.layout = in.layout;
-  spec.modality = in.modality;
+  MEDAKV_ASSIGN_OR_RETURN(spec.visual_spans, VisualSpansOf(in.modality, in.tokens));
   const bool queries = in.stats == StatsForm::kQueries;
   spec.stats = queries ? SpecStats::kQueries : SpecStats::kPrecomputed;
   if (in.layers.empty()) return spec;
@@ -814,6 +814,32 @@ std::vector<ModalitySpan> SpansFromModality(const std::vector<uint8_t>& modality
   return spans;
 }
 
+absl::StatusOr<std::vector<ModalitySpan>> VisualSpansOf(const std::vector<uint8_t>& modality, int64_t tokens) {
+  if (!modality.empty()) {
+    if (static_cast<int64_t>(modality.size()) != tokens) {
+      return Invalid(absl::StrCat("modality: ", modality.size(), " entries for ", tokens, " tokens"));
+    }
+    for (size_t t = 0; t < modality.size(); ++t) {
+      if (modality[t] > 1) {
+        return Invalid(absl::StrCat("modality: token ", t, " has modality ", int{modality[t]},
+                                    " (expected 0 for text or 1 for visual)"));
+      }
+    }
+  }
+  return SpansFromModality(modality);
+}
+
+std::vector<uint8_t> ModalityVector(const CacheSpec& spec) {
+  std::vector<uint8_t> modality;
+  if (spec.visual_spans.empty()) return modality;
+  modality.assign(static_cast<size_t>(spec.tokens), static_cast<uint8_t>(Modality::kText));
+  for (const ModalitySpan& s : spec.visual_spans) {
+    std::fill(modality.begin() + s.start, modality.begin() + s.start + s.length,
+              static_cast<uint8_t>(Modality::kVisual));
+  }
+  return modality;
+}
+
 void ToProto(const CacheSpec& spec, v1::CacheShape* shape) {
   shape->Clear();
   shape->set_layers(static_cast<int32_t>(spec.layers));
@@ -823,7 +849,7 @@ void ToProto(const CacheSpec& spec, v1::CacheShape* shape) {
   shape->set_tokens(spec.tokens);
   shape->set_dtype(DTypeToProto(spec.dtype));
   shape->set_layout(LayoutToProto(spec.layout));
-  for (const ModalitySpan& s : SpansFromModality(spec.modality)) {
+  for (const ModalitySpan& s : spec.visual_spans) {
     v1::ModalitySpan* out = shape->add_modality();
     out->set_start(s.start);
     out->set_length(s.length);

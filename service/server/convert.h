@@ -31,7 +31,10 @@ inline constexpr int64_t kMaxHeadDim = 4096;
 // The pipeline (ValidateCacheInput) takes at most 2^24 tokens; a header that
 // announces more is rejected up front rather than after the upload.
 inline constexpr int64_t kMaxTokens = int64_t{1} << 24;
-// Upper bound of the integer policy options (sinks, window, pool_kernel).
+// Modality spans one header may carry (text and visual together).
+inline constexpr int64_t kMaxModalitySpans = int64_t{1} << 16;
+// Upper bound of the integer policy options (sinks, window, recent_search_rows;
+// pool_kernel has its own, kMaxPoolKernel).
 inline constexpr int64_t kMaxPolicyInt = INT32_MAX;
 // Response chunks when the request leaves max_response_chunk_bytes at 0.
 inline constexpr int64_t kDefaultChunkBytes = int64_t{4} << 20;
@@ -72,7 +75,10 @@ struct CacheSpec {
   int64_t tokens = 0;
   DType dtype = DType::kFloat16;
   Layout layout = Layout::kHND;
-  std::vector<uint8_t> modality;  // [tokens], 0 text, 1 visual; empty: every token is text
+  // The visual tokens as spans, ascending and disjoint, at most
+  // kMaxModalitySpans; tokens outside them are text. Spans rather than a
+  // tokens-sized vector, so that a call waiting for a slot holds little.
+  std::vector<ModalitySpan> visual_spans;
   SpecStats stats = SpecStats::kNone;
   int64_t q_tokens = 0;              // kQueries: query rows per layer, in [1, tokens]
   bool has_query_positions = false;  // kQueries: int32 [q_tokens] per layer follows
@@ -159,6 +165,15 @@ void ToProto(int32_t layer, const LayerResult& result, medakv::v1::LayerInfo* in
 
 // Visual runs of a modality vector as spans; an empty vector gives none.
 std::vector<ModalitySpan> SpansFromModality(const std::vector<uint8_t>& modality);
+
+// The visual spans of a [tokens] modality vector (empty: all text), checked:
+// INVALID_ARGUMENT for another size or an entry other than 0 and 1.
+[[nodiscard]] absl::StatusOr<std::vector<ModalitySpan>> VisualSpansOf(const std::vector<uint8_t>& modality,
+                                                                     int64_t tokens);
+
+// The [tokens] modality vector of a spec (0 text, 1 visual); empty when
+// every token is text.
+std::vector<uint8_t> ModalityVector(const CacheSpec& spec);
 
 // ---- chunking ------------------------------------------------------------------
 

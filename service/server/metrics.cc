@@ -1,10 +1,20 @@
 #include "service/server/metrics.h"
 
+#include <dirent.h>
+#include <unistd.h>
+
 #include <chrono>
+#include <fstream>
 #include <iterator>
+#include <limits>
+#include <sstream>
 #include <string>
 #include <utility>
 
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
+#include "absl/strings/strip.h"
 #include "prometheus/labels.h"
 
 namespace medakv::server {
@@ -43,6 +53,90 @@ int64_t NowNanos() {
       .count();
 }
 
+// ---- process metrics (Linux /proc) ----------------------------------------------------------
+
+// The whole of a (small) file; false when it cannot be read.
+bool ReadFile(const std::string& path, std::string* out) {
+  std::ifstream f(path);
+  if (!f) return false;
+  std::ostringstream s;
+  s << f.rdbuf();
+  if (f.bad()) return false;
+  *out = s.str();
+  return true;
+}
+
+// A metric family of one unlabelled sample.
+prometheus::MetricFamily OneSample(const char* name, const char* help, prometheus::MetricType type, double value) {
+  prometheus::MetricFamily f;
+  f.name = name;
+  f.help = help;
+  f.type = type;
+  prometheus::ClientMetric m;
+  if (type == prometheus::MetricType::Counter) {
+    m.counter.value = value;
+  } else {
+    m.gauge.value = value;
+  }
+  f.metric.push_back(std::move(m));
+  return f;
+}
+
+// The fields of /proc/self/stat after the command name (which may hold
+// spaces and parentheses: it ends at the last ')'): [0] is field 3 (state).
+bool StatFields(const std::string& proc_root, std::vector<std::string>* fields) {
+  std::string text;
+  if (!ReadFile(proc_root + "/self/stat", &text)) return false;
+  const size_t close = text.rfind(')');
+  if (close == std::string::npos) return false;
+  *fields = absl::StrSplit(absl::string_view(text).substr(close + 1), ' ', absl::SkipWhitespace());
+  return fields->size() >= 22;
+}
+
+// The boot time (unix seconds): the "btime" line of /proc/stat.
+bool BootTime(const std::string& proc_root, double* seconds) {
+  std::string text;
+  if (!ReadFile(proc_root + "/stat", &text)) return false;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (absl::ConsumePrefix(&line, "btime ")) return absl::SimpleAtod(absl::StripAsciiWhitespace(line), seconds);
+  }
+  return false;
+}
+
+// Open file descriptors: the entries of /proc/self/fd but the one listing it.
+bool OpenFds(const std::string& proc_root, double* count) {
+  DIR* dir = opendir((proc_root + "/self/fd").c_str());
+  if (dir == nullptr) return false;
+  const std::string own = std::to_string(dirfd(dir));
+  int64_t n = 0;
+  while (const dirent* e = readdir(dir)) {
+    const absl::string_view name = e->d_name;
+    if (name == "." || name == ".." || name == own) continue;
+    ++n;
+  }
+  closedir(dir);
+  *count = static_cast<double>(n);
+  return true;
+}
+
+// The soft limit on open files ("Max open files" in /proc/self/limits;
+// "unlimited": +Inf).
+bool MaxFds(const std::string& proc_root, double* limit) {
+  std::string text;
+  if (!ReadFile(proc_root + "/self/limits", &text)) return false;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (!absl::ConsumePrefix(&line, "Max open files")) continue;
+    const std::vector<absl::string_view> cols = absl::StrSplit(line, ' ', absl::SkipWhitespace());
+    if (cols.empty()) return false;
+    if (cols[0] == "unlimited") {
+      *limit = std::numeric_limits<double>::infinity();
+      return true;
+    }
+    return absl::SimpleAtod(cols[0], limit);
+  }
+  return false;
+}
+
 bool HasStage(Method m, Stage s) {
   switch (m) {
     case Method::kCompress:
@@ -59,6 +153,45 @@ bool HasStage(Method m, Stage s) {
 }
 
 }  // namespace
+
+std::vector<prometheus::MetricFamily> ProcessMetrics(const std::string& proc_root) {
+  using prometheus::MetricType;
+  std::vector<prometheus::MetricFamily> out;
+  std::vector<std::string> f;
+  const long ticks = sysconf(_SC_CLK_TCK);  // NOLINT(runtime/int): sysconf's type
+  const long page = sysconf(_SC_PAGESIZE);  // NOLINT(runtime/int)
+  if (StatFields(proc_root, &f) && ticks > 0 && page > 0) {
+    // utime, stime (fields 14, 15: ticks), starttime (22: ticks since boot),
+    // vsize (23: bytes), rss (24: pages).
+    double utime, stime, start, vsize, rss;
+    if (absl::SimpleAtod(f[11], &utime) && absl::SimpleAtod(f[12], &stime)) {
+      out.push_back(OneSample("process_cpu_seconds_total", "Total user and system CPU time spent in seconds",
+                              MetricType::Counter, (utime + stime) / static_cast<double>(ticks)));
+    }
+    if (absl::SimpleAtod(f[21], &rss)) {
+      out.push_back(OneSample("process_resident_memory_bytes", "Resident memory size in bytes", MetricType::Gauge,
+                              rss * static_cast<double>(page)));
+    }
+    if (absl::SimpleAtod(f[20], &vsize)) {
+      out.push_back(
+          OneSample("process_virtual_memory_bytes", "Virtual memory size in bytes", MetricType::Gauge, vsize));
+    }
+    double boot;
+    if (absl::SimpleAtod(f[19], &start) && BootTime(proc_root, &boot)) {
+      out.push_back(OneSample("process_start_time_seconds", "Start time of the process since unix epoch in seconds",
+                              MetricType::Gauge, boot + start / static_cast<double>(ticks)));
+    }
+  }
+  double fds;
+  if (OpenFds(proc_root, &fds)) {
+    out.push_back(OneSample("process_open_fds", "Number of open file descriptors", MetricType::Gauge, fds));
+  }
+  double max_fds;
+  if (MaxFds(proc_root, &max_fds)) {
+    out.push_back(OneSample("process_max_fds", "Maximum number of open file descriptors", MetricType::Gauge, max_fds));
+  }
+  return out;
+}
 
 const char* MethodName(Method m) {
   switch (m) {
@@ -111,6 +244,8 @@ const char* CodeName(absl::StatusCode code) {
   return kNames[i];
 }
 
+static_assert(static_cast<int>(PolicyKind::kAmber) + 1 == kNumPolicyKinds, "kNumPolicyKinds: PolicyKind's values");
+
 Metrics::Metrics(const std::string& version, const std::string& backend, const std::vector<std::string>& presets)
     : registry_(std::make_shared<prometheus::Registry>()),
       requests_(prometheus::BuildCounter()
@@ -161,9 +296,9 @@ Metrics::Metrics(const std::string& version, const std::string& backend, const s
                              .Help("Kept tokens over input tokens of each completed compression, by policy")
                              .Register(*registry_)),
       layer_budget_(prometheus::BuildHistogram()
-                        .Name("medakv_meda_layer_budget_ratio")
-                        .Help("Budget of each layer over its tokens (B_l / T) in MEDA compressions, by layer "
-                              "index (layers from 128 on: \"other\")")
+                        .Name("medakv_layer_budget_ratio")
+                        .Help("Budget of each layer over its tokens (B_l / T) in completed compressions, by policy "
+                              "and layer index (layers from 128 on: \"other\")")
                         .Register(*registry_)),
       store_capacity_(prometheus::BuildGauge()
                           .Name("medakv_store_capacity_bytes")
@@ -199,7 +334,17 @@ Metrics::Metrics(const std::string& version, const std::string& backend, const s
       shm_bytes_(prometheus::BuildGauge()
                      .Name("medakv_shm_registered_bytes")
                      .Help("Sum of the sizes of the shared-memory regions registered")
-                     .Register(*registry_)) {
+                     .Register(*registry_)),
+      request_memory_(prometheus::BuildGauge()
+                          .Name("medakv_request_memory_bytes")
+                          .Help("Request bytes held by calls, by state (inflight: the tensor bytes admitted "
+                                "compressions may hold, each its whole request as its header announced; queued: "
+                                "the headers of calls waiting for an admission slot)")
+                          .Register(*registry_)),
+      request_memory_bound_(prometheus::BuildGauge()
+                                .Name("medakv_request_memory_bound_bytes")
+                                .Help("Bound on the inflight request bytes: --max_inflight x --max_request_bytes")
+                                .Register(*registry_)) {
   prometheus::BuildGauge()
       .Name("medakv_build_info")
       .Help("Always 1: the server's version and the compute backend in use")
@@ -253,6 +398,9 @@ Metrics::Metrics(const std::string& version, const std::string& backend, const s
   queued_.Add({});
   shm_regions_.Add({});
   shm_bytes_.Add({});
+  request_memory_.Add({{"state", "inflight"}});
+  request_memory_.Add({{"state", "queued"}});
+  request_memory_bound_.Add({});
 }
 
 Metrics::~Metrics() = default;
@@ -264,7 +412,10 @@ void Metrics::SetSampler(std::function<MetricsSample()> sampler) {
 
 std::vector<prometheus::MetricFamily> Metrics::Collect() const {
   Sample();
-  return registry_->Collect();
+  std::vector<prometheus::MetricFamily> families = registry_->Collect();
+  std::vector<prometheus::MetricFamily> process = ProcessMetrics();
+  families.insert(families.end(), std::make_move_iterator(process.begin()), std::make_move_iterator(process.end()));
+  return families;
 }
 
 void Metrics::Sample() const {
@@ -292,6 +443,9 @@ void Metrics::Sample() const {
   queued_.Add({}).Set(s.admission_waiting);
   shm_regions_.Add({}).Set(s.shm_regions);
   shm_bytes_.Add({}).Set(static_cast<double>(s.shm_bytes));
+  request_memory_.Add({{"state", "inflight"}}).Set(static_cast<double>(s.held_inflight_bytes));
+  request_memory_.Add({{"state", "queued"}}).Set(static_cast<double>(s.held_queued_bytes));
+  request_memory_bound_.Add({}).Set(static_cast<double>(s.held_bound_bytes));
 }
 
 void Metrics::CallStarted(Method m) { inflight_by_method_[static_cast<int>(m)]->Increment(); }
@@ -326,15 +480,19 @@ void Metrics::AddSentBytes(Method m, int64_t bytes) {
   if (bytes > 0) sent_bytes_.Add({{"method", MethodName(m)}}).Increment(static_cast<double>(bytes));
 }
 
-Histogram& Metrics::LayerBudget(int64_t layer) {
+Histogram& Metrics::LayerBudget(PolicyKind policy, int64_t layer) {
   const size_t i = layer < kMaxBudgetLayers ? static_cast<size_t>(layer) : kMaxBudgetLayers;
-  absl::MutexLock lock(&layers_mu_);
-  if (layer_budget_by_layer_.size() <= i) layer_budget_by_layer_.resize(i + 1, nullptr);
-  Histogram*& h = layer_budget_by_layer_[i];
-  if (h == nullptr) {
+  auto add = [&] {
     const std::string label = i < kMaxBudgetLayers ? std::to_string(i) : "other";
-    h = &layer_budget_.Add({{"layer", label}}, LayerBudgetBuckets());
-  }
+    return &layer_budget_.Add({{"policy", PolicyName(policy)}, {"layer", label}}, LayerBudgetBuckets());
+  };
+  const int p = static_cast<int>(policy);
+  if (p < 0 || p >= kNumPolicyKinds) return *add();  // not a PolicyKind (cannot happen): not cached
+  absl::MutexLock lock(&layers_mu_);
+  std::vector<Histogram*>& by_layer = layer_budget_by_layer_[p];
+  if (by_layer.size() <= i) by_layer.resize(i + 1, nullptr);
+  Histogram*& h = by_layer[i];
+  if (h == nullptr) h = add();
   return *h;
 }
 
@@ -346,9 +504,9 @@ void Metrics::ObserveCompression(PolicyKind policy, const CompressResult& result
     compression_ratio_.Add(labels, RatioBuckets())
         .Observe(static_cast<double>(result.tokens_kept) / static_cast<double>(result.tokens_in));
   }
-  if (policy != PolicyKind::kMeda || tokens <= 0) return;
+  if (tokens <= 0) return;
   for (size_t l = 0; l < result.layers.size(); ++l) {
-    LayerBudget(static_cast<int64_t>(l))
+    LayerBudget(policy, static_cast<int64_t>(l))
         .Observe(static_cast<double>(result.layers[l].budget) / static_cast<double>(tokens));
   }
 }
@@ -358,6 +516,8 @@ void Metrics::ObserveCompression(PolicyKind policy, const CompressResult& result
 CallMetrics::CallMetrics(Metrics* metrics, Method method) : metrics_(metrics), method_(method), start_ns_(NowNanos()) {
   if (metrics_ != nullptr) metrics_->CallStarted(method_);
 }
+
+double CallMetrics::seconds() const { return static_cast<double>(NowNanos() - start_ns_) * 1e-9; }
 
 CallMetrics::~CallMetrics() {
   if (metrics_ != nullptr) metrics_->CallDone(method_);
@@ -387,14 +547,19 @@ void CallMetrics::Compression(PolicyKind policy, const CompressResult& result, i
   if (metrics_ != nullptr) metrics_->ObserveCompression(policy, result, tokens);
 }
 
-void CallMetrics::End(absl::StatusCode code) {
+void CallMetrics::End(absl::StatusCode code, absl::string_view message) {
   if (ended_) return;
   ended_ = true;
+  const double seconds = static_cast<double>(NowNanos() - start_ns_) * 1e-9;
   if (metrics_ != nullptr) {
-    metrics_->CallEnded(method_, policy_, code, static_cast<double>(NowNanos() - start_ns_) * 1e-9);
+    metrics_->CallEnded(method_, policy_, code, seconds);
     if (method_ == Method::kCompress || method_ == Method::kCompressCache) {
       metrics_->PresetCallEnded(method_, preset_, code);
     }
+  }
+  if (log_ != nullptr) {
+    log_->Record(CallRecord{MethodName(method_), code, std::string(message), peer_, tenant_, received_, sent_,
+                            seconds});
   }
 }
 

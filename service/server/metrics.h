@@ -2,9 +2,10 @@
 // one with its labels). A Metrics object owns a prometheus::Registry with
 // typed families; the handlers record into it through a CallMetrics per call,
 // and the server's state (cache store, admission queue, shared memory) is
-// sampled at every collection. MedakvServer serves it on --metrics_listen
-// with prometheus-cpp's pull exposer; without one (in-process tests) the
-// values are read with Collect().
+// sampled at every collection, as are the process_* metrics of the process
+// (Linux /proc). MedakvServer serves it on --metrics_listen with
+// prometheus-cpp's pull exposer; without one (in-process tests) the values
+// are read with Collect().
 //
 // Cardinality is bounded: every label value comes from a fixed set (method,
 // stage, policy, status code, tier, eviction reason) except `layer`, which is
@@ -30,6 +31,7 @@
 #include "prometheus/registry.h"
 #include "service/compress/options.h"
 #include "service/compress/pipeline.h"
+#include "service/server/call_log.h"
 #include "service/store/cache_store.h"
 
 namespace medakv::server {
@@ -65,9 +67,19 @@ inline constexpr char kNoPolicy[] = "none";
 // no preset may be named "none").
 inline constexpr char kNoPreset[] = "none";
 
-// Layers 0 .. kMaxBudgetLayers-1 of a MEDA compression get their own `layer`
-// label on medakv_meda_layer_budget_ratio; deeper layers share "other".
+// Layers 0 .. kMaxBudgetLayers-1 of a compression get their own `layer`
+// label on medakv_layer_budget_ratio; deeper layers share "other".
 inline constexpr int kMaxBudgetLayers = 128;
+// PolicyKind's values (0 .. kNumPolicyKinds-1).
+inline constexpr int kNumPolicyKinds = 8;
+
+// The conventional process_* metrics of this process, read from `proc_root`
+// (/proc: self/stat, self/fd, self/limits, and stat for the boot time):
+// process_cpu_seconds_total, process_resident_memory_bytes,
+// process_virtual_memory_bytes, process_start_time_seconds,
+// process_open_fds and process_max_fds. A metric whose file cannot be read
+// or parsed is left out (no /proc: none). Linux only.
+std::vector<prometheus::MetricFamily> ProcessMetrics(const std::string& proc_root = "/proc");
 
 // The server's state, read at every collection.
 struct MetricsSample {
@@ -77,6 +89,13 @@ struct MetricsSample {
   int admission_waiting = 0;
   int shm_regions = 0;
   int64_t shm_bytes = 0;
+  // Request memory: the tensor bytes that admitted calls may hold (each its
+  // whole request, as announced by its header), the bytes that queued calls
+  // hold (their parsed headers), and the bound the README states for the
+  // first (--max_inflight x --max_request_bytes).
+  int64_t held_inflight_bytes = 0;
+  int64_t held_queued_bytes = 0;
+  int64_t held_bound_bytes = 0;
 };
 
 class Metrics final : public prometheus::Collectable {
@@ -88,12 +107,14 @@ class Metrics final : public prometheus::Collectable {
   Metrics(const Metrics&) = delete;
   Metrics& operator=(const Metrics&) = delete;
 
-  // Called at every collection to refresh the store, admission and shared
-  // memory gauges; an empty function (the default) leaves them as they are.
+  // Called at every collection to refresh the store, admission, request
+  // memory and shared memory gauges; an empty function (the default) leaves
+  // them as they are.
   // Must outlive its use: reset it before what it reads is destroyed.
   void SetSampler(std::function<MetricsSample()> sampler);
 
-  // Samples the server's state, then collects the registry. Thread-safe.
+  // Samples the server's state, then collects the registry and the process
+  // metrics (ProcessMetrics()). Thread-safe.
   std::vector<prometheus::MetricFamily> Collect() const override;
 
   // ---- recording (thread-safe; CallMetrics calls the per-call ones) ----
@@ -107,12 +128,12 @@ class Metrics final : public prometheus::Collectable {
   void AddReceivedBytes(Method m, int64_t bytes);
   void AddSentBytes(Method m, int64_t bytes);
   // A completed compression of `tokens` tokens per layer: tokens in and
-  // kept, the kept ratio, and for MEDA each layer's budget over `tokens`.
+  // kept, the kept ratio, and each layer's budget over `tokens` (every policy).
   void ObserveCompression(PolicyKind policy, const CompressResult& result, int64_t tokens);
 
  private:
   void Sample() const;
-  prometheus::Histogram& LayerBudget(int64_t layer);
+  prometheus::Histogram& LayerBudget(PolicyKind policy, int64_t layer);
 
   std::shared_ptr<prometheus::Registry> registry_;
 
@@ -137,6 +158,8 @@ class Metrics final : public prometheus::Collectable {
   prometheus::Family<prometheus::Gauge>& queued_;
   prometheus::Family<prometheus::Gauge>& shm_regions_;
   prometheus::Family<prometheus::Gauge>& shm_bytes_;
+  prometheus::Family<prometheus::Gauge>& request_memory_;
+  prometheus::Family<prometheus::Gauge>& request_memory_bound_;
 
   // Series created once: per method (in flight, durations, bytes) and per
   // method and stage.
@@ -145,7 +168,8 @@ class Metrics final : public prometheus::Collectable {
   prometheus::Histogram* stage_by_method_[kNumMethods][kNumStages];
 
   absl::Mutex layers_mu_;
-  std::vector<prometheus::Histogram*> layer_budget_by_layer_ ABSL_GUARDED_BY(layers_mu_);  // created on first use
+  // [policy][layer], created on first use.
+  std::vector<prometheus::Histogram*> layer_budget_by_layer_[kNumPolicyKinds] ABSL_GUARDED_BY(layers_mu_);
 
   mutable absl::Mutex sample_mu_;
   std::function<MetricsSample()> sampler_ ABSL_GUARDED_BY(sample_mu_);
@@ -177,8 +201,20 @@ class CallMetrics {
   void ReceivedSoFar(int64_t bytes);
   void SentSoFar(int64_t bytes);
   void Compression(PolicyKind policy, const CompressResult& result, int64_t tokens);
-  // Records the request; later calls are ignored.
-  void End(absl::StatusCode code);
+  // Where End also writes the call's log line (call_log.h), and who called.
+  void set_log(CallLog* log, std::string peer, std::string tenant) {
+    log_ = log;
+    peer_ = std::move(peer);
+    tenant_ = std::move(tenant);
+  }
+  // Records the request (and logs it, when it failed or was slow); later
+  // calls are ignored.
+  void End(absl::StatusCode code, absl::string_view message = {});
+
+  Method method() const { return method_; }
+  double seconds() const;  // since the call started
+  int64_t received() const { return received_; }
+  int64_t sent() const { return sent_; }
 
  private:
   Metrics* const metrics_;
@@ -189,6 +225,8 @@ class CallMetrics {
   int64_t received_ = 0;
   int64_t sent_ = 0;
   bool ended_ = false;
+  CallLog* log_ = nullptr;
+  std::string peer_, tenant_;
 };
 
 }  // namespace medakv::server

@@ -33,6 +33,8 @@ absl::Status ValidateServerOptions(const ServerOptions& o) {
         absl::StrCat("--max_message_bytes must be in [64 KiB, 1 GiB], got ", o.max_message_bytes));
   }
   if (o.max_inflight < 1) return absl::InvalidArgumentError("--max_inflight must be >= 1");
+  if (o.max_queued < 0) return absl::InvalidArgumentError("--max_queued must be >= 0");
+  if (o.idle_timeout < absl::ZeroDuration()) return absl::InvalidArgumentError("--idle_timeout must be >= 0");
   if (o.threads < 0) return absl::InvalidArgumentError("--threads must be >= 0");
   if (o.queue_timeout < absl::ZeroDuration() || o.shutdown_grace < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--queue_timeout and --shutdown_grace must be >= 0");
@@ -100,7 +102,7 @@ grpc::Status ToGrpc(const absl::Status& s) {
 }
 
 void FinishUnary(CallMetrics& call, grpc::ServerUnaryReactor* reactor, const grpc::Status& status) {
-  call.End(static_cast<absl::StatusCode>(status.error_code()));
+  call.End(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
   reactor->Finish(status);
 }
 
@@ -114,7 +116,9 @@ ServiceContext::ServiceContext(const ServerOptions& o, std::unique_ptr<Backend> 
       presets(std::move(p)),
       auth(a != nullptr ? std::move(a) : *Authenticator::Create("")),
       device_memory(std::move(device)),
-      admission(o.max_inflight, o.queue_timeout),
+      log(CallLogOptions{o.log_format, o.slow_call_log}),
+      idle(o.idle_timeout),
+      admission(o.max_inflight, o.queue_timeout, o.max_queued),
       store(StoreOptions{o.host_cache_bytes, device_memory != nullptr ? o.device_cache_bytes : 0}),
       shm(o.max_shm_bytes, o.max_shm_regions),
       pool(o.threads > 0 ? o.threads : o.max_inflight) {}
@@ -177,6 +181,9 @@ absl::StatusOr<std::unique_ptr<MedakvServer>> MedakvServer::Start(const ServerOp
     s.admission_waiting = ctx->admission.waiting();
     s.shm_regions = ctx->shm.regions();
     s.shm_bytes = ctx->shm.registered_bytes();
+    s.held_inflight_bytes = ctx->held_inflight_bytes.load();
+    s.held_queued_bytes = ctx->held_queued_bytes.load();
+    s.held_bound_bytes = int64_t{ctx->options.max_inflight} * ctx->options.max_request_bytes;
     return s;
   });
   int metrics_port = 0;

@@ -7,6 +7,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "service/server/call_log.h"
 
 namespace grpc {
 class Server;
@@ -38,6 +39,14 @@ struct ServerOptions {
   int64_t max_message_bytes = int64_t{16} << 20;
   int max_inflight = 4;                       // compressions and uploads holding memory at once
   absl::Duration queue_timeout = absl::Seconds(30);  // wait for a slot, then RESOURCE_EXHAUSTED
+  // A call that waits on its client (upload or download) this long without
+  // progress ends with DEADLINE_EXCEEDED; 0 or infinite: never.
+  absl::Duration idle_timeout = absl::Seconds(30);
+  int max_queued = 64;
+  // The operator's log (call_log.h): text or JSON lines; OK calls at least
+  // slow_call_log long are logged too (0: none).
+  LogFormat log_format = LogFormat::kText;
+  absl::Duration slow_call_log = absl::Seconds(10);  // calls waiting for a slot at once (0: none wait); one more: RESOURCE_EXHAUSTED
   int threads = 0;                            // compute workers; 0: max_inflight
   absl::Duration shutdown_grace = absl::Seconds(25);
   // The shared-memory data plane (docs/shared_memory.md): regions registered

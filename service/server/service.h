@@ -11,6 +11,8 @@
 #include "service/server/auth.h"
 #include "medakv/v1/medakv.grpc.pb.h"
 #include "service/server/admission.h"
+#include "service/server/call_log.h"
+#include "service/server/idle.h"
 #include "service/server/metrics.h"
 #include "service/server/presets.h"
 #include "service/server/server.h"
@@ -35,10 +37,16 @@ struct ServiceContext {
   // The device tier's memory; null without a device tier (the store then has
   // none whatever --device_cache_bytes says).
   const std::shared_ptr<DeviceMemory> device_memory;
+  CallLog log;        // failed and slow calls, start-up (--log_format, --slow_call_log)
+  IdleWatchdog idle;  // ends calls whose client stalls (--idle_timeout)
   Admission admission;
   CacheStore store;
   SharedMemoryRegistry shm;
   std::atomic<int> inflight{0};
+  // Request memory (the medakv_request_memory_bytes gauges): the tensor
+  // bytes that admitted compressions may hold, and what queued ones hold.
+  std::atomic<int64_t> held_inflight_bytes{0};
+  std::atomic<int64_t> held_queued_bytes{0};
   WorkerPool pool;  // last: its threads stop first
 };
 
@@ -80,9 +88,35 @@ void FinishUnary(CallMetrics& call, grpc::ServerUnaryReactor* reactor, const grp
 
 // Who is calling: the tenant (CallerTenant: UNAUTHENTICATED without a valid
 // token when the server authenticates) and whether it may use shared memory.
+// A call's share of a ServiceContext byte counter, given back when it is
+// reset or destroyed.
+class HeldBytes {
+ public:
+  HeldBytes() = default;
+  ~HeldBytes() { Reset(); }
+  HeldBytes(const HeldBytes&) = delete;
+  HeldBytes& operator=(const HeldBytes&) = delete;
+  void Hold(std::atomic<int64_t>* counter, int64_t bytes) {
+    Reset();
+    counter_ = counter;
+    bytes_ = bytes;
+    counter_->fetch_add(bytes_);
+  }
+  void Reset() {
+    if (counter_ != nullptr) counter_->fetch_sub(bytes_);
+    counter_ = nullptr;
+    bytes_ = 0;
+  }
+
+ private:
+  std::atomic<int64_t>* counter_ = nullptr;
+  int64_t bytes_ = 0;
+};
+
 struct Caller {
   absl::StatusOr<std::string> tenant;
   absl::Status shm_access;
+  std::string peer;  // gRPC's peer string, for the log
 };
 Caller Identify(const grpc::CallbackServerContext& context, const ServiceContext& ctx);
 

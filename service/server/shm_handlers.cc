@@ -34,7 +34,7 @@ class LeaseEnd {
       }
       finished_ = true;
     }
-    call_->End(static_cast<absl::StatusCode>(status.error_code()));
+    call_->End(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
     reactor_->Finish(status);  // may run OnDone (and delete the reactor) at once
   }
 
@@ -53,7 +53,7 @@ class LeaseEnd {
       }
     }
     if (status.has_value()) {
-      call_->End(static_cast<absl::StatusCode>(status->error_code()));
+      call_->End(static_cast<absl::StatusCode>(status->error_code()), status->error_message());
       reactor_->Finish(*status);
     }
   }
@@ -75,6 +75,7 @@ class LeaseReactor final : public grpc::ServerWriteReactor<LeaseResponse> {
         region_(request.region()),
         tenant_(caller.tenant.value_or("")),
         end_(std::make_shared<LeaseEnd>(this, &call_)) {
+    call_.set_log(&ctx->log, caller.peer, tenant_);
     const absl::Status refused = !caller.tenant.ok() ? caller.tenant.status() : caller.shm_access;
     if (!refused.ok()) {
       End(ToGrpc(refused));
@@ -117,7 +118,7 @@ class LeaseReactor final : public grpc::ServerWriteReactor<LeaseResponse> {
  private:
   // Before the first write: records the status, then finishes the call.
   void End(const grpc::Status& status) {
-    call_.End(static_cast<absl::StatusCode>(status.error_code()));
+    call_.End(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
     Finish(status);
   }
 
@@ -135,7 +136,7 @@ class LeaseReactor final : public grpc::ServerWriteReactor<LeaseResponse> {
 }  // namespace
 
 Caller Identify(const grpc::CallbackServerContext& context, const ServiceContext& ctx) {
-  return Caller{CallerTenant(context, *ctx.auth), SharedMemoryAccess(context, ctx.options)};
+  return Caller{CallerTenant(context, *ctx.auth), SharedMemoryAccess(context, ctx.options), context.peer()};
 }
 
 absl::Status SharedMemoryAccess(const grpc::CallbackServerContext& context, const ServerOptions& options) {
@@ -157,6 +158,7 @@ grpc::ServerUnaryReactor* MedakvService::UnregisterSharedMemory(grpc::CallbackSe
   CallMetrics call(ctx_->metrics, Method::kUnregisterSharedMemory);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   const Caller caller = Identify(*context, *ctx_);
+  call.set_log(&ctx_->log, caller.peer, caller.tenant.value_or(""));
   const absl::Status refused = !caller.tenant.ok() ? caller.tenant.status() : caller.shm_access;
   FinishUnary(call, reactor,
               ToGrpc(refused.ok() ? ctx_->shm.Unregister(request->region(), *caller.tenant) : refused));

@@ -17,6 +17,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// A ListCaches page ends before its CacheInfo messages pass this (well under
+// gRPC's default 4 MiB receive limit of clients).
+constexpr int64_t kListPageBytes = int64_t{2} << 20;
+
 double SecondsSince(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 int64_t UnixMs(absl::Time t) { return t == absl::InfiniteFuture() ? 0 : absl::ToUnixMillis(t); }
@@ -66,7 +70,7 @@ std::unique_ptr<StoredCache> StoredFromUpload(const CacheAssembler& a, const std
   d.tokens = spec.tokens;
   d.dtype = spec.dtype;
   d.layout = spec.layout;
-  d.modality = SpansFromModality(spec.modality);
+  d.modality = spec.visual_spans;
   cache->stats = spec.stats == SpecStats::kQueries       ? KeptStats::kQueries
                  : spec.stats == SpecStats::kPrecomputed ? KeptStats::kPrecomputed
                                                          : KeptStats::kNone;
@@ -108,32 +112,43 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
         call_(ctx->metrics, Method::kPutCache),
         response_(response),
         tenant_(caller.tenant.value_or("")),
-        regions_(&ctx->shm, std::move(caller.shm_access), tenant_) {
+        regions_(&ctx->shm, std::move(caller.shm_access), tenant_),
+        idle_(ctx->idle.Watch([this] { OnIdle(); })) {
+    call_.set_log(&ctx->log, caller.peer, tenant_);
     if (!caller.tenant.ok()) {
       Fail(caller.tenant.status());
       return;
     }
+    idle_->SetWaiting(true);
     StartRead(&request_);
   }
 
   void OnReadDone(bool ok) override {
+    idle_->Progress();
     if (!ok) {
+      idle_->SetWaiting(false);
       if (cancelled_.load()) return Fail(absl::CancelledError("cancelled during the upload"));
       if (!assembler_) return Fail(absl::InvalidArgumentError("the stream ended before the header"));
       if (absl::Status s = assembler_->Finish(); !s.ok()) return Fail(s);
+      if (absl::Status s = GrowTo(final_bytes_); !s.ok()) return Fail(s);
       call_.ObserveStage(Stage::kReceive, SecondsSince(receive_start_));
       ctx_->pool.Submit([this] { Commit(); });
       return;
     }
     if (!assembler_) return OnHeader();
     if (absl::Status s = regions_.AddChunkMessage(request_, &*assembler_); !s.ok()) return Fail(s);
+    // Store space is held as the bytes arrive: a header alone evicts nothing.
+    if (absl::Status s = GrowTo(std::min(final_bytes_, assembler_->bytes_received())); !s.ok()) return Fail(s);
     call_.ReceivedSoFar(assembler_->bytes_received());
     request_.Clear();
     StartRead(&request_);
   }
 
   void OnCancel() override { cancelled_.store(true); }
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    ctx_->idle.Release(idle_);  // after this the watchdog does not touch the reactor
+    delete this;
+  }
 
  private:
   void OnHeader() {
@@ -153,8 +168,10 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
     if (!total.ok()) return Fail(total.status());
     // The entry also keeps int32 positions per kv head and token.
     const int64_t positions = spec->layers * spec->kv_heads * spec->tokens * 4;
-    absl::StatusOr<Reservation> reservation = ReserveFor(h.tier(), *total + positions);
+    final_bytes_ = *total + positions;
+    absl::StatusOr<Reservation> reservation = ReserveFor(h.tier(), final_bytes_);
     if (!reservation.ok()) return Fail(reservation.status());
+    auto_tier_ = h.tier() == v1::CACHE_TIER_AUTO;
     absl::StatusOr<CacheAssembler> assembler = CacheAssembler::Create(*spec);
     if (!assembler.ok()) return Fail(assembler.status());
     id_ = h.cache_id();
@@ -163,33 +180,58 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
     reservation_.emplace(*std::move(reservation));
     assembler_.emplace(*std::move(assembler));
     receive_start_ = Clock::now();
-    request_.Clear();
+    v1::PutCacheRequest().Swap(&request_);  // frees the header's memory (Clear would keep it)
     StartRead(&request_);
   }
 
-  // The tier the header asks for (CacheTier in the proto).
+  // An empty reservation in the tier the header asks for (CacheTier in the
+  // proto) for an entry of `bytes`, which GrowTo fills as the bytes arrive;
+  // RESOURCE_EXHAUSTED at once when the entry cannot fit the tier at all.
   absl::StatusOr<Reservation> ReserveFor(v1::CacheTier tier, int64_t bytes) {
     const bool device = ctx_->store.has_tier(Tier::kDevice);
+    auto in = [&](Tier t) -> absl::StatusOr<Reservation> {
+      if (bytes > ctx_->store.capacity(t)) {
+        return absl::ResourceExhaustedError(absl::StrCat("a cache of ", bytes, " bytes exceeds the ", TierName(t),
+                                                         " tier's capacity of ", ctx_->store.capacity(t), " bytes"));
+      }
+      return ctx_->store.Reserve(t, 0);
+    };
     switch (tier) {
       case v1::CACHE_TIER_AUTO:
-        if (device) {
-          absl::StatusOr<Reservation> r = ctx_->store.Reserve(Tier::kDevice, bytes);
-          if (r.ok() || r.status().code() != absl::StatusCode::kResourceExhausted) return r;
-        }
-        return ctx_->store.Reserve(Tier::kHost, bytes);
+        if (device && bytes <= ctx_->store.capacity(Tier::kDevice)) return in(Tier::kDevice);
+        return in(Tier::kHost);
       case v1::CACHE_TIER_HOST:
-        return ctx_->store.Reserve(Tier::kHost, bytes);
+        return in(Tier::kHost);
       case v1::CACHE_TIER_DEVICE:
         if (!device) {
           return absl::FailedPreconditionError(
               "header.tier: CACHE_TIER_DEVICE, but this server has no device tier (it needs the cuda backend and "
               "--device_cache_bytes > 0)");
         }
-        return ctx_->store.Reserve(Tier::kDevice, bytes);
+        return in(Tier::kDevice);
       default:
         return absl::InvalidArgumentError(absl::StrCat("header.tier: unknown value ", static_cast<int>(tier)));
     }
   }
+
+  // Grows the reservation to `bytes`; with CACHE_TIER_AUTO, a device tier
+  // that cannot make room hands over to the host tier (the bytes are on the
+  // host until the commit).
+  absl::Status GrowTo(int64_t bytes) {
+    absl::Status s = ctx_->store.Grow(*reservation_, bytes);
+    if (s.ok() || !auto_tier_ || reservation_->tier() != Tier::kDevice ||
+        s.code() != absl::StatusCode::kResourceExhausted || bytes > ctx_->store.capacity(Tier::kHost)) {
+      return s;
+    }
+    absl::StatusOr<Reservation> host = ctx_->store.Reserve(Tier::kHost, bytes);
+    if (!host.ok()) return host.status();
+    reservation_.emplace(*std::move(host));  // the device bytes go back
+    return absl::OkStatus();
+  }
+
+  // The idle watchdog's `expire`: the client stalled during the upload (a
+  // read is pending). The reactor is alive while this runs.
+  void OnIdle() { End(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, ctx_->idle.Message("receiving the cache"))); }
 
   void Commit() {
     std::unique_ptr<StoredCache> cache = StoredFromUpload(*assembler_, tenant_, id_);
@@ -212,9 +254,12 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
     End(ToGrpc(s));
   }
 
-  // Records the request, then finishes the call (which may delete the reactor).
+  // Records the request, then finishes the call (which may delete the
+  // reactor); once only, whoever ends it (a gRPC thread, the worker, the
+  // idle watchdog).
   void End(const grpc::Status& status) {
-    call_.End(static_cast<absl::StatusCode>(status.error_code()));
+    if (ended_.exchange(true)) return;
+    call_.End(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
     Finish(status);
   }
 
@@ -227,6 +272,10 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
   CallRegions regions_;  // held until the call ends
   std::optional<CacheAssembler> assembler_;
   std::optional<Reservation> reservation_;
+  int64_t final_bytes_ = 0;  // the entry's bytes, reserved once all arrived
+  bool auto_tier_ = false;
+  std::atomic<bool> ended_{false};
+  const std::shared_ptr<IdleWatch> idle_;
   std::string id_;
   bool overwrite_ = false;
   absl::Duration ttl_;
@@ -238,8 +287,9 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
 class CompressCacheReactor final : public grpc::ServerUnaryReactor {
  public:
   CompressCacheReactor(ServiceContext* ctx, const v1::CompressCacheRequest* request,
-                       v1::CompressCacheResponse* response, absl::StatusOr<std::string> tenant)
+                       v1::CompressCacheResponse* response, absl::StatusOr<std::string> tenant, std::string peer)
       : ctx_(ctx), call_(ctx->metrics, Method::kCompressCache), request_(request), response_(response) {
+    call_.set_log(&ctx->log, std::move(peer), tenant.value_or(""));
     if (!tenant.ok()) {
       Fail(tenant.status());
       return;
@@ -331,7 +381,7 @@ class CompressCacheReactor final : public grpc::ServerUnaryReactor {
 
   // Records the request, then finishes the call (which may delete the reactor).
   void End(const grpc::Status& status) {
-    call_.End(static_cast<absl::StatusCode>(status.error_code()));
+    call_.End(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
     Finish(status);
   }
 
@@ -351,10 +401,14 @@ class CompressCacheReactor final : public grpc::ServerUnaryReactor {
 
 class GetReactor final : public grpc::ServerWriteReactor<v1::GetCacheResponse> {
  public:
-  GetReactor(ServiceContext* ctx, const v1::GetCacheRequest* request, Caller caller)
+  GetReactor(ServiceContext* ctx, grpc::CallbackServerContext* context, const v1::GetCacheRequest* request,
+             Caller caller)
       : ctx_(ctx),
+        context_(context),
         call_(ctx->metrics, Method::kGetCache),
-        regions_(&ctx->shm, std::move(caller.shm_access), caller.tenant.value_or("")) {
+        regions_(&ctx->shm, std::move(caller.shm_access), caller.tenant.value_or("")),
+        idle_(ctx->idle.Watch([this] { OnIdle(); })) {
+    call_.set_log(&ctx->log, caller.peer, caller.tenant.value_or(""));
     if (!caller.tenant.ok()) {
       End(ToGrpc(caller.tenant.status()));
       return;
@@ -418,12 +472,15 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetCacheResponse> {
     if (output != nullptr) stream_->UseSharedMemory(request->output().region(), request->output().offset());
     ToProto(Summarize(*entry_), response_.mutable_info());
     send_start_ = Clock::now();
+    idle_->SetWaiting(true);
     StartWrite(&response_);
   }
 
   void OnWriteDone(bool ok) override {
+    idle_->Progress();
     if (!ok) {
-      End(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away during the download"));
+      End(idle_->expired() ? grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, ctx_->idle.Message("sending the cache"))
+                           : grpc::Status(grpc::StatusCode::CANCELLED, "the client went away during the download"));
       return;
     }
     response_.Clear();
@@ -448,18 +505,35 @@ class GetReactor final : public grpc::ServerWriteReactor<v1::GetCacheResponse> {
     }
   }
 
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    ctx_->idle.Release(idle_);  // after this the watchdog does not touch the reactor
+    delete this;
+  }
 
  private:
-  // Records the request, then finishes the call (which may delete the reactor).
+  // The idle watchdog's `expire`: the client does not read (a write is
+  // pending, so the call cannot finish): cancel it; the write then fails
+  // and OnWriteDone ends the call. The reactor is alive while this runs.
+  void OnIdle() { context_->TryCancel(); }
+
+  // Records the request, then finishes the call (which may delete the
+  // reactor). No write is in flight: the entry is let go first, so that once
+  // the client sees the end it no longer pins the entry (or its device
+  // memory).
   void End(const grpc::Status& status) {
-    call_.End(static_cast<absl::StatusCode>(status.error_code()));
+    idle_->SetWaiting(false);
+    stream_.reset();
+    host_copy_.reset();
+    entry_.reset();
+    call_.End(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
     Finish(status);
   }
 
   ServiceContext* ctx_;
+  grpc::CallbackServerContext* const context_;
   CallMetrics call_;
   CallRegions regions_;  // held until the call ends
+  const std::shared_ptr<IdleWatch> idle_;
   std::shared_ptr<const StoredCache> entry_;
   static LayerSlices Slices(const StoredCache& cache, int32_t l) {
     const StoredLayer& s = cache.layers[l];
@@ -485,12 +559,12 @@ grpc::ServerReadReactor<v1::PutCacheRequest>* MedakvService::PutCache(grpc::Call
 grpc::ServerUnaryReactor* MedakvService::CompressCache(grpc::CallbackServerContext* context,
                                                        const v1::CompressCacheRequest* request,
                                                        v1::CompressCacheResponse* response) {
-  return new CompressCacheReactor(ctx_, request, response, CallerTenant(*context, *ctx_->auth));
+  return new CompressCacheReactor(ctx_, request, response, CallerTenant(*context, *ctx_->auth), context->peer());
 }
 
 grpc::ServerWriteReactor<v1::GetCacheResponse>* MedakvService::GetCache(grpc::CallbackServerContext* context,
                                                                         const v1::GetCacheRequest* request) {
-  return new GetReactor(ctx_, request, Identify(*context, *ctx_));
+  return new GetReactor(ctx_, context, request, Identify(*context, *ctx_));
 }
 
 grpc::ServerUnaryReactor* MedakvService::DeleteCache(grpc::CallbackServerContext* context,
@@ -499,6 +573,7 @@ grpc::ServerUnaryReactor* MedakvService::DeleteCache(grpc::CallbackServerContext
   CallMetrics call(ctx_->metrics, Method::kDeleteCache);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   const absl::StatusOr<std::string> tenant = CallerTenant(*context, *ctx_->auth);
+  call.set_log(&ctx_->log, context->peer(), tenant.value_or(""));
   if (!tenant.ok()) {
     FinishUnary(call, reactor, ToGrpc(tenant.status()));
     return reactor;
@@ -515,6 +590,7 @@ grpc::ServerUnaryReactor* MedakvService::ListCaches(grpc::CallbackServerContext*
   CallMetrics call(ctx_->metrics, Method::kListCaches);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   const absl::StatusOr<std::string> tenant = CallerTenant(*context, *ctx_->auth);
+  call.set_log(&ctx_->log, context->peer(), tenant.value_or(""));
   if (!tenant.ok()) {
     FinishUnary(call, reactor, ToGrpc(tenant.status()));
     return reactor;
@@ -524,9 +600,34 @@ grpc::ServerUnaryReactor* MedakvService::ListCaches(grpc::CallbackServerContext*
                 ToGrpc(absl::InvalidArgumentError(absl::StrCat("limit must be >= 0, got ", request->limit()))));
     return reactor;
   }
-  for (const CacheSummary& s :
-       ctx_->store.List(*tenant, request->prefix(), request->limit() == 0 ? 1000 : request->limit())) {
-    ToProto(s, response->add_caches());
+  if (!request->page_token().empty()) {
+    if (absl::Status s = ValidateCacheId(request->page_token()); !s.ok()) {
+      FinishUnary(call, reactor,
+                  ToGrpc(absl::InvalidArgumentError(absl::StrCat(
+                      "page_token: not a token from a previous page's next_page_token (", s.message(), ")"))));
+      return reactor;
+    }
+  }
+  // One more than the page, to know whether another follows; a page also
+  // ends before its CacheInfo messages pass kListPageBytes.
+  const int64_t limit = request->limit() == 0 ? 1000 : request->limit();
+  const std::vector<CacheSummary> entries =
+      ctx_->store.List(*tenant, request->prefix(), limit + 1, request->page_token());
+  int64_t bytes = 0;
+  for (const CacheSummary& s : entries) {
+    if (response->caches_size() == limit) {
+      response->set_next_page_token(response->caches(response->caches_size() - 1).cache_id());
+      break;
+    }
+    v1::CacheInfo info;
+    ToProto(s, &info);
+    const int64_t size = static_cast<int64_t>(info.ByteSizeLong());
+    if (response->caches_size() > 0 && bytes + size > kListPageBytes) {
+      response->set_next_page_token(response->caches(response->caches_size() - 1).cache_id());
+      break;
+    }
+    bytes += size;
+    *response->add_caches() = std::move(info);
   }
   FinishUnary(call, reactor, grpc::Status::OK);
   return reactor;
@@ -537,6 +638,7 @@ grpc::ServerUnaryReactor* MedakvService::Stats(grpc::CallbackServerContext* cont
   CallMetrics call(ctx_->metrics, Method::kStats);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   const absl::StatusOr<std::string> tenant = CallerTenant(*context, *ctx_->auth);
+  call.set_log(&ctx_->log, context->peer(), tenant.value_or(""));
   if (!tenant.ok()) {
     FinishUnary(call, reactor, ToGrpc(tenant.status()));
     return reactor;

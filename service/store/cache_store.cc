@@ -572,6 +572,27 @@ absl::StatusOr<Reservation> CacheStore::Reserve(Tier tier, int64_t bytes) {
   return Reservation(accounting_, tier, bytes);
 }
 
+absl::Status CacheStore::Grow(Reservation& reservation, int64_t bytes) {
+  if (reservation.accounting_ != accounting_) {
+    return absl::FailedPreconditionError(reservation.valid() ? "the reservation belongs to another store"
+                                                             : "the reservation was already used or cancelled");
+  }
+  if (bytes <= reservation.bytes_) return absl::OkStatus();
+  const Tier tier = reservation.tier_;
+  if (bytes > capacity(tier)) {
+    return absl::ResourceExhaustedError(absl::StrCat("a cache of ", bytes, " bytes exceeds the ", TierName(tier),
+                                                     " tier's capacity of ", capacity(tier), " bytes"));
+  }
+  const int64_t more = bytes - reservation.bytes_;
+  Graveyard graveyard;  // destroyed after the lock is released
+  absl::MutexLock lock(&mu_);
+  SweepLocked(clock_(), &graveyard);
+  MEDAKV_RETURN_IF_ERROR(MakeRoomLocked(tier, more, 0, &graveyard));
+  accounting_->Reserve(tier, more);
+  reservation.bytes_ = bytes;
+  return absl::OkStatus();
+}
+
 absl::StatusOr<CacheSummary> CacheStore::Commit(Reservation reservation, std::unique_ptr<StoredCache> cache,
                                                 bool overwrite, absl::Duration ttl) {
   if (reservation.accounting_ != accounting_) {
@@ -641,15 +662,18 @@ bool CacheStore::Contains(absl::string_view tenant, absl::string_view id) {
   return entries_.find(Key(tenant, id)) != entries_.end();
 }
 
-std::vector<CacheSummary> CacheStore::List(absl::string_view tenant, absl::string_view prefix, int64_t limit) {
+std::vector<CacheSummary> CacheStore::List(absl::string_view tenant, absl::string_view prefix, int64_t limit,
+                                           absl::string_view after) {
   std::vector<CacheSummary> out;
   if (!ValidateTenant(tenant).ok()) return out;
   const std::string key_prefix = Key(tenant, prefix);
+  const std::string key_after = after.empty() ? "" : Key(tenant, after);
   Graveyard graveyard;
   absl::MutexLock lock(&mu_);
   SweepLocked(clock_(), &graveyard);
-  for (auto it = entries_.lower_bound(key_prefix); it != entries_.end() && absl::StartsWith(it->first, key_prefix);
-       ++it) {
+  auto it = entries_.lower_bound(key_prefix);
+  if (!key_after.empty() && key_after >= key_prefix) it = entries_.upper_bound(key_after);
+  for (; it != entries_.end() && absl::StartsWith(it->first, key_prefix); ++it) {
     if (limit > 0 && static_cast<int64_t>(out.size()) >= limit) break;
     // The "" tenant's prefix is also a prefix of other tenants' keys: skip them.
     if (it->second.cache->tenant != tenant) continue;

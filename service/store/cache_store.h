@@ -1,6 +1,6 @@
 // The cache store: a thread-safe in-memory map from client-chosen ids to KV
 // caches, with a byte budget per tier (host memory and, on GPU backends, the
-// device), least-recently-used eviction and per-entry expiry (DESIGN.md, "The
+// device), least-recently-used eviction and per-entry expiry (docs/design.md, "The
 // cache store"; the PutCache, CompressCache, GetCache, DeleteCache, ListCaches
 // and Stats calls of proto/medakv/v1/medakv.proto sit on top of it).
 //
@@ -292,6 +292,13 @@ class CacheStore {
   // store does not have; RESOURCE_EXHAUSTED when room cannot be made.
   [[nodiscard]] absl::StatusOr<Reservation> Reserve(Tier tier, int64_t bytes);
 
+  // Grows a reservation of this store to `bytes` in all (no-op when it holds
+  // as much already), evicting as Reserve does: an upload reserves as its
+  // bytes arrive, so a header alone evicts nothing. Errors as Reserve's (the
+  // reservation keeps what it held); FAILED_PRECONDITION for a reservation
+  // that is not this store's or was used.
+  [[nodiscard]] absl::Status Grow(Reservation& reservation, int64_t bytes);
+
   // Stores `cache` under (cache->tenant, cache->id) in the reservation's tier. The reservation
   // is always consumed: on success the unused part (reservation - the cache's
   // ComputeBytes()) is released, on failure all of it. ALREADY_EXISTS when
@@ -316,9 +323,11 @@ class CacheStore {
   bool Contains(absl::string_view tenant, absl::string_view id);
   bool Contains(absl::string_view id) { return Contains("", id); }
 
-  // Summaries of the tenant's entries whose id starts with `prefix`, sorted by
-  // id, at most `limit` of them (limit <= 0: all). Does not touch the LRU order.
-  std::vector<CacheSummary> List(absl::string_view tenant, absl::string_view prefix, int64_t limit);
+  // Summaries of the tenant's entries whose id starts with `prefix` (and,
+  // when `after` is not empty, sorts after it), sorted by id, at most `limit`
+  // of them (limit <= 0: all). Does not touch the LRU order.
+  std::vector<CacheSummary> List(absl::string_view tenant, absl::string_view prefix, int64_t limit,
+                                 absl::string_view after = "");
   std::vector<CacheSummary> List(absl::string_view prefix, int64_t limit) { return List("", prefix, limit); }
 
   // Removes the tenant's entry. Returns its bytes: freed now, or when the last

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Smoke run of the benchmark harnesses (issue 9: CI runs no benchmark beyond
+# Smoke run of the benchmark harnesses (CI runs no benchmark beyond
 # this): each runs on a tiny shape and must print its table. No figure is
 # checked; speed is measured by hand (bench/README.md).
 # Usage: bench_smoke.sh BUILD_DIR SOURCE_DIR

@@ -2,13 +2,19 @@
 # The medakv binary: synth -> compress works and reports what it did; bad
 # files and bad flags give one "medakv: error:" line and a non-zero exit.
 # With medakv-servers: `health` and `compress --server` (the same file as
-# the local compress, over shared memory and over the socket), `put`, `get`,
-# `ls`, `delete`, `stats` and `bench` over two replicas, then with one of
-# them down.
+# the local compress, over shared memory and over the socket; a request that
+# names no policy gets the server's `default` preset; $MEDAKV_SERVER and
+# --local), no CANCELLED calls in the server's metrics after normal calls,
+# `put`, `get`, `compress-cache`, `ls`, `delete`, `stats` and `bench` over
+# two replicas, then with one of them down. `--version` of both binaries, and
+# scripts/serve.sh's addresses and warnings.
 # Usage: cli_test.sh PATH_TO_MEDAKV PATH_TO_MEDAKV_SERVER
 set -uo pipefail
 medakv=$1
 server_bin=$2
+root=$(cd "$(dirname "$0")/../.." && pwd)
+# The caller's servers and token must not turn local runs into remote ones.
+unset MEDAKV_SERVER MEDAKV_TOKEN
 dir=$(mktemp -d)
 server_pid=
 server2_pid=
@@ -58,8 +64,12 @@ expect_error() {
 
 "$medakv" synth -o "$dir/in.safetensors" --layers 3 --tokens 300 --kv-heads 2 --q-heads 4 --head-dim 16 --q-tokens 8 \
   >/dev/null && ok "synth" || bad "synth"
-out=$("$medakv" compress "$dir/in.safetensors" -o "$dir/out.safetensors" --rho 0.2 2>&1)
-if [ $? -eq 0 ] && echo "$out" | grep -q "kept 180 of 900 tokens"; then ok "compress"; else bad "compress: $out"; fi
+out=$("$medakv" compress "$dir/in.safetensors" -o "$dir/out.safetensors" 2>&1)
+if [ $? -eq 0 ] && echo "$out" | grep -q "policy amber: kept 180 of 900 tokens"; then
+  ok "compress: amber at rho 0.2 by default"
+else
+  bad "compress: $out"
+fi
 json=$("$medakv" compress "$dir/in.safetensors" -o "$dir/out2.safetensors" --rho 0.5 --merge pivotal --json)
 if python3 -c 'import json,sys; j=json.load(sys.stdin); assert j["tokens_kept"]==450 and len(j["per_layer"])==3 and sum(l["budget"] for l in j["per_layer"])==450' <<<"$json"; then
   ok "compress --json"
@@ -75,6 +85,35 @@ done
 expect_error "bad pool kernel" "pool_kernel must be odd" compress "$dir/in.safetensors" -o "$dir/o.safetensors" --policy snapkv --pool-kernel 4
 "$medakv" compress "$dir/in.safetensors" -o "$dir/x.safetensors" --exact-total=false --shared-selection --text-prior keep_all_text \
   --merge-threshold mean --entropy-heads mean_entropy --entropy-source causal >/dev/null && ok "every option" || bad "every option"
+
+# --version: CMake's project version, the same in both binaries.
+project_version=$(sed -n 's/^project(medakv VERSION \([0-9.]*\).*/\1/p' "$root/CMakeLists.txt")
+cli_version=$("$medakv" --version 2>&1)
+cli_rc=$?
+server_version=$("$server_bin" --version 2>&1)
+server_rc=$?
+if [ $cli_rc -eq 0 ] && [ $server_rc -eq 0 ] && [ -n "$project_version" ] &&
+  echo "$cli_version" | grep -Eq "^medakv $project_version( \(git [0-9a-f]+(-dirty)?\))?$" &&
+  [ "$(echo "$server_version" | head -1)" = "medakv-server $project_version" ]; then
+  ok "--version: $cli_version; $server_version"
+else
+  bad "--version (project $project_version): medakv rc=$cli_rc '$cli_version'; medakv-server rc=$server_rc '$server_version'"
+fi
+help=$("$medakv" compress --help 2>&1)
+if echo "$help" | grep -q -- "--local" && echo "$help" | grep -q 'MEDAKV_SERVER' &&
+  echo "$help" | grep -q 'amber (at rho 0.2' && echo "$help" | grep -q 'preset "default"' &&
+  ! echo "$help" | grep -qi 'meda (default\|default.*: meda\b'; then
+  ok "compress --help: the default policy, \$MEDAKV_SERVER and --local"
+else
+  bad "compress --help: $help"
+fi
+# An option after --server is not its address.
+expect_error "--server followed by an option" "--server needs an address (host:port), got '--policy'" \
+  compress "$dir/in.safetensors" -o "$dir/o.safetensors" --server --policy meda
+expect_error "ls --server followed by an option" "--server needs an address (host:port), got '--json'" ls --server --json
+expect_error "no server for ls" "no server: give --server" ls
+expect_error "--local and --server" "--local and --server: give one of them" compress "$dir/in.safetensors" \
+  -o "$dir/o.safetensors" --local --server 127.0.0.1:1
 
 head -c 100 "$dir/in.safetensors" >"$dir/truncated.safetensors"
 expect_error "truncated file" "truncated" compress "$dir/truncated.safetensors" -o "$dir/o.safetensors"
@@ -179,8 +218,46 @@ else
     bad "health --json: $json"
   fi
 
+  # Normal calls leave no CANCELLED call in the server's metrics: each CLI
+  # call's shared-memory lease ends with OK (the client unregisters it).
+  metrics_port=$(sed -n 's/.*metrics on port \([0-9][0-9]*\).*/\1/p' "$dir/server.err")
+  "$medakv" compress "$dir/in.safetensors" -o "$dir/m1.safetensors" --server "$addr" >/dev/null 2>&1
+  "$medakv" put "$dir/in.safetensors" --id metrics-1 --server "$addr" >/dev/null 2>&1
+  "$medakv" get metrics-1 -o "$dir/m2.safetensors" --server "$addr" >/dev/null 2>&1
+  "$medakv" delete metrics-1 --server "$addr" >/dev/null 2>&1
+  if python3 - "$metrics_port" <<'PY'
+import re, sys, time, urllib.request
+def scrape():
+    with urllib.request.urlopen("http://127.0.0.1:%s/metrics" % sys.argv[1], timeout=10) as r:
+        return r.read().decode()
+def value(text, name, labels):
+    total = 0.0
+    for m in re.finditer(r"^%s\{([^}]*)\} (\S+)$" % name, text, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+# The leases end when the CLI exits: wait until the server has seen them end.
+deadline = time.time() + 10
+while True:
+    text = scrape()
+    if value(text, "medakv_inflight_requests", {"method": "RegisterSharedMemory"}) == 0 or time.time() > deadline:
+        break
+    time.sleep(0.1)
+cancelled = [l for l in text.splitlines() if l.startswith("medakv_requests_total{") and 'code="CANCELLED"' in l
+             and not l.endswith(" 0")]
+leases = value(text, "medakv_requests_total", {"method": "RegisterSharedMemory", "code": "OK"})
+if cancelled or leases < 3:
+    sys.exit("CANCELLED calls: %s; RegisterSharedMemory OK: %g (want >= 3)" % (cancelled, leases))
+PY
+  then
+    ok "no CANCELLED calls in the server's metrics after compress, put and get over shared memory"
+  else
+    bad "CANCELLED calls in the server's metrics (metrics port '$metrics_port')"
+  fi
+
   "$medakv" compress "$dir/in.safetensors" -o "$dir/local.safetensors" --rho 0.2 >/dev/null
-  out=$("$medakv" compress "$dir/in.safetensors" -o "$dir/remote.safetensors" --rho 0.2 --server "$addr" --timeout 30 2>&1)
+  out=$("$medakv" compress "$dir/in.safetensors" -o "$dir/remote.safetensors" --policy amber --rho 0.2 --server "$addr" --timeout 30 2>&1)
   if [ $? -eq 0 ] && echo "$out" | grep -q "policy amber: kept 180 of 900 tokens .* on server $addr (cpu)"; then
     ok "compress --server"
   else
@@ -192,9 +269,10 @@ else
     bad "compress --server writes the local result: $err"
   fi
   # On this host the tensors go through shared memory unless --no-shm.
-  json=$("$medakv" compress "$dir/in.safetensors" -o "$dir/remote_shm.safetensors" --rho 0.2 --server "$addr" --json)
-  json_bytes=$("$medakv" compress "$dir/in.safetensors" -o "$dir/remote_bytes.safetensors" --rho 0.2 --server "$addr" \
-    --no-shm --json)
+  json=$("$medakv" compress "$dir/in.safetensors" -o "$dir/remote_shm.safetensors" --policy amber --rho 0.2 \
+    --server "$addr" --json)
+  json_bytes=$("$medakv" compress "$dir/in.safetensors" -o "$dir/remote_bytes.safetensors" --policy amber --rho 0.2 \
+    --server "$addr" --no-shm --json)
   if python3 -c 'import json,sys; assert json.loads(sys.argv[1])["shared_memory"] is True and json.loads(sys.argv[2])["shared_memory"] is False' \
     "$json" "$json_bytes" && same_tensors "$dir/local.safetensors" "$dir/remote_shm.safetensors" &&
     same_tensors "$dir/local.safetensors" "$dir/remote_bytes.safetensors"; then
@@ -237,6 +315,44 @@ else
   else
     bad "compress --preset of a tune presets file ($tuned_best): $json"
   fi
+  # No policy named: the request reaches the server without one, and its
+  # "default" preset (here the tune output's) runs; --rho replaces its rho.
+  json=$("$medakv" compress "$dir/in.safetensors" -o "$dir/remote_default.safetensors" --server "$addr" --json 2>&1)
+  "$medakv" compress "$dir/in.safetensors" -o "$dir/remote_preset_default.safetensors" --preset default \
+    --server "$addr" >/dev/null 2>&1
+  if python3 -c 'import json,sys; j=json.load(sys.stdin); assert j["preset"]=="default" and j["policy"]==sys.argv[1] and j["rho"]==0.2, j' "$tuned_best" <<<"$json" &&
+    same_tensors "$dir/remote_preset_default.safetensors" "$dir/remote_default.safetensors" &&
+    python3 -c 'import json,struct,sys; raw=open(sys.argv[1],"rb").read(); n=struct.unpack("<Q",raw[:8])[0]; m=json.loads(raw[8:8+n])["__metadata__"]; assert m["preset"]=="default" and m["policy"]==sys.argv[2], m' "$dir/remote_default.safetensors" "$tuned_best"; then
+    ok "compress --server without --policy: the server's default preset ($tuned_best)"
+  else
+    bad "compress --server without --policy: $json"
+  fi
+  out=$("$medakv" compress "$dir/in.safetensors" -o "$dir/remote_default5.safetensors" --rho 0.5 --server "$addr" 2>&1)
+  if [ $? -eq 0 ] && echo "$out" | grep -q "policy $tuned_best (preset default): kept 450 of 900 tokens"; then
+    ok "compress --server --rho without --policy: the default preset at that rho"
+  else
+    bad "compress --server --rho without --policy: $out"
+  fi
+  # An option flag without --policy is amber's, as here.
+  "$medakv" compress "$dir/in.safetensors" -o "$dir/local_sinks.safetensors" --sinks 2 >/dev/null
+  json=$("$medakv" compress "$dir/in.safetensors" -o "$dir/remote_sinks.safetensors" --sinks 2 --server "$addr" --json 2>&1)
+  if python3 -c 'import json,sys; j=json.load(sys.stdin); assert j["policy"]=="amber" and "preset" not in j, j' <<<"$json" &&
+    same_tensors "$dir/local_sinks.safetensors" "$dir/remote_sinks.safetensors"; then
+    ok "compress --server with an option flag and no --policy: amber"
+  else
+    bad "compress --server --sinks: $json"
+  fi
+  # $MEDAKV_SERVER: compress runs there as with --server; --local runs here.
+  json=$(MEDAKV_SERVER="$addr" "$medakv" compress "$dir/in.safetensors" -o "$dir/env.safetensors" --policy amber --json 2>&1)
+  json_local=$(MEDAKV_SERVER="$addr" "$medakv" compress "$dir/in.safetensors" -o "$dir/env_local.safetensors" --local --json 2>&1)
+  if python3 -c 'import json,sys; a=json.loads(sys.argv[1]); b=json.loads(sys.argv[2]); assert a["server"]==sys.argv[3] and a["backend"]=="cpu", a; assert "server" not in b and b["policy"]=="amber" and b["rho"]==0.2, b' "$json" "$json_local" "$addr" &&
+    same_tensors "$dir/local.safetensors" "$dir/env.safetensors" && same_tensors "$dir/local.safetensors" "$dir/env_local.safetensors"; then
+    ok "compress with \$MEDAKV_SERVER: on the server; --local: here"
+  else
+    bad "compress with \$MEDAKV_SERVER: $json / $json_local"
+  fi
+  expect_error "--local with a server flag" "--timeout needs --server (or \$MEDAKV_SERVER) (not with --local)" \
+    compress "$dir/in.safetensors" -o "$dir/o.safetensors" --local --timeout 3
   expect_error "unknown preset" "no such preset (this server has: soft, tuned-r0.1, tuned-r0.2, default)" compress "$dir/in.safetensors" \
     -o "$dir/o.safetensors" --preset sharp --server "$addr"
   expect_error "preset with a policy option" "--tau cannot be combined with it" compress "$dir/in.safetensors" \
@@ -335,6 +451,59 @@ PY
   fi
   expect_error "get: unknown id" "NOT_FOUND" get cli-none -o "$dir/o.safetensors" --server "$both"
   expect_error "get: bad --layers" "--layers '3:1'" get cli-3 -o "$dir/o.safetensors" --server "$both" --layers 3:1
+  # compress-cache: a stored cache compressed in place, then downloaded: the
+  # local compress's tokens; without a policy, the replica's default preset.
+  "$medakv" compress "$dir/in.safetensors" -o "$dir/local_meda3.safetensors" --policy meda --rho 0.3 >/dev/null
+  "$medakv" put "$dir/in.safetensors" --id cc-1 --server "$both" >/dev/null
+  json=$("$medakv" compress-cache cc-1 --policy meda --rho 0.3 --server "$both" --json 2>&1)
+  "$medakv" get cc-1 -o "$dir/cc1.safetensors" --server "$both" >/dev/null 2>&1
+  if python3 -c 'import json,sys; j=json.load(sys.stdin); assert j["cache_id"]=="cc-1" and j["compressed"] and j["policy"]=="meda" and j["rho"]==0.3 and j["tokens_in"]==900 and j["tokens_kept"]==270 and len(j["per_layer"])==3 and sum(l["budget"] for l in j["per_layer"])==270 and "preset" not in j, j' <<<"$json" &&
+    python3 - "$dir/cc1.safetensors" "$dir/local_meda3.safetensors" <<'PY'
+import json, struct, sys
+def load(path):
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    data = raw[8 + n:]
+    return header.pop("__metadata__"), {k: (v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]])
+                                        for k, v in header.items()}
+meta, got = load(sys.argv[1])
+_, want = load(sys.argv[2])
+assert meta["compressed"] == "true" and meta["policy"] == "meda", meta
+for l in range(3):
+    for t in ("key", "value", "positions"):
+        name = "layer.%d.%s" % (l, t)
+        assert got[name] == want[name], name
+PY
+  then
+    ok "compress-cache --policy meda --rho 0.3 --json, then get: the local result"
+  else
+    bad "compress-cache: $json"
+  fi
+  expect_error "compress-cache twice" "FAILED_PRECONDITION: .*already compressed" compress-cache cc-1 --server "$both"
+  expect_error "compress-cache: unknown id" "NOT_FOUND" compress-cache cc-none --server "$both"
+  expect_error "compress-cache: bad id" "byte 3 is outside" compress-cache "bad id" --server "$both"
+  expect_error "compress-cache: preset with a policy flag" "--tau cannot be combined with it" compress-cache cc-1 \
+    --preset soft --tau 2 --server "$both"
+  "$medakv" put "$dir/in.safetensors" --id cc-kv --keys-values-only --server "$both" >/dev/null
+  expect_error "compress-cache of keys and values only" "FAILED_PRECONDITION" compress-cache cc-kv --server "$both"
+  "$medakv" put "$dir/in.safetensors" --id cc-2 --server "$both" >/dev/null
+  out=$("$medakv" compress-cache cc-2 --server "$both" -v 2>&1)
+  if [ $? -eq 0 ] && echo "$out" | grep -q "^compressed 'cc-2' on server 127.0.0.1:[0-9]* (cpu): policy $tuned_best (preset default), rho 0.2: kept 180 of 900 tokens" &&
+    [ "$(echo "$out" | grep -c '^ *[0-2]  ')" -eq 3 ]; then
+    ok "compress-cache without --policy: the server's default preset; -v: per layer"
+  else
+    bad "compress-cache without --policy: $out"
+  fi
+  "$medakv" put "$dir/in.safetensors" --id cc-3 --server "$both" >/dev/null
+  json=$(MEDAKV_SERVER="$both" "$medakv" compress-cache cc-3 --preset soft --json 2>&1)
+  if python3 -c 'import json,sys; j=json.load(sys.stdin); assert j["preset"]=="soft" and j["policy"]=="meda" and j["rho"]==0.1 and j["tokens_kept"]==90, j' <<<"$json"; then
+    ok "compress-cache --preset with \$MEDAKV_SERVER"
+  else
+    bad "compress-cache --preset: $json"
+  fi
+  "$medakv" delete cc-1 cc-2 cc-3 cc-kv --server "$both" >/dev/null
+
   json=$("$medakv" stats --server "$both" --json)
   if python3 -c 'import json,sys; j=json.loads(sys.argv[1]); assert len(j["replicas"])==2 and not j["errors"]; assert j["total"]["tiers"][0]["entries"]==6' "$json"; then
     ok "stats --json: two replicas, six entries"
@@ -493,8 +662,55 @@ else
   bad "openssl could not make the test certificates"
 fi
 
+# scripts/serve.sh: this machine only unless told otherwise, and a warning
+# when opened without authentication and TLS (dry runs print the command).
+serve=$root/scripts/serve.sh
+out=$(MEDAKV_SERVE_DRY_RUN=1 MEDAKV_SERVER_BIN="$server_bin" bash "$serve" --max_inflight=2 2>"$dir/serve.err")
+if [ $? -eq 0 ] && echo "$out" | grep -q -- "--listen=127.0.0.1:50051 --metrics_listen=127.0.0.1:9464 --max_inflight=2" &&
+  [ ! -s "$dir/serve.err" ]; then
+  ok "serve.sh: 127.0.0.1 by default, no warning"
+else
+  bad "serve.sh defaults: $out $(cat "$dir/serve.err")"
+fi
+out=$(MEDAKV_HOST=0.0.0.0 MEDAKV_SERVE_DRY_RUN=1 MEDAKV_SERVER_BIN="$server_bin" bash "$serve" 2>"$dir/serve.err")
+if echo "$out" | grep -q -- "--listen=0.0.0.0:50051 --metrics_listen=0.0.0.0:9464" &&
+  grep -q "WARNING: gRPC listens on 0.0.0.0:50051" "$dir/serve.err" && grep -q "no authentication" "$dir/serve.err" &&
+  grep -q "no TLS" "$dir/serve.err" && grep -q "WARNING: /metrics listens on 0.0.0.0:9464" "$dir/serve.err"; then
+  ok "serve.sh with MEDAKV_HOST=0.0.0.0: warnings"
+else
+  bad "serve.sh MEDAKV_HOST=0.0.0.0: $out $(cat "$dir/serve.err")"
+fi
+out=$(MEDAKV_HOST=0.0.0.0 MEDAKV_SERVE_DRY_RUN=1 MEDAKV_SERVER_BIN="$server_bin" bash "$serve" --tls_cert=s.pem \
+  --tls_key=s.key --auth_tokens_file tokens --metrics_listen=127.0.0.1:9464 2>"$dir/serve.err")
+if [ $? -eq 0 ] && [ ! -s "$dir/serve.err" ]; then
+  ok "serve.sh: no warning with TLS, tokens and a local metrics port"
+else
+  bad "serve.sh with TLS and tokens: $out $(cat "$dir/serve.err")"
+fi
+out=$(MEDAKV_SERVE_DRY_RUN=1 MEDAKV_SERVER_BIN="$server_bin" bash "$serve" --listen 0.0.0.0:6000 \
+  --auth_tokens_file=tokens 2>"$dir/serve.err")
+if grep -q "WARNING: gRPC listens on 0.0.0.0:6000" "$dir/serve.err" && grep -q "no TLS" "$dir/serve.err" &&
+  ! grep -q "no authentication" "$dir/serve.err" && ! grep -q "/metrics" "$dir/serve.err"; then
+  ok "serve.sh --listen 0.0.0.0:6000 with tokens only: the TLS warning"
+else
+  bad "serve.sh --listen 0.0.0.0:6000: $out $(cat "$dir/serve.err")"
+fi
+MEDAKV_SERVER_BIN="$server_bin" bash "$serve" --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 --backend=cpu \
+  --shutdown_grace=1s 2>"$dir/server4.err" &
+server3_pid=$!
+port4=$(wait_port "$dir/server4.err" "$server3_pid")
+if [ -n "$port4" ] && [ "$("$medakv" health --server "127.0.0.1:$port4" 2>&1)" = SERVING ]; then
+  ok "serve.sh starts the server"
+else
+  bad "serve.sh starts the server: $(cat "$dir/server4.err")"
+fi
+stop_server "$server3_pid"
+server3_pid=
+
 # Port 1 on loopback: nothing listens there.
 expect_error "preset without --server" "--preset needs --server" compress "$dir/in.safetensors" -o "$dir/o.safetensors" --preset soft
+MEDAKV_SERVER=127.0.0.1:1 expect_error "compress: \$MEDAKV_SERVER unreachable" \
+  "cannot reach server 127.0.0.1:1: UNAVAILABLE" compress "$dir/in.safetensors" -o "$dir/o.safetensors" --timeout 5
 expect_error "compress: server unreachable" "cannot reach server 127.0.0.1:1: UNAVAILABLE" \
   compress "$dir/in.safetensors" -o "$dir/o.safetensors" --server 127.0.0.1:1 --timeout 5
 expect_error "health: server unreachable" "cannot reach server 127.0.0.1:1: UNAVAILABLE" health --server 127.0.0.1:1

@@ -19,8 +19,12 @@
 #include <set>
 #include <thread>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "kernels/backend.h"
@@ -686,6 +690,116 @@ TEST(SharedMemoryTest, RegionsAreReusedAndReleasedWithTheClient) {
     if (regions != 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   EXPECT_EQ(regions, 0);
+}
+
+// The sum of the samples of `name` whose labels include `labels`, in a
+// Prometheus text (0 when there is none).
+double MetricSum(const std::string& text, const std::string& name,
+                 const std::vector<std::pair<std::string, std::string>>& labels) {
+  double sum = 0;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (!absl::ConsumePrefix(&line, name) || !absl::ConsumePrefix(&line, "{")) continue;
+    const size_t close = line.find('}');
+    if (close == absl::string_view::npos) continue;
+    const absl::string_view have = line.substr(0, close);
+    bool match = true;
+    for (const auto& [k, v] : labels) match = match && absl::StrContains(have, absl::StrCat(k, "=\"", v, "\""));
+    double value = 0;
+    if (match && absl::SimpleAtod(absl::StripAsciiWhitespace(line.substr(close + 1)), &value)) sum += value;
+  }
+  return sum;
+}
+
+// A client that goes away ends its leases cleanly (UnregisterSharedMemory):
+// the server counts them as OK calls, not CANCELLED ones.
+TEST(SharedMemoryTest, LeasesEndWithOkNotCancelled) {
+  const std::unique_ptr<ServerProcess> server = StartServer();
+  ASSERT_NE(server, nullptr);
+  ASSERT_GT(server->metrics_port(), 0);
+  TestCache c = MakeTestCache(CacheParams{});
+  {
+    const std::unique_ptr<Client> client = NewClient(Options({server->target()}));
+    absl::StatusOr<RemoteResult> got = client->Compress(c.input, Meda(0.2));
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_TRUE(got->shared_memory);
+    absl::StatusOr<PutResult> put = client->PutCache("lease-end", c.input);
+    ASSERT_TRUE(put.ok()) << put.status();
+    EXPECT_TRUE(put->shared_memory);
+    ASSERT_TRUE(client->GetCache("lease-end").ok());
+  }
+  // The destructor waited for the server to end the lease; the metrics see
+  // it at once (bounded wait all the same).
+  std::string text;
+  for (int i = 0; i < 200; ++i) {
+    text = server->Metrics();
+    if (!text.empty() &&
+        MetricSum(text, "medakv_inflight_requests", {{"method", "RegisterSharedMemory"}}) == 0) {
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_NE(text, "") << "no /metrics on port " << server->metrics_port();
+  EXPECT_EQ(MetricSum(text, "medakv_requests_total", {{"code", "CANCELLED"}}), 0) << text;
+  EXPECT_EQ(MetricSum(text, "medakv_requests_total", {{"method", "RegisterSharedMemory"}, {"code", "OK"}}), 1)
+      << "one region, reused by every call, and its lease ended with OK";
+  EXPECT_EQ(MetricSum(text, "medakv_requests_total", {{"method", "UnregisterSharedMemory"}, {"code", "OK"}}), 1);
+  EXPECT_EQ(MetricSum(text, "medakv_shm_regions", {}), 0);
+}
+
+// CallOptions::server_default: the request names no policy, so the server's
+// "default" preset runs (rho replaceable), or amber at 0.2 without one.
+TEST(PresetTest, ServerDefaultNamesNoPolicy) {
+  char path[] = "/tmp/medakv-client-test-presets-XXXXXX";
+  const int fd = mkstemp(path);
+  ASSERT_GE(fd, 0);
+  const std::string text = "preset { name: \"default\" policy { rho: 0.3 h2o { } } }\n";
+  ASSERT_EQ(write(fd, text.data(), text.size()), static_cast<ssize_t>(text.size()));
+  close(fd);
+  const std::unique_ptr<ServerProcess> with_default = StartServer({absl::StrCat("--policy_presets=", path)});
+  const std::unique_ptr<ServerProcess> plain = StartServer();
+  unlink(path);
+  ASSERT_NE(with_default, nullptr);
+  ASSERT_NE(plain, nullptr);
+  TestCache c = MakeTestCache(CacheParams{});
+  CompressOptions h2o = DefaultOptions(PolicyKind::kH2O);
+  h2o.budget.rho = 0.3;
+
+  const std::unique_ptr<Client> client = NewClient(Options({with_default->target()}));
+  CallOptions call;
+  call.server_default = true;
+  absl::StatusOr<RemoteResult> got = client->Compress(c.input, Meda(0.2), call);  // the options are not sent
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->summary.policy().preset(), "default");
+  EXPECT_TRUE(got->summary.policy().has_h2o());
+  EXPECT_DOUBLE_EQ(got->summary.policy().rho(), 0.3);
+  ExpectSameResult(got->result, LocalCompress(c.input, h2o));
+  call.preset_rho = 0.5;
+  got = client->Compress(c.input, Meda(0.2), call);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->summary.policy().preset(), "default");
+  EXPECT_DOUBLE_EQ(got->summary.policy().rho(), 0.5);
+  // CompressCache alike.
+  ASSERT_TRUE(client->PutCache("default-preset", c.input).ok());
+  call.preset_rho = 0;
+  absl::StatusOr<v1::CompressCacheResponse> in_place = client->CompressCache("default-preset", Meda(0.2), call);
+  ASSERT_TRUE(in_place.ok()) << in_place.status();
+  EXPECT_EQ(in_place->summary().policy().preset(), "default");
+  EXPECT_EQ(in_place->info().policy(), "h2o");
+  // Not with a preset.
+  call.preset = "default";
+  ExpectStatus(client->Compress(c.input, Meda(0.2), call).status(), absl::StatusCode::kInvalidArgument,
+               "server_default");
+
+  // Without a default preset: amber at 0.2, the result of naming it.
+  const std::unique_ptr<Client> plain_client = NewClient(Options({plain->target()}));
+  CallOptions none;
+  none.server_default = true;
+  got = plain_client->Compress(c.input, Meda(0.2), none);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->summary.policy().preset(), "");
+  EXPECT_TRUE(got->summary.policy().has_amber());
+  EXPECT_DOUBLE_EQ(got->summary.policy().rho(), 0.2);
+  ExpectSameResult(got->result, LocalCompress(c.input, DefaultOptions(PolicyKind::kAmber)));
 }
 
 TEST(SharedMemoryTest, AServerThatRefusesSharedMemoryGetsBytes) {

@@ -380,8 +380,9 @@ TEST(FaultTest, ClientKilledMidUpload) {
   ASSERT_EQ(n, 1) << "the uploader child did not report within 60 s (it exited or hung; its stderr is above)";
   ASSERT_EQ(byte, '1');
 
-  // The upload is in progress: the server reserved its bytes (at the
-  // header) and stores nothing yet.
+  // The upload is in progress: the server holds store space for the bytes
+  // that arrived (not the whole cache's, on the header's word) and stores
+  // nothing yet.
   int64_t reserved = 0;
   absl::StatusOr<StoreView> during;
   EXPECT_TRUE(PollUntil(absl::Seconds(30), [&] {
@@ -423,7 +424,7 @@ TEST(FaultTest, ClientKilledMidUpload) {
   absl::StatusOr<PutResult> put = client->PutCache(kKilledId, c.input);
   ASSERT_TRUE(put.ok()) << put.status();
   EXPECT_EQ(put->info.bytes(), EntryBytes(c.input));
-  EXPECT_EQ(reserved, put->info.bytes()) << "the broken upload had reserved the whole cache's bytes";
+  EXPECT_LE(reserved, put->info.bytes()) << "the broken upload held more than the whole cache's bytes";
   absl::StatusOr<FetchedCache> got = client->GetCache(kKilledId);
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(FetchedDiff(*got, c.input), "");

@@ -1,5 +1,6 @@
 // A medakv-server child process for the client tests: started on a loopback
-// port (0: any free port, read back from its "listening on port N" line),
+// port (0: any free port, read back from its "listening on port N" line;
+// likewise its /metrics port, which Metrics() scrapes),
 // stopped with SIGTERM (then SIGKILL) and reaped when destroyed, also when a
 // test fails. The child gets SIGKILL if the test process dies first
 // (PR_SET_PDEATHSIG), so no server outlives a crashed test; start servers
@@ -8,9 +9,13 @@
 // and is copied to the test's stderr.
 #pragma once
 
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -80,6 +85,13 @@ class ServerProcess {
       if (at != std::string::npos) {
         const size_t begin = at + 18, end = log.find_first_not_of("0123456789", begin);
         if (end != std::string::npos && absl::SimpleAtoi(log.substr(begin, end - begin), &server->port_)) {
+          // The metrics line comes first, when there is an endpoint.
+          if (const size_t m = log.find("metrics on port "); m != std::string::npos) {
+            const size_t mb = m + 16, me = log.find_first_not_of("0123456789", mb);
+            if (me == std::string::npos || !absl::SimpleAtoi(log.substr(mb, me - mb), &server->metrics_port_)) {
+              server->metrics_port_ = 0;
+            }
+          }
           return server;
         }
       }
@@ -103,12 +115,43 @@ class ServerProcess {
   ServerProcess& operator=(const ServerProcess&) = delete;
 
   int port() const { return port_; }
+  // The /metrics port (--metrics_listen=127.0.0.1:0 by default); 0 without one.
+  int metrics_port() const { return metrics_port_; }
   std::string target() const { return absl::StrCat("127.0.0.1:", port_); }
   bool running() const { return pid_ > 0; }
   pid_t pid() const { return pid_; }  // -1 once stopped
 
   // SIGKILL and reap now: a replica that is down.
   void Kill() { Stop(SIGKILL); }
+  // SIGTERM and reap (SIGKILL after 10 s): an orderly shutdown.
+  void Terminate() { Stop(SIGTERM); }
+
+  // The Prometheus text of GET /metrics (the body); empty when it cannot be read.
+  std::string Metrics() const {
+    if (metrics_port_ <= 0) return "";
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) return "";
+    timeval tv{};
+    tv.tv_sec = 10;
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<uint16_t>(metrics_port_));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    std::string out;
+    if (connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) == 0) {
+      const std::string request = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+      if (write(fd, request.data(), request.size()) == static_cast<ssize_t>(request.size())) {
+        char buf[4096];
+        ssize_t n;
+        while ((n = read(fd, buf, sizeof(buf))) > 0) out.append(buf, static_cast<size_t>(n));
+      }
+    }
+    close(fd);
+    const size_t body = out.find("\r\n\r\n");
+    return body == std::string::npos ? "" : out.substr(body + 4);
+  }
 
   // What the server wrote on stderr and stdout.
   std::string Log() const {
@@ -150,6 +193,7 @@ class ServerProcess {
   pid_t pid_;
   const std::string log_path_;
   int port_ = 0;
+  int metrics_port_ = 0;
 };
 
 }  // namespace medakv::test

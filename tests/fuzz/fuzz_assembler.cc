@@ -235,7 +235,7 @@ void RunUpload(const std::vector<Request>& messages) {
   MEDAKV_FUZZ_CHECK(static_cast<int64_t>(in.layers.size()) == spec.layers, "input layers");
   MEDAKV_FUZZ_CHECK(in.kv_heads == spec.kv_heads && in.q_heads == spec.q_heads && in.head_dim == spec.head_dim &&
                         in.tokens == spec.tokens && in.dtype == spec.dtype && in.layout == spec.layout &&
-                        in.modality == spec.modality,
+                        in.modality == ModalityVector(spec),
                     "input dims differ from the spec");
   for (int64_t l = 0; l < spec.layers; ++l) {
     for (v1::TensorKind kind : CarriedKinds(spec)) CheckTensorBytes(assembler, model, l, kind);
@@ -274,8 +274,8 @@ void RunUpload(const std::vector<Request>& messages) {
   if (spec.stats == SpecStats::kNone || assembler.bytes_expected() > kMaxCompressBytes) return;
   absl::StatusOr<CompressResult> result = Compress(in, options, Cpu());
   if (!result.ok()) {
-    // Keys, values and queries are not range-checked (a scan of every
-    // element); extreme ones may make the statistics non-finite, which the
+    // A NaN or infinity in the keys, values or queries is refused (CheckFiniteInput);
+    // finite but extreme ones may make the statistics non-finite, which the
     // compression reports. Moderate values must always compress.
     MEDAKV_FUZZ_CHECK(result.status().code() == absl::StatusCode::kInvalidArgument && !model.Moderate(),
                       "Compress of a validated input with validated options fails: ", result.status().ToString(),

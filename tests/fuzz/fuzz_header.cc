@@ -85,10 +85,11 @@ void CheckAcceptedSpec(const CacheSpec& spec, const Header& header, int64_t limi
   for (const v1::ModalitySpan& s : header.shape().modality()) {
     if (s.modality() == v1::MODALITY_VISUAL) visual_spans += s.length();
   }
+  const std::vector<uint8_t> modality = ModalityVector(spec);
   int64_t visual = 0;
-  for (uint8_t m : spec.modality) visual += m;
-  MEDAKV_FUZZ_CHECK(spec.modality.empty() || static_cast<int64_t>(spec.modality.size()) == spec.tokens,
-                    "modality has ", spec.modality.size(), " entries for ", spec.tokens, " tokens");
+  for (uint8_t m : modality) visual += m;
+  MEDAKV_FUZZ_CHECK(modality.empty() || static_cast<int64_t>(modality.size()) == spec.tokens,
+                    "modality has ", modality.size(), " entries for ", spec.tokens, " tokens");
   MEDAKV_FUZZ_CHECK(visual == visual_spans, "modality has ", visual, " visual tokens, the spans cover ",
                     visual_spans);
 

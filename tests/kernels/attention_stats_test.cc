@@ -1,4 +1,4 @@
-// cpu::AttentionStats (ALGORITHM.md, MEDA step 1 and the score of step 3)
+// cpu::AttentionStats (docs/algorithm.md, MEDA step 1 and the score of step 3)
 // against the naive double-precision reference, plus hand-computed cases and
 // argument validation.
 #include <cmath>

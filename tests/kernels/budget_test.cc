@@ -1,4 +1,4 @@
-// AllocateEntropyBudgets (ALGORITHM.md, MEDA step 2) against hand-computed
+// AllocateEntropyBudgets (docs/algorithm.md, MEDA step 2) against hand-computed
 // budgets, the naive reference, and the properties of the exact-total rule.
 #include <algorithm>
 #include <cmath>
@@ -283,6 +283,36 @@ TEST(MassBudgetHandTest, ConcentratedLayersGiveTokensToSpreadOnes) {
   EXPECT_EQ(b->budget, (std::vector<int64_t>{10, 10}));
   b = Mass({peaked, flat}, 2, 10, 0.5, 0.0, 0.6);
   EXPECT_EQ(b->budget, (std::vector<int64_t>{4, 6}));
+}
+
+// Ties across layers: equal gains go by token rank, then by layer, exactly as
+// the reference's sort (identical layers, a part of a column left over; few
+// distinct values spread over many ranks; all-zero layers).
+TEST(MassBudgetSweepTest, TiesGoByRankThenLayer) {
+  test::Rng rng(5);
+  for (int64_t layers : {2, 5, 9}) {
+    for (int64_t tokens : {10, 33}) {
+      for (double rho : {0.13, 0.31, 0.5, 0.77}) {
+        for (int pattern = 0; pattern < 3; ++pattern) {
+          std::vector<std::vector<float>> scores(layers);
+          std::vector<std::vector<double>> ref(layers);
+          for (int64_t l = 0; l < layers; ++l) {
+            for (int64_t i = 0; i < 2 * tokens; ++i) {
+              float v = 1.f;                                                       // identical flat layers
+              if (pattern == 1) v = static_cast<float>(static_cast<int>(rng.Uniform() * 3));  // values 0, 1, 2
+              if (pattern == 2) v = l % 2 == 0 ? 0.f : static_cast<float>(i % 4);  // zero layers among others
+              scores[l].push_back(v);
+              ref[l].push_back(v);
+            }
+          }
+          absl::StatusOr<LayerBudgets> b = Mass(scores, 2, tokens, rho, 0.0);
+          ASSERT_TRUE(b.ok()) << b.status();
+          EXPECT_EQ(b->budget, reference::RefMassBudgets(ref, 2, tokens, rho, 0.0, 1.0))
+              << "L" << layers << " T" << tokens << " rho " << rho << " pattern " << pattern;
+        }
+      }
+    }
+  }
 }
 
 TEST(MassBudgetSweepTest, MatchesTheGreedyReferenceAndKeepsTheTotal) {

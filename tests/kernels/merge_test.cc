@@ -1,4 +1,4 @@
-// cpu::MergeAndGather (ALGORITHM.md, MEDA step 4 and LOOK-M's merge rules)
+// cpu::MergeAndGather (docs/algorithm.md, MEDA step 4 and LOOK-M's merge rules)
 // against the naive reference, hand-computed merges, bit-exact gathers and
 // argument validation.
 #include <cmath>

@@ -1,4 +1,4 @@
-// cpu::SelectTokens (ALGORITHM.md, MEDA step 3) against the naive reference,
+// cpu::SelectTokens (docs/algorithm.md, MEDA step 3) against the naive reference,
 // its invariants, hand cases of each text prior, and argument validation.
 //
 // Scores are multiples of 2^-12 (or of 2^-3 for the tie-heavy runs) with few

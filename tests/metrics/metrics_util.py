@@ -210,10 +210,22 @@ def dashboard_queries(dashboard):
     return out
 
 
-def substitute_variables(expr):
-    """The dashboard's variables as Grafana would fill them for a query: all jobs and instances."""
+def substitute_variables(expr, policy=".*"):
+    """The dashboard's variables as Grafana would fill them for a query: all
+    jobs and instances, and `policy` for $policy (by default All)."""
     return (expr.replace("$__rate_interval", "1m").replace("$__range", "5m").replace("$__interval", "15s")
-            .replace("$job", ".*").replace("$instance", ".*"))
+            .replace("$job", ".*").replace("$instance", ".*").replace("$policy", policy))
+
+
+# The process metrics the server exports besides its medakv_ ones (the
+# conventional names of Prometheus's client libraries).
+PROCESS_METRICS = ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_virtual_memory_bytes",
+                   "process_start_time_seconds", "process_open_fds", "process_max_fds")
+
+
+def is_server_metric(name):
+    """A name of the server's own metrics: medakv_ or process_."""
+    return name.startswith("medakv_") or name.startswith("process_")
 
 
 def check_dashboard(dashboard, samples):
@@ -256,8 +268,8 @@ def check_dashboard(dashboard, samples):
         for name in names:
             if name == "up":
                 continue
-            if not name.startswith("medakv_"):
-                errors.append("%s: '%s' is not a medakv metric" % (where, name))
+            if not is_server_metric(name):
+                errors.append("%s: '%s' is not a medakv or process metric" % (where, name))
             elif name not in samples:
                 errors.append("%s: '%s' is not exported by medakv-server" % (where, name))
     return errors

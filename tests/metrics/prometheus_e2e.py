@@ -9,10 +9,13 @@
 3. `promtool check metrics` passes on the scraped /metrics text.
 4. Through Prometheus's HTTP query API: the request counter by method, policy
    and code; the statistics-stage latency histogram (count, +Inf bucket, sum
-   equal to the stage times the CLI reported, a finite p99); tokens; and the
-   MEDA budget per layer, equal to the budgets the CLI reported.
+   equal to the stage times the CLI reported, a finite p99); tokens; the
+   budget per layer of each policy (medakv_layer_budget_ratio by policy and
+   layer), equal to the budgets the CLI reported for meda and for snapkv; the
+   request memory bound; and the process_* metrics.
 5. Every query of deploy/grafana/medakv.json evaluates without error and names
-   only exported metrics.
+   only exported metrics; the `policy` variable offers the policies used, and
+   the heatmap shows the chosen policy's mean budget per layer.
 6. The alert rules are loaded and evaluate with health "ok"; once the server
    is stopped, `up` reads 0 and MedakvInstanceDown turns pending.
 
@@ -38,6 +41,7 @@ import metrics_util as mu  # noqa: E402
 
 SKIP = 77
 LAYERS, TOKENS, RHO, MEDA_RUNS = 3, 300, 0.2, 3
+LAYER_BUDGET = "medakv_layer_budget_ratio"
 
 
 class Prometheus:
@@ -150,11 +154,11 @@ def main():
             cache = os.path.join(tmp, "in.safetensors")
             mu.synth(medakv, cache, LAYERS, TOKENS)
             # One compression, a scrape, then the others: the per-layer series
-            # appear with the first MEDA compression, and rate() (the heatmap)
+            # appear with a policy's first compression, and rate() (the heatmap)
             # sees increases only after a series' first sample.
             meda = [mu.compress(medakv, cache, os.path.join(tmp, "out0.safetensors"), addr, "meda", RHO)]
-            mu.wait_for(lambda: prom.value('medakv_meda_layer_budget_ratio_count{job="medakv", layer="0"}') == 1, 60,
-                        "Prometheus to scrape the first MEDA compression")
+            mu.wait_for(lambda: prom.value('%s_count{job="medakv", policy="meda", layer="0"}' % LAYER_BUDGET) == 1,
+                        60, "Prometheus to scrape the first MEDA compression")
             meda += [mu.compress(medakv, cache, os.path.join(tmp, "out%d.safetensors" % i), addr, "meda", RHO)
                      for i in range(1, MEDA_RUNS)]
             snapkv = mu.compress(medakv, cache, os.path.join(tmp, "snap.safetensors"), addr, "snapkv", 0.5)
@@ -201,18 +205,45 @@ def main():
                          sum(s["tokens_kept"] for s in meda))
             expect_equal(prom, 'medakv_compression_ratio_count{job="medakv", policy="meda"}', MEDA_RUNS)
 
-            # The MEDA budget of each layer over its tokens, as the CLI reported the budgets.
+            # The budget of each layer over its tokens, by policy, as the CLI reported the budgets.
             budgets = [sum(s["per_layer"][l]["budget"] for s in meda) for l in range(LAYERS)]
-            for l in range(LAYERS):
-                series = '{job="medakv", layer="%d"}' % l
-                expect_equal(prom, "medakv_meda_layer_budget_ratio_count" + series, MEDA_RUNS)
-                expect_equal(prom, "medakv_meda_layer_budget_ratio_sum" + series, budgets[l] / TOKENS, tolerance=1e-9)
+            if len(snapkv.get("per_layer", [])) != LAYERS:
+                mu.fail("medakv compress --json (snapkv) lacks per_layer budgets: %s" % snapkv)
+            snap_budgets = [snapkv["per_layer"][l]["budget"] for l in range(LAYERS)]
+            for policy, runs, sums in (("meda", MEDA_RUNS, budgets), ("snapkv", 1, snap_budgets)):
+                for l in range(LAYERS):
+                    series = '{job="medakv", policy="%s", layer="%d"}' % (policy, l)
+                    expect_equal(prom, LAYER_BUDGET + "_count" + series, runs)
+                    expect_equal(prom, LAYER_BUDGET + "_sum" + series, sums[l] / TOKENS, tolerance=1e-9)
             if len(set(budgets)) < 2:
                 mu.fail("MEDA gave every layer the same budget %s: the test cache should differ by layer" % budgets)
-            layers = prom.query('count by (layer) (medakv_meda_layer_budget_ratio_count{job="medakv"})')
-            if sorted(s[0]["layer"] for s in layers) != [str(l) for l in range(LAYERS)]:
-                mu.fail("layer labels: %s" % layers)
-            print("ok: MEDA budgets per layer %s of %d tokens" % (budgets, TOKENS))
+            layers = prom.query('count by (policy, layer) (%s_count{job="medakv"})' % LAYER_BUDGET)
+            got = sorted((s[0]["policy"], s[0]["layer"]) for s in layers)
+            if got != sorted((p, str(l)) for p in ("meda", "snapkv") for l in range(LAYERS)):
+                mu.fail("policy and layer labels: %s" % got)
+            print("ok: budgets per layer, meda %s and snapkv %s of %d tokens" % (budgets, snap_budgets, TOKENS))
+
+            # The request memory gauges (idle: nothing held) and the bound: --max_inflight x --max_request_bytes.
+            expect_equal(prom, 'medakv_request_memory_bytes{job="medakv", state="inflight"}', 0)
+            expect_equal(prom, 'medakv_request_memory_bytes{job="medakv", state="queued"}', 0)
+            expect_equal(prom, 'medakv_request_memory_bound_bytes{job="medakv"}', 4 * (8 << 30))
+            # The process metrics of the server.
+            now = time.time()
+            checks = {
+                "process_resident_memory_bytes": lambda v: v > 1 << 20,
+                "process_virtual_memory_bytes": lambda v: v > 1 << 20,
+                "process_open_fds": lambda v: v >= 3,
+                "process_max_fds": lambda v: v >= 3,
+                "process_cpu_seconds_total": lambda v: v >= 0,
+                "process_start_time_seconds": lambda v: now - 3600 < v <= now,
+            }
+            for name, plausible in checks.items():
+                v = prom.value('%s{job="medakv"}' % name)
+                if v is None or not plausible(v):
+                    mu.fail("%s = %s: not plausible" % (name, v))
+            print("ok: process metrics: %d MiB resident, %d fds, %.2f s CPU"
+                  % (prom.value('process_resident_memory_bytes{job="medakv"}') / (1 << 20),
+                     prom.value('process_open_fds{job="medakv"}'), prom.value('process_cpu_seconds_total{job="medakv"}')))
 
             # 5. Every dashboard query through Prometheus.
             errors = mu.check_dashboard(dashboard, samples)
@@ -222,10 +253,19 @@ def main():
             for where, expr in queries:
                 prom.query(mu.substitute_variables(expr))
             print("ok: the %d dashboard queries evaluate in Prometheus" % len(queries))
-            # The heatmap's cells: the mean budget of each layer over the last
-            # minute (the runs are equal, so whichever it sees).
+            # The `policy` variable offers the policies that recorded budgets.
+            policy_query = next(v["query"]["query"] for v in dashboard["templating"]["list"] if v["name"] == "policy")
+            selector = mu.substitute_variables(policy_query[len("label_values("):policy_query.rindex(",")])
+            offered = prom.get("/api/v1/label/policy/values", {"match[]": selector})["data"]
+            if offered != ["meda", "snapkv"]:
+                mu.fail("the policy variable (%s) offers %s, expected meda and snapkv" % (policy_query, offered))
+            print("ok: the policy variable offers %s" % offered)
+            # The heatmap's cells with policy meda chosen: the mean budget of
+            # each layer over the last minute (the runs are equal, so whichever
+            # it sees; snapkv's budgets are not mixed in).
             heatmap_expr = mu.substitute_variables(next(
-                t["expr"] for p in mu.dashboard_panels(dashboard) if p.get("type") == "heatmap" for t in p["targets"]))
+                t["expr"] for p in mu.dashboard_panels(dashboard) if p.get("type") == "heatmap" for t in p["targets"]),
+                policy="meda")
 
             def heatmap_cells():
                 cells = {m.get("layer"): v for m, v in prom.query(heatmap_expr) if not math.isnan(v)}
@@ -249,7 +289,7 @@ def main():
             rules = mu.wait_for(rules_evaluated, 30, "the alert rules to be evaluated")
             names = sorted(r["name"] for r in rules)
             want_names = ["MedakvAbsent", "MedakvHighErrorRatio", "MedakvHighLatencyP99", "MedakvInstanceDown",
-                          "MedakvStoreNearlyFull"]
+                          "MedakvRequestMemoryNearBound", "MedakvResidentMemoryHigh", "MedakvStoreNearlyFull"]
             if names != want_names:
                 mu.fail("alert rules loaded: %s, expected %s" % (names, want_names))
             unhealthy = [(r["name"], r.get("health"), r.get("lastError")) for r in rules if r.get("health") != "ok"]

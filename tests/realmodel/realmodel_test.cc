@@ -9,7 +9,7 @@
 //
 // Checks: every policy runs at every rho and keeps what its budget rule says;
 // MEDA matches the naive reference (tests/reference) stage by stage on real
-// data; and the attention-output errors of the future queries (ALGORITHM.md,
+// data; and the attention-output errors of the future queries (docs/algorithm.md,
 // "How fidelity is judged"; client/cli/eval.h) equal the recorded table
 // tests/realmodel/attention_errors.csv within 1%.
 #include <gtest/gtest.h>

@@ -1,4 +1,4 @@
-// A naive double-precision implementation of /work/shared/ALGORITHM.md (the
+// A naive double-precision implementation of docs/algorithm.md (the
 // compression ops of MEDA and the baselines), written for clarity and as an
 // independent second reading of the contract. Plain loops; whole attention
 // matrices are materialised; nothing here is meant to be fast.
@@ -29,7 +29,7 @@ std::vector<double> ReadHnd(const TensorView& view);
 // tokens - q_tokens, ..., tokens - 1 (the default query positions).
 std::vector<int32_t> DefaultPositions(int64_t q_tokens, int64_t tokens);
 
-// Round half up: floor(x + 0.5) (ALGORITHM.md, "Rounding").
+// Round half up: floor(x + 0.5) (docs/algorithm.md, "Rounding").
 int64_t RoundHalfUp(double x);
 
 // Entropy -sum p log p of a probability vector (0 log 0 = 0).
@@ -59,7 +59,7 @@ struct RefBudgetResult {
   std::vector<int64_t> budget;  // [layers] B_l
 };
 
-// MEDA step 2. With exact_total, the water-fill exactly as ALGORITHM.md
+// MEDA step 2. With exact_total, the water-fill exactly as docs/algorithm.md
 // writes it (lambda found analytically on the piecewise-linear total).
 // Without it, B_l = clamp(floor(alpha_l * T), 1, T): a layer never gets 0
 // tokens (the project's documented choice). Arguments are assumed valid.

@@ -53,7 +53,7 @@ CacheSpec SmallSpec(SpecStats stats, DType dtype = DType::kFloat16, Layout layou
   s.tokens = 7;
   s.dtype = dtype;
   s.layout = layout;
-  s.modality = {0, 1, 1, 0, 0, 1, 0};
+  s.visual_spans = SpansFromModality({0, 1, 1, 0, 0, 1, 0});
   s.stats = stats;
   if (stats == SpecStats::kQueries) {
     s.q_tokens = 3;
@@ -185,7 +185,7 @@ void ExpectInputEquals(const CacheAssembler& a, const Tensors& tensors) {
   EXPECT_EQ(in.tokens, spec.tokens);
   EXPECT_EQ(in.dtype, spec.dtype);
   EXPECT_EQ(in.layout, spec.layout);
-  EXPECT_EQ(in.modality, spec.modality);
+  EXPECT_EQ(in.modality, ModalityVector(spec));
   EXPECT_EQ(in.stats, spec.stats == SpecStats::kPrecomputed ? StatsForm::kPrecomputed : StatsForm::kQueries);
   ASSERT_EQ(static_cast<int64_t>(in.layers.size()), spec.layers);
   for (int64_t l = 0; l < spec.layers; ++l) {
@@ -280,7 +280,7 @@ TEST(CacheAssembler, OneTokenOneLayerWholeTensorChunks) {
   spec.layers = 1;
   spec.tokens = 1;
   spec.q_tokens = 1;
-  spec.modality = {1};
+  spec.visual_spans = {{0, 1, Modality::kVisual}};
   const Tensors tensors = RandomCache(spec, 42);
   CacheAssembler a = MakeAssembler(spec);
   for (const auto& [key, data] : tensors) ASSERT_OK(a.Add(static_cast<int32_t>(key.first), key.second, 0, data));
@@ -566,8 +566,7 @@ TEST(CacheAssembler, AssembledInputCompressesLikeTheOriginal) {
     CacheSpec spec = SmallSpec(form.stats, DType::kFloat16, Layout::kNHD, form.positions, form.score_heads);
     spec.tokens = 33;
     spec.q_tokens = form.stats == SpecStats::kQueries ? 9 : 0;
-    spec.modality.assign(33, 0);
-    for (int t = 10; t < 20; ++t) spec.modality[t] = 1;
+    spec.visual_spans = {{10, 10, Modality::kVisual}};
     const Tensors tensors = RandomCache(spec, 11);
     CacheAssembler a = MakeAssembler(spec);
     for (const v1::TensorChunk& c : RandomChunks(tensors, 12)) ASSERT_OK(a.Add(c));
@@ -588,7 +587,7 @@ TEST(CacheAssembler, AssembledInputCompressesLikeTheOriginal) {
     in.tokens = spec.tokens;
     in.dtype = spec.dtype;
     in.layout = spec.layout;
-    in.modality = spec.modality;
+    in.modality = ModalityVector(spec);
     in.stats = form.stats == SpecStats::kQueries ? StatsForm::kQueries : StatsForm::kPrecomputed;
     for (int64_t l = 0; l < spec.layers; ++l) {
       LayerInput layer;

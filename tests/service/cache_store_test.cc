@@ -322,6 +322,25 @@ TEST(CacheStoreTest, ListIsSortedFilteredAndLimited) {
   EXPECT_TRUE(store.List("r", 0).empty());
 }
 
+// List after an id: the next page of a sorted listing, within the prefix.
+TEST(CacheStoreTest, ListAfterAnIdContinuesInIdOrder) {
+  CacheStore store(Options(int64_t{1} << 20));
+  for (const char* id : {"a/1", "a/2", "a/3", "b/1"}) {
+    ASSERT_TRUE(store.Put(Tier::kHost, PatternCache(id, 1, 1, 1, 4, 4), false, kNoTtl).ok());
+  }
+  auto ids = [](const std::vector<CacheSummary>& list) {
+    std::vector<std::string> out;
+    for (const CacheSummary& s : list) out.push_back(s.id);
+    return out;
+  };
+  EXPECT_EQ(ids(store.List("a/", 2)), (std::vector<std::string>{"a/1", "a/2"}));
+  EXPECT_EQ(ids(store.List("", "a/", 2, "a/2")), (std::vector<std::string>{"a/3"}));
+  EXPECT_EQ(ids(store.List("", "a/", 0, "a/3")), std::vector<std::string>{});
+  EXPECT_EQ(ids(store.List("", "", 0, "a/3")), (std::vector<std::string>{"b/1"}));
+  EXPECT_EQ(ids(store.List("", "b/", 0, "a/2")), (std::vector<std::string>{"b/1"}));  // before the prefix
+  EXPECT_EQ(ids(store.List("", "a/", 0, "a/15")), (std::vector<std::string>{"a/2", "a/3"}));  // not stored itself
+}
+
 TEST(CacheStoreTest, InvalidCachesAreRejectedBeforeAnythingIsStored) {
   CacheStore store(Options(1 << 20));
   auto bad_key = PatternCache("x", 1, 2, 1, 4, 4);
@@ -463,6 +482,51 @@ TEST(CacheStoreTest, EvictsLeastRecentlyUsedAndGetTouches) {
   EXPECT_EQ(HostStats(store).evicted_lru, 4);
   EXPECT_EQ(HostStats(store).evictions(), 4);
   ExpectConsistent(store, 3 * size);
+}
+
+// A reservation grown step by step evicts only for the bytes it grows by,
+// oldest first; a step that cannot fit keeps what it held; the grown
+// reservation commits like any other.
+TEST(CacheStoreTest, GrowEvictsOnlyForTheBytesItAdds) {
+  const int64_t size = SizeOf(1, 1, 4, 4);
+  CacheStore store(Options(3 * size));
+  for (const char* id : {"a", "b", "c"}) {
+    ASSERT_TRUE(store.Put(Tier::kHost, PatternCache(id, 1, 1, 1, 4, 4), false, kNoTtl).ok());
+  }
+  absl::StatusOr<Reservation> r = store.Reserve(Tier::kHost, 0);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(store.List("", 0).size(), 3u);  // an empty reservation evicts nothing
+  ASSERT_TRUE(store.Grow(*r, size / 2).ok());
+  EXPECT_FALSE(store.Contains("a"));  // the oldest makes room for half an entry
+  EXPECT_TRUE(store.Contains("b"));
+  ASSERT_TRUE(store.Grow(*r, size).ok());  // still within a's room
+  EXPECT_TRUE(store.Contains("b"));
+  ASSERT_TRUE(store.Grow(*r, size / 4).ok());  // a smaller size: no-op
+  EXPECT_EQ(r->bytes(), size);
+  ExpectConsistent(store, 3 * size);
+  // Beyond the capacity: refused, the reservation keeps its bytes.
+  absl::Status big = store.Grow(*r, 3 * size + 1);
+  EXPECT_EQ(big.code(), absl::StatusCode::kResourceExhausted) << big;
+  EXPECT_EQ(r->bytes(), size);
+  // A reader pins b: growing to 3 entries would need b's room.
+  absl::StatusOr<std::shared_ptr<const StoredCache>> held = store.Get("b");
+  ASSERT_TRUE(held.ok());
+  absl::Status pinned = store.Grow(*r, 3 * size);
+  EXPECT_EQ(pinned.code(), absl::StatusCode::kResourceExhausted) << pinned;
+  EXPECT_EQ(r->bytes(), size);
+  EXPECT_TRUE(store.Contains("b"));
+  held->reset();
+  ASSERT_TRUE(store.Grow(*r, 2 * size).ok());  // c goes (b was touched by the Get)
+  EXPECT_FALSE(store.Contains("c"));
+  EXPECT_TRUE(store.Contains("b"));
+  ExpectConsistent(store, 3 * size);
+  absl::StatusOr<CacheSummary> put = store.Commit(*std::move(r), PatternCache("d", 1, 2, 1, 4, 4), false, kNoTtl);
+  ASSERT_TRUE(put.ok()) << put.status();
+  EXPECT_TRUE(Intact(**store.Get("d")));
+  ExpectConsistent(store, 3 * size);
+  // A used reservation cannot grow.
+  Reservation used;
+  EXPECT_EQ(store.Grow(used, 1).code(), absl::StatusCode::kFailedPrecondition);
 }
 
 TEST(CacheStoreTest, AnEntryHeldByAReaderIsNeverEvicted) {

@@ -228,15 +228,26 @@ TEST(OptionsFromProto, MedaExplicitDefaultsEqualUnset) {
 }
 
 TEST(OptionsFromProto, MedaTau) {
-  for (double tau : {0.0, -1.0, kNaN, kInf}) {
+  // 5e-324 (the smallest double) made E / tau overflow into budgets of -2^63.
+  for (double tau : {0.0, -1.0, kNaN, kInf, 5e-324, 9e-7, 1.1e6}) {
     SCOPED_TRACE(tau);
     v1::Policy p;
     p.mutable_meda()->set_tau(tau);
-    EXPECT_INVALID(OptionsFromProto(p).status(), "policy.meda.tau must be > 0");
+    EXPECT_INVALID(OptionsFromProto(p).status(), "policy.meda.tau must be in [1e-06, 1e+06], got");
+    v1::Policy a;
+    a.mutable_amber()->set_tau(tau);
+    EXPECT_INVALID(OptionsFromProto(a).status(), "policy.amber.tau must be in [1e-06, 1e+06], got");
   }
   v1::Policy p;
   p.mutable_meda()->set_tau(-1);
-  EXPECT_INVALID(OptionsFromProto(p).status(), "policy.meda.tau must be > 0 and finite, got -1");
+  EXPECT_INVALID(OptionsFromProto(p).status(), "policy.meda.tau must be in [1e-06, 1e+06], got -1");
+  for (double tau : {1e-6, 1e6}) {
+    v1::Policy ok;
+    ok.mutable_meda()->set_tau(tau);
+    absl::StatusOr<CompressOptions> o = OptionsFromProto(ok);
+    ASSERT_TRUE(o.ok()) << o.status();
+    EXPECT_EQ(o->budget.tau, tau);
+  }
 }
 
 TEST(OptionsFromProto, MedaAlphaMin) {
@@ -349,12 +360,17 @@ TEST(OptionsFromProto, SelectRecentFractionOutOfRange) {
 
 TEST(OptionsFromProto, SelectScaleOutOfRange) {
   for (const SelectCase& c : SelectCases()) {
-    for (float v : {-1.f, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    // 3e38 made every logit infinite.
+    for (float v : {-1.f, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(), 3e38f,
+                    1.001e4f}) {
       SCOPED_TRACE(absl::StrCat(c.path, " ", v));
       v1::Policy p;
       c.select(&p)->set_scale(v);
-      EXPECT_INVALID(OptionsFromProto(p).status(), absl::StrCat(c.path, ".scale must be >= 0 and finite"));
+      EXPECT_INVALID(OptionsFromProto(p).status(), absl::StrCat(c.path, ".scale must be in [0, 10000]"));
     }
+    v1::Policy ok;
+    c.select(&ok)->set_scale(1e4f);
+    EXPECT_TRUE(OptionsFromProto(ok).ok());
   }
 }
 
@@ -440,12 +456,16 @@ TEST(OptionsFromProto, WindowAndPoolKernelOutOfRange) {
     v1::Policy big;
     c.window(&big, int64_t{1} << 33);
     EXPECT_INVALID(OptionsFromProto(big).status(), absl::StrCat(c.path, ".window must be <= 2147483647"));
-    for (int64_t k : {int64_t{0}, int64_t{-1}, int64_t{4}, int64_t{1} << 40}) {
+    // 2^31 - 1 made pooling quadratic in the tokens (a minute for 2^18 tokens).
+    for (int64_t k : {int64_t{0}, int64_t{-1}, int64_t{4}, int64_t{1025}, int64_t{2147483647}, int64_t{1} << 40}) {
       v1::Policy p;
       c.kernel(&p, k);
       EXPECT_INVALID(OptionsFromProto(p).status(),
-                     absl::StrCat(c.path, ".pool_kernel must be odd and in [1, 2147483647], got ", k));
+                     absl::StrCat(c.path, ".pool_kernel must be odd and in [1, 1023], got ", k));
     }
+    v1::Policy widest;
+    c.kernel(&widest, 1023);
+    EXPECT_TRUE(OptionsFromProto(widest).ok());
   }
 }
 
@@ -517,7 +537,7 @@ TEST(OptionsFromProto, AmberErrorsNameAmbersFields) {
   EXPECT_INVALID(with([](v1::AmberPolicy* a) { a->set_layer_budget(static_cast<v1::LayerBudget>(7)); }),
                  "policy.amber.layer_budget: unknown value 7");
   EXPECT_INVALID(with([](v1::AmberPolicy* a) { a->set_sinks(-1); }), "policy.amber.sinks must be >= 0");
-  EXPECT_INVALID(with([](v1::AmberPolicy* a) { a->set_tau(0); }), "policy.amber.tau must be > 0");
+  EXPECT_INVALID(with([](v1::AmberPolicy* a) { a->set_tau(0); }), "policy.amber.tau must be in [1e-06, 1e+06], got 0");
   EXPECT_INVALID(with([](v1::AmberPolicy* a) { a->set_alpha_min(0.5); a->set_alpha_max(0.25); }),
                  "policy.amber.alpha_min (0.5) must not exceed policy.amber.alpha_max (0.25)");
   EXPECT_INVALID(with([](v1::AmberPolicy* a) { a->mutable_select()->set_recent_fraction(2); }),
@@ -535,11 +555,12 @@ TEST(OptionsFromProto, AmberErrorsNameAmbersFields) {
 }
 
 TEST(OptionsFromProto, PyramidKVBeta) {
-  for (double v : {0.0, -2.0, kNaN, kInf}) {
+  // 5e-324 made the smallest budget infinite and the budgets -2^63.
+  for (double v : {0.0, -2.0, kNaN, kInf, 5e-324, 9e-4, 2e6}) {
     SCOPED_TRACE(v);
     v1::Policy p;
     p.mutable_pyramidkv()->set_beta(v);
-    EXPECT_INVALID(OptionsFromProto(p).status(), "policy.pyramidkv.beta must be > 0 and finite");
+    EXPECT_INVALID(OptionsFromProto(p).status(), "policy.pyramidkv.beta must be in [0.001, 1e+06], got");
   }
 }
 
@@ -609,7 +630,10 @@ TEST(SpecFromHeader, QueriesHappyPath) {
   EXPECT_TRUE(spec->has_query_positions);
   EXPECT_EQ(spec->score_heads, 0);
   const std::vector<uint8_t> want = {0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0};
-  EXPECT_EQ(spec->modality, want);
+  EXPECT_EQ(ModalityVector(*spec), want);
+  ASSERT_EQ(spec->visual_spans.size(), 1u);  // spans, not a tokens-sized vector
+  EXPECT_EQ(spec->visual_spans[0].start, 3);
+  EXPECT_EQ(spec->visual_spans[0].length, 5);
   // key + value + query + positions per layer.
   const int64_t layer = 2 * (2 * 16 * 8 * 2) + 4 * 4 * 8 * 2 + 4 * 4;
   EXPECT_EQ(TensorBytes(*spec, v1::TENSOR_KIND_KEY), 2 * 16 * 8 * 2);
@@ -625,7 +649,8 @@ TEST(SpecFromHeader, PrecomputedAndNoneHappyPaths) {
   ASSERT_TRUE(p.ok()) << p.status();
   EXPECT_EQ(p->stats, SpecStats::kPrecomputed);
   EXPECT_EQ(p->score_heads, 2);
-  EXPECT_TRUE(p->modality.empty());
+  EXPECT_TRUE(p->visual_spans.empty());
+  EXPECT_TRUE(ModalityVector(*p).empty());
   EXPECT_EQ(TensorBytes(*p, v1::TENSOR_KIND_SCORES), 2 * 16 * 4);
   EXPECT_EQ(TensorBytes(*p, v1::TENSOR_KIND_ENTROPY), 4);
   EXPECT_EQ(TensorBytes(*p, v1::TENSOR_KIND_QUERY), 0);
@@ -848,15 +873,34 @@ TEST(SpecFromHeader, SpanOverlap) {
   EXPECT_INVALID(Parse(WithSpans({{0, 10, 0}, {4, 2, 1}})), "overlaps");
 }
 
+// A header may carry at most kMaxModalitySpans spans (text ones count too):
+// 700k spans once made ListCaches fail and a queued call hold a vector.
+TEST(SpecFromHeader, SpanCount) {
+  v1::CompressHeader h = QueriesHeader();
+  h.mutable_shape()->set_tokens(int64_t{1} << 20);
+  for (int64_t i = 0; i <= kMaxModalitySpans; ++i) {
+    v1::ModalitySpan* s = h.mutable_shape()->add_modality();
+    s->set_start(2 * i);
+    s->set_length(1);
+    s->set_modality(i % 2 == 0 ? v1::MODALITY_VISUAL : v1::MODALITY_TEXT);
+  }
+  EXPECT_INVALID(Parse(h), "header.shape.modality: 65537 spans, at most 65536");
+  h.mutable_shape()->mutable_modality()->RemoveLast();
+  absl::StatusOr<CacheSpec> spec = SpecFromHeader(h, 0);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->visual_spans.size(), static_cast<size_t>(kMaxModalitySpans / 2));
+}
+
 TEST(SpecFromHeader, SpansAdjacentUnsortedAndText) {
   absl::StatusOr<CacheSpec> spec = SpecFromHeader(WithSpans({{12, 4, 1}, {4, 4, 1}, {8, 4, 0}, {0, 1, 1}}), 0);
   ASSERT_TRUE(spec.ok()) << spec.status();
   const std::vector<uint8_t> want = {1, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1};
-  EXPECT_EQ(spec->modality, want);
+  EXPECT_EQ(ModalityVector(*spec), want);
+  EXPECT_EQ(spec->visual_spans.size(), 3u);
   // Text spans only: all text, no vector needed.
   absl::StatusOr<CacheSpec> text = SpecFromHeader(WithSpans({{0, 16, 0}}), 0);
   ASSERT_TRUE(text.ok());
-  EXPECT_TRUE(text->modality.empty());
+  EXPECT_TRUE(text->visual_spans.empty());
 }
 
 TEST(SpecFromHeader, MaxRequestBytes) {
@@ -993,12 +1037,13 @@ TEST(SpecFromHeader, RandomHeadersAreRejectedOrConsistent) {
     ++accepted;
     EXPECT_TRUE(ValidateSpec(*spec).ok());
     EXPECT_LE(*TotalBytes(*spec), limit == 0 ? (1 << 20) : limit);
-    EXPECT_TRUE(spec->modality.empty() || static_cast<int64_t>(spec->modality.size()) == spec->tokens);
+    const std::vector<uint8_t> modality = ModalityVector(*spec);
+    EXPECT_TRUE(modality.empty() || static_cast<int64_t>(modality.size()) == spec->tokens);
     v1::CompressHeader back;
     ToProto(*spec, &back);
     absl::StatusOr<CacheSpec> again = SpecFromHeader(back, 0);
     ASSERT_TRUE(again.ok()) << again.status();
-    EXPECT_EQ(again->modality, spec->modality);
+    EXPECT_EQ(ModalityVector(*again), modality);
   }
   EXPECT_GT(accepted, 1000);
 }
@@ -1020,11 +1065,15 @@ TEST(ValidateSpec, DomainEnumsAndModality) {
   c.stats = static_cast<SpecStats>(9);
   EXPECT_INVALID(ValidateSpec(c, 0, "spec."), "spec.stats: unknown value 9");
   CacheSpec d = ValidSpec();
-  d.modality.assign(15, 0);
-  EXPECT_INVALID(ValidateSpec(d), "header.shape.modality: 15 entries for header.shape.tokens=16");
-  d.modality.assign(16, 0);
-  d.modality[3] = 2;
-  EXPECT_INVALID(ValidateSpec(d), "header.shape.modality: token 3 has modality 2");
+  d.visual_spans = {{4, 13, Modality::kVisual}};
+  EXPECT_INVALID(ValidateSpec(d), "header.shape.modality: visual span 0 (start 4, length 13) is not a visual span "
+                                  "within [0, header.shape.tokens=16)");
+  d.visual_spans = {{4, 4, Modality::kVisual}, {6, 2, Modality::kVisual}};
+  EXPECT_INVALID(ValidateSpec(d), "visual span 1 (start 6, length 2)");
+  d.visual_spans = {{4, 4, Modality::kText}};
+  EXPECT_INVALID(ValidateSpec(d), "visual span 0 (start 4, length 4)");
+  d.visual_spans.assign(kMaxModalitySpans + 1, ModalitySpan{0, 1, Modality::kVisual});
+  EXPECT_INVALID(ValidateSpec(d), "header.shape.modality: 65537 visual spans, at most 65536");
   CacheSpec e = ValidSpec();
   e.kv_heads = -1;
   EXPECT_INVALID(ValidateSpec(e, 0, ""), "shape.kv_heads must be > 0, got -1");
@@ -1071,7 +1120,7 @@ TEST(ToProto, ShapeRoundTrip) {
   EXPECT_EQ(back.shape().modality(2).modality(), v1::MODALITY_VISUAL);
   absl::StatusOr<CacheSpec> again = SpecFromHeader(back, 0);
   ASSERT_TRUE(again.ok()) << again.status();
-  EXPECT_EQ(again->modality, spec->modality);
+  EXPECT_EQ(ModalityVector(*again), ModalityVector(*spec));
   EXPECT_EQ(again->tokens, spec->tokens);
   EXPECT_EQ(again->q_heads, spec->q_heads);
 
@@ -1161,7 +1210,7 @@ TEST(SpecFromInputTest, CopiesTheShapeAndRejectsMixedQueryRows) {
   EXPECT_EQ(spec->q_heads, 4);
   EXPECT_EQ(spec->dtype, DType::kBFloat16);
   EXPECT_EQ(spec->layout, Layout::kNHD);
-  EXPECT_EQ(spec->modality, in.modality);
+  EXPECT_EQ(ModalityVector(*spec), in.modality);
   EXPECT_EQ(spec->stats, SpecStats::kQueries);
   EXPECT_EQ(spec->q_tokens, 4);
   EXPECT_FALSE(spec->has_query_positions);

@@ -1,8 +1,9 @@
 // The server's Prometheus metrics: what each call records (requests by
 // method, policy and code; stage durations equal to the summaries' stage
-// times; bytes; tokens; the per-layer MEDA budgets), the sampled store and
-// admission state, the bounded `layer` label, and the /metrics endpoint
-// (port 0, the text format, a port in use).
+// times; bytes; tokens; the per-layer budgets of every policy), the sampled
+// store, admission and request memory state, the process_* metrics, the
+// bounded `layer` label, and the /metrics endpoint (port 0, the text format,
+// a port in use).
 #include "service/server/metrics.h"
 
 #include <arpa/inet.h>
@@ -15,6 +16,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <ctime>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -265,7 +267,7 @@ TEST_F(MetricsServerTest, CompressRecordsRequestsStagesBytesTokensAndBudgets) {
   EXPECT_EQ(m.Value("medakv_received_bytes_total", {{"method", "Compress"}}), bytes_in);
   EXPECT_EQ(m.Value("medakv_sent_bytes_total", {{"method", "Compress"}}), bytes_out);
 
-  // Tokens, the kept ratio, and the MEDA layer budgets over T (not snapkv's).
+  // Tokens, the kept ratio, and the layer budgets over T, by policy.
   int64_t kept = 0;
   double ratio_sum = 0;
   std::vector<double> budget_sum(kLayers, 0.0);
@@ -283,11 +285,21 @@ TEST_F(MetricsServerTest, CompressRecordsRequestsStagesBytesTokensAndBudgets) {
   EXPECT_NEAR(ratio.sample_sum, ratio_sum, 1e-12);
   EXPECT_EQ(m.Histogram("medakv_compression_ratio", {{"policy", "snapkv"}}).sample_count, 1u);
   for (int l = 0; l < kLayers; ++l) {
-    const auto h = m.Histogram("medakv_meda_layer_budget_ratio", {{"layer", std::to_string(l)}});
+    const auto h = m.Histogram("medakv_layer_budget_ratio", {{"policy", "meda"}, {"layer", std::to_string(l)}});
     EXPECT_EQ(h.sample_count, 3u) << l;
     EXPECT_NEAR(h.sample_sum, budget_sum[l], 1e-12) << l;
   }
-  EXPECT_FALSE(m.Has("medakv_meda_layer_budget_ratio", {{"layer", std::to_string(kLayers)}}));
+  EXPECT_FALSE(m.Has("medakv_layer_budget_ratio", {{"policy", "meda"}, {"layer", std::to_string(kLayers)}}));
+  // A policy other than meda records its layers' budgets too, under its own label.
+  ASSERT_EQ(snapkv->result.layers.size(), static_cast<size_t>(kLayers));
+  for (int l = 0; l < kLayers; ++l) {
+    const auto h = m.Histogram("medakv_layer_budget_ratio", {{"policy", "snapkv"}, {"layer", std::to_string(l)}});
+    EXPECT_EQ(h.sample_count, 1u) << l;
+    EXPECT_NEAR(h.sample_sum, static_cast<double>(snapkv->result.layers[l].budget) / kTokens, 1e-12) << l;
+  }
+  EXPECT_FALSE(m.Has("medakv_layer_budget_ratio", {{"policy", "snapkv"}, {"layer", std::to_string(kLayers)}}));
+  // Series appear with their policy's first compression: none for a policy not used.
+  EXPECT_FALSE(m.Has("medakv_layer_budget_ratio", {{"policy", "h2o"}, {"layer", "0"}}));
   // MEDA gives the layers different budgets: the metric is not a constant.
   EXPECT_NE(budget_sum[0], budget_sum[kLayers - 1]);
   EXPECT_EQ(m.Value("medakv_build_info", {{"version", "0.1.0"}, {"backend", "cpu"}}), 1);
@@ -423,7 +435,7 @@ TEST_F(MetricsServerTest, StoreCallsEvictionsAndStoreGauges) {
   EXPECT_EQ(m.Histogram("medakv_queue_wait_seconds", {{"method", "CompressCache"}}).sample_count, 1u);
   ASSERT_EQ(compressed.layers_size(), kLayers);
   for (int l = 0; l < kLayers; ++l) {
-    const auto h = m.Histogram("medakv_meda_layer_budget_ratio", {{"layer", std::to_string(l)}});
+    const auto h = m.Histogram("medakv_layer_budget_ratio", {{"policy", "meda"}, {"layer", std::to_string(l)}});
     EXPECT_EQ(h.sample_count, 1u);
     EXPECT_NEAR(h.sample_sum, static_cast<double>(compressed.layers(l).budget()) / kTokens, 1e-12);
   }
@@ -446,8 +458,11 @@ TEST_F(MetricsServerTest, StoreCallsEvictionsAndStoreGauges) {
 TEST_F(MetricsServerTest, AdmissionSlotsQueueAndInFlight) {
   ServerOptions o;
   o.max_inflight = 1;
+  o.max_request_bytes = int64_t{3} << 30;
   StartServer(o);
   EXPECT_EQ(Collect().Value("medakv_admission_slots", {}), 1);
+  // The bound on inflight request memory: --max_inflight x --max_request_bytes.
+  EXPECT_EQ(Collect().Value("medakv_request_memory_bound_bytes", {}), int64_t{3} << 30);
   // The first call takes the only slot at its header and holds it while its
   // upload is open; the second waits in the queue.
   grpc::ClientContext first_ctx, second_ctx;
@@ -601,6 +616,15 @@ TEST_F(MetricsServerTest, ServesPrometheusTextOnAnyFreePort) {
   EXPECT_NE(text.find("medakv_build_info{backend=\"cpu\",version=\"0.1.0\"} 1"), std::string::npos);
   EXPECT_NE(text.find("# TYPE medakv_stage_duration_seconds histogram"), std::string::npos);
   EXPECT_NE(text.find("medakv_store_capacity_bytes{tier=\"host\"} 8589934592"), std::string::npos);
+  EXPECT_NE(text.find("medakv_request_memory_bytes{state=\"inflight\"} 0"), std::string::npos);
+  EXPECT_NE(text.find("medakv_request_memory_bound_bytes "), std::string::npos);
+  // The process metrics, under their conventional names and types.
+  for (const char* family : {"process_cpu_seconds_total counter", "process_resident_memory_bytes gauge",
+                             "process_virtual_memory_bytes gauge", "process_start_time_seconds gauge",
+                             "process_open_fds gauge", "process_max_fds gauge"}) {
+    EXPECT_NE(text.find(absl::StrCat("# TYPE ", family, "\n")), std::string::npos) << family;
+  }
+  EXPECT_NE(text.find("\nprocess_resident_memory_bytes "), std::string::npos);
   // No label carries a cache id or a peer address.
   EXPECT_EQ(text.find("cache_id"), std::string::npos);
   EXPECT_EQ(text.find("peer"), std::string::npos);
@@ -652,7 +676,7 @@ TEST(MetricsTest, EvictionCountersFollowTheStoreAndNeverGoBack) {
   EXPECT_EQ(Collected(metrics).Value("medakv_store_used_bytes", {{"tier", "host"}}), 100);
 }
 
-TEST(MetricsTest, LayerLabelIsCappedAndOnlyMedaIsRecorded) {
+TEST(MetricsTest, LayerLabelIsCappedAndEveryPolicyIsRecorded) {
   Metrics metrics("0", "cpu");
   CompressResult r;
   const int64_t layers = server::kMaxBudgetLayers + 2;
@@ -662,25 +686,123 @@ TEST(MetricsTest, LayerLabelIsCappedAndOnlyMedaIsRecorded) {
   for (const LayerResult& l : r.layers) r.tokens_kept += l.budget;
   metrics.ObserveCompression(PolicyKind::kMeda, r, 10);
   metrics.ObserveCompression(PolicyKind::kPyramidKV, r, 10);
+  metrics.ObserveCompression(PolicyKind::kAmber, r, 10);
+  metrics.ObserveCompression(PolicyKind::kAmber, r, 10);
   const Collected m(metrics);
-  std::set<std::string> labels;
+  std::map<std::string, std::set<std::string>> labels;  // policy: layers
   for (const prometheus::MetricFamily& f : m.families()) {
-    if (f.name != "medakv_meda_layer_budget_ratio") continue;
-    for (const auto& s : f.metric) labels.insert(s.label.at(0).value);
+    if (f.name != "medakv_layer_budget_ratio") continue;
+    for (const auto& s : f.metric) {
+      Labels got;
+      for (const auto& l : s.label) got[l.name] = l.value;
+      ASSERT_EQ(got.size(), 2u);
+      labels[got["policy"]].insert(got["layer"]);
+    }
   }
-  EXPECT_EQ(labels.size(), static_cast<size_t>(server::kMaxBudgetLayers + 1));
-  EXPECT_EQ(labels.count("other"), 1u);
-  EXPECT_EQ(labels.count(std::to_string(server::kMaxBudgetLayers)), 0u);
-  const auto last =
-      m.Histogram("medakv_meda_layer_budget_ratio", {{"layer", std::to_string(server::kMaxBudgetLayers - 1)}});
-  EXPECT_EQ(last.sample_count, 1u);
-  EXPECT_DOUBLE_EQ(last.sample_sum, ((server::kMaxBudgetLayers - 1) % 10 + 1) / 10.0);
-  const auto other = m.Histogram("medakv_meda_layer_budget_ratio", {{"layer", "other"}});
-  EXPECT_EQ(other.sample_count, 2u);
-  EXPECT_DOUBLE_EQ(other.sample_sum,
-                   (server::kMaxBudgetLayers % 10 + 1 + (server::kMaxBudgetLayers + 1) % 10 + 1) / 10.0);
+  ASSERT_EQ(labels.size(), 3u);  // the policies used, no other
+  for (const auto& [policy, layer_labels] : labels) {
+    EXPECT_TRUE(policy == "meda" || policy == "pyramidkv" || policy == "amber") << policy;
+    EXPECT_EQ(layer_labels.size(), static_cast<size_t>(server::kMaxBudgetLayers + 1)) << policy;
+    EXPECT_EQ(layer_labels.count("other"), 1u) << policy;
+    EXPECT_EQ(layer_labels.count(std::to_string(server::kMaxBudgetLayers)), 0u) << policy;
+  }
+  for (const auto& [policy, runs] : std::map<std::string, uint64_t>{{"meda", 1}, {"pyramidkv", 1}, {"amber", 2}}) {
+    const auto first = m.Histogram("medakv_layer_budget_ratio", {{"policy", policy}, {"layer", "0"}});
+    EXPECT_EQ(first.sample_count, runs) << policy;
+    EXPECT_DOUBLE_EQ(first.sample_sum, runs * 0.1) << policy;
+    const auto last = m.Histogram("medakv_layer_budget_ratio",
+                                  {{"policy", policy}, {"layer", std::to_string(server::kMaxBudgetLayers - 1)}});
+    EXPECT_EQ(last.sample_count, runs) << policy;
+    EXPECT_DOUBLE_EQ(last.sample_sum, runs * ((server::kMaxBudgetLayers - 1) % 10 + 1) / 10.0) << policy;
+    const auto other = m.Histogram("medakv_layer_budget_ratio", {{"policy", policy}, {"layer", "other"}});
+    EXPECT_EQ(other.sample_count, 2 * runs) << policy;
+    EXPECT_DOUBLE_EQ(other.sample_sum,
+                     runs * (server::kMaxBudgetLayers % 10 + 1 + (server::kMaxBudgetLayers + 1) % 10 + 1) / 10.0)
+        << policy;
+    // Seven buckets up to 1, then +Inf: each layer's ratio is at most 1.
+    ASSERT_EQ(first.bucket.size(), 8u);
+    EXPECT_DOUBLE_EQ(first.bucket[6].upper_bound, 1);
+  }
   EXPECT_EQ(m.Value("medakv_tokens_in_total", {{"policy", "pyramidkv"}}), r.tokens_in);
   EXPECT_EQ(m.Histogram("medakv_compression_ratio", {{"policy", "meda"}}).sample_count, 1u);
+}
+
+TEST(MetricsTest, RequestMemoryGaugesAreWhatTheSamplerReturns) {
+  Metrics metrics("0", "cpu");
+  {
+    // The series exist from the start, at 0.
+    const Collected fresh(metrics);
+    EXPECT_EQ(fresh.Value("medakv_request_memory_bytes", {{"state", "inflight"}}), 0);
+    EXPECT_EQ(fresh.Value("medakv_request_memory_bytes", {{"state", "queued"}}), 0);
+    EXPECT_EQ(fresh.Value("medakv_request_memory_bound_bytes", {}), 0);
+  }
+  MetricsSample sample;
+  sample.held_inflight_bytes = int64_t{3} << 30;
+  sample.held_queued_bytes = 12345;
+  sample.held_bound_bytes = int64_t{32} << 30;
+  metrics.SetSampler([&] { return sample; });
+  {
+    const Collected m(metrics);
+    EXPECT_EQ(m.Value("medakv_request_memory_bytes", {{"state", "inflight"}}), sample.held_inflight_bytes);
+    EXPECT_EQ(m.Value("medakv_request_memory_bytes", {{"state", "queued"}}), sample.held_queued_bytes);
+    EXPECT_EQ(m.Value("medakv_request_memory_bound_bytes", {}), sample.held_bound_bytes);
+  }
+  sample.held_inflight_bytes = 0;  // calls ended: the gauge goes down
+  sample.held_queued_bytes = 7;
+  const Collected m(metrics);
+  EXPECT_EQ(m.Value("medakv_request_memory_bytes", {{"state", "inflight"}}), 0);
+  EXPECT_EQ(m.Value("medakv_request_memory_bytes", {{"state", "queued"}}), 7);
+  EXPECT_EQ(m.Value("medakv_request_memory_bound_bytes", {}), sample.held_bound_bytes);
+  for (const prometheus::MetricFamily& f : m.families()) {
+    if (f.name == "medakv_request_memory_bytes") {
+      EXPECT_EQ(f.metric.size(), 2u);  // inflight, queued
+    }
+  }
+}
+
+// The process_* metrics in `families` (one unlabelled sample each): name -> value.
+std::map<std::string, double> ProcessValues(const std::vector<prometheus::MetricFamily>& families) {
+  std::map<std::string, double> out;
+  for (const prometheus::MetricFamily& f : families) {
+    if (f.name.rfind("process_", 0) != 0) continue;
+    EXPECT_EQ(f.metric.size(), 1u) << f.name;
+    if (f.metric.size() != 1) continue;
+    EXPECT_TRUE(f.metric[0].label.empty()) << f.name;
+    EXPECT_EQ(f.type,
+              f.name == "process_cpu_seconds_total" ? prometheus::MetricType::Counter : prometheus::MetricType::Gauge)
+        << f.name;
+    out[f.name] = f.metric[0].counter.value + f.metric[0].gauge.value;
+  }
+  return out;
+}
+
+TEST(MetricsTest, ProcessMetricsArePlausible) {
+  Metrics metrics("0", "cpu");
+  // Some CPU time to count.
+  volatile double x = 0;
+  for (int i = 0; i < 2000000; ++i) x = x + 1e-9 * i;
+  std::map<std::string, double> p = ProcessValues(Collected(metrics).families());
+  ASSERT_EQ(p.size(), 6u) << "process_* families: " << p.size();
+  EXPECT_GT(p["process_resident_memory_bytes"], 1 << 20);  // at least a MiB: this test binary is running
+  EXPECT_GE(p["process_virtual_memory_bytes"], p["process_resident_memory_bytes"]);
+  EXPECT_GE(p["process_open_fds"], 3);  // stdin, stdout, stderr
+  EXPECT_GE(p["process_max_fds"], p["process_open_fds"]);
+  EXPECT_GE(p["process_cpu_seconds_total"], 0);
+  const double now = static_cast<double>(std::time(nullptr));
+  EXPECT_LE(p["process_start_time_seconds"], now + 1);
+  EXPECT_GT(p["process_start_time_seconds"], now - 3600);  // this test started within the hour
+
+  // The values follow the process: a new descriptor is counted, and CPU time does not go back.
+  const int fd = dup(1);
+  ASSERT_GE(fd, 0);
+  const std::map<std::string, double> after = ProcessValues(Collected(metrics).families());
+  close(fd);
+  EXPECT_GE(after.at("process_open_fds"), p["process_open_fds"] + 1);
+  EXPECT_GE(after.at("process_cpu_seconds_total"), p["process_cpu_seconds_total"]);
+  EXPECT_DOUBLE_EQ(after.at("process_start_time_seconds"), p["process_start_time_seconds"]);
+
+  // Without /proc, the series are left out (not reported as 0).
+  EXPECT_TRUE(server::ProcessMetrics("/nonexistent-proc").empty());
 }
 
 TEST(MetricsTest, CallMetricsCountsOnceAndTracksInFlight) {

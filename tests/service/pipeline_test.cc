@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <numeric>
 #include <set>
@@ -16,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "kernels/common/tensor_util.h"
 #include "kernels/cpu/budget.h"
 #include "tests/kernels/test_util.h"
 #include "tests/service/test_cache.h"
@@ -332,6 +334,41 @@ TEST(PipelineValidationTest, RejectsStatisticsThatOverflow) {
   EXPECT_TRUE(full.ok()) << full.status();  // no statistics: nothing overflows
 }
 
+// A NaN or infinity anywhere in the keys, values or queries is refused with
+// its place, for every dtype and layout, by every policy (full too), and by
+// ComputeStatistics; the same cache without it compresses.
+TEST(PipelineValidationTest, RejectsNonFiniteTensors) {
+  const float kBad[] = {NAN, INFINITY, -INFINITY};
+  for (DType dtype : {DType::kFloat16, DType::kBFloat16, DType::kFloat32}) {
+    for (Layout layout : {Layout::kHND, Layout::kNHD}) {
+      for (int which = 0; which < 3; ++which) {
+        for (float bad : kBad) {
+          const char* name = which == 0 ? "key" : which == 1 ? "value" : "query";
+          SCOPED_TRACE(absl::StrCat(DTypeName(dtype), " ", LayoutName(layout), " ", name, " ", bad));
+          // 2 layers, 3 kv heads (q_heads 6), 11 tokens, head_dim 5, 4 query rows.
+          TestCache c = MakeCache(dtype, layout, 2, 3, 2, 11, 5, 4, test::VisualPattern::kMiddle, 5);
+          HostTensor& t = which == 0 ? c.keys[1] : which == 1 ? c.values[1] : c.queries[1];
+          const int64_t head = which == 2 ? 4 : 2, token = 3, dim = 4;
+          const int64_t at = t.view().RowOffset(head, token) + dim;  // RowOffset counts elements
+          RowFromFloat(dtype, &bad, static_cast<char*>(t.data()) + at * DTypeSize(dtype), 1);
+          const std::string want = absl::StrCat("layer 1 ", name, ": the value at head ", head, ", token 3, dim 4 is not finite (",
+                                                std::isnan(bad) ? "nan" : bad > 0 ? "inf" : "-inf", ")");
+          for (PolicyKind p : {PolicyKind::kFull, PolicyKind::kMeda, PolicyKind::kSnapKV, PolicyKind::kAmber}) {
+            ExpectInvalid(c.input, DefaultOptions(p), want);
+          }
+          absl::StatusOr<Statistics> st = ComputeStatistics(c.input, DefaultOptions(PolicyKind::kMeda), *MakeCpuBackend());
+          ASSERT_FALSE(st.ok());
+          EXPECT_EQ(st.status().code(), absl::StatusCode::kInvalidArgument);
+          EXPECT_NE(std::string(st.status().message()).find(want), std::string::npos) << st.status();
+          const float fine = 0.5f;
+          RowFromFloat(dtype, &fine, static_cast<char*>(t.data()) + at * DTypeSize(dtype), 1);
+          EXPECT_TRUE(Compress(c.input, DefaultOptions(PolicyKind::kMeda), *MakeCpuBackend()).ok());
+        }
+      }
+    }
+  }
+}
+
 TEST(PipelineValidationTest, RejectsBadOptions) {
   TestCache c = MakeCache(DType::kFloat32, Layout::kHND, 2, 1, 1, 10, 4, 2, test::VisualPattern::kNone, 4);
   const std::pair<std::function<void(CompressOptions&)>, std::string> cases[] = {
@@ -339,6 +376,10 @@ TEST(PipelineValidationTest, RejectsBadOptions) {
       {[](CompressOptions& o) { o.budget.rho = 1.5; }, "rho"},
       {[](CompressOptions& o) { o.budget.rho = NAN; }, "rho"},
       {[](CompressOptions& o) { o.budget.tau = 0.0; }, "tau"},
+      {[](CompressOptions& o) { o.budget.tau = 5e-324; }, "tau must be in [1e-06, 1e+06], got 4.94066e-324"},
+      {[](CompressOptions& o) { o.scale = 3e38f; }, "scale must be in [0, 10000]"},
+      {[](CompressOptions& o) { o.pool_kernel = 2147483647; }, "pool_kernel must be odd and in [1, 1023]"},
+      {[](CompressOptions& o) { o.pyramid_beta = 5e-324; }, "pyramid_beta must be in [0.001, 1e+06]"},
       {[](CompressOptions& o) { o.budget.alpha_min = 0.5; o.budget.alpha_max = 0.2; }, "alpha_min"},
       {[](CompressOptions& o) { o.recent_fraction = -0.1; }, "recent_fraction"},
       {[](CompressOptions& o) { o.scale = -1.f; }, "scale"},

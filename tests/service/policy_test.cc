@@ -1,4 +1,4 @@
-// Each policy's defining behaviour on hand-made inputs (ALGORITHM.md,
+// Each policy's defining behaviour on hand-made inputs (docs/algorithm.md,
 // "Baselines"): what it keeps, its budgets, and its merge.
 #include <gtest/gtest.h>
 

@@ -163,7 +163,7 @@ TEST(PresetTableTest, FileErrorsNameTheLine) {
   ExpectError(second("B", "h2o {}"), absl::StatusCode::kInvalidArgument, "preset 2 ('B'): name 'B'");
   ExpectError(second("none", "h2o {}"), absl::StatusCode::kInvalidArgument, "reserved");
   ExpectError(second("b", "meda { tau: -1 }"), absl::StatusCode::kInvalidArgument,
-              "f.txtpb:3: preset 2 ('b'): policy.meda.tau must be > 0");
+              "f.txtpb:3: preset 2 ('b'): policy.meda.tau must be in [1e-06, 1e+06], got -1");
   ExpectError(second("b", "rho: 2 h2o {}"), absl::StatusCode::kInvalidArgument, "policy.rho must be in (0, 1]");
   ExpectError(second("b", "preset: \"a\""), absl::StatusCode::kInvalidArgument,
               "a preset cannot name another preset");

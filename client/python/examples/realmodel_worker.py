@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--server", default="127.0.0.1:50051", help="medakv-server host:port")
     p.add_argument("--policy", default="meda", choices=medakv.POLICIES,
-                   help="compression policy (default meda, the server's and the CLI's default)")
+                   help="compression policy (default meda, this example's choice; a request that names no "
+                        "policy gets the server's `default` preset, else amber at rho 0.2)")
     p.add_argument("--rho", type=float, default=0.2, help="fraction of the cache to keep (default 0.2)")
     p.add_argument("--text", default=DEFAULT_TEXT, help=f"document of the prompt (default {DEFAULT_TEXT})")
     p.add_argument("--question", default=DEFAULT_QUESTION, help="question asked after the document")

@@ -29,7 +29,9 @@ def cli_compress(cli: Path, tmp_path: Path, cache: Dict[str, Any], dtype: str, l
     write_cache(source, dtype, cache["keys"], cache["values"], queries=cache.get("queries"),
                 query_positions=cache.get("query_positions"), scores=cache.get("scores"),
                 entropy=cache.get("entropy"), modality=cache.get("modality"))
-    args = [str(cli), "compress", str(source), "-o", str(output), "--layout", layout, "--policy", policy,
+    # --local: the tests' $MEDAKV_SERVER names the server binary, and `medakv
+    # compress` would take it for the servers to compress on.
+    args = [str(cli), "compress", str(source), "-o", str(output), "--local", "--layout", layout, "--policy", policy,
             "--rho", repr(rho)]
     for name, value in options.items():
         flag = "--" + ("pyramid-beta" if name == "pyramid_beta" else name.replace("_", "-"))

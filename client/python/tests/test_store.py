@@ -10,6 +10,7 @@ from conftest import random_cache
 from test_compress import raw
 
 import medakv
+from medakv.v1 import medakv_pb2 as pb
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +124,27 @@ def test_get_cache_as_torch(store):
     assert got.layers[0].key.dtype == torch.bfloat16 and got.layers[0].positions.dtype == torch.int32
     assert raw(got.layers[0].key) == raw(cache["keys"][0])
     store.delete_cache("torch/a")
+
+
+def test_list_follows_the_servers_pages(store):
+    """Entries with 60000 visual spans each make CacheInfo messages of ~0.5 MB: the server's pages end early
+    (2 MiB), and list_caches follows them to return every entry, in id order."""
+    tokens = 120_000
+    keys = [np.zeros((1, tokens, 1), dtype=np.float16)]  # 1 layer, 1 kv head, head_dim 1
+    modality = np.zeros(tokens, dtype=np.uint8)
+    modality[::2] = 1  # 60000 visual runs
+    ids = [f"pages/{i}" for i in range(6)]
+    for i in ids:
+        store.put_cache(i, keys=keys, values=keys, modality=modality)
+    try:
+        listed = store.list_caches("pages/")
+        assert [c.cache_id for c in listed] == ids
+        assert len(store.list_caches("pages/", limit=4)) == 4
+        # One raw request: the first page stops before the byte bound, and says where to go on.
+        raw_page = store._stub.ListCaches(pb.ListCachesRequest(prefix="pages/"), timeout=10)
+        assert 0 < len(raw_page.caches) < len(ids)
+        assert raw_page.next_page_token == raw_page.caches[-1].cache_id
+        assert raw_page.ByteSize() <= (2 << 20) + 600_000
+    finally:
+        for i in ids:
+            store.delete_cache(i)

@@ -502,19 +502,31 @@ class Client:
         return int(response.bytes_freed)
 
     def list_caches(self, prefix: str = "", *, limit: int = 0, timeout: Optional[float] = None) -> List[CacheInfo]:
-        """The stored caches whose id starts with ``prefix``, at most ``limit`` (0: the server's 1000)."""
+        """The stored caches whose id starts with ``prefix``, sorted by id, at most ``limit`` (0: 1000).
+
+        Follows the server's pages (a page ends early when entries with many modality spans would make it
+        large), so ``limit`` caches come back whenever that many are stored.
+        """
         if not isinstance(prefix, str):
             raise TypeError(f"prefix: expected a str, got {type(prefix).__name__}")
         limit = _check_int("limit", limit)
         if not (0 <= limit < 2**31):
             raise ValueError(f"limit must be in [0, {2**31 - 1}] (0: the server's default), got {limit}")
         timeout = self._call_timeout(timeout)
-        try:
-            response = self._stub.ListCaches(pb.ListCachesRequest(prefix=prefix, limit=limit), timeout=timeout,
-                                             wait_for_ready=self._wait_for_ready, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise self._error(e, "ListCaches") from None
-        return [_cache_info(c) for c in response.caches]
+        want = limit if limit > 0 else 1000
+        out: List[CacheInfo] = []
+        token = ""
+        while True:
+            try:
+                response = self._stub.ListCaches(
+                    pb.ListCachesRequest(prefix=prefix, limit=want - len(out), page_token=token), timeout=timeout,
+                    wait_for_ready=self._wait_for_ready, metadata=self._metadata)
+            except grpc.RpcError as e:
+                raise self._error(e, "ListCaches") from None
+            out.extend(_cache_info(c) for c in response.caches)
+            token = response.next_page_token
+            if not token or len(out) >= want:
+                return out
 
     def stats(self, *, timeout: Optional[float] = None) -> ServerStats:
         """The store's tiers (capacity, use, entries, evictions), compressions in flight, backend, version."""

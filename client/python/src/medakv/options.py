@@ -7,7 +7,7 @@ convert.cc), so a request that passes them is not refused for its policy.
 
 | option | policies | values (default) |
 |---|---|---|
-| ``tau`` | meda, amber | finite > 0 (1) |
+| ``tau`` | meda, amber | [1e-6, 1e6] (1) |
 | ``alpha_min``, ``alpha_max`` | meda, amber | [0, 1] (0.01), (0, 1] (1.0); alpha_min <= alpha_max |
 | ``exact_total`` | meda | bool (True) |
 | ``entropy_heads`` | meda, amber | "mean_attention", "mean_entropy" |
@@ -21,16 +21,15 @@ convert.cc), so a request that passes them is not refused for its policy.
 | ``shared_selection`` | same | bool (False) |
 | ``merge`` | same | "average", "pivotal", "weighted", "none" (meda: average, look_m: pivotal, others: none) |
 | ``merge_threshold`` | same | "none", "mean" (none) |
-| ``scale`` | same | finite >= 0; 0 means 1/sqrt(head_dim) (0) |
+| ``scale`` | same | [0, 1e4]; 0 means 1/sqrt(head_dim) (0) |
 | ``sinks`` | streaming_llm, amber | int >= 0 (4; amber 0) |
 | ``window`` | snapkv, pyramidkv | int >= 1 (64) |
-| ``pool_kernel`` | snapkv, pyramidkv | odd int >= 1 (5) |
-| ``pyramid_beta`` | pyramidkv | finite > 0 (20) |
+| ``pool_kernel`` | snapkv, pyramidkv | odd int in [1, 1023] (5) |
+| ``pyramid_beta`` | pyramidkv | [1e-3, 1e6] (20) |
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 import re
 from typing import Any, Dict, Mapping, Tuple, TypedDict
@@ -76,7 +75,11 @@ _ENUMS: Dict[str, Dict[str, int]] = {
 }
 
 _INT32_MAX = 2**31 - 1
-_FLOAT32_MAX = 3.4028234663852886e38
+# The server's ranges (kernels/cpu/budget.h, service/compress/options.h).
+_TAU_RANGE = (1e-6, 1e6)
+_PYRAMID_BETA_RANGE = (1e-3, 1e6)
+_MAX_SCALE = 1e4
+_MAX_POOL_KERNEL = 1023
 
 
 class PolicyOptions(TypedDict, total=False):
@@ -230,8 +233,8 @@ def build_policy(policy: str | None = None, rho: float | None = None, options: M
             s.merge_threshold = _enum("merge_threshold", given["merge_threshold"])  # type: ignore[assignment]
         if "scale" in given:
             v = _real("scale", given["scale"])
-            if not (math.isfinite(v) and 0.0 <= v <= _FLOAT32_MAX):
-                raise ValueError(f"scale must be finite and >= 0 (0: 1/sqrt(head_dim)), got {given['scale']}")
+            if not 0.0 <= v <= _MAX_SCALE:
+                raise ValueError(f"scale must be in [0, {_MAX_SCALE:g}] (0: 1/sqrt(head_dim)), got {given['scale']}")
             s.scale = v
 
     def window_and_kernel(m: Any) -> None:
@@ -242,14 +245,14 @@ def build_policy(policy: str | None = None, rho: float | None = None, options: M
             m.window = v
         if "pool_kernel" in given:
             v = _int("pool_kernel", given["pool_kernel"])
-            if not (1 <= v <= _INT32_MAX) or v % 2 == 0:
-                raise ValueError(f"pool_kernel must be odd and in [1, {_INT32_MAX}], got {v}")
+            if not (1 <= v <= _MAX_POOL_KERNEL) or v % 2 == 0:
+                raise ValueError(f"pool_kernel must be odd and in [1, {_MAX_POOL_KERNEL}], got {v}")
             m.pool_kernel = v
 
-    def positive(k: str) -> float:
+    def in_range(k: str, lo: float, hi: float) -> float:
         v = _real(k, given[k])
-        if not (math.isfinite(v) and v > 0.0):
-            raise ValueError(f"{k} must be finite and > 0, got {given[k]}")
+        if not lo <= v <= hi:
+            raise ValueError(f"{k} must be in [{lo:g}, {hi:g}], got {given[k]}")
         return v
 
     def sinks(m: Any) -> None:
@@ -262,7 +265,7 @@ def build_policy(policy: str | None = None, rho: float | None = None, options: M
     # The budget and entropy options of meda and amber.
     def budget_and_entropy(m: Any) -> None:
         if "tau" in given:
-            m.tau = positive("tau")
+            m.tau = in_range("tau", *_TAU_RANGE)
         alpha_min, alpha_max = 0.01, 1.0
         if "alpha_min" in given:
             alpha_min = _real("alpha_min", given["alpha_min"])
@@ -325,7 +328,7 @@ def build_policy(policy: str | None = None, rho: float | None = None, options: M
         message.pyramidkv.SetInParent()
         window_and_kernel(message.pyramidkv)
         if "pyramid_beta" in given:
-            message.pyramidkv.beta = positive("pyramid_beta")
+            message.pyramidkv.beta = in_range("pyramid_beta", *_PYRAMID_BETA_RANGE)
         fill_select(message.pyramidkv.select)
     else:  # look_m
         message.look_m.SetInParent()
