@@ -8,7 +8,7 @@
 # than the allowance (--max-growth-mib, 64 MiB by default).
 #   scripts/soak.sh [--duration 600] [--concurrency 32] [--warmup 300] [--out DIR]
 #                   [--max-growth-mib 64] [--build DIR] [--tokens] [--fixed-mmap-threshold]
-#                   [--report-only]
+#                   [--report-only] [--attacks]
 # The warm-up covers the store filling up (seconds) and glibc's allocator
 # reaching its steady size, which takes 3-5 minutes at these rates on a
 # 2-core machine (measured: the RSS rises by 100-200 MiB to a plateau as
@@ -18,12 +18,19 @@
 # kernel and the RSS follows live memory. --report-only analyses DIR again
 # (for example with another --warmup) without running anything.
 # --tokens runs the server with --auth_tokens_file and the clients with a token.
+# --attacks also runs hostile clients beside the load for the whole duration
+# (the attack loop of tests/client/hostile_test.cc: quadratic requests under a
+# 1 s deadline, stalled uploads and downloads, queued headers announcing 2^24
+# visual tokens, a PutCache header claiming 1 GiB), with the server at
+# --idle_timeout=5s and --max_request_bytes=1GiB; it then also requires the
+# RSS to stay under the README's bound (--max_inflight x 1.3 x
+# --max_request_bytes + --host_cache_bytes + 64 queued headers of 1 MiB).
 # Writes DIR/rss.csv (seconds, rss_kib), DIR/bench-*.json, DIR/server.log and
 # DIR/summary.txt; prints the summary.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 duration=600 concurrency=32 warmup=300 out="" max_growth_mib=64 build="$root/build" tokens=0 report_only=0
-fixed_mmap=0
+fixed_mmap=0 attacks=0
 while [ $# -gt 0 ]; do
   case $1 in
     --duration) duration=$2; shift 2 ;;
@@ -35,6 +42,7 @@ while [ $# -gt 0 ]; do
     --tokens) tokens=1; shift ;;
     --report-only) report_only=1; shift ;;
     --fixed-mmap-threshold) fixed_mmap=1; shift ;;
+    --attacks) attacks=1; shift ;;
     *) echo "soak: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -43,12 +51,12 @@ if [ "$concurrency" -lt 4 ] || [ "$warmup" -ge "$duration" ]; then
   exit 2
 fi
 report() {
-python3 - "$out" "$warmup" "$max_growth_mib" "$bench_failed" "$concurrency" "$duration" <<'PY'
+python3 - "$out" "$warmup" "$max_growth_mib" "$bench_failed" "$concurrency" "$duration" "$bound_mib" <<'PY'
 import csv, json, sys
 from pathlib import Path
-out, warmup, allowance, bench_failed, concurrency, duration = (Path(sys.argv[1]), int(sys.argv[2]),
-                                                                float(sys.argv[3]), int(sys.argv[4]),
-                                                                int(sys.argv[5]), int(sys.argv[6]))
+out, warmup, allowance, bench_failed, concurrency, duration, bound_mib = (
+    Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]),
+    int(sys.argv[7]))
 rows = [(int(r["seconds"]), int(r["rss_kib"])) for r in csv.DictReader(open(out / "rss.csv"))]
 
 reports = {}
@@ -104,6 +112,13 @@ if growth_mib > allowance:
     lines.append(f"  RSS grew {growth_mib:.1f} MiB after the warm-up, more than the {allowance:.0f} MiB allowed")
 if not after:
     lines.append("  no RSS sample after the warm-up")
+attacks = out / "attacks.log"
+if attacks.exists():
+    lines += ["  " + l for l in attacks.read_text().splitlines() if l.startswith(("attacks:", "  "))]
+    overall_peak = max((kib for _, kib in rows), default=0) / 1024
+    lines.append(f"  RSS peak over the whole run {overall_peak:.0f} MiB; the README's bound {bound_mib} MiB")
+    if bound_mib and overall_peak > bound_mib:
+        ok = False
 lines.append("soak: PASSED" if ok else "soak: FAILED")
 (out / "summary.txt").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
@@ -113,8 +128,9 @@ PY
 }
 if [ "$report_only" -eq 1 ]; then
   [ -n "$out" ] && [ -f "$out/rss.csv" ] || { echo "soak: --report-only needs --out DIR of an earlier run" >&2; exit 2; }
-  bench_failed=0
+  bench_failed=0 bound_mib=0
   [ -f "$out/bench_failed" ] && bench_failed=$(cat "$out/bench_failed")
+  [ -f "$out/bound_mib" ] && bound_mib=$(cat "$out/bound_mib")
   report
   exit $?
 fi
@@ -132,6 +148,13 @@ mkdir -p "$out"
 # The store holds all of it (no eviction: a get would find its id evicted).
 flags=(--listen=127.0.0.1:0 --metrics_listen= --backend=cpu --host_cache_bytes=$((2 << 30))
   --max_inflight=8 --queue_timeout=120s)
+bound_mib=0
+if [ "$attacks" -eq 1 ]; then
+  attacker=$build/tests/client/medakv_hostile_test
+  [ -x "$attacker" ] || { echo "soak: $attacker not found (build the tests first)" >&2; exit 1; }
+  flags+=(--idle_timeout=5s --max_request_bytes=$((1 << 30)))
+  bound_mib=$(( 8 * 1024 * 13 / 10 + 2048 + 64 ))
+fi
 if [ "$tokens" -eq 1 ]; then
   token=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
   printf '%s soak\n' "$token" >"$out/tokens"
@@ -185,10 +208,16 @@ bench_pids+=($!)
 "$medakv" bench --server "$server" --op get --concurrency $((concurrency - half - quarter)) --duration "$duration" \
   "${shape[@]}" --json >"$out/bench-get.json" 2>"$out/bench-get.err" &
 bench_pids+=($!)
+if [ "$attacks" -eq 1 ]; then
+  MEDAKV_HOSTILE_ATTACK="$server,$duration" "$attacker" --gtest_filter=HostileTest.AttackLoop \
+    >"$out/attacks.log" 2>&1 &
+  bench_pids+=($!)
+fi
 bench_failed=0
 for p in "${bench_pids[@]}"; do wait "$p" || bench_failed=1; done
 bench_pids=()
 sleep 2  # a last sample or two after the load
 echo "$bench_failed" >"$out/bench_failed"
+echo "$bound_mib" >"$out/bound_mib"
 report
 

@@ -166,9 +166,9 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
     }
     absl::StatusOr<int64_t> total = TotalBytes(*spec);
     if (!total.ok()) return Fail(total.status());
-    // The entry also keeps int32 positions per kv head and token.
+    // The entry also keeps int32 positions per kv head and token, and its spans.
     const int64_t positions = spec->layers * spec->kv_heads * spec->tokens * 4;
-    final_bytes_ = *total + positions;
+    final_bytes_ = *total + positions + static_cast<int64_t>(spec->visual_spans.size() * sizeof(ModalitySpan));
     absl::StatusOr<Reservation> reservation = ReserveFor(h.tier(), final_bytes_);
     if (!reservation.ok()) return Fail(reservation.status());
     auto_tier_ = h.tier() == v1::CACHE_TIER_AUTO;

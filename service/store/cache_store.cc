@@ -229,8 +229,10 @@ absl::Status ValidateTenant(absl::string_view tenant) {
   return absl::OkStatus();
 }
 
+static_assert(sizeof(ModalitySpan) == 24, "CacheInfo.bytes documents 24 bytes per modality span");
+
 int64_t StoredCache::ComputeBytes() const {
-  int64_t bytes = 0;
+  int64_t bytes = static_cast<int64_t>(description.modality.size() * sizeof(ModalitySpan));
   for (size_t l = 0; l < layers.size(); ++l) {
     const bool missing = on_device() && l >= device.size();  // malformed: ValidateStoredCache says so
     const LayerBytes b = missing ? LayerBytes{} : BytesOf(*this, l);

@@ -165,7 +165,8 @@ struct StoredCache {
   int64_t bytes = 0;  // ComputeBytes()
 
   // The sum of the sizes of every buffer (keys, values, positions,
-  // statistics), the same in either form.
+  // statistics) and of its modality spans (sizeof(ModalitySpan) each, kept
+  // in host memory in either form), the same in either form.
   int64_t ComputeBytes() const;
   bool on_device() const { return !device.empty(); }
 };

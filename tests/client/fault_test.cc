@@ -131,9 +131,10 @@ std::string Describe(const StoreView& v) {
 }
 
 // The bytes the store charges for an uploaded cache with its statistics:
-// keys, values, queries (or scores) and int32 positions per kv head and token.
+// keys, values, queries (or scores), int32 positions per kv head and token,
+// and its visual spans.
 int64_t EntryBytes(const CacheInput& in) {
-  int64_t total = 0;
+  int64_t total = static_cast<int64_t>(SpansFromModality(in.modality).size() * sizeof(ModalitySpan));
   for (const LayerInput& l : in.layers) {
     total += l.key.NumBytes() + l.value.NumBytes() + in.kv_heads * in.tokens * 4;
     if (in.stats == StatsForm::kQueries) {

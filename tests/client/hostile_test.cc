@@ -5,7 +5,11 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
+#include <cstdlib>
+#include <iostream>
+#include <map>
 #include <fstream>
 #include <functional>
 #include <cstring>
@@ -20,6 +24,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/strip.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "client/cpp/client.h"
@@ -39,6 +45,15 @@ using test::StartServer;
 using test::TestCache;
 
 using Clock = std::chrono::steady_clock;
+
+// Resident memory is measured only without AddressSanitizer (its shadow
+// memory and the quarantine of freed blocks would swamp what is measured).
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kMeasureMemory = false;
+#else
+constexpr bool kMeasureMemory = true;
+#endif
+
 double SecondsSince(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 // A small cache an honest worker sends: 2 layers, 64 tokens.
@@ -200,27 +215,36 @@ struct OpenStream {
   ~OpenStream() { ctx.TryCancel(); }
 };
 
+// Adds $MEDAKV_TOKEN as the call's bearer token, when set (the soak's
+// server may require one).
+void Authorize(grpc::ClientContext& ctx) {
+  if (const char* token = std::getenv("MEDAKV_TOKEN")) ctx.AddMetadata("authorization", absl::StrCat("Bearer ", token));
+}
+
 std::unique_ptr<OpenStream> Open(v1::Medakv::Stub& stub, const v1::CompressRequest& header) {
   auto s = std::make_unique<OpenStream>();
+  Authorize(s->ctx);
   s->ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
   s->stream = stub.Compress(&s->ctx);
   EXPECT_TRUE(s->stream->Write(header));
   return s;
 }
 
-// The server's resident memory in bytes (VmRSS), or -1.
-int64_t ResidentBytes(pid_t pid) {
+// A memory figure of /proc/PID/status ("VmRSS:", the resident memory now;
+// "VmHWM:", its peak) in bytes, or -1.
+int64_t StatusBytes(pid_t pid, absl::string_view field) {
   std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
   std::string line;
   while (std::getline(in, line)) {
     int64_t kib = 0;
-    if (absl::StartsWith(line, "VmRSS:") &&
-        absl::SimpleAtoi(absl::StripAsciiWhitespace(absl::StripSuffix(line.substr(6), "kB")), &kib)) {
+    if (absl::StartsWith(line, field) &&
+        absl::SimpleAtoi(absl::StripAsciiWhitespace(absl::StripSuffix(line.substr(field.size()), "kB")), &kib)) {
       return kib * 1024;
     }
   }
   return -1;
 }
+int64_t ResidentBytes(pid_t pid) { return StatusBytes(pid, "VmRSS:"); }
 
 // While one stream holds the only slot, 8 calls whose 45-byte headers
 // announce a visual span of 2^24 tokens wait for it: each holds its spans,
@@ -254,8 +278,10 @@ TEST(HostileTest, QueuedCallsAreCheapAndBounded) {
     EXPECT_LT(SecondsSince(start), 5.0);
   }
   const int64_t after = ResidentBytes(server->pid());
-  EXPECT_LT(after - before, int64_t{24} << 20)
-      << "8 queued calls took the server from " << before << " to " << after << " bytes";
+  if (kMeasureMemory) {
+    EXPECT_LT(after - before, int64_t{24} << 20)
+        << "8 queued calls took the server from " << before << " to " << after << " bytes";
+  }
   holder.reset();
   queued.clear();
   const TestCache small = HonestCache();
@@ -389,6 +415,16 @@ TEST(HostileTest, StalledReaderUnpinsItsEntry) {
 
 // ---- ListCaches pages ------------------------------------------------------------------------
 
+// One layer, one kv head, head_dim 1, `tokens` tokens, every other one
+// visual: tokens / 2 modality spans on 4 bytes of keys and values per token.
+TestCache SpanfulCache(int64_t tokens, uint64_t seed) {
+  TestCache c = MakeTestCache({.dtype = DType::kFloat16, .layers = 1, .kv_heads = 1, .group = 1, .tokens = tokens,
+                               .head_dim = 1, .q_tokens = 1, .pattern = test::VisualPattern::kNone, .seed = seed});
+  c.input.modality.assign(static_cast<size_t>(tokens), 0);
+  for (size_t t = 0; t < c.input.modality.size(); t += 2) c.input.modality[t] = 1;
+  return c;
+}
+
 // Entries with 60000 modality spans each (CacheInfo ~0.5 MB): ListCaches
 // pages them under 2 MiB a page, the client follows the pages, and a token
 // that no page gave is INVALID_ARGUMENT. (Three entries of 700k spans once
@@ -398,11 +434,7 @@ TEST(HostileTest, ListCachesPagesEntriesWithManySpans) {
   ASSERT_NE(server, nullptr);
   std::unique_ptr<Client> client = test::NewClient(test::Options({server->target()}));
   ASSERT_NE(client, nullptr);
-  TestCache many = MakeTestCache({.dtype = DType::kFloat16, .layers = 1, .kv_heads = 1, .group = 1,
-                                  .tokens = 120000, .head_dim = 1, .q_tokens = 1,
-                                  .pattern = test::VisualPattern::kNone, .seed = 9});
-  many.input.modality.assign(120000, 0);
-  for (size_t t = 0; t < many.input.modality.size(); t += 2) many.input.modality[t] = 1;  // 60000 visual runs
+  const TestCache many = SpanfulCache(120000, 9);  // 60000 visual runs
   PutOptions keys_only;
   keys_only.with_statistics = false;
   std::vector<std::string> ids;
@@ -438,7 +470,9 @@ TEST(HostileTest, ListCachesPagesEntriesWithManySpans) {
     EXPECT_LE(resp.ByteSizeLong(), (size_t{2} << 20) + 600000);
     for (const v1::CacheInfo& c : resp.caches()) seen.push_back(c.cache_id());
     token = resp.next_page_token();
-    if (!token.empty()) EXPECT_EQ(token, resp.caches(resp.caches_size() - 1).cache_id());
+    if (!token.empty()) {
+      EXPECT_EQ(token, resp.caches(resp.caches_size() - 1).cache_id());
+    }
     ++pages;
   } while (!token.empty() && pages < 10);
   EXPECT_EQ(seen, ids);
@@ -450,6 +484,194 @@ TEST(HostileTest, ListCachesPagesEntriesWithManySpans) {
   const grpc::Status st = stub->ListCaches(&ctx, bad, &resp);
   EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_TRUE(absl::StrContains(st.error_message(), "page_token")) << st.error_message();
+}
+
+// Modality spans count against the store's budget: a 64 MiB store filled
+// with entries of 65536 spans each (1.5 MiB of spans, 1 MiB of tensors)
+// holds 25 of them, not the 64 that their tensors alone would let in, and
+// the server's memory stays within a few times the budget (spans outside
+// the budget once let a full 64 MiB store take 425 MiB).
+TEST(HostileTest, ModalitySpansCountAgainstTheStoreBudget) {
+  std::unique_ptr<ServerProcess> server = StartServer({absl::StrCat("--host_cache_bytes=", int64_t{64} << 20)});
+  ASSERT_NE(server, nullptr);
+  std::unique_ptr<Client> client = test::NewClient(test::Options({server->target()}));
+  ASSERT_NE(client, nullptr);
+  const TestCache many = SpanfulCache(131072, 11);  // 65536 visual runs
+  PutOptions keys_only;
+  keys_only.with_statistics = false;
+  const int64_t before = ResidentBytes(server->pid());
+  int64_t entry_bytes = 0;
+  for (int i = 0; i < 120; ++i) {
+    absl::StatusOr<PutResult> put = client->PutCache(absl::StrCat("spanful/", i), many.input, keys_only);
+    ASSERT_TRUE(put.ok()) << put.status();
+    entry_bytes = put->info.bytes();
+  }
+  // keys, values, positions (4 bytes each per token) and 24 bytes per span.
+  EXPECT_EQ(entry_bytes, 131072 * (2 + 2 + 4) + 65536 * 24);
+  const int64_t used = HostUsed(*client);
+  EXPECT_LE(used, int64_t{64} << 20);
+  absl::StatusOr<CacheList> listed = client->ListCaches("spanful/");
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  EXPECT_EQ(static_cast<int64_t>(listed->caches.size()), (int64_t{64} << 20) / entry_bytes);
+  const int64_t after = ResidentBytes(server->pid());
+  // Live: the 64 MiB store; the rest is what the allocator keeps of the
+  // evicted entries and the uploads' buffers (about 100 MiB here).
+  if (kMeasureMemory) {
+    EXPECT_LT(after - before, int64_t{256} << 20) << "a full 64 MiB store took the server from " << before << " to "
+                                                  << after << " bytes";
+  }
+}
+
+// ---- peak memory of one compression --------------------------------------------------------
+
+// amber with layer_budget mass on a cache of head_dim 1 (4 bytes of keys and
+// values per token, so the per-token working memory dominates): the server's
+// peak stays within the README's bound (request + output + 8 bytes per layer,
+// kv head and token for the scores + 8 per layer and token for the mass
+// budgets + 8 MiB per CPU thread); listing every (layer, token) slot once
+// took it 24 bytes per slot further (11x the request instead of 6.6x here).
+TEST(HostileTest, MassBudgetsPeakWithinTheStatedBound) {
+  if (!kMeasureMemory) GTEST_SKIP() << "memory is not measured under AddressSanitizer";
+  std::unique_ptr<ServerProcess> server = StartServer({"--max_inflight=1"});
+  ASSERT_NE(server, nullptr);
+  ClientOptions o = test::Options({server->target()});
+  o.shared_memory = SharedMemoryMode::kOff;  // the server's own memory only
+  std::unique_ptr<Client> client = test::NewClient(o);
+  ASSERT_NE(client, nullptr);
+  const int64_t layers = 16, tokens = 131072;
+  const TestCache tiny = MakeTestCache({.dtype = DType::kFloat16, .layers = layers, .kv_heads = 1, .group = 1,
+                                        .tokens = tokens, .head_dim = 1, .q_tokens = 64,
+                                        .pattern = test::VisualPattern::kNone, .seed = 13});
+  const int64_t request = layers * (2 * tokens * 2 + 64 * 2);
+  CompressOptions mass = DefaultOptions(PolicyKind::kAmber);
+  mass.layer_budget = LayerBudget::kMass;
+  const int64_t before = StatusBytes(server->pid(), "VmHWM:");
+  absl::StatusOr<RemoteResult> r = client->Compress(tiny.input, mass);
+  ASSERT_TRUE(r.ok()) << r.status();
+  const int64_t growth = StatusBytes(server->pid(), "VmHWM:") - before;
+  // request + output (0.2 x keys and values) + scores and recent-search scores + mass gains
+  // + 8 MiB of logits per CPU thread, with room for gRPC's buffers (a copy of the request in messages).
+  const int64_t threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t bound =
+      2 * request + request / 5 + 8 * layers * tokens + 8 * layers * tokens + threads * (int64_t{8} << 20);
+  EXPECT_LT(growth, bound) << "peak growth " << growth << " bytes for a request of " << request << " bytes ("
+                           << static_cast<double>(growth) / static_cast<double>(request) << "x)";
+}
+
+// ---- the attack loop of scripts/soak.sh --attacks ---------------------------------------------
+
+// Not a test on its own: with MEDAKV_HOSTILE_ATTACK="TARGET,SECONDS" it runs
+// the attacks above against TARGET for SECONDS, a few at a time, so that
+// scripts/soak.sh can run honest load beside them: a one-layer quadratic
+// request with a 1 s deadline, two header-only uploads left to the idle
+// timeout, eight queued 45-byte headers announcing 2^24 visual tokens
+// (withdrawn after 2 s), a PutCache header claiming 1 GiB, and a GetCache
+// nobody reads. Prints how many of each ran and what they ended with.
+TEST(HostileTest, AttackLoop) {
+  const char* env = std::getenv("MEDAKV_HOSTILE_ATTACK");
+  if (env == nullptr) GTEST_SKIP() << "set MEDAKV_HOSTILE_ATTACK=TARGET,SECONDS (scripts/soak.sh --attacks)";
+  const std::vector<std::string> parts = absl::StrSplit(env, ',');
+  int seconds = 0;
+  ASSERT_EQ(parts.size(), 2u);
+  ASSERT_TRUE(absl::SimpleAtoi(parts[1], &seconds));
+  const std::string target = parts[0];
+  const absl::Time end = absl::Now() + absl::Seconds(seconds);
+  std::atomic<int64_t> counts[5] = {};
+  absl::Mutex mu;
+  std::map<std::string, int64_t> endings;
+  auto ended = [&](const std::string& what, grpc::StatusCode code) {
+    absl::MutexLock lock(&mu);
+    ++endings[absl::StrCat(what, " ", absl::StatusCodeToString(static_cast<absl::StatusCode>(code)))];
+  };
+  ClientOptions options = test::Options({target});
+  if (const char* token = std::getenv("MEDAKV_TOKEN")) options.token = token;
+  std::unique_ptr<Client> client = test::NewClient(options);
+  ASSERT_NE(client, nullptr);
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);  // GetCache's 4 MiB chunks
+  std::shared_ptr<grpc::Channel> channel =
+      grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  std::unique_ptr<v1::Medakv::Stub> stub = v1::Medakv::NewStub(channel);
+  const TestCache quadratic = QuadraticCache();
+  const TestCache big = CacheOfMiB(16, 4);
+  ASSERT_TRUE(client->PutCache("attack/pinned", big.input, PutOptions{.overwrite = true}).ok());
+  std::vector<std::thread> threads;
+  threads.emplace_back([&] {  // 1: quadratic work under a short deadline
+    CallOptions call;
+    call.deadline = absl::Seconds(1);
+    while (absl::Now() < end) {
+      absl::StatusOr<RemoteResult> r = client->Compress(quadratic.input, DefaultOptions(PolicyKind::kH2O), call);
+      ended("quadratic", static_cast<grpc::StatusCode>(r.status().code()));
+      ++counts[0];
+    }
+  });
+  threads.emplace_back([&] {  // 3: header-only uploads, two at a time, ended by the idle timeout
+    while (absl::Now() < end) {
+      std::vector<std::unique_ptr<OpenStream>> open;
+      for (int i = 0; i < 2; ++i) open.push_back(Open(*stub, Header(64, false)));
+      for (auto& s : open) {
+        v1::CompressResponse resp;
+        while (s->stream->Read(&resp)) {
+        }
+        ended("stalled upload", s->stream->Finish().error_code());
+        ++counts[1];
+      }
+    }
+  });
+  threads.emplace_back([&] {  // 2: queued headers announcing 2^24 visual tokens, withdrawn after 2 s
+    while (absl::Now() < end) {
+      std::vector<std::unique_ptr<OpenStream>> open;
+      for (int i = 0; i < 8; ++i) open.push_back(Open(*stub, Header(int64_t{1} << 24, true)));
+      absl::SleepFor(absl::Seconds(2));
+      counts[2] += static_cast<int64_t>(open.size());
+      open.clear();  // TryCancel
+    }
+  });
+  threads.emplace_back([&] {  // 3: a PutCache header claiming 1 GiB, then nothing
+    while (absl::Now() < end) {
+      grpc::ClientContext ctx;
+      Authorize(ctx);
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+      v1::PutCacheResponse response;
+      std::unique_ptr<grpc::ClientWriter<v1::PutCacheRequest>> writer = stub->PutCache(&ctx, &response);
+      v1::PutCacheRequest req;
+      v1::PutCacheHeader* h = req.mutable_header();
+      h->set_cache_id("attack/greedy");
+      h->set_overwrite(true);
+      v1::CacheShape* shape = h->mutable_shape();
+      shape->set_layers(32);
+      shape->set_kv_heads(8);
+      shape->set_head_dim(128);
+      shape->set_tokens(8192);
+      shape->set_dtype(v1::DTYPE_FLOAT16);
+      h->set_stats(v1::STATS_FORM_NONE);
+      writer->Write(req);
+      ended("greedy put", writer->Finish().error_code());
+      ++counts[3];
+    }
+  });
+  threads.emplace_back([&] {  // 3: a reader that never reads
+    while (absl::Now() < end) {
+      grpc::ClientContext ctx;
+      Authorize(ctx);
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+      v1::GetCacheRequest get;
+      get.set_cache_id("attack/pinned");
+      std::unique_ptr<grpc::ClientReader<v1::GetCacheResponse>> reader = stub->GetCache(&ctx, get);
+      // Read nothing for longer than the soak's idle timeout (5 s): the
+      // server gives up on the call; draining then sees its end.
+      absl::SleepFor(absl::Seconds(8));
+      v1::GetCacheResponse resp;
+      while (reader->Read(&resp)) {
+      }
+      ended("stalled reader", reader->Finish().error_code());
+      ++counts[4];
+    }
+  });
+  for (std::thread& t : threads) t.join();
+  std::cout << "attacks: " << counts[0] << " quadratic, " << counts[1] << " stalled uploads, " << counts[2]
+            << " queued headers, " << counts[3] << " greedy puts, " << counts[4] << " stalled readers" << std::endl;
+  for (const auto& [what, n] : endings) std::cout << "  " << what << ": " << n << std::endl;
 }
 
 }  // namespace

@@ -242,7 +242,8 @@ TEST(CacheStoreTest, PutGetListDeleteRoundTripPreservesEveryByte) {
   const std::unique_ptr<StoredCache> a_copy_ptr = *HostCopy(*a), b_copy_ptr = *HostCopy(*b);
   const StoredCache &a_copy = *a_copy_ptr, &b_copy = *b_copy_ptr;
   const int64_t a_bytes = a->ComputeBytes(), b_bytes = b->ComputeBytes();
-  EXPECT_EQ(a_bytes, 2 * (2 * 512 + 2 * 16 * 4 + 4 * 3 * 8 * 2 + 3 * 4));  // k, v, positions, query, query positions
+  // k, v, positions, query, query positions per layer; 24 bytes for the one modality span.
+  EXPECT_EQ(a_bytes, 2 * (2 * 512 + 2 * 16 * 4 + 4 * 3 * 8 * 2 + 3 * 4) + 24);
   EXPECT_EQ(b_bytes, 80 + 80 + 20);
 
   auto put_a = store.Put(Tier::kHost, std::move(a), false, kNoTtl);
