@@ -203,24 +203,38 @@ int64_t WindowRows(const CacheInput& in, const LayerInput& layer, int64_t window
   return in.stats == StatsForm::kQueries ? std::min(window, layer.query.tokens) : window;
 }
 
+// The last `rows` query rows of a layer (of every head) as a dense tensor of
+// its own, with their positions.
+struct QueryRows {
+  std::vector<uint8_t> bytes;
+  TensorView view;
+  std::vector<int32_t> positions;
+};
+QueryRows LastRows(const TensorView& q, const std::vector<int32_t>& positions, int64_t rows) {
+  QueryRows out;
+  rows = std::min(rows, q.tokens);
+  const int64_t first = q.tokens - rows;
+  const size_t row_bytes = static_cast<size_t>(q.head_dim) * DTypeSize(q.dtype);
+  out.bytes.resize(static_cast<size_t>(q.heads * rows) * row_bytes);
+  const MutableTensorView tail{out.bytes.data(), q.dtype, q.layout, q.heads, rows, q.head_dim};
+  for (int64_t h = 0; h < q.heads; ++h) {
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(tail.Row(h, r), q.Row(h, first + r), row_bytes);
+  }
+  out.view = AsConst(tail);
+  out.positions.assign(positions.begin() + first, positions.end());
+  return out;
+}
+
 // Amber's recent search statistics of one layer: the accumulated attention
 // of its last min(recent_rows, q_tokens) query rows alone (the same op on a
 // dense copy of those rows; `args` is the layer's statistics call).
 absl::Status RecentRowScores(const LayerInput& layer, const std::vector<int32_t>& positions,
                              const AttentionStatsArgs& args, int64_t recent_rows, const Backend& backend,
                              std::vector<float>* scores) {
-  const TensorView& q = layer.query;
-  const int64_t rows = std::min(recent_rows, q.tokens), first = q.tokens - rows;
-  const size_t row_bytes = static_cast<size_t>(q.head_dim) * DTypeSize(q.dtype);
-  std::vector<uint8_t> copy(static_cast<size_t>(q.heads * rows) * row_bytes);
-  const MutableTensorView tail{copy.data(), q.dtype, q.layout, q.heads, rows, q.head_dim};
-  for (int64_t h = 0; h < q.heads; ++h) {
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(tail.Row(h, r), q.Row(h, first + r), row_bytes);
-  }
-  const std::vector<int32_t> tail_positions(positions.begin() + first, positions.end());
+  const QueryRows tail = LastRows(layer.query, positions, recent_rows);
   AttentionStatsArgs a = args;
-  a.query = AsConst(tail);
-  a.query_positions = tail_positions.data();
+  a.query = tail.view;
+  a.query_positions = tail.positions.data();
   a.score_rows_begin = 0;
   scores->resize(static_cast<size_t>(args.key.heads * args.key.tokens));
   AttentionStatsOutput out;
@@ -306,8 +320,16 @@ absl::StatusOr<Statistics> StatisticsStage(const CacheInput& in, const CompressO
       args.scale = scale;
       args.entropy_heads = options.entropy_heads;
       args.entropy_source = st.key.entropy_source;
-      args.score_rows_begin = plan.scorer == Scorer::kWindowPooled ? layer.query.tokens - rows : 0;
       args.cancelled = cancelled;
+      // A windowed scorer reads only its window's rows: the statistics run on
+      // those alone (the same scores, in the same order; the reported entropy
+      // is theirs).
+      QueryRows window;
+      if (plan.scorer == Scorer::kWindowPooled && rows < layer.query.tokens) {
+        window = LastRows(layer.query, positions, rows);
+        args.query = window.view;
+        args.query_positions = window.positions.data();
+      }
       AttentionStatsOutput out;
       out.scores = s.data();
       absl::Status status = backend.AttentionStats(args, &out);

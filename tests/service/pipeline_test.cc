@@ -643,6 +643,47 @@ TEST(AmberTest, RecentSearchHoldsTheMostOfTheLastRowsAttention) {
   test::ExpectSameResult(*a, *b);
 }
 
+// snapkv and pyramidkv read only their window's rows: a request that carries
+// every query row and one that carries only the last `window` give the same
+// result bit for bit (kept tokens, keys, values and the reported entropy),
+// in every dtype and layout; the statistics ran on the window alone.
+TEST(WindowRowsTest, OnlyTheWindowsRowsAreComputed) {
+  for (DType dtype : {DType::kFloat16, DType::kBFloat16, DType::kFloat32}) {
+    for (Layout layout : {Layout::kHND, Layout::kNHD}) {
+      SCOPED_TRACE(absl::StrCat(DTypeName(dtype), " ", LayoutName(layout)));
+      const int64_t layers = 3, kv_heads = 2, group = 2, tokens = 57, head_dim = 8, window = 5;
+      TestCache all = MakeCache(dtype, layout, layers, kv_heads, group, tokens, head_dim, tokens,
+                                test::VisualPattern::kMiddle, 21);
+      // The same cache with only the last `window` query rows (positions T - window .. T - 1).
+      TestCache last = all;
+      for (int64_t l = 0; l < layers; ++l) {
+        HostTensor tail(dtype, layout, kv_heads * group, window, head_dim);
+        for (int64_t h = 0; h < kv_heads * group; ++h) {
+          for (int64_t r = 0; r < window; ++r) {
+            std::memcpy(tail.mutable_view().Row(h, r), all.queries[l].view().Row(h, tokens - window + r),
+                        static_cast<size_t>(head_dim) * DTypeSize(dtype));
+          }
+        }
+        last.queries[l] = std::move(tail);
+        last.input.layers[l].key = last.keys[l].view();
+        last.input.layers[l].value = last.values[l].view();
+        last.input.layers[l].query = last.queries[l].view();
+      }
+      for (PolicyKind p : {PolicyKind::kSnapKV, PolicyKind::kPyramidKV}) {
+        CompressOptions o = DefaultOptions(p);
+        o.window = window;
+        o.pool_kernel = 3;
+        o.budget.rho = 0.4;
+        absl::StatusOr<CompressResult> a = Compress(all.input, o, *MakeCpuBackend());
+        absl::StatusOr<CompressResult> b = Compress(last.input, o, *MakeCpuBackend());
+        ASSERT_TRUE(a.ok() && b.ok()) << a.status() << " " << b.status();
+        test::ExpectSameResult(*a, *b);
+        for (int64_t l = 0; l < layers; ++l) EXPECT_EQ(a->layers[l].entropy, b->layers[l].entropy) << l;
+      }
+    }
+  }
+}
+
 // ---- the statistics stage alone, and statistics shared between runs ----------
 
 // Options of every policy, some with non-default statistics options.
