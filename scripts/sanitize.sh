@@ -61,8 +61,8 @@ case "$mode" in
     # Only these binaries are built, and only these suites run (the server
     # tests in medakv_server_limits_test do not: see "Why not" above). A new
     # concurrency test without gRPC in between goes here: target and suite.
-    targets=(medakv_cache_store_test medakv_server_limits_test medakv_security_test)
-    ctest_args=(-R '^(CacheIdTest|CacheStoreTest|AdmissionTest|AuthenticatorTest|TenantStoreTest)\.')
+    targets=(medakv_cache_store_test medakv_server_limits_test medakv_security_test medakv_idle_test)
+    ctest_args=(-R '^(CacheIdTest|CacheStoreTest|AdmissionTest|AuthenticatorTest|TenantStoreTest|IdleWatchdogTest)\.')
     ;;
   *)
     echo "usage: $0 asan|tsan [ctest args...]" >&2

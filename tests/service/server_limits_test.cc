@@ -48,6 +48,45 @@ TEST(AdmissionTest, GrantsUpToSlotsThenQueuesInOrder) {
   EXPECT_EQ(a.in_use(), 0);
 }
 
+// --max_queued: beyond max_waiting waiters the next is refused at once
+// (RESOURCE_EXHAUSTED before Acquire returns); 0 lets none wait; a freed
+// place in the queue takes a waiter again.
+TEST(AdmissionTest, BoundedQueueRefusesAtOnce) {
+  Admission a(1, absl::Seconds(60), 2);
+  a.Acquire(Admission::NewTicket(), [](absl::Status s) { EXPECT_TRUE(s.ok()) << s; });
+  std::vector<absl::Status> got(4, absl::UnknownError("not called"));
+  std::vector<uint64_t> tickets;
+  for (int i = 0; i < 4; ++i) {
+    tickets.push_back(Admission::NewTicket());
+    a.Acquire(tickets.back(), [&got, i](absl::Status s) { got[i] = std::move(s); });
+  }
+  EXPECT_EQ(a.waiting(), 2);
+  EXPECT_EQ(got[0].code(), absl::StatusCode::kUnknown);  // waiting
+  EXPECT_EQ(got[1].code(), absl::StatusCode::kUnknown);
+  for (int i : {2, 3}) {
+    EXPECT_EQ(got[i].code(), absl::StatusCode::kResourceExhausted) << got[i];
+    EXPECT_NE(got[i].message().find("--max_queued"), absl::string_view::npos) << got[i];
+  }
+  a.Cancel(tickets[0]);  // a place frees
+  got[2] = absl::UnknownError("not called");
+  a.Acquire(tickets[2], [&got](absl::Status s) { got[2] = std::move(s); });
+  EXPECT_EQ(got[2].code(), absl::StatusCode::kUnknown);  // waiting again
+  a.Release();  // to tickets[1]
+  EXPECT_TRUE(got[1].ok()) << got[1];
+  a.Release();  // to tickets[2]
+  EXPECT_TRUE(got[2].ok()) << got[2];
+  a.Release();
+  EXPECT_EQ(a.in_use(), 0);
+
+  Admission none(1, absl::Seconds(60), 0);
+  none.Acquire(Admission::NewTicket(), [](absl::Status s) { EXPECT_TRUE(s.ok()) << s; });
+  absl::Status refused = absl::UnknownError("not called");
+  none.Acquire(Admission::NewTicket(), [&](absl::Status s) { refused = std::move(s); });
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+  EXPECT_EQ(none.waiting(), 0);
+  none.Release();
+}
+
 TEST(AdmissionTest, CancelledWaiterGetsCancelledAndLosesItsPlace) {
   Admission a(1, absl::Seconds(60));
   a.Acquire(Admission::NewTicket(), [](absl::Status s) { EXPECT_TRUE(s.ok()); });
