@@ -246,8 +246,8 @@ def crosscheck(args, out_dir, pid, policies, rhos):
     obs, ev = dict(cache), dict(cache)
     for l in range(L):
         q = cache[f"layer.{l}.query"]
-        # medakv eval needs q_tokens <= T and positions < T: drop the first N prompt rows; the
-        # held-out rows' positions are not used by the error (no mask), so T-1 stands in.
+        # The cross-check keeps q_tokens = T (the recorded table's setting): drop the first N prompt
+        # rows; the held-out rows' positions are not used by the error (no mask), so T-1 stands in.
         obs[f"layer.{l}.query"] = np.ascontiguousarray(q[:, N:])
         obs[f"layer.{l}.query_positions"] = np.arange(N, T, dtype=np.int32)
         ev[f"layer.{l}.query"] = np.ascontiguousarray(np.concatenate([q[:, N:], fut[f"layer.{l}.query"]], 1))

@@ -161,13 +161,15 @@ absl::StatusOr<std::unique_ptr<LoadedCache>> LoadCache(safetensors::File file, L
       int64_t q_heads = 0, q_tokens = 0, q_dim = 0;
       MEDAKV_RETURN_IF_ERROR(Dims3(*q, layout, &q_heads, &q_tokens, &q_dim));
       if (l == 0) in.q_heads = q_heads;
+      // More rows than tokens: probes after the cache (their positions are then needed; ValidateCacheInput).
       if (q->type != kv_type || q_heads != in.q_heads || q_dim != in.head_dim || q_tokens <= 0 ||
-          q_tokens > in.tokens) {
+          q_tokens > QueryPositionLimit(in.tokens)) {
         return absl::InvalidArgumentError(absl::StrCat(
             "tensor ", q->name, ": ", safetensors::ElementTypeName(q->type), " ", ShapeString(q->shape),
             " (expected ", safetensors::ElementTypeName(kv_type), " ",
             layout == Layout::kHND ? "[q_heads, q_tokens, head_dim]" : "[q_tokens, q_heads, head_dim]",
-            " with q_heads=", in.q_heads, ", head_dim=", in.head_dim, ", 1 <= q_tokens <= ", in.tokens, ")"));
+            " with q_heads=", in.q_heads, ", head_dim=", in.head_dim, ", 1 <= q_tokens <= 2 x tokens + 65536 = ",
+            QueryPositionLimit(in.tokens), ")"));
       }
       layer.query = TensorView{AlignedData(*q, esize, cache.get()), in.dtype, layout, q_heads, q_tokens, q_dim};
       if (const TensorInfo* p = Find(f, l, "query_positions")) {

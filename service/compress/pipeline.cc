@@ -1,5 +1,6 @@
 #include "service/compress/pipeline.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -102,11 +103,17 @@ absl::Status ValidateCacheInput(const CacheInput& in) {
     MEDAKV_RETURN_IF_ERROR(CheckLayerView(layer.value, in, prefix + "value", in.kv_heads, in.tokens));
     if (in.stats == StatsForm::kQueries) {
       const int64_t q_tokens = layer.query.tokens;
-      if (q_tokens <= 0 || q_tokens > in.tokens) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(prefix, "query: q_tokens must be in [1, tokens=", in.tokens, "], got ", q_tokens));
+      const int64_t limit = QueryPositionLimit(in.tokens);
+      if (q_tokens <= 0 || q_tokens > limit) {
+        return absl::InvalidArgumentError(absl::StrCat(prefix, "query: q_tokens must be in [1, 2 x tokens + 65536 = ",
+                                                       limit, "], got ", q_tokens));
       }
       MEDAKV_RETURN_IF_ERROR(CheckLayerView(layer.query, in, prefix + "query", in.q_heads, q_tokens));
+      if (layer.query_positions.empty() && q_tokens > in.tokens) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            prefix, "query: ", q_tokens, " rows for ", in.tokens,
+            " tokens: rows after the cache (probes) need query_positions (the default is the cache's last rows)"));
+      }
       if (!layer.query_positions.empty()) {
         if (static_cast<int64_t>(layer.query_positions.size()) != q_tokens) {
           return absl::InvalidArgumentError(absl::StrCat(prefix, "query_positions: ", layer.query_positions.size(),
@@ -114,9 +121,9 @@ absl::Status ValidateCacheInput(const CacheInput& in) {
         }
         for (int64_t i = 0; i < q_tokens; ++i) {
           const int32_t p = layer.query_positions[i];
-          if (p < 0 || p >= in.tokens) {
-            return absl::InvalidArgumentError(
-                absl::StrCat(prefix, "query_positions[", i, "] is ", p, ", outside [0, ", in.tokens, ")"));
+          if (p < 0 || p >= limit) {
+            return absl::InvalidArgumentError(absl::StrCat(prefix, "query_positions[", i, "] is ", p,
+                                                           ", outside [0, 2 x tokens + 65536 = ", limit, ")"));
           }
         }
       }
@@ -189,12 +196,15 @@ StatisticsKey StatisticsKeyFor(const CompressOptions& options) {
 namespace {
 
 // The query rows' positions of a layer: its query_positions, else the last q_tokens.
+// Each query row's position as the kernels take it: rows after the cache
+// (probes) see every key, as a row at the cache's last position does.
 std::vector<int32_t> RowPositions(const LayerInput& layer, int64_t tokens) {
   std::vector<int32_t> positions = layer.query_positions;
   if (positions.empty()) {
     positions.resize(layer.query.tokens);
     std::iota(positions.begin(), positions.end(), static_cast<int32_t>(tokens - layer.query.tokens));
   }
+  for (int32_t& p : positions) p = std::min<int32_t>(p, static_cast<int32_t>(tokens - 1));
   return positions;
 }
 

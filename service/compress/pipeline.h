@@ -21,12 +21,22 @@ enum class StatsForm : uint8_t {
   kPrecomputed = 1,  // the worker sends accumulated attention and the entropy
 };
 
+// Query rows may stand after the cache: probes, such as the rows of a
+// question asked after the context or of a pass that reconstructs it. A row's
+// position is in [0, QueryPositionLimit(T)) and a layer has at most that many
+// rows; a row at T or after sees every key of the cache, and counts with the
+// modality of the cache's last token. Rows after the cache need explicit
+// positions (the default is the last q_tokens positions of the cache).
+inline int64_t QueryPositionLimit(int64_t tokens) { return 2 * tokens + 65536; }
+
 struct LayerInput {
   TensorView key;    // [kv_heads, tokens, head_dim]
   TensorView value;  // [kv_heads, tokens, head_dim]
   // kQueries:
-  TensorView query;                      // [q_heads, q_tokens, head_dim], same dtype and layout as key
-  std::vector<int32_t> query_positions;  // [q_tokens]; empty means the last q_tokens positions
+  TensorView query;  // [q_heads, q_tokens, head_dim], same dtype and layout as key
+  // [q_tokens], each in [0, QueryPositionLimit(tokens)); empty means the last
+  // q_tokens positions of the cache (then q_tokens <= tokens).
+  std::vector<int32_t> query_positions;
   // kPrecomputed:
   const float* scores = nullptr;  // [score_heads, tokens], score_heads = kv_heads or q_heads
   int64_t score_heads = 0;

@@ -598,9 +598,14 @@ absl::Status ValidateSpec(const CacheSpec& spec, int64_t max_request_bytes, absl
     return Invalid(absl::StrCat(shape, "layout: unknown value ", static_cast<int>(spec.layout)));
   }
   if (queries) {
-    if (spec.q_tokens < 1 || spec.q_tokens > spec.tokens) {
-      return Invalid(absl::StrCat(prefix, "q_tokens must be in [1, ", shape, "tokens=", spec.tokens,
+    const int64_t limit = QueryPositionLimit(spec.tokens);
+    if (spec.q_tokens < 1 || spec.q_tokens > limit) {
+      return Invalid(absl::StrCat(prefix, "q_tokens must be in [1, 2 x ", shape, "tokens + 65536 = ", limit,
                                   "] with STATS_FORM_QUERIES, got ", spec.q_tokens));
+    }
+    if (spec.q_tokens > spec.tokens && !spec.has_query_positions) {
+      return Invalid(absl::StrCat(prefix, "q_tokens (", spec.q_tokens, ") > ", shape, "tokens (", spec.tokens,
+                                  "): rows after the cache (probes) need query_positions"));
     }
   } else {
     if (spec.q_tokens != 0) {

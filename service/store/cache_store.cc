@@ -276,9 +276,9 @@ absl::Status ValidateStoredCache(const StoredCache& cache) {
                                                        ") must be a positive multiple of kv_heads (", d.kv_heads,
                                                        ") when queries are kept"));
       }
-      if (cache.q_tokens <= 0 || cache.q_tokens > d.tokens) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("q_tokens must be in [1, tokens=", d.tokens, "], got ", cache.q_tokens));
+      if (cache.q_tokens <= 0 || cache.q_tokens > QueryPositionLimit(d.tokens)) {
+        return absl::InvalidArgumentError(absl::StrCat("q_tokens must be in [1, 2 x tokens + 65536 = ",
+                                                       QueryPositionLimit(d.tokens), "], got ", cache.q_tokens));
       }
       break;
     case KeptStats::kPrecomputed:
@@ -337,7 +337,8 @@ absl::Status ValidateStoredCache(const StoredCache& cache) {
     if (!layer.query_positions.empty()) {
       MEDAKV_RETURN_IF_ERROR(CheckSize(prefix, "query_positions", ByteSize(layer.query_positions),
                                        queries ? cache.q_tokens * 4 : 0));
-      MEDAKV_RETURN_IF_ERROR(CheckPositions(prefix, "query_positions", layer.query_positions, d.tokens));
+      MEDAKV_RETURN_IF_ERROR(
+          CheckPositions(prefix, "query_positions", layer.query_positions, QueryPositionLimit(d.tokens)));
     }
     MEDAKV_RETURN_IF_ERROR(CheckSize(prefix, "scores", b.scores, scores ? cache.score_heads * d.tokens * 4 : 0));
     if (scores && !std::isfinite(layer.score_entropy)) {

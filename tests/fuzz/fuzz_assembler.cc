@@ -130,7 +130,7 @@ struct Model {
         for (size_t i = 0; i + 4 <= p.size(); i += 4) {
           int32_t v;
           std::memcpy(&v, p.data() + i, 4);
-          if (v < 0 || v >= spec->tokens) return false;
+          if (v < 0 || v >= QueryPositionLimit(spec->tokens)) return false;  // probes may follow the cache
         }
       }
       if (spec->stats == SpecStats::kPrecomputed) {
@@ -391,7 +391,7 @@ void RunStructured(FuzzedDataProvider& p) {
   const int form = p.ConsumeIntegralInRange<int>(0, std::is_same_v<Request, v1::PutCacheRequest> ? 2 : 1);
   if (form == 0) {
     h->set_stats(v1::STATS_FORM_QUERIES);
-    h->set_q_tokens(p.ConsumeIntegralInRange<int64_t>(1, tokens));
+    h->set_q_tokens(p.ConsumeIntegralInRange<int64_t>(1, 2 * tokens));  // more than tokens: probes
     h->set_query_positions(p.ConsumeBool());
   } else if (form == 1) {
     h->set_stats(v1::STATS_FORM_PRECOMPUTED);

@@ -81,6 +81,11 @@ std::vector<double> Softmax(const std::vector<double>& logits) {
 
 }  // namespace
 
+// The last key a query row at position p sees: p itself, or the cache's
+// last token for a probe row after the cache (p >= tokens); its modality is
+// that token's.
+static int64_t Seen(int64_t p, int64_t tokens) { return p < tokens ? p : tokens - 1; }
+
 RefStats RefAttentionStats(const TensorView& query, const std::vector<int32_t>& positions,
                            const TensorView& key, const std::vector<uint8_t>& modality,
                            double scale, EntropyHeads entropy_heads,
@@ -105,7 +110,7 @@ RefStats RefAttentionStats(const TensorView& query, const std::vector<int32_t>& 
   for (int64_t h = 0; h < q_heads; ++h) {
     const int64_t hk = h / group;
     for (int64_t i = 0; i < q_tokens; ++i) {
-      for (int64_t j = 0; j <= pos[i]; ++j) {
+      for (int64_t j = 0; j <= Seen(pos[i], tokens); ++j) {
         double dot = 0.0;
         for (int64_t d = 0; d < head_dim; ++d) {
           dot += q[(h * q_tokens + i) * head_dim + d] * k[(hk * tokens + j) * head_dim + d];
@@ -122,12 +127,12 @@ RefStats RefAttentionStats(const TensorView& query, const std::vector<int32_t>& 
   for (int64_t i = 0; i < q_tokens; ++i) {
     double row_entropy = 0.0;
     for (int64_t h = 0; h < q_heads; ++h) {
-      std::vector<double> row(static_cast<size_t>(pos[i] + 1));
-      for (int64_t j = 0; j <= pos[i]; ++j) row[j] = logit_at(h, i, j);
+      std::vector<double> row(static_cast<size_t>(Seen(pos[i], tokens) + 1));
+      for (int64_t j = 0; j <= Seen(pos[i], tokens); ++j) row[j] = logit_at(h, i, j);
       const std::vector<double> p = Softmax(row);
       row_entropy += Entropy(p);
       if (i >= score_rows_begin) {
-        for (int64_t j = 0; j <= pos[i]; ++j) out.scores[(h / group) * tokens + j] += p[j];
+        for (int64_t j = 0; j <= Seen(pos[i], tokens); ++j) out.scores[(h / group) * tokens + j] += p[j];
       }
     }
     causal_entropy_sum += row_entropy / static_cast<double>(q_heads);
@@ -146,9 +151,9 @@ RefStats RefAttentionStats(const TensorView& query, const std::vector<int32_t>& 
   double sum_half[2] = {0.0, 0.0};  // indexed by the row's modality: 0 text (TV), 1 visual (VT)
   int64_t rows_half[2] = {0, 0};
   for (int64_t i = 0; i < q_tokens; ++i) {
-    const uint8_t row_modality = modality[pos[i]];
+    const uint8_t row_modality = modality[Seen(pos[i], tokens)];
     std::vector<int64_t> cross;  // visible keys of the other modality
-    for (int64_t j = 0; j <= pos[i]; ++j) {
+    for (int64_t j = 0; j <= Seen(pos[i], tokens); ++j) {
       if (modality[j] != row_modality) cross.push_back(j);
     }
     if (cross.empty()) continue;  // skipped row

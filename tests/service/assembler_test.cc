@@ -320,8 +320,12 @@ TEST(CacheAssembler, CreateRejectsAnInvalidSpec) {
   s.kv_heads = 0;
   EXPECT_INVALID(CacheAssembler::Create(s).status(), "shape.kv_heads must be > 0, got 0");
   CacheSpec t = SmallSpec(SpecStats::kQueries);
-  t.q_tokens = 8;
-  EXPECT_INVALID(CacheAssembler::Create(t).status(), "q_tokens must be in [1, shape.tokens=7]");
+  t.q_tokens = 2 * 7 + 65536 + 1;
+  EXPECT_INVALID(CacheAssembler::Create(t).status(), "q_tokens must be in [1, 2 x shape.tokens + 65536 = 65550]");
+  t.q_tokens = 8;  // probe rows after the cache: with positions only
+  EXPECT_TRUE(CacheAssembler::Create(t).ok());
+  t.has_query_positions = false;
+  EXPECT_INVALID(CacheAssembler::Create(t).status(), "q_tokens (8) > shape.tokens (7): rows after the cache");
   CacheSpec u = SmallSpec(SpecStats::kPrecomputed);
   u.score_heads = 3;
   EXPECT_INVALID(CacheAssembler::Create(u).status(), "score_heads must be");
@@ -458,11 +462,11 @@ TEST(CacheAssembler, FinishNamesTheFirstIncompleteTensor) {
 TEST(CacheAssembler, FinishRejectsQueryPositionsOutOfRange) {
   const CacheSpec spec = SmallSpec(SpecStats::kQueries);
   Tensors tensors = RandomCache(spec, 6);
-  const int32_t bad = 7;  // tokens = 7
+  const int32_t bad = 2 * 7 + 65536;  // tokens = 7: a probe may stand up to 2 x 7 + 65536 - 1
   std::memcpy(&tensors[{1, v1::TENSOR_KIND_QUERY_POSITIONS}][4], &bad, 4);
   CacheAssembler a = MakeAssembler(spec);
   SendAllBut(a, tensors, {-1, v1::TENSOR_KIND_UNSPECIFIED}, 0);
-  EXPECT_INVALID(a.Finish(), "layer 1 query_positions[1] is 7, outside [0, 7)");
+  EXPECT_INVALID(a.Finish(), "layer 1 query_positions[1] is 65550, outside [0, 2 x tokens + 65536 = 65550)");
   EXPECT_FALSE(a.finished());
 }
 

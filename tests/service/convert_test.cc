@@ -683,7 +683,10 @@ TEST(SpecFromHeader, PutCacheHeaderOverload) {
   EXPECT_EQ(spec->q_tokens, 16);
   EXPECT_FALSE(spec->has_query_positions);
   put.set_q_tokens(17);
-  EXPECT_INVALID(SpecFromHeader(put, 0).status(), "header.q_tokens must be in [1, header.shape.tokens=16]");
+  EXPECT_INVALID(SpecFromHeader(put, 0).status(),
+                 "header.q_tokens (17) > header.shape.tokens (16): rows after the cache (probes) need query_positions");
+  put.set_query_positions(true);
+  EXPECT_TRUE(SpecFromHeader(put, 0).ok());
 }
 
 TEST(SpecFromHeader, Layers) {
@@ -785,12 +788,14 @@ TEST(SpecFromHeader, StatsForm) {
 
 TEST(SpecFromHeader, QTokens) {
   v1::CompressHeader h = QueriesHeader();
-  for (int64_t v : {int64_t{0}, int64_t{-1}, int64_t{17}, int64_t{1} << 50}) {
+  for (int64_t v : {int64_t{0}, int64_t{-1}, int64_t{2 * 16 + 65536 + 1}, int64_t{1} << 50}) {
     h.set_q_tokens(v);
-    EXPECT_INVALID(Parse(h), absl::StrCat("header.q_tokens must be in [1, header.shape.tokens=16] with "
-                                          "STATS_FORM_QUERIES, got ",
+    EXPECT_INVALID(Parse(h), absl::StrCat("header.q_tokens must be in [1, 2 x header.shape.tokens + 65536 = 65568] "
+                                          "with STATS_FORM_QUERIES, got ",
                                           v));
   }
+  h.set_q_tokens(17);  // probe rows after the cache, with their positions
+  EXPECT_TRUE(Parse(h).ok());
   h.set_q_tokens(16);
   EXPECT_TRUE(Parse(h).ok());
   v1::CompressHeader p = PrecomputedHeader();

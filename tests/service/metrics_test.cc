@@ -342,8 +342,10 @@ int64_t UploadBytes(const TestCache& c) {
 TEST_F(MetricsServerTest, StoreCallsEvictionsAndStoreGauges) {
   constexpr int64_t kLayers = 2, kTokens = 150;
   const TestCache a = MakeCache(kLayers, kTokens, 11), b = MakeCache(kLayers, kTokens, 12);
-  // Room for one cache (keys, values, queries and int32 positions), not two.
-  const int64_t one = UploadBytes(a) + kLayers * 2 * kTokens * 4;
+  // Room for one cache (keys, values, queries, int32 positions and 24 bytes
+  // per visual span), not two.
+  const int64_t one = UploadBytes(a) + kLayers * 2 * kTokens * 4 +
+                      24 * static_cast<int64_t>(SpansFromModality(a.input.modality).size());
   ServerOptions o;
   o.host_cache_bytes = one + one / 2;
   StartServer(o);

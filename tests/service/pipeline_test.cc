@@ -290,8 +290,10 @@ TEST(PipelineValidationTest, RejectsMalformedInput) {
   }
   {
     CacheInput in = c.input;
-    in.layers[0].query_positions = {0, 1, 2, 20};
-    ExpectInvalid(in, o, "query_positions[3]");
+    in.layers[0].query_positions = {0, 1, 2, 2 * 20 + 65536};  // tokens 20: probes stand before 2 x 20 + 65536
+    ExpectInvalid(in, o, "query_positions[3] is 65576, outside [0, 2 x tokens + 65536 = 65576)");
+    in.layers[0].query_positions = {0, 1, 2, -1};
+    ExpectInvalid(in, o, "query_positions[3] is -1");
   }
   {
     CacheInput in = c.input;
@@ -416,6 +418,7 @@ struct AmberCase {
   LayerBudget budget;
   bool explicit_positions;  // query rows at scattered positions instead of the last q_tokens
   int64_t recent_rows = kAmberRecentSearchRows;  // the recent search's rows; 0: recent_fraction
+  int64_t probes = 0;  // the last rows stand after the cache (positions T, T + 5, ...)
 };
 
 class AmberVsReferenceTest : public ::testing::TestWithParam<AmberCase> {};
@@ -428,6 +431,9 @@ TEST_P(AmberVsReferenceTest, ScoresBudgetsAndSelectionMatch) {
   std::vector<int32_t> positions = reference::DefaultPositions(q_tokens, tokens);
   if (p.explicit_positions) {
     for (int64_t i = 0; i < q_tokens; ++i) positions[i] = static_cast<int32_t>(7 * i + 3);  // 3 .. 80
+  }
+  for (int64_t k = 0; k < p.probes; ++k) positions[q_tokens - p.probes + k] = static_cast<int32_t>(tokens + 5 * k);
+  if (p.explicit_positions || p.probes > 0) {
     for (LayerInput& l : c.input.layers) l.query_positions = positions;
   }
   CompressOptions o = DefaultOptions(PolicyKind::kAmber);
@@ -499,6 +505,10 @@ std::vector<AmberCase> AmberCases() {
   cases.push_back({DType::kFloat16, Layout::kNHD, ScoreNorm::kSum, LayerBudget::kDepth, true, 5});
   cases.push_back({DType::kFloat32, Layout::kHND, ScoreNorm::kSum, LayerBudget::kDepth, false, 1});
   cases.push_back({DType::kFloat32, Layout::kHND, ScoreNorm::kVisibleMean, LayerBudget::kUniform, false, 4});
+  // Probe rows after the cache (a question asked after it): they see every key.
+  cases.push_back({DType::kFloat16, Layout::kNHD, ScoreNorm::kSum, LayerBudget::kDepth, false, 4, 5});
+  cases.push_back({DType::kBFloat16, Layout::kHND, ScoreNorm::kVisibleMean, LayerBudget::kMass, true, 16, 12});
+  cases.push_back({DType::kFloat32, Layout::kHND, ScoreNorm::kSum, LayerBudget::kMass, true, 0, 3});
   cases.push_back({DType::kFloat32, Layout::kHND, ScoreNorm::kVisibleMean, LayerBudget::kUniform, true, 0});
   cases.push_back({DType::kFloat32, Layout::kHND, ScoreNorm::kVisibleMean, LayerBudget::kMass, false, 0});
   cases.push_back({DType::kFloat16, Layout::kNHD, ScoreNorm::kVisibleMean, LayerBudget::kMass, true, 6});
@@ -679,6 +689,46 @@ TEST(WindowRowsTest, OnlyTheWindowsRowsAreComputed) {
         ASSERT_TRUE(a.ok() && b.ok()) << a.status() << " " << b.status();
         test::ExpectSameResult(*a, *b);
         for (int64_t l = 0; l < layers; ++l) EXPECT_EQ(a->layers[l].entropy, b->layers[l].entropy) << l;
+      }
+    }
+  }
+}
+
+// Probe rows after the cache (positions T and beyond) see every key and count
+// with the modality of the cache's last token: the statistics equal the
+// reference's for every entropy source, dtype and layout; a request with
+// more rows than tokens is fine with positions and refused without.
+TEST(ProbeRowsTest, StatisticsMatchTheReference) {
+  for (DType dtype : {DType::kFloat16, DType::kBFloat16, DType::kFloat32}) {
+    for (Layout layout : {Layout::kHND, Layout::kNHD}) {
+      for (EntropySource source : {EntropySource::kCrossModal, EntropySource::kCausal}) {
+        SCOPED_TRACE(absl::StrCat(DTypeName(dtype), " ", LayoutName(layout), " ", EntropySourceName(source)));
+        const int64_t layers = 2, kv_heads = 2, group = 2, tokens = 23, head_dim = 8, q_tokens = 31;
+        TestCache c = MakeCache(dtype, layout, layers, kv_heads, group, tokens, head_dim, q_tokens,
+                                test::VisualPattern::kMiddle, 41);
+        std::vector<int32_t> positions(q_tokens);
+        for (int64_t i = 0; i < q_tokens; ++i) {
+          positions[i] = static_cast<int32_t>(i < 10 ? 2 * i : tokens + 3 * (i - 10));  // 10 in the cache, 21 after
+        }
+        for (LayerInput& l : c.input.layers) l.query_positions = positions;
+        CompressOptions o = DefaultOptions(PolicyKind::kMeda);
+        o.entropy_source = source;
+        absl::StatusOr<Statistics> st = ComputeStatistics(c.input, o, *MakeCpuBackend());
+        ASSERT_TRUE(st.ok()) << st.status();
+        const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+        for (int64_t l = 0; l < layers; ++l) {
+          const reference::RefStats rs = reference::RefAttentionStats(
+              c.queries[l].view(), positions, c.keys[l].view(), c.input.modality, scale, o.entropy_heads, source, 0);
+          EXPECT_TRUE(test::Near(st->entropy[l], rs.entropy, 1e-4, 1e-5)) << "layer " << l;
+          for (int64_t i = 0; i < kv_heads * tokens; ++i) {
+            ASSERT_TRUE(test::Near(st->scores[l][i], rs.scores[i], 1e-4, 1e-5)) << "layer " << l << " score " << i;
+          }
+        }
+        absl::StatusOr<CompressResult> r = Compress(c.input, o, *MakeCpuBackend());
+        ASSERT_TRUE(r.ok()) << r.status();
+        CacheInput defaults = c.input;
+        for (LayerInput& l : defaults.layers) l.query_positions.clear();
+        ExpectInvalid(defaults, o, "rows after the cache (probes) need query_positions");
       }
     }
   }

@@ -63,6 +63,12 @@ class PreparedCache:
         return (tokens, self.kv_heads, self.head_dim)
 
 
+
+def _query_position_limit(tokens: int) -> int:
+    """Query rows may stand after the cache (probes: a question asked after it, a pass that reconstructs it):
+    positions (and the number of rows) up to 2 x tokens + 65536, as the server takes them."""
+    return 2 * tokens + 65536
+
 def check_layout(layout: object) -> str:
     if not isinstance(layout, str):
         raise TypeError(f"layout: expected 'hnd' or 'nhd', got {type(layout).__name__}")
@@ -276,8 +282,12 @@ def prepare_cache(keys: object, values: object, queries: object = None, *, query
                 if q_heads <= 0 or q_heads % kv_heads != 0 or q_heads > MAX_HEADS:
                     raise ValueError(f"{what}: {q_heads} query heads, expected a positive multiple of kv_heads "
                                      f"({kv_heads}) up to {MAX_HEADS}")
-                if not (1 <= q_tokens <= tokens):
-                    raise ValueError(f"{what}: q_tokens must be in [1, tokens={tokens}], got {q_tokens}")
+                limit = _query_position_limit(tokens)
+                if not (1 <= q_tokens <= limit):
+                    raise ValueError(f"{what}: q_tokens must be in [1, 2 x tokens + 65536 = {limit}], got {q_tokens}")
+                if q_tokens > tokens and query_positions is None:
+                    raise ValueError(f"{what}: {q_tokens} query rows for {tokens} tokens: rows after the cache "
+                                     "(probes) need query_positions (the default is the cache's last rows)")
             elif w.shape != q_first.shape:
                 raise ValueError(f"{what}: shape {w.shape} differs from queries[0] {q_first.shape}; every layer "
                                  "has the same query shape")
@@ -289,9 +299,11 @@ def prepare_cache(keys: object, values: object, queries: object = None, *, query
                 pos = _arrays.as_int32(p, what)
                 if pos.shape != (q_tokens,):
                     raise ValueError(f"{what}: shape {tuple(pos.shape)}, expected [q_tokens={q_tokens}]")
-                bad = np.flatnonzero((pos < 0) | (pos >= tokens))
+                limit = _query_position_limit(tokens)
+                bad = np.flatnonzero((pos < 0) | (pos >= limit))
                 if bad.size:
-                    raise ValueError(f"{what}[{int(bad[0])}] is {int(pos[bad[0]])}, outside [0, tokens={tokens})")
+                    raise ValueError(f"{what}[{int(bad[0])}] is {int(pos[bad[0]])}, outside "
+                                     f"[0, 2 x tokens + 65536 = {limit})")
                 per_layer[i].append((pb.TENSOR_KIND_QUERY_POSITIONS, pos.view(np.uint8).data))
         stats = pb.STATS_FORM_QUERIES
     elif scores is not None:
