@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <iostream>
 #include <map>
@@ -29,6 +30,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "client/cpp/client.h"
+#include "kernels/common/tensor_util.h"
 #include "medakv/v1/medakv.grpc.pb.h"
 #include "service/compress/options.h"
 #include "tests/client/client_test_util.h"
@@ -287,6 +289,56 @@ TEST(HostileTest, QueuedCallsAreCheapAndBounded) {
   const TestCache small = HonestCache();
   absl::StatusOr<RemoteResult> r = honest->Compress(small.input, DefaultOptions(PolicyKind::kAmber));
   EXPECT_TRUE(r.ok()) << r.status();
+}
+
+// Degenerate options and non-finite tensors get INVALID_ARGUMENT naming the
+// field or the place, from the server itself (the raw stub skips the
+// client's own checks); they once gave internal errors ("budget ...
+// -9223372036854775789", "kept positions ... found 0 at index 1").
+TEST(HostileTest, DegenerateOptionsAndNonFiniteTensorsAreRefused) {
+  std::unique_ptr<ServerProcess> server = StartServer();
+  ASSERT_NE(server, nullptr);
+  std::unique_ptr<v1::Medakv::Stub> stub = RawStub(server->target());
+  auto refused = [&](const std::function<void(v1::Policy*)>& policy) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    auto stream = stub->Compress(&ctx);
+    v1::CompressRequest req = Header(64, false);
+    policy(req.mutable_header()->mutable_policy());
+    stream->Write(req);
+    stream->WritesDone();
+    v1::CompressResponse resp;
+    while (stream->Read(&resp)) {
+    }
+    return stream->Finish();
+  };
+  const std::pair<std::function<void(v1::Policy*)>, std::string> cases[] = {
+      {[](v1::Policy* p) { p->mutable_meda()->set_tau(5e-324); }, "policy.meda.tau must be in [1e-06, 1e+06]"},
+      {[](v1::Policy* p) { p->mutable_pyramidkv()->set_beta(5e-324); }, "policy.pyramidkv.beta must be in"},
+      {[](v1::Policy* p) { p->mutable_amber()->mutable_select()->set_scale(3e38f); },
+       "policy.amber.select.scale must be in [0, 10000]"},
+  };
+  for (const auto& [policy, message] : cases) {
+    const grpc::Status st = refused(policy);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+    EXPECT_TRUE(absl::StrContains(st.error_message(), message)) << st.error_message();
+  }
+  // A NaN in the keys and an infinity in the queries, through the client (it does not scan tensors).
+  std::unique_ptr<Client> client = test::NewClient(test::Options({server->target()}));
+  ASSERT_NE(client, nullptr);
+  for (int which : {0, 1}) {
+    TestCache c = HonestCache();
+    test::HostTensor& t = which == 0 ? c.keys[1] : c.queries[0];
+    const float bad = which == 0 ? NAN : -INFINITY;
+    const int64_t at = t.view().RowOffset(1, 2) + 3;  // head 1, token 2, dim 3
+    RowFromFloat(t.dtype, &bad, static_cast<char*>(t.data()) + at * DTypeSize(t.dtype), 1);
+    absl::StatusOr<RemoteResult> r = client->Compress(c.input, DefaultOptions(PolicyKind::kAmber));
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+    const std::string want = which == 0 ? "layer 1 key: the value at head 1, token 2, dim 3 is not finite (nan)"
+                                        : "layer 0 query: the value at head 1, token 2, dim 3 is not finite (-inf)";
+    EXPECT_TRUE(absl::StrContains(r.status().message(), want)) << r.status();
+  }
 }
 
 // ---- idle timeouts: a stalled client gives back what it holds ---------------------------------
