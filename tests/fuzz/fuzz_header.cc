@@ -46,9 +46,18 @@ namespace v1 = ::medakv::v1;
 constexpr int64_t kSmallLimit = int64_t{1} << 20;
 constexpr int64_t kServerLimit = int64_t{8} << 30;  // --max_request_bytes's default
 
+bool SameSpans(const std::vector<ModalitySpan>& a, const std::vector<ModalitySpan>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i].start != b[i].start || a[i].length != b[i].length || a[i].modality != b[i].modality) return false;
+  }
+  return true;
+}
+
 bool SameSpec(const CacheSpec& a, const CacheSpec& b) {
   return a.layers == b.layers && a.kv_heads == b.kv_heads && a.q_heads == b.q_heads && a.head_dim == b.head_dim &&
-         a.tokens == b.tokens && a.dtype == b.dtype && a.layout == b.layout && a.modality == b.modality &&
+         a.tokens == b.tokens && a.dtype == b.dtype && a.layout == b.layout &&
+         SameSpans(a.visual_spans, b.visual_spans) &&
          a.stats == b.stats && a.q_tokens == b.q_tokens && a.has_query_positions == b.has_query_positions &&
          a.score_heads == b.score_heads;
 }
@@ -56,7 +65,7 @@ bool SameSpec(const CacheSpec& a, const CacheSpec& b) {
 std::string Describe(const CacheSpec& s) {
   return absl::StrCat("layers=", s.layers, " kv_heads=", s.kv_heads, " q_heads=", s.q_heads, " head_dim=", s.head_dim,
                       " tokens=", s.tokens, " dtype=", static_cast<int>(s.dtype), " layout=",
-                      static_cast<int>(s.layout), " modality.size=", s.modality.size(), " stats=",
+                      static_cast<int>(s.layout), " visual_spans=", s.visual_spans.size(), " stats=",
                       SpecStatsName(s.stats), " q_tokens=", s.q_tokens, " positions=", s.has_query_positions,
                       " score_heads=", s.score_heads);
 }
