@@ -516,7 +516,7 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
     for (int64_t l = 0; l < layers; ++l) {
       // seen[t]: the rows at positions >= t.
       std::fill(seen.begin(), seen.end(), 0);
-      for (int32_t p : RowPositions(in.layers[l], tokens)) ++seen[std::min<int64_t>(p, tokens - 1)];
+      for (int32_t p : RowPositions(in.layers[l], tokens)) ++seen[p];  // positions within [0, T)
       for (int64_t t = tokens - 1; t > 0; --t) seen[t - 1] += seen[t];
       for (int64_t h = 0; h < kv_heads; ++h) {
         float* s = normalized[l].data() + h * tokens;

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "kernels/common/status.h"
 #include "service/server/assembler.h"
 #include "service/server/convert.h"
 #include "service/server/result_stream.h"
@@ -190,10 +191,7 @@ class PutReactor final : public grpc::ServerReadReactor<v1::PutCacheRequest> {
   absl::StatusOr<Reservation> ReserveFor(v1::CacheTier tier, int64_t bytes) {
     const bool device = ctx_->store.has_tier(Tier::kDevice);
     auto in = [&](Tier t) -> absl::StatusOr<Reservation> {
-      if (bytes > ctx_->store.capacity(t)) {
-        return absl::ResourceExhaustedError(absl::StrCat("a cache of ", bytes, " bytes exceeds the ", TierName(t),
-                                                         " tier's capacity of ", ctx_->store.capacity(t), " bytes"));
-      }
+      MEDAKV_RETURN_IF_ERROR(ctx_->store.CheckFits(t, bytes));
       return ctx_->store.Reserve(t, 0);
     };
     switch (tier) {

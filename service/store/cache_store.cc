@@ -560,13 +560,16 @@ absl::Status CacheStore::CheckTier(Tier tier) const {
   return absl::OkStatus();
 }
 
+absl::Status CacheStore::CheckFits(Tier tier, int64_t bytes) const {
+  if (bytes <= capacity(tier)) return absl::OkStatus();
+  return absl::ResourceExhaustedError(absl::StrCat("a cache of ", bytes, " bytes exceeds the ", TierName(tier),
+                                                   " tier's capacity of ", capacity(tier), " bytes"));
+}
+
 absl::StatusOr<Reservation> CacheStore::Reserve(Tier tier, int64_t bytes) {
   MEDAKV_RETURN_IF_ERROR(CheckTier(tier));
   if (bytes < 0) return absl::InvalidArgumentError(absl::StrCat("cannot reserve ", bytes, " bytes"));
-  if (bytes > capacity(tier)) {
-    return absl::ResourceExhaustedError(absl::StrCat("a cache of ", bytes, " bytes exceeds the ", TierName(tier),
-                                                     " tier's capacity of ", capacity(tier), " bytes"));
-  }
+  MEDAKV_RETURN_IF_ERROR(CheckFits(tier, bytes));
   Graveyard graveyard;  // destroyed after the lock is released
   absl::MutexLock lock(&mu_);
   SweepLocked(clock_(), &graveyard);
@@ -582,10 +585,7 @@ absl::Status CacheStore::Grow(Reservation& reservation, int64_t bytes) {
   }
   if (bytes <= reservation.bytes_) return absl::OkStatus();
   const Tier tier = reservation.tier_;
-  if (bytes > capacity(tier)) {
-    return absl::ResourceExhaustedError(absl::StrCat("a cache of ", bytes, " bytes exceeds the ", TierName(tier),
-                                                     " tier's capacity of ", capacity(tier), " bytes"));
-  }
+  MEDAKV_RETURN_IF_ERROR(CheckFits(tier, bytes));
   const int64_t more = bytes - reservation.bytes_;
   Graveyard graveyard;  // destroyed after the lock is released
   absl::MutexLock lock(&mu_);
@@ -712,10 +712,7 @@ absl::StatusOr<CacheSummary> CacheStore::Replace(std::shared_ptr<const StoredCac
   const Tier tier = expected->tier;
   MEDAKV_RETURN_IF_ERROR(CheckForm(*next, tier));
   const int64_t bytes = next->ComputeBytes();
-  if (bytes > capacity(tier)) {
-    return absl::ResourceExhaustedError(absl::StrCat("a cache of ", bytes, " bytes exceeds the ", TierName(tier),
-                                                     " tier's capacity of ", capacity(tier), " bytes"));
-  }
+  MEDAKV_RETURN_IF_ERROR(CheckFits(tier, bytes));
   Graveyard graveyard;
   absl::MutexLock lock(&mu_);
   SweepLocked(clock_(), &graveyard);

@@ -288,6 +288,10 @@ class CacheStore {
   // Exact: reservations plus every live StoredCache of the tier.
   int64_t used_bytes(Tier tier) const;
 
+  // RESOURCE_EXHAUSTED, with the numbers, when an entry of `bytes` exceeds
+  // the tier's whole capacity (evicting everything would not make room).
+  [[nodiscard]] absl::Status CheckFits(Tier tier, int64_t bytes) const;
+
   // Holds `bytes` of `tier` for an upload, evicting as described above.
   // INVALID_ARGUMENT for negative bytes; FAILED_PRECONDITION for a tier the
   // store does not have; RESOURCE_EXHAUSTED when room cannot be made.

@@ -4,12 +4,14 @@
 
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "client/cpp/client.h"
 #include "kernels/backend.h"
@@ -48,6 +50,16 @@ inline CompressResult LocalCompress(const CacheInput& in, const CompressOptions&
   absl::StatusOr<CompressResult> r = Compress(in, o, *backend);
   EXPECT_TRUE(r.ok()) << r.status();
   return r.ok() ? *std::move(r) : CompressResult{};
+}
+
+// Polls `done` every 20 ms until it returns true (true) or `bound` passes (false).
+inline bool PollUntil(absl::Duration bound, const std::function<bool()>& done) {
+  const absl::Time give_up = absl::Now() + bound;
+  for (;;) {
+    if (done()) return true;
+    if (absl::Now() > give_up) return false;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
 }
 
 inline CompressOptions Meda(double rho) {

@@ -69,6 +69,7 @@ using test::LocalCompress;
 using test::MakeTestCache;
 using test::Meda;
 using test::NewClient;
+using test::PollUntil;
 using test::ServerProcess;
 using test::StartServer;
 using test::TestCache;
@@ -80,16 +81,6 @@ ClientOptions Options(const std::string& target, SharedMemoryMode shm = SharedMe
   ClientOptions o = test::Options({target});
   o.shared_memory = shm;
   return o;
-}
-
-// Polls `done` every 20 ms until it returns true (true) or `bound` passes (false).
-bool PollUntil(absl::Duration bound, const std::function<bool()>& done) {
-  const absl::Time give_up = absl::Now() + bound;
-  for (;;) {
-    if (done()) return true;
-    if (absl::Now() > give_up) return false;
-    absl::SleepFor(absl::Milliseconds(20));
-  }
 }
 
 // What one server holds: its Stats (host tier) and its ListCaches.

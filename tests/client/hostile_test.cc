@@ -42,6 +42,7 @@ namespace {
 
 using test::CacheParams;
 using test::MakeTestCache;
+using test::PollUntil;
 using test::ServerProcess;
 using test::StartServer;
 using test::TestCache;
@@ -77,14 +78,65 @@ std::unique_ptr<v1::Medakv::Stub> RawStub(const std::string& target) {
   return v1::Medakv::NewStub(grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
 }
 
-// Polls `done` every 20 ms until it returns true (true) or `bound` passes (false).
-bool PollUntil(absl::Duration bound, const std::function<bool()>& done) {
-  const absl::Time give_up = absl::Now() + bound;
-  for (;;) {
-    if (done()) return true;
-    if (absl::Now() > give_up) return false;
-    absl::SleepFor(absl::Milliseconds(20));
+// The header of a Compress stream: one layer, one head, head_dim 1, `tokens`
+// tokens, one query row; with `visual`, one visual span over every token.
+v1::CompressRequest Header(int64_t tokens, bool visual) {
+  v1::CompressRequest req;
+  v1::CompressHeader* h = req.mutable_header();
+  v1::CacheShape* shape = h->mutable_shape();
+  shape->set_layers(1);
+  shape->set_kv_heads(1);
+  shape->set_q_heads(1);
+  shape->set_head_dim(1);
+  shape->set_tokens(tokens);
+  shape->set_dtype(v1::DTYPE_FLOAT16);
+  if (visual) {
+    v1::ModalitySpan* span = shape->add_modality();
+    span->set_start(0);
+    span->set_length(tokens);
+    span->set_modality(v1::MODALITY_VISUAL);
   }
+  h->set_stats(v1::STATS_FORM_QUERIES);
+  h->set_q_tokens(1);
+  h->mutable_policy()->set_rho(0.5);
+  return req;
+}
+
+// A Compress stream that sent its header and then nothing; cancelled when destroyed.
+struct OpenStream {
+  grpc::ClientContext ctx;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::CompressRequest, v1::CompressResponse>> stream;
+  ~OpenStream() { ctx.TryCancel(); }
+};
+
+// Adds $MEDAKV_TOKEN as the call's bearer token, when set (the soak's
+// server may require one).
+void Authorize(grpc::ClientContext& ctx) {
+  if (const char* token = std::getenv("MEDAKV_TOKEN")) ctx.AddMetadata("authorization", absl::StrCat("Bearer ", token));
+}
+
+std::unique_ptr<OpenStream> Open(v1::Medakv::Stub& stub, const v1::CompressRequest& header) {
+  auto s = std::make_unique<OpenStream>();
+  Authorize(s->ctx);
+  s->ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  s->stream = stub.Compress(&s->ctx);
+  EXPECT_TRUE(s->stream->Write(header));
+  return s;
+}
+
+// Sends `request` as a whole Compress stream (its header, then the end)
+// and returns how the server ended the call.
+grpc::Status SendHeaderOnly(v1::Medakv::Stub& stub, const v1::CompressRequest& request) {
+  grpc::ClientContext ctx;
+  Authorize(ctx);
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  auto stream = stub.Compress(&ctx);
+  EXPECT_TRUE(stream->Write(request));
+  stream->WritesDone();
+  v1::CompressResponse resp;
+  while (stream->Read(&resp)) {
+  }
+  return stream->Finish();
 }
 
 int64_t Inflight(Client& client) {
@@ -151,28 +203,9 @@ TEST(HostileTest, QuadraticOptionsAreRefused) {
   std::unique_ptr<ServerProcess> server = StartServer();
   ASSERT_NE(server, nullptr);
   std::unique_ptr<v1::Medakv::Stub> stub = RawStub(server->target());
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-  auto stream = stub->Compress(&ctx);
-  v1::CompressRequest req;
-  v1::CompressHeader* h = req.mutable_header();
-  v1::CacheShape* shape = h->mutable_shape();
-  shape->set_layers(1);
-  shape->set_kv_heads(1);
-  shape->set_q_heads(1);
-  shape->set_head_dim(1);
-  shape->set_tokens(1 << 18);
-  shape->set_dtype(v1::DTYPE_FLOAT16);
-  h->set_stats(v1::STATS_FORM_QUERIES);
-  h->set_q_tokens(64);
-  h->mutable_policy()->set_rho(0.5);
-  h->mutable_policy()->mutable_snapkv()->set_pool_kernel(2147483647);
-  ASSERT_TRUE(stream->Write(req));
-  stream->WritesDone();
-  v1::CompressResponse resp;
-  while (stream->Read(&resp)) {
-  }
-  const grpc::Status s = stream->Finish();
+  v1::CompressRequest req = Header(int64_t{1} << 18, false);  // one layer of 2^18 tokens, head_dim 1
+  req.mutable_header()->mutable_policy()->mutable_snapkv()->set_pool_kernel(2147483647);
+  const grpc::Status s = SendHeaderOnly(*stub, req);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
   EXPECT_TRUE(absl::StrContains(s.error_message(), "policy.snapkv.pool_kernel must be odd and in [1, 1023]"))
       << s.error_message();
@@ -185,52 +218,6 @@ TEST(HostileTest, QuadraticOptionsAreRefused) {
 }
 
 // ---- queued calls: cheap, and bounded in number ----------------------------------------------
-
-// The header of a Compress stream: one layer, one head, head_dim 1, `tokens`
-// tokens, one query row; with `visual`, one visual span over every token.
-v1::CompressRequest Header(int64_t tokens, bool visual) {
-  v1::CompressRequest req;
-  v1::CompressHeader* h = req.mutable_header();
-  v1::CacheShape* shape = h->mutable_shape();
-  shape->set_layers(1);
-  shape->set_kv_heads(1);
-  shape->set_q_heads(1);
-  shape->set_head_dim(1);
-  shape->set_tokens(tokens);
-  shape->set_dtype(v1::DTYPE_FLOAT16);
-  if (visual) {
-    v1::ModalitySpan* span = shape->add_modality();
-    span->set_start(0);
-    span->set_length(tokens);
-    span->set_modality(v1::MODALITY_VISUAL);
-  }
-  h->set_stats(v1::STATS_FORM_QUERIES);
-  h->set_q_tokens(1);
-  h->mutable_policy()->set_rho(0.5);
-  return req;
-}
-
-// A Compress stream that sent its header and then nothing; cancelled when destroyed.
-struct OpenStream {
-  grpc::ClientContext ctx;
-  std::unique_ptr<grpc::ClientReaderWriter<v1::CompressRequest, v1::CompressResponse>> stream;
-  ~OpenStream() { ctx.TryCancel(); }
-};
-
-// Adds $MEDAKV_TOKEN as the call's bearer token, when set (the soak's
-// server may require one).
-void Authorize(grpc::ClientContext& ctx) {
-  if (const char* token = std::getenv("MEDAKV_TOKEN")) ctx.AddMetadata("authorization", absl::StrCat("Bearer ", token));
-}
-
-std::unique_ptr<OpenStream> Open(v1::Medakv::Stub& stub, const v1::CompressRequest& header) {
-  auto s = std::make_unique<OpenStream>();
-  Authorize(s->ctx);
-  s->ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
-  s->stream = stub.Compress(&s->ctx);
-  EXPECT_TRUE(s->stream->Write(header));
-  return s;
-}
 
 // A memory figure of /proc/PID/status ("VmRSS:", the resident memory now;
 // "VmHWM:", its peak) in bytes, or -1.
@@ -300,17 +287,9 @@ TEST(HostileTest, DegenerateOptionsAndNonFiniteTensorsAreRefused) {
   ASSERT_NE(server, nullptr);
   std::unique_ptr<v1::Medakv::Stub> stub = RawStub(server->target());
   auto refused = [&](const std::function<void(v1::Policy*)>& policy) {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-    auto stream = stub->Compress(&ctx);
     v1::CompressRequest req = Header(64, false);
     policy(req.mutable_header()->mutable_policy());
-    stream->Write(req);
-    stream->WritesDone();
-    v1::CompressResponse resp;
-    while (stream->Read(&resp)) {
-    }
-    return stream->Finish();
+    return SendHeaderOnly(*stub, req);
   };
   const std::pair<std::function<void(v1::Policy*)>, std::string> cases[] = {
       {[](v1::Policy* p) { p->mutable_meda()->set_tau(5e-324); }, "policy.meda.tau must be in [1e-06, 1e+06]"},
