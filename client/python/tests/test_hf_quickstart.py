@@ -87,6 +87,22 @@ def test_pipeline_splits_the_chat_template_and_answers_each_question(client, smo
         assert tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True).strip() == answer
     assert pipe.cache is not None and pipe.cache.context_length == context_ids.shape[1]
 
+    # Probes: the reconstruction pass asks for the context once more after an instruction; a question
+    # probe compresses the context once per question, scored by that question's rows.
+    rebuild = pipe.reconstruct_ids(context)
+    assert tok.decode(rebuild[0]) == "\n\n" + medakv.hf.RECONSTRUCT_PROMPT + "\n\n" + context
+    for probe, probe_ids in (("reconstruct", [rebuild] * 2), ("question", question_ids)):
+        probed = medakv.hf.pipeline(model, tok, client=client, policy="snapkv", rho=0.5, max_new_tokens=6,
+                                    probe=probe)
+        answers = probed(context, questions=questions)["answers"]
+        for q, ids, p_ids, answer in zip(questions, question_ids, probe_ids, answers):
+            cache = medakv.hf.compress(model, context_ids, client=client, policy="snapkv", rho=0.5, probe=probe,
+                                       probe_ids=p_ids)
+            prompt = torch.cat([context_ids, ids], -1)
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache.copy(),
+                                 max_new_tokens=6, do_sample=False)
+            assert tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True).strip() == answer
+
     with pytest.raises(ValueError, match="question= or questions="):
         pipe(context, question="a", questions=["b"])
     with pytest.raises(ValueError, match="question= or questions="):

@@ -395,3 +395,80 @@ def test_query_rows_sends_only_the_last_rows(client, compressed):
     fewer = hf.compress(model, context, client=client, policy="h2o", rho=0.3, query_rows=8)
     more = hf.compress(model, context, client=client, policy="h2o", rho=0.3)
     assert any(not torch.equal(fewer.positions(i), more.positions(i)) for i in range(4))  # H2O sums every row
+
+
+# ---- probes: rows after the context score the cache ---------------------------------------------------
+
+def reference_request(model, context, after):
+    """What a probe request must carry, built another way: the keys and values of the context's prefill
+    alone, and the post-RoPE query rows of `after` run behind it (rebuilt from q_proj) at positions T, T+1, ..."""
+    T = context.shape[1]
+    with torch.no_grad(), hf.capture_queries(model, keys=True) as prefill:
+        model(input_ids=context, use_cache=False)
+    queries, _ = reference_queries(model, torch.cat([context, after], -1))
+    return ([k[0] for k in prefill.keys], [v[0] for v in prefill.values], [q[0, :, T:] for q in queries],
+            torch.arange(T, T + after.shape[1]))
+
+
+def same_tokens(a, b):
+    return a.kept == b.kept and all(torch.equal(a.positions(i), b.positions(i)) for i in range(len(a.kept)))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("policy", ["h2o", "snapkv", "amber"])
+def test_question_probe_scores_the_context_with_the_questions_rows(client, family, policy):
+    model = make_model(family, seed=30)
+    context, question = ids(31, CONTEXT), ids(32, QUESTION)
+    got = hf.compress(model, context, client=client, policy=policy, rho=0.3, probe="question", probe_ids=question)
+    keys, values, queries, positions = reference_request(model, context, question)
+    want = client.compress(keys, values, queries, query_positions=positions, policy=policy, rho=0.3)
+    assert [tuple(q.shape) for q in queries] == [(4, QUESTION, 16)] * 4
+    assert same_tokens(got, hf.CompressedCache.from_result(want, model))
+    assert got.context_length == CONTEXT and got.get_seq_length() == CONTEXT
+    plain = hf.compress(model, context, client=client, policy=policy, rho=0.3)
+    assert not same_tokens(got, plain)  # the question's rows chose other tokens than the context's own
+    # The cache holds the context alone: a question decodes over it like over any compressed cache.
+    prompt = torch.cat([context, question], -1)
+    assert generate(model, prompt, got.copy())[0].shape == (NEW,)
+
+
+def test_reconstruct_probe_repeats_the_context_or_runs_the_given_pass(client):
+    model = make_model("llama", seed=33)
+    context = ids(34, CONTEXT)
+    got = hf.compress(model, context, client=client, policy="h2o", rho=0.25, probe="reconstruct")
+    keys, values, queries, positions = reference_request(model, context, context)
+    assert positions[-1] == 2 * CONTEXT - 1
+    want = client.compress(keys, values, queries, query_positions=positions, policy="h2o", rho=0.25)
+    assert same_tokens(got, hf.CompressedCache.from_result(want, model))
+
+    prompted = torch.cat([ids(35, 6), context], -1)  # an instruction, then the context: more rows than tokens
+    got = hf.compress(model, context, client=client, policy="h2o", rho=0.25, probe="reconstruct",
+                      probe_ids=prompted[0].tolist())
+    keys, values, queries, positions = reference_request(model, context, prompted)
+    assert queries[0].shape[1] == CONTEXT + 6 > CONTEXT
+    want = client.compress(keys, values, queries, query_positions=positions, policy="h2o", rho=0.25)
+    assert same_tokens(got, hf.CompressedCache.from_result(want, model))
+
+    last = hf.compress(model, context, client=client, policy="h2o", rho=0.25, probe="reconstruct",
+                       probe_ids=prompted, query_rows=9)  # only the pass's last 9 rows
+    want = client.compress(keys, values, [q[:, -9:] for q in queries], query_positions=positions[-9:],
+                           policy="h2o", rho=0.25)
+    assert same_tokens(last, hf.CompressedCache.from_result(want, model))
+
+
+def test_probe_argument_errors(client, compressed):
+    model, context, _ = compressed
+    with pytest.raises(ValueError, match="probe: expected one of 'context', 'question', 'reconstruct', got 'kvzip'"):
+        hf.compress(model, context, client=client, probe="kvzip")
+    with pytest.raises(ValueError, match="needs probe_ids"):
+        hf.compress(model, context, client=client, probe="question")
+    with pytest.raises(ValueError, match='only with probe="question" or probe="reconstruct"'):
+        hf.compress(model, context, client=client, probe_ids=ids(1, 3))
+    with pytest.raises(ValueError, match="probe_ids: empty"):
+        hf.compress(model, context, client=client, probe="question", probe_ids=ids(1, 3)[:, :0])
+    with pytest.raises(TypeError, match="probe_ids: expected integer token ids"):
+        hf.compress(model, context, client=client, probe="reconstruct", probe_ids=ids(1, 3).float())
+    with pytest.raises(ValueError, match=r"probe_ids: expected \[tokens\] or \[1, tokens\]"):
+        hf.compress(model, context, client=client, probe="question", probe_ids=ids(1, 3).repeat(2, 1))
+    with pytest.raises(ValueError, match="probe: expected one of"):
+        hf.Pipeline(model, None, probe="nope")

@@ -18,8 +18,8 @@ from . import _hf_attention as attn
 from .client import Client
 from .types import CompressResult
 
-__all__ = ["CapturedQueries", "CompressedCache", "Pipeline", "attention_modules", "capture_queries", "compress",
-           "pipeline"]
+__all__ = ["PROBES", "RECONSTRUCT_PROMPT", "CapturedQueries", "CompressedCache", "Pipeline", "attention_modules",
+           "capture_queries", "compress", "pipeline"]
 
 #: The model's self-attention modules by layer index (what capture and CompressedCache work with).
 attention_modules = attn.attention_modules
@@ -412,34 +412,88 @@ def _context_ids(model: Any, context_ids: Any) -> torch.Tensor:
     return ids.to(device=next(model.parameters()).device, dtype=torch.int64)
 
 
+PROBES = ("context", "question", "reconstruct")
+
+
+def _probe_ids(model: Any, name: str, ids: Any) -> torch.Tensor:
+    out = torch.as_tensor(ids)
+    if out.dim() == 1:
+        out = out.unsqueeze(0)
+    if out.dim() != 2 or out.shape[0] != 1:
+        raise ValueError(f"{name}: expected [tokens] or [1, tokens], got shape {tuple(out.shape)}")
+    if out.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: expected integer token ids, got {out.dtype}")
+    return out.to(device=next(model.parameters()).device, dtype=torch.int64)
+
+
 @torch.no_grad()
 def compress(model: Any, context_ids: Any, *, client: Optional[Client] = None, policy: Optional[str] = None,
-             rho: Optional[float] = None, preset: Optional[str] = None, query_rows: Optional[int] = None,
-             modality: Any = None, **options: Any) -> CompressedCache:
+             rho: Optional[float] = None, preset: Optional[str] = None, probe: str = "context",
+             probe_ids: Any = None, query_rows: Optional[int] = None, modality: Any = None,
+             **options: Any) -> CompressedCache:
     """Prefills ``context_ids`` with ``model``, compresses the cache on medakv-server, returns a ``CompressedCache``.
 
     ``client``: a ``medakv.Client`` (default: one of ``$MEDAKV_SERVER``,
     else 127.0.0.1:50051, closed afterwards). ``policy``, ``rho``,
     ``preset`` and ``**options`` are ``Client.compress``'s (``rho`` is the
     fraction KEPT, 1 - kvpress's ``compression_ratio``; ``policy=None``:
-    the server's ``default`` preset, or amber at 0.2 when it has none). ``query_rows``: send only the
-    last this many query rows as statistics (default: all of them).
-    ``modality``: ``Client.compress``'s visual-token spans or flags.
+    the server's ``default`` preset, or amber at 0.2 when it has none).
+
+    ``probe``: whose query rows score the cache (the cache itself always
+    holds the context alone):
+
+    - ``"context"`` (default): the context's own rows, from its prefill.
+    - ``"question"``: the rows of ``probe_ids`` (the question's token ids)
+      run after the context; one forward pass over context + question
+      instead of the context's.
+    - ``"reconstruct"``: the rows of a pass that makes the model repeat the
+      context (the KVzip idea: a query-agnostic score, for a cache reused by
+      questions not yet known). The pass runs over ``probe_ids`` after the
+      context: by default the context ids once more; give an instruction
+      followed by the context to prompt it (``Pipeline`` does). One forward
+      pass over about twice the context: two to four times the cost of the
+      context's prefill, and twice its activation memory.
+
+    Probe rows sit at positions ``T, T+1, ...`` after the ``T`` context
+    tokens and see every context key. ``query_rows``: send only the last this
+    many rows (default: all of them). ``modality``: ``Client.compress``'s
+    visual-token spans or flags.
     """
     ids = _context_ids(model, context_ids)
     if query_rows is not None and (isinstance(query_rows, bool) or not isinstance(query_rows, int) or query_rows < 1):
         raise ValueError(f"query_rows: expected a positive int or None, got {query_rows!r}")
+    if probe not in PROBES:
+        raise ValueError(f"probe: expected one of {', '.join(map(repr, PROBES))}, got {probe!r}")
+    if probe == "context":
+        if probe_ids is not None:
+            raise ValueError('probe_ids: only with probe="question" or probe="reconstruct"')
+        extra = ids[:, :0]
+    elif probe_ids is None:
+        if probe == "question":
+            raise ValueError('probe="question" needs probe_ids: the question\'s token ids')
+        extra = ids
+    else:
+        extra = _probe_ids(model, "probe_ids", probe_ids)
+    if probe != "context" and extra.shape[1] < 1:
+        raise ValueError("probe_ids: empty")
+    T = ids.shape[1]
     with capture_queries(model, keys=True) as cap:
         kwargs: Dict[str, Any] = {"use_cache": False}
         if "logits_to_keep" in _forward_parameters(model):
             kwargs["logits_to_keep"] = 1
-        model(input_ids=ids, **kwargs)
-    queries = [q[0] if query_rows is None else q[0, :, -query_rows:] for q in cap.queries]
+        model(input_ids=torch.cat([ids, extra], dim=-1), **kwargs)
+    rows = extra.shape[1] if probe != "context" else T
+    if query_rows is not None:
+        rows = min(rows, query_rows)
+    end = T + extra.shape[1]
+    queries = [q[0, :, end - rows:end] for q in cap.queries]
+    positions = None if probe == "context" else torch.arange(end - rows, end, dtype=torch.int64)
     own = client is None
     c = default_client() if client is None else client
     try:
-        result = c.compress([k[0] for k in cap.keys], [v[0] for v in cap.values], queries, policy=policy, rho=rho,
-                            preset=preset, modality=modality, **options)
+        result = c.compress([k[0, :, :T] for k in cap.keys], [v[0, :, :T] for v in cap.values], queries,
+                            query_positions=positions, policy=policy, rho=rho, preset=preset, modality=modality,
+                            **options)
     finally:
         if own:
             c.close()
@@ -459,18 +513,22 @@ def _cache_argument(model: Any) -> str:
 # ---- the pipeline -------------------------------------------------------------------------------
 
 _SEPARATOR = "\n\n"
+#: What the reconstruction probe asks of the model before the context is repeated.
+RECONSTRUCT_PROMPT = "Repeat the previous context exactly."
 
 
 class Pipeline:
     """``pipe(context, question=...)`` or ``pipe(context, questions=[...])``: see ``pipeline``."""
 
     def __init__(self, model: Any, tokenizer: Any, *, client: Optional[Client] = None, policy: Optional[str] = None,
-                 rho: Optional[float] = None, preset: Optional[str] = None, max_new_tokens: int = 128,
-                 **options: Any) -> None:
+                 rho: Optional[float] = None, preset: Optional[str] = None, probe: str = "context",
+                 max_new_tokens: int = 128, **options: Any) -> None:
+        if probe not in PROBES:
+            raise ValueError(f"probe: expected one of {', '.join(map(repr, PROBES))}, got {probe!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.client = client
-        self.policy, self.rho, self.preset, self.options = policy, rho, preset, options
+        self.policy, self.rho, self.preset, self.probe, self.options = policy, rho, preset, probe, options
         self.max_new_tokens = max_new_tokens
         self.cache: Optional[CompressedCache] = None
 
@@ -494,6 +552,12 @@ class Pipeline:
         question_ids = [tok(r, add_special_tokens=False, return_tensors="pt").input_ids for r in rests]
         return context_ids, question_ids
 
+    def reconstruct_ids(self, context: str) -> torch.Tensor:
+        """The reconstruction probe's ids: ``RECONSTRUCT_PROMPT``, then the context's text once more."""
+        text = _SEPARATOR + RECONSTRUCT_PROMPT + _SEPARATOR + context
+        ids: torch.Tensor = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        return ids
+
     @torch.no_grad()
     def __call__(self, context: str, question: Optional[str] = None, *, questions: Optional[Sequence[str]] = None,
                  max_new_tokens: Optional[int] = None, **generate_kwargs: Any) -> Dict[str, Any]:
@@ -505,11 +569,19 @@ class Pipeline:
         if not isinstance(context, str) or not context:
             raise ValueError("context: expected a non-empty string")
         context_ids, question_ids = self.split(context, asked)
-        self.cache = compress(self.model, context_ids, client=self.client, policy=self.policy, rho=self.rho,
-                              preset=self.preset, **self.options)
-        device = context_ids.device if self.cache.context_ids is None else self.cache.context_ids.device
+
+        def compressed(probe_ids: Optional[torch.Tensor]) -> CompressedCache:
+            return compress(self.model, context_ids, client=self.client, policy=self.policy, rho=self.rho,
+                            preset=self.preset, probe=self.probe, probe_ids=probe_ids, **self.options)
+
+        if self.probe != "question":
+            self.cache = compressed(self.reconstruct_ids(context) if self.probe == "reconstruct" else None)
         answers = []
         for q in question_ids:
+            if self.probe == "question":
+                self.cache = compressed(q)  # one compression per question, scored by its rows
+            assert self.cache is not None
+            device = context_ids.device if self.cache.context_ids is None else self.cache.context_ids.device
             ids = torch.cat([context_ids.to(device), q.to(device)], dim=-1)
             gen: Dict[str, Any] = dict(max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=False)
             gen.update(generate_kwargs)
@@ -520,8 +592,8 @@ class Pipeline:
 
 
 def pipeline(model: Any, tokenizer: Any, *, client: Optional[Client] = None, policy: Optional[str] = None,
-             rho: Optional[float] = None, preset: Optional[str] = None, max_new_tokens: int = 128,
-             **options: Any) -> Pipeline:
+             rho: Optional[float] = None, preset: Optional[str] = None, probe: str = "context",
+             max_new_tokens: int = 128, **options: Any) -> Pipeline:
     """Question answering over a compressed context, in the manner of kvpress's pipeline.
 
     ::
@@ -538,6 +610,13 @@ def pipeline(model: Any, tokenizer: Any, *, client: Optional[Client] = None, pol
     ``model.generate`` over a copy of the compressed cache.
     ``pipe.cache`` is the last compressed cache (its ``full_nbytes`` and
     ``context_nbytes`` say what the compression saved).
+
+    ``probe`` (``compress``'s): ``"context"`` (default) scores the cache with
+    the context's own rows; ``"reconstruct"`` with a pass that asks the model
+    to repeat the context (``RECONSTRUCT_PROMPT``; costs about three context
+    prefills, keeps the answers of questions asked later best);
+    ``"question"`` compresses the context once per question, scored by that
+    question's rows.
     """
-    return Pipeline(model, tokenizer, client=client, policy=policy, rho=rho, preset=preset,
+    return Pipeline(model, tokenizer, client=client, policy=policy, rho=rho, preset=preset, probe=probe,
                     max_new_tokens=max_new_tokens, **options)

@@ -202,9 +202,12 @@ class Client:
                 q_heads, head_dim]`` ("nhd") in the keys' dtype, post-RoPE as
                 the attention saw them; q_heads a multiple of kv_heads (GQA),
                 the same q_tokens in every layer.
-            query_positions: the rows' token positions (int, in [0, tokens)):
-                one vector for every layer, or one per layer; default the last
-                q_tokens positions.
+            query_positions: the rows' token positions: one integer vector
+                for every layer, or one per layer; default the last q_tokens
+                positions. Rows before the end sit in [0, tokens); probe rows
+                (a question or a reconstruction pass run after the context)
+                sit at tokens and beyond, up to 2 * tokens + 65536, see
+                every key, and may outnumber the tokens (docs/algorithm.md).
             scores, entropy: precomputed statistics instead of queries: per
                 layer float scores ``[kv_heads or q_heads, tokens]``
                 (accumulated attention; sent as float32) and one entropy E_l

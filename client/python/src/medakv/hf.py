@@ -16,7 +16,9 @@ The worker's path (needs torch and transformers >= 5: ``pip install
   layer's post-RoPE queries (and keys and values) during a forward pass.
 - ``compress(model, context_ids, ...)``: prefill with capture, compress on
   the server (``client``, default ``$MEDAKV_SERVER`` or 127.0.0.1:50051),
-  return a ``CompressedCache``.
+  return a ``CompressedCache``. ``probe="reconstruct"`` scores the cache
+  for questions not yet asked (a reconstruction pass, the KVzip idea),
+  ``probe="question"`` with a known question's rows.
 - ``CompressedCache``: a transformers ``Cache`` that ``generate()`` and a
   hand-written forward loop decode correctly (original positions, per-layer
   lengths, sliding windows by original position); ``copy()`` for reuse.
@@ -45,8 +47,8 @@ from .types import CompressResult, StoredCache
 __all__ = ["CompressedCache", "Pipeline", "cache_layers", "capture_queries", "compress", "from_hf_cache", "pipeline",
            "to_hf_cache"]
 
-_TORCH_NAMES = ("CapturedQueries", "CompressedCache", "Pipeline", "attention_modules", "capture_queries", "compress",
-                "default_client", "pipeline")
+_TORCH_NAMES = ("PROBES", "RECONSTRUCT_PROMPT", "CapturedQueries", "CompressedCache", "Pipeline", "attention_modules",
+                "capture_queries", "compress", "default_client", "pipeline")
 
 
 def __getattr__(name: str) -> Any:
