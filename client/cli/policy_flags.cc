@@ -34,7 +34,7 @@ void PolicyFlags::Add(CLI::App* app, bool with_policy) {
   window_ = Opt(app, "--window", v_.window, "snapkv, pyramidkv: observation window in query rows [64]");
   pool_kernel_ = Opt(app, "--pool-kernel", v_.pool_kernel, "snapkv, pyramidkv: average pooling kernel [5]");
   beta_ = Opt(app, "--pyramid-beta", v_.pyramid_beta, "pyramidkv: min budget = (C - w) / beta [20]");
-  score_norm_opt_ = Opt(app, "--score-norm", score_norm_, "amber: sum | visible_mean [sum]");
+  score_norm_opt_ = Opt(app, "--score-norm", score_norm_, "amber: sum | visible_mean | max [sum]");
   layer_budget_opt_ =
       Opt(app, "--layer-budget", layer_budget_, "amber: uniform | mass | entropy | depth [depth]");
   depth_ratio_ = Opt(app, "--depth-ratio", v_.depth_ratio,

@@ -9,7 +9,8 @@
 //   pass 2: for MEAN_ATTENTION the head-averaged cross-modal row's entropy
 //     terms per key tile (added in tile order), and the probabilities of the
 //     scored rows, which are added into the scores in row order (an ordered
-//     section), so that every sum has a fixed order whatever the threads.
+//     section), so that every sum has a fixed order whatever the threads
+//     (with ScoreAggregation::kMax, their maximum is taken instead).
 // Memory: O(layer) for the fp32 copies, the logit buffers (one per thread)
 // and O(T/tile x Tq) entropy partials.
 #include <algorithm>
@@ -93,6 +94,7 @@ absl::Status AttentionStats(const AttentionStatsArgs& a, AttentionStatsOutput* o
   for (int64_t t = 0; t < tokens && !any_visual; ++t) any_visual = mod[t] != 0;
   const bool causal = !any_visual || a.entropy_source == EntropySource::kCausal;
   const bool mean_attention = !causal && a.entropy_heads == EntropyHeads::kMeanAttention;
+  const bool max_score = a.aggregation == ScoreAggregation::kMax;
 
   const F32Hnd keys(a.key);
   const F32Hnd queries(a.query);
@@ -226,7 +228,11 @@ absl::Status AttentionStats(const AttentionStatsArgs& a, AttentionStatsOutput* o
           for (int64_t h = 0; h < q_heads; ++h) {
             const float* p = probs + (h * nr + r) * visible;
             float* s = out->scores + (h / group) * tokens;
-            for (int64_t j = 0; j <= pos[i]; ++j) s[j] += p[j];
+            if (max_score) {
+              for (int64_t j = 0; j <= pos[i]; ++j) s[j] = std::max(s[j], p[j]);
+            } else {
+              for (int64_t j = 0; j <= pos[i]; ++j) s[j] += p[j];
+            }
           }
         }
       });

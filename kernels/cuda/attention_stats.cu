@@ -138,7 +138,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kTileThreads)
     StatsScoresKernel(TensorView query, TensorView key, const int32_t* __restrict__ pos,
                       const float* __restrict__ lse_causal,  // [q_heads, rows]
-                      float scale, int64_t group, int64_t score_rows_begin,
+                      float scale, int64_t group, int64_t score_rows_begin, bool max_score,
                       float* __restrict__ scores) {  // [kv_heads, tokens]
   extern __shared__ float smem[];
   constexpr int kStride = SmemStride<D>();
@@ -164,7 +164,8 @@ __global__ void __launch_bounds__(kTileThreads)
         const int64_t i = r0 + warp + 8 * k;
         if (i < rows && i >= score_rows_begin && j < tokens && j <= pos[i]) {
           const float logit = scale * DotF32(q_s + (warp + 8 * k) * kStride, k_s + lane * kStride, D);
-          acc += SoftmaxProb(logit, lse_causal[h * rows + i]);
+          const float p = SoftmaxProb(logit, lse_causal[h * rows + i]);
+          acc = max_score ? fmaxf(acc, p) : acc + p;
         }
       }
     }
@@ -173,7 +174,9 @@ __global__ void __launch_bounds__(kTileThreads)
   __syncthreads();
   if (warp == 0 && j < tokens) {
     float s = 0.f;
-    for (int w = 0; w < kTileThreads / kWarp; ++w) s += red[w * kWarp + lane];
+    for (int w = 0; w < kTileThreads / kWarp; ++w) {
+      s = max_score ? fmaxf(s, red[w * kWarp + lane]) : s + red[w * kWarp + lane];
+    }
     scores[g * tokens + j] = s;
   }
 }
@@ -288,7 +291,8 @@ absl::Status RunStats(const AttentionStatsArgs& a, AttentionStatsOutput* out, St
   MEDAKV_RETURN_IF_ERROR(AllowSharedMemory(StatsScoresKernel<T, D>, smem2));
   StatsScoresKernel<T, D><<<dim3(static_cast<unsigned>(key_tiles), static_cast<unsigned>(kv_heads)), kTileThreads,
                             smem2, st>>>(a.query, a.key, a.query_positions, lse_c.as<float>(), a.scale, group,
-                                         a.score_rows_begin, out->scores);
+                                         a.score_rows_begin, a.aggregation == ScoreAggregation::kMax,
+                                         out->scores);
   MEDAKV_CUDA_LAUNCH_CHECK();
 
   // Per-row entropies, reduced on the host exactly as the CPU backend does.

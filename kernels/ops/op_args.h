@@ -29,11 +29,12 @@ struct AttentionStatsArgs {
   // Only query rows with index >= score_rows_begin add to the scores (an
   // observation window); every row counts for the entropy.
   int64_t score_rows_begin = 0;
+  ScoreAggregation aggregation = ScoreAggregation::kSum;  // over the scored rows and the group's heads
   CancelFlag cancelled = nullptr;
 };
 
 struct AttentionStatsOutput {
-  float* scores = nullptr;  // [kv_heads, tokens]: sum over scored rows and the group's heads of A[i, t]
+  float* scores = nullptr;  // [kv_heads, tokens]: sum (or max) over scored rows and the group's heads of A[i, t]
   float entropy = 0.f;      // E_l = E_TV + E_VT (or the causal entropy, see docs/algorithm.md)
   float entropy_tv = 0.f;   // text rows over visual keys (0 when no such row)
   float entropy_vt = 0.f;   // visual rows over text keys (0 when no such row)

@@ -18,6 +18,13 @@ enum class EntropySource : uint8_t {
   kCausal = 1,      // ordinary causal attention, per head, mean over heads and rows
 };
 
+// How the attention a token receives from the scored rows and the query
+// heads of its kv head's group becomes its score.
+enum class ScoreAggregation : uint8_t {
+  kSum = 0,  // the accumulated attention (H2O, MEDA)
+  kMax = 1,  // the largest single probability: a token one row needs counts fully
+};
+
 enum class TextPrior : uint8_t {
   kAdditive = 0,     // s_t += max s for text tokens (paper Eq. 9)
   kKeepAllText = 1,  // every text token ranks above every visual token

@@ -39,6 +39,9 @@ absl::Status ValidateAttentionStats(const AttentionStatsArgs& a, const Attention
   if (a.entropy_source != EntropySource::kCrossModal && a.entropy_source != EntropySource::kCausal) {
     return absl::InvalidArgumentError("attention stats: unknown entropy_source");
   }
+  if (a.aggregation != ScoreAggregation::kSum && a.aggregation != ScoreAggregation::kMax) {
+    return absl::InvalidArgumentError("attention stats: unknown score aggregation");
+  }
   if (a.score_rows_begin < 0 || a.score_rows_begin > q.tokens) {
     return absl::InvalidArgumentError(absl::StrCat("attention stats: score_rows_begin must be in [0, ", q.tokens,
                                                    "], got ", a.score_rows_begin));

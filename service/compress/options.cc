@@ -57,8 +57,8 @@ constexpr std::pair<const char*, MergeMode> kMergeModes[] = {{"average", MergeMo
                                                              {"none", MergeMode::kNone}};
 constexpr std::pair<const char*, MergeThreshold> kMergeThresholds[] = {{"none", MergeThreshold::kNone},
                                                                        {"mean", MergeThreshold::kMean}};
-constexpr std::pair<const char*, ScoreNorm> kScoreNorms[] = {{"sum", ScoreNorm::kSum},
-                                                             {"visible_mean", ScoreNorm::kVisibleMean}};
+constexpr std::pair<const char*, ScoreNorm> kScoreNorms[] = {
+    {"sum", ScoreNorm::kSum}, {"visible_mean", ScoreNorm::kVisibleMean}, {"max", ScoreNorm::kMax}};
 constexpr std::pair<const char*, LayerBudget> kLayerBudgets[] = {{"uniform", LayerBudget::kUniform},
                                                                  {"mass", LayerBudget::kMass},
                                                                  {"entropy", LayerBudget::kEntropy},

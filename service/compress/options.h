@@ -29,6 +29,7 @@ enum class PolicyKind : uint8_t {
 enum class ScoreNorm : uint8_t {
   kSum = 0,          // H2O: the plain sum over the query rows and the group's heads
   kVisibleMean = 1,  // the sum over the (row, head) pairs that can see the token: early tokens are not favoured
+  kMax = 2,          // the largest attention one row and head gives it: a token a single probe row needs counts fully
 };
 
 // How amber splits the total budget round(rho L T) across layers.

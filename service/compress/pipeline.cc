@@ -172,6 +172,7 @@ std::string StatisticsKey::ToString() const {
                                EntropyHeadsName(entropy_heads), " scale=", scale);
   if (scorer == Scorer::kWindowPooled) absl::StrAppend(&s, " window=", window, " pool_kernel=", pool_kernel);
   if (recent_rows > 0) absl::StrAppend(&s, " recent_rows=", recent_rows);
+  if (aggregation == ScoreAggregation::kMax) absl::StrAppend(&s, " aggregation=max");
   return s;
 }
 
@@ -190,6 +191,9 @@ StatisticsKey StatisticsKeyFor(const CompressOptions& options) {
     key.pool_kernel = options.pool_kernel;
   }
   if (plan.recent == RecentRule::kSearch) key.recent_rows = options.recent_search_rows;
+  if (plan.scorer == Scorer::kAccumulated && options.score_norm == ScoreNorm::kMax) {
+    key.aggregation = ScoreAggregation::kMax;
+  }
   return key;
 }
 
@@ -246,6 +250,7 @@ absl::Status RecentRowScores(const LayerInput& layer, const std::vector<int32_t>
   a.query = tail.view;
   a.query_positions = tail.positions.data();
   a.score_rows_begin = 0;
+  a.aggregation = ScoreAggregation::kSum;  // the attention a window holds: a sum whatever the scores' aggregation
   scores->resize(static_cast<size_t>(args.key.heads * args.key.tokens));
   AttentionStatsOutput out;
   out.scores = scores->data();
@@ -330,6 +335,7 @@ absl::StatusOr<Statistics> StatisticsStage(const CacheInput& in, const CompressO
       args.scale = scale;
       args.entropy_heads = options.entropy_heads;
       args.entropy_source = st.key.entropy_source;
+      args.aggregation = st.key.aggregation;
       args.cancelled = cancelled;
       // A windowed scorer reads only its window's rows: the statistics run on
       // those alone (the same scores, in the same order; the reported entropy

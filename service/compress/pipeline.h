@@ -106,6 +106,7 @@ struct StatisticsKey {
   int64_t window = 0;       // window-pooled scorer: the observation window; else 0
   int64_t pool_kernel = 0;  // window-pooled scorer: the pooling kernel; else 0
   int64_t recent_rows = 0;  // amber's recent search: options.recent_search_rows; else 0
+  ScoreAggregation aggregation = ScoreAggregation::kSum;  // kMax for amber's score_norm max
 
   bool operator==(const StatisticsKey&) const = default;
   // "none", or e.g. "scorer=accumulated entropy=cross_modal/mean_attention scale=0".

@@ -211,6 +211,9 @@ absl::Status ApplyAmber(const v1::AmberPolicy& a, CompressOptions* o) {
     case v1::SCORE_NORM_VISIBLE_MEAN:
       o->score_norm = ScoreNorm::kVisibleMean;
       break;
+    case v1::SCORE_NORM_MAX:
+      o->score_norm = ScoreNorm::kMax;
+      break;
     default:
       return UnknownEnum("policy.amber.score_norm", a.score_norm());
   }
@@ -479,7 +482,9 @@ v1::Policy PolicyToProto(const CompressOptions& o) {
       break;
     case PolicyKind::kAmber: {
       v1::AmberPolicy* a = p.mutable_amber();
-      a->set_score_norm(o.score_norm == ScoreNorm::kVisibleMean ? v1::SCORE_NORM_VISIBLE_MEAN : v1::SCORE_NORM_SUM);
+      a->set_score_norm(o.score_norm == ScoreNorm::kVisibleMean ? v1::SCORE_NORM_VISIBLE_MEAN
+                        : o.score_norm == ScoreNorm::kMax       ? v1::SCORE_NORM_MAX
+                                                                : v1::SCORE_NORM_SUM);
       a->set_layer_budget(o.layer_budget == LayerBudget::kMass      ? v1::LAYER_BUDGET_MASS
                           : o.layer_budget == LayerBudget::kEntropy ? v1::LAYER_BUDGET_ENTROPY
                           : o.layer_budget == LayerBudget::kDepth   ? v1::LAYER_BUDGET_DEPTH

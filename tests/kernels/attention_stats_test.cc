@@ -49,6 +49,7 @@ struct StatsCase {
   EntropySource source = EntropySource::kCrossModal;
   bool custom_positions = false;  // random, unsorted, with repeats; else the last Tq
   int64_t score_rows_begin = 0;
+  ScoreAggregation aggregation = ScoreAggregation::kSum;
   double q_stddev = 1.7;  // larger: more peaked rows
   uint64_t seed = 1;
 };
@@ -61,7 +62,7 @@ std::string CaseName(const StatsCase& c) {
       c.heads == EntropyHeads::kMeanAttention ? "MeanAttention" : "MeanEntropy", "_",
       c.source == EntropySource::kCrossModal ? "CrossModal" : "Causal", "_",
       c.custom_positions ? "CustomPos" : "LastPos", "_From", c.score_rows_begin,
-      c.q_stddev > 2.0 ? "_Peaked" : "");
+      c.aggregation == ScoreAggregation::kMax ? "_Max" : "", c.q_stddev > 2.0 ? "_Peaked" : "");
 }
 
 int64_t RowsFor(int64_t tokens) { return tokens <= 7 ? tokens : 24; }
@@ -91,6 +92,7 @@ std::vector<StatsCase> SweepCases() {
             c.source = (n / 8) % 3 == 2 ? EntropySource::kCausal : EntropySource::kCrossModal;
             c.custom_positions = (n / 3) % 2 == 1;
             c.score_rows_begin = (n / 5) % 2 == 1 ? c.q_tokens / 2 : 0;
+            c.aggregation = (n / 7) % 2 == 1 ? ScoreAggregation::kMax : ScoreAggregation::kSum;
             c.seed = 1000 + n;
             cases.push_back(c);
             ++n;
@@ -120,6 +122,7 @@ std::vector<StatsCase> SweepCases() {
             c.source = source;
             c.custom_positions = custom;
             c.score_rows_begin = custom ? 2 : 0;
+            c.aggregation = n % 2 == 1 ? ScoreAggregation::kMax : ScoreAggregation::kSum;
             c.seed = 5000 + n;
             cases.push_back(c);
             ++n;
@@ -185,6 +188,7 @@ AttentionStatsArgs ArgsOf(const StatsRun& r, const StatsCase& c) {
   a.entropy_heads = c.heads;
   a.entropy_source = c.source;
   a.score_rows_begin = c.score_rows_begin;
+  a.aggregation = c.aggregation;
   return a;
 }
 
@@ -201,7 +205,7 @@ TEST_P(AttentionStatsSweepTest, MatchesReference) {
 
   const reference::RefStats ref =
       reference::RefAttentionStats(r.query.view(), r.positions, r.key.view(), r.modality, r.scale,
-                                   c.heads, c.source, c.score_rows_begin);
+                                   c.heads, c.source, c.score_rows_begin, c.aggregation);
   EXPECT_EQ(out.causal, ref.causal);
   EXPECT_TRUE(test::Near(out.entropy, ref.entropy, kEntropyRel, kEntropyAbs)) << "entropy";
   EXPECT_TRUE(test::Near(out.entropy_tv, ref.entropy_tv, kEntropyRel, kEntropyAbs)) << "entropy_tv";
@@ -210,11 +214,19 @@ TEST_P(AttentionStatsSweepTest, MatchesReference) {
   EXPECT_TRUE(test::AllNear(got, ref.scores, kScoreRel, kScoreAbs)) << "scores";
 
   // Independent of the reference: each scored row adds one unit of
-  // probability per query head to its kv head.
+  // probability per query head to its kv head; with kMax every score is a
+  // probability, and each scored row's most attended key scores at least
+  // 1 / (the keys it sees).
   const double per_head = static_cast<double>((c.q_tokens - c.score_rows_begin) * c.group);
   for (int64_t h = 0; h < c.kv_heads; ++h) {
-    const double sum = std::accumulate(got.begin() + h * c.tokens, got.begin() + (h + 1) * c.tokens, 0.0);
-    EXPECT_TRUE(test::Near(sum, per_head, 1e-4, 1e-5)) << "kv head " << h;
+    const auto first = got.begin() + h * c.tokens, last = got.begin() + (h + 1) * c.tokens;
+    if (c.aggregation == ScoreAggregation::kSum) {
+      EXPECT_TRUE(test::Near(std::accumulate(first, last, 0.0), per_head, 1e-4, 1e-5)) << "kv head " << h;
+    } else if (c.score_rows_begin < c.q_tokens) {
+      EXPECT_LE(*std::max_element(first, last), 1.0 + 1e-6) << "kv head " << h;
+      EXPECT_GE(*std::max_element(first, last), 1.0 / static_cast<double>(c.tokens) - 1e-6) << "kv head " << h;
+      EXPECT_GE(*std::min_element(first, last), 0.0) << "kv head " << h;
+    }
   }
   // The reference's own sanity: text-only caches fall back to CAUSAL.
   if (c.pattern == VisualPattern::kNone) {

@@ -216,6 +216,8 @@ TEST_P(CudaParityTest, AttentionStatsMatchCpu) {
               a.entropy_source = es;
               a.score_rows_begin = srb;
               ExpectStatsClose(*cpu_, *gpu_, a, kv, tokens);
+              a.aggregation = ScoreAggregation::kMax;
+              ExpectStatsClose(*cpu_, *gpu_, a, kv, tokens);
             }
           }
         }

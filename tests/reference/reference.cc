@@ -89,7 +89,8 @@ static int64_t Seen(int64_t p, int64_t tokens) { return p < tokens ? p : tokens 
 RefStats RefAttentionStats(const TensorView& query, const std::vector<int32_t>& positions,
                            const TensorView& key, const std::vector<uint8_t>& modality,
                            double scale, EntropyHeads entropy_heads,
-                           EntropySource entropy_source, int64_t score_rows_begin) {
+                           EntropySource entropy_source, int64_t score_rows_begin,
+                           ScoreAggregation aggregation) {
   const int64_t q_heads = query.heads;
   const int64_t q_tokens = query.tokens;
   const int64_t head_dim = query.head_dim;
@@ -132,7 +133,10 @@ RefStats RefAttentionStats(const TensorView& query, const std::vector<int32_t>& 
       const std::vector<double> p = Softmax(row);
       row_entropy += Entropy(p);
       if (i >= score_rows_begin) {
-        for (int64_t j = 0; j <= Seen(pos[i], tokens); ++j) out.scores[(h / group) * tokens + j] += p[j];
+        for (int64_t j = 0; j <= Seen(pos[i], tokens); ++j) {
+          double& s = out.scores[(h / group) * tokens + j];
+          s = aggregation == ScoreAggregation::kMax ? std::max(s, p[j]) : s + p[j];
+        }
       }
     }
     causal_entropy_sum += row_entropy / static_cast<double>(q_heads);

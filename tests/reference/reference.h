@@ -48,11 +48,13 @@ struct RefStats {
 // last q_tokens positions); key: [kv_heads, tokens, head_dim];
 // modality: [tokens], 0 text, 1 visual. The modality of query row i is the
 // modality of the token at its position. Only rows i >= score_rows_begin add
-// to the scores; every row counts for the entropy.
+// to the scores (their sum, or with kMax their maximum, over those rows and
+// the kv head's query heads); every row counts for the entropy.
 RefStats RefAttentionStats(const TensorView& query, const std::vector<int32_t>& positions,
                            const TensorView& key, const std::vector<uint8_t>& modality,
                            double scale, EntropyHeads entropy_heads,
-                           EntropySource entropy_source, int64_t score_rows_begin);
+                           EntropySource entropy_source, int64_t score_rows_begin,
+                           ScoreAggregation aggregation = ScoreAggregation::kSum);
 
 struct RefBudgetResult {
   std::vector<double> alpha;    // [layers] clamp(softmax(E / tau) * L * rho, alpha_min, alpha_max)

@@ -519,6 +519,16 @@ TEST(OptionsFromProto, AmberEveryField) {
     ASSERT_TRUE(o.ok()) << o.status();
     EXPECT_EQ(o->layer_budget, want_b);
   }
+  for (auto [n, want_n] : {std::pair{v1::SCORE_NORM_SUM, ScoreNorm::kSum},
+                           std::pair{v1::SCORE_NORM_VISIBLE_MEAN, ScoreNorm::kVisibleMean},
+                           std::pair{v1::SCORE_NORM_MAX, ScoreNorm::kMax}}) {
+    a->set_score_norm(n);
+    o = OptionsFromProto(p);
+    ASSERT_TRUE(o.ok()) << o.status();
+    EXPECT_EQ(o->score_norm, want_n);
+    EXPECT_EQ(PolicyToProto(*o).amber().score_norm(), n);  // and back
+    EXPECT_EQ(*ParseScoreNorm(ScoreNormName(want_n)), want_n);
+  }
   // Unset fields keep the defaults; the reverse conversion gives them back.
   p = PolicyOf(PolicyKind::kAmber);
   o = OptionsFromProto(p);

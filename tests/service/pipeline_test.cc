@@ -449,8 +449,9 @@ TEST_P(AmberVsReferenceTest, ScoresBudgetsAndSelectionMatch) {
   for (int64_t l = 0; l < layers; ++l) {
     const reference::RefStats rs =
         reference::RefAttentionStats(c.queries[l].view(), positions, c.keys[l].view(), c.input.modality,
-                                     scale, o.entropy_heads, o.entropy_source, 0);
-    // The recent search's statistics: the last min(recent_rows, q_tokens) rows alone.
+                                     scale, o.entropy_heads, o.entropy_source, 0,
+                                     p.norm == ScoreNorm::kMax ? ScoreAggregation::kMax : ScoreAggregation::kSum);
+    // The recent search's statistics (a sum whatever the score): the last min(recent_rows, q_tokens) rows alone.
     recent[l] = reference::RefAttentionStats(c.queries[l].view(), positions, c.keys[l].view(),
                                              c.input.modality, scale, o.entropy_heads, o.entropy_source,
                                              q_tokens - std::min(p.recent_rows, q_tokens))
@@ -514,6 +515,11 @@ std::vector<AmberCase> AmberCases() {
   cases.push_back({DType::kFloat16, Layout::kNHD, ScoreNorm::kVisibleMean, LayerBudget::kMass, true, 6});
   cases.push_back({DType::kFloat32, Layout::kNHD, ScoreNorm::kSum, LayerBudget::kMass, false, 0});
   cases.push_back({DType::kBFloat16, Layout::kHND, ScoreNorm::kSum, LayerBudget::kUniform, true, 3});
+  // The max score, alone and with probe rows after the cache (a reconstruction pass).
+  cases.push_back({DType::kFloat32, Layout::kHND, ScoreNorm::kMax, LayerBudget::kMass, false, 0});
+  cases.push_back({DType::kBFloat16, Layout::kNHD, ScoreNorm::kMax, LayerBudget::kDepth, true, 16});
+  cases.push_back({DType::kFloat16, Layout::kHND, ScoreNorm::kMax, LayerBudget::kMass, false, 4, 8});
+  cases.push_back({DType::kFloat32, Layout::kNHD, ScoreNorm::kMax, LayerBudget::kUniform, true, 0, 4});
   return cases;
 }
 
@@ -761,6 +767,9 @@ std::vector<CompressOptions> StatisticsRuns() {
   amber.layer_budget = LayerBudget::kUniform;
   amber.score_norm = ScoreNorm::kVisibleMean;
   runs.push_back(amber);
+  amber.score_norm = ScoreNorm::kMax;
+  amber.layer_budget = LayerBudget::kMass;
+  runs.push_back(amber);
   return runs;
 }
 
@@ -858,6 +867,12 @@ TEST(StatisticsKeyTest, SharedOnlyWhereTheStageReadsTheSame) {
   EXPECT_EQ(StatisticsKeyFor(amber), StatisticsKeyFor(amber8));
   amber8.recent_search_rows = 0;
   EXPECT_EQ(StatisticsKeyFor(amber8), StatisticsKeyFor(h2o));
+  // The max score is other statistics; visible_mean is a view of the sum.
+  amber8.score_norm = ScoreNorm::kVisibleMean;
+  EXPECT_EQ(StatisticsKeyFor(amber8), StatisticsKeyFor(h2o));
+  amber8.score_norm = ScoreNorm::kMax;
+  EXPECT_NE(StatisticsKeyFor(amber8), StatisticsKeyFor(h2o));
+  EXPECT_EQ(StatisticsKeyFor(amber8).ToString(), "scorer=accumulated entropy=causal/mean_attention scale=0 aggregation=max");
 }
 
 TEST(SharedStatisticsErrorsTest, RejectsStatisticsOfOtherOptionsOrShapes) {

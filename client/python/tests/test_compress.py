@@ -106,6 +106,7 @@ def test_meda_matches_cli(client, cli_bin, tmp_path, dtype, layout):
     ("amber", {"layer_budget": "entropy", "tau": 3.0, "entropy_source": "causal", "merge": "average"}),
     ("amber", {"layer_budget": "depth", "depth_ratio": 0.5, "recent_search_rows": 4}),
     ("amber", {"recent_search_rows": 0, "score_norm": "visible_mean", "layer_budget": "uniform"}),
+    ("amber", {"score_norm": "max", "layer_budget": "mass"}),
 ])
 def test_every_policy_matches_cli(client, cli_bin, tmp_path, policy, options):
     cache = random_cache(2, dtype="float32", layout="nhd", tokens=131, q_tokens=9)
@@ -115,20 +116,21 @@ def test_every_policy_matches_cli(client, cli_bin, tmp_path, policy, options):
         assert all(r.budget == 131 for r in result.layers)
 
 
-@pytest.mark.parametrize("policy", ["amber", "h2o", "snapkv", "meda"])
-def test_probe_rows_after_the_cache_match_cli(client, cli_bin, tmp_path, policy):
+@pytest.mark.parametrize("policy,options", [("amber", {}), ("h2o", {}), ("snapkv", {}), ("meda", {}),
+                                            ("amber", {"score_norm": "max", "layer_budget": "mass"})])
+def test_probe_rows_after_the_cache_match_cli(client, cli_bin, tmp_path, policy, options):
     """Query rows after the cache (a question asked after the context: more rows than tokens, positions from T
     on) compress on the server as `medakv compress` does locally, and change what is kept."""
     cache = random_cache(7, dtype="float32", tokens=40)
     rng = np.random.default_rng(7)
     cache["queries"] = [(rng.standard_normal((4, 50, 16)) * 2).astype(np.float32) for _ in range(3)]
     cache["query_positions"] = [np.concatenate([np.arange(0, 40, 4), np.arange(40, 80)]).astype(np.int32)] * 3
-    result = client.compress(**cache, policy=policy, rho=0.3)
-    assert_same(result, cli_compress(cli_bin, tmp_path, cache, "float32", "hnd", policy, 0.3, {}), "float32")
+    result = client.compress(**cache, policy=policy, rho=0.3, **options)
+    assert_same(result, cli_compress(cli_bin, tmp_path, cache, "float32", "hnd", policy, 0.3, options), "float32")
     if policy in ("amber", "h2o"):  # the probes' attention counts: another selection than the in-cache rows alone
         inside = dict(cache, queries=[q[:, :10] for q in cache["queries"]],
                       query_positions=[p[:10] for p in cache["query_positions"]])
-        alone = client.compress(**inside, policy=policy, rho=0.3)
+        alone = client.compress(**inside, policy=policy, rho=0.3, **options)
         assert any(not np.array_equal(a.positions, b.positions) for a, b in zip(result.layers, alone.layers))
 
 

@@ -12,7 +12,7 @@ convert.cc), so a request that passes them is not refused for its policy.
 | ``exact_total`` | meda | bool (True) |
 | ``entropy_heads`` | meda, amber | "mean_attention", "mean_entropy" |
 | ``entropy_source`` | meda, amber | "cross_modal", "causal" |
-| ``score_norm`` | amber | "sum", "visible_mean" (sum) |
+| ``score_norm`` | amber | "sum", "visible_mean", "max" (sum) |
 | ``layer_budget`` | amber | "uniform", "mass", "entropy", "depth" (depth) |
 | ``depth_ratio`` | amber | [0.01, 100] (0.8): layer_budget depth's first-layer weight |
 | ``recent_search_rows`` | amber | int >= 0 (16): rows whose attention picks each head's recent window; 0: recent_fraction |
@@ -69,7 +69,7 @@ _ENUMS: Dict[str, Dict[str, int]] = {
     "merge": {"average": pb.MERGE_MODE_AVERAGE, "pivotal": pb.MERGE_MODE_PIVOTAL, "weighted": pb.MERGE_MODE_WEIGHTED,
               "none": pb.MERGE_MODE_NONE},
     "merge_threshold": {"none": pb.MERGE_THRESHOLD_NONE, "mean": pb.MERGE_THRESHOLD_MEAN},
-    "score_norm": {"sum": pb.SCORE_NORM_SUM, "visible_mean": pb.SCORE_NORM_VISIBLE_MEAN},
+    "score_norm": {"sum": pb.SCORE_NORM_SUM, "visible_mean": pb.SCORE_NORM_VISIBLE_MEAN, "max": pb.SCORE_NORM_MAX},
     "layer_budget": {"uniform": pb.LAYER_BUDGET_UNIFORM, "mass": pb.LAYER_BUDGET_MASS,
                      "entropy": pb.LAYER_BUDGET_ENTROPY, "depth": pb.LAYER_BUDGET_DEPTH},
 }

@@ -69,6 +69,7 @@ class ScoreNorm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SCORE_NORM_UNSPECIFIED: _ClassVar[ScoreNorm]
     SCORE_NORM_SUM: _ClassVar[ScoreNorm]
     SCORE_NORM_VISIBLE_MEAN: _ClassVar[ScoreNorm]
+    SCORE_NORM_MAX: _ClassVar[ScoreNorm]
 
 class LayerBudget(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -128,6 +129,7 @@ MERGE_THRESHOLD_MEAN: MergeThreshold
 SCORE_NORM_UNSPECIFIED: ScoreNorm
 SCORE_NORM_SUM: ScoreNorm
 SCORE_NORM_VISIBLE_MEAN: ScoreNorm
+SCORE_NORM_MAX: ScoreNorm
 LAYER_BUDGET_UNSPECIFIED: LayerBudget
 LAYER_BUDGET_UNIFORM: LayerBudget
 LAYER_BUDGET_MASS: LayerBudget
