@@ -259,6 +259,10 @@ void FuzzPolicy(const v1::Policy& policy) {
       if (a.has_alpha_max()) MEDAKV_FUZZ_CHECK(o.budget.alpha_max == a.alpha_max(), "alpha_max not applied");
       if (a.has_sinks()) MEDAKV_FUZZ_CHECK(o.sinks == a.sinks(), "sinks not applied");
       if (a.score_norm() == v1::SCORE_NORM_SUM) MEDAKV_FUZZ_CHECK(o.score_norm == ScoreNorm::kSum, "score_norm");
+      if (a.score_norm() == v1::SCORE_NORM_MAX) MEDAKV_FUZZ_CHECK(o.score_norm == ScoreNorm::kMax, "score_norm");
+      if (a.score_norm() == v1::SCORE_NORM_VISIBLE_MEAN) {
+        MEDAKV_FUZZ_CHECK(o.score_norm == ScoreNorm::kVisibleMean, "score_norm");
+      }
       if (a.layer_budget() == v1::LAYER_BUDGET_MASS) {
         MEDAKV_FUZZ_CHECK(o.layer_budget == LayerBudget::kMass, "layer_budget");
       }
