@@ -132,4 +132,4 @@ except ImportError as e:
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert "ImportError: medakv.hf.compress needs torch and transformers >= 5 (pip install 'medakv[hf]')" in done.stdout
+    assert "ImportError: medakv.hf.compress needs torch and transformers >= 5.2 (pip install 'medakv[hf]')" in done.stdout

@@ -1,6 +1,6 @@
 """``capture_queries``, ``compress``, ``CompressedCache`` and ``pipeline``: the torch side of ``medakv.hf``.
 
-Needs torch and transformers >= 5 (``pip install 'medakv[hf]'``); imported by
+Needs torch and transformers >= 5.2 (``pip install 'medakv[hf]'``); imported by
 ``medakv.hf`` on first use of one of these names.
 """
 
@@ -141,14 +141,19 @@ class _CompressedLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
         self.seen += n
         return self.keys, self.values
 
-    def get_mask_sizes(self, query_length: int) -> Tuple[int, int]:
+    def get_mask_sizes(self, query_length: Any) -> Tuple[int, int]:
         # The mask the model builds from this is replaced (per layer, by position) before attention.
-        return self.seen + query_length, 0
+        # transformers before 5.3 passes the new tokens' cache positions (a tensor), later ones their count.
+        n = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+        return self.seen + n, 0
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # the name of get_max_length before transformers 5.3
         return -1
 
     def reset(self) -> None:

@@ -1,6 +1,6 @@
 """Hugging Face transformers models and caches, in and out of medakv-server.
 
-The worker's path (needs torch and transformers >= 5: ``pip install
+The worker's path (needs torch and transformers >= 5.2: ``pip install
 'medakv[hf]'``; imported on first use)::
 
     import medakv.hf
@@ -58,7 +58,8 @@ def __getattr__(name: str) -> Any:
     try:
         from . import _hf_cache
     except ImportError as e:
-        raise ImportError(f"medakv.hf.{name} needs torch and transformers >= 5 (pip install 'medakv[hf]'): {e}") from e
+        raise ImportError(f"medakv.hf.{name} needs torch and transformers >= 5.2 "
+                          f"(pip install 'medakv[hf]'): {e}") from e
     return getattr(_hf_cache, name)
 
 
