@@ -102,10 +102,11 @@ void Attend(const float* q, int64_t rows, const float* k, const float* v, int64_
 
 // Outputs of the query rows of kv head g's group: query [q_heads, rows, d],
 // key/value [kv_heads, n, d]. out: [group * rows, d], row (hh * rows + i) for
-// query head g * group + hh.
+// query head g * group + hh. Only the head's first `keys` rows are attended
+// (-1: all of them; a compressed head padded to its layer's width holds fewer).
 void GroupOutputs(const TensorView& query, const TensorView& key, const TensorView& value, int64_t g, double scale,
-                  double* out) {
-  const int64_t d = key.head_dim, n = key.tokens, rows = query.tokens;
+                  double* out, int64_t keys = -1) {
+  const int64_t d = key.head_dim, n = keys >= 0 ? keys : key.tokens, rows = query.tokens;
   const int64_t group = query.heads / key.heads;
   std::vector<float> q(group * rows * d), k(n * d), v(n * d);
   for (int64_t hh = 0; hh < group; ++hh) RowsToFloat(query, g * group + hh, 0, rows, q.data() + hh * rows * d);
@@ -349,7 +350,10 @@ absl::StatusOr<std::vector<EvalResult>> EvaluateHeldOut(const CacheInput& observ
         return;
       }
       std::vector<double> out(group_size(l));
-      GroupOutputs(held_out[l], ck, cv, g, scale, out.data());
+      // Rows at position -1 pad a head that keeps fewer tokens than its layer's widest (amber's global budgets).
+      const auto head = c.positions.begin() + g * c.budget;
+      const int64_t kept = std::find(head, head + c.budget, -1) - head;
+      GroupOutputs(held_out[l], ck, cv, g, scale, out.data(), kept);
       AddTerms(reference_out, out.data(), group * held_out[l].tokens, d, &task_error[task]);
     });
     LayerError total;

@@ -36,7 +36,7 @@ void PolicyFlags::Add(CLI::App* app, bool with_policy) {
   beta_ = Opt(app, "--pyramid-beta", v_.pyramid_beta, "pyramidkv: min budget = (C - w) / beta [20]");
   score_norm_opt_ = Opt(app, "--score-norm", score_norm_, "amber: sum | visible_mean | max [sum]");
   layer_budget_opt_ =
-      Opt(app, "--layer-budget", layer_budget_, "amber: uniform | mass | entropy | depth [depth]");
+      Opt(app, "--layer-budget", layer_budget_, "amber: uniform | mass | entropy | depth | global [depth]");
   depth_ratio_ = Opt(app, "--depth-ratio", v_.depth_ratio,
                      "amber, --layer-budget depth: first layer's weight, the last's is its inverse [0.8]");
   recent_search_rows_ =

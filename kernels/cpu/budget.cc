@@ -1,6 +1,7 @@
 #include "kernels/cpu/budget.h"
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cmath>
 #include <functional>
@@ -284,6 +285,71 @@ absl::StatusOr<LayerBudgets> AllocateMassBudgets(const std::vector<std::vector<f
   out.alpha.resize(layers);
   for (int64_t l = 0; l < layers; ++l) out.alpha[l] = static_cast<double>(out.budget[l]) / static_cast<double>(tokens);
   return out;
+}
+
+absl::StatusOr<std::vector<int64_t>> GlobalHeadBudgets(const std::vector<std::vector<float>>& scores,
+                                                       int64_t kv_heads, int64_t tokens, double rho, int64_t forced) {
+  if (scores.empty()) return absl::InvalidArgumentError("budgets: no layers");
+  if (tokens <= 0 || kv_heads <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("budgets: tokens and kv_heads must be > 0, got ", tokens, " and ", kv_heads));
+  }
+  if (forced < 1 || forced > tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("budgets: forced tokens must be in [1, ", tokens, "], got ", forced));
+  }
+  if (!(rho > 0.0 && rho <= 1.0)) return absl::InvalidArgumentError(absl::StrCat("rho must be in (0, 1], got ", rho));
+  const int64_t layers = static_cast<int64_t>(scores.size()), heads = layers * kv_heads;
+  for (int64_t l = 0; l < layers; ++l) {
+    if (static_cast<int64_t>(scores[l].size()) != kv_heads * tokens) {
+      return absl::InvalidArgumentError(absl::StrCat("budgets: layer ", l, " has ", scores[l].size(),
+                                                     " scores, expected ", kv_heads * tokens));
+    }
+    for (float s : scores[l]) {
+      if (!(s >= 0.f) || !std::isfinite(s)) {
+        return absl::InvalidArgumentError(absl::StrCat("budgets: layer ", l, " has a score of ", s));
+      }
+    }
+  }
+  const int64_t total = std::clamp(RoundHalfUp(rho * static_cast<double>(heads) * static_cast<double>(tokens)),
+                                   heads * forced, heads * tokens);
+  std::vector<int64_t> count(heads, forced);
+  int64_t need = total - heads * forced;
+  if (need == 0) return count;
+  // The need-th largest score's bit pattern (non-negative floats order as
+  // their bits), a byte at a time: each pass counts the slots that agree with
+  // the bytes found so far by their next byte.
+  auto for_each_slot = [&](auto&& fn) {
+    for (int64_t l = 0; l < layers; ++l) {
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const float* s = scores[l].data() + h * tokens;
+        for (int64_t t = forced; t < tokens; ++t) {
+          fn(l * kv_heads + h, s[t] == 0.f ? 0u : std::bit_cast<uint32_t>(s[t]));  // -0 as +0
+        }
+      }
+    }
+  };
+  uint32_t prefix = 0, mask = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    std::array<int64_t, 256> hist{};
+    for_each_slot([&](int64_t, uint32_t bits) {
+      if ((bits & mask) == prefix) ++hist[(bits >> shift) & 0xffu];
+    });
+    int64_t above = 0;
+    for (int b = 255; b >= 0; --b) {
+      if (above + hist[b] >= need) {
+        prefix |= static_cast<uint32_t>(b) << shift;
+        mask |= 0xffu << shift;
+        need -= above;
+        break;
+      }
+      above += hist[b];
+    }
+  }
+  // Every slot above the threshold, and `need` of those at it in slot order.
+  for_each_slot([&](int64_t head, uint32_t bits) {
+    if (bits > prefix || (bits == prefix && need > 0 && need--)) ++count[head];
+  });
+  return count;
 }
 
 int64_t TargetTotal(double rho, int64_t layers, int64_t tokens) {

@@ -57,6 +57,21 @@ inline constexpr double kMaxTau = 1e6;
                                                                int64_t kv_heads, int64_t tokens,
                                                                const BudgetOptions& options);
 
+// Per-head budgets ranked across every layer and head (amber's layer_budget
+// global, docs/amber.md). scores[l] is layer l's [kv_heads, tokens]
+// non-negative scores. Every head keeps its first `forced` tokens (1 <=
+// forced <= tokens); the rest of the total n = round(rho L H T) (at least
+// L H forced) goes to the slots (layer, head, token >= forced) with the
+// largest scores, equal scores taken in (layer, head, token) order. Returns
+// [layers * kv_heads] counts (layer-major), each in [forced, tokens], summing
+// to n. O(L H T) time with four counting passes over the scores (no copy).
+// INVALID_ARGUMENT for no layer, tokens <= 0, kv_heads <= 0, forced outside
+// [1, tokens], rho outside (0, 1], a scores vector of another size, or a
+// negative or non-finite score.
+[[nodiscard]] absl::StatusOr<std::vector<int64_t>> GlobalHeadBudgets(const std::vector<std::vector<float>>& scores,
+                                                                     int64_t kv_heads, int64_t tokens, double rho,
+                                                                     int64_t forced);
+
 // Target total of the exact rule: round(rho * L * T).
 int64_t TargetTotal(double rho, int64_t layers, int64_t tokens);
 

@@ -62,7 +62,8 @@ constexpr std::pair<const char*, ScoreNorm> kScoreNorms[] = {
 constexpr std::pair<const char*, LayerBudget> kLayerBudgets[] = {{"uniform", LayerBudget::kUniform},
                                                                  {"mass", LayerBudget::kMass},
                                                                  {"entropy", LayerBudget::kEntropy},
-                                                                 {"depth", LayerBudget::kDepth}};
+                                                                 {"depth", LayerBudget::kDepth},
+                                                                 {"global", LayerBudget::kGlobal}};
 
 }  // namespace
 
@@ -161,6 +162,18 @@ absl::Status ValidateOptions(const CompressOptions& o) {
   if (!Known(o.merge_threshold, kMergeThresholds)) return absl::InvalidArgumentError("merge_threshold: unknown value");
   if (!Known(o.score_norm, kScoreNorms)) return absl::InvalidArgumentError("score_norm: unknown value");
   if (!Known(o.layer_budget, kLayerBudgets)) return absl::InvalidArgumentError("layer_budget: unknown value");
+  if (o.policy == PolicyKind::kAmber && o.layer_budget == LayerBudget::kGlobal) {
+    // Heads of a layer keep different numbers of tokens: the merge and a
+    // shared selection both need every head to keep the same number.
+    if (o.merge != MergeMode::kNone) {
+      return absl::InvalidArgumentError(absl::StrCat("layer_budget global keeps a different number of tokens per kv "
+                                                     "head: merge must be none, got ", MergeModeName(o.merge)));
+    }
+    if (o.shared_selection) {
+      return absl::InvalidArgumentError(
+          "layer_budget global keeps a different number of tokens per kv head: shared_selection must be false");
+    }
+  }
   return absl::OkStatus();
 }
 

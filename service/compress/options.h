@@ -38,6 +38,7 @@ enum class LayerBudget : uint8_t {
   kMass = 1,     // to keep the most score mass (each layer's and head's scores normalised to sum 1)
   kEntropy = 2,  // MEDA's softmax of the entropy (tau, entropy_source, entropy_heads)
   kDepth = 3,    // a linear ramp over depth: the first layer depth_ratio, the last 1 / depth_ratio (relative)
+  kGlobal = 4,   // the highest scores across every layer and kv head: each head keeps its own number of tokens
 };
 
 // The recent-window fractions amber's recent search tries, in this order

@@ -419,6 +419,54 @@ absl::Status SelectWithRecentSearch(SelectArgs sel, const std::vector<float>& re
   return absl::OkStatus();
 }
 
+// One layer with per-head budgets (BudgetRule::kGlobal): head h keeps
+// head_budget[h] tokens, selected on its own as every policy selects (its
+// first `forced` tokens, the recent window or its search, the top scores),
+// and the result is padded to `width` = the largest head: a padded row has
+// position -1 and zero key and value. No merge (ValidateOptions).
+absl::Status SelectPerHead(const LayerInput& layer, const std::vector<float>& scores,
+                           const std::vector<float>* recent, const CompressOptions& options, const PolicyPlan& plan,
+                           const std::vector<uint8_t>& modality, const int64_t* head_budget, int64_t forced,
+                           int64_t width, const Backend& backend, LayerResult* r) {
+  const int64_t kv_heads = layer.key.heads, tokens = layer.key.tokens, head_dim = layer.key.head_dim;
+  std::fill(r->positions.begin(), r->positions.end(), -1);
+  std::vector<int32_t> kept;
+  for (int64_t h = 0; h < kv_heads; ++h) {
+    const int64_t n = head_budget[h];
+    kept.resize(n);
+    SelectArgs sel;
+    sel.scores = scores.data() + h * tokens;
+    sel.modality = modality.data();
+    sel.kv_heads = 1;
+    sel.tokens = tokens;
+    sel.budget = n;
+    sel.recent_fraction = options.recent_fraction;
+    sel.sinks = forced;
+    sel.text_prior = options.text_prior;
+    if (plan.recent == RecentRule::kSearch && recent != nullptr) {
+      const std::vector<float> head_recent(recent->begin() + h * tokens, recent->begin() + (h + 1) * tokens);
+      MEDAKV_RETURN_IF_ERROR(SelectWithRecentSearch(sel, head_recent, backend, &kept));
+    } else {
+      MEDAKV_RETURN_IF_ERROR(backend.SelectTokens(sel, kept.data()));
+    }
+    std::copy(kept.begin(), kept.end(), r->positions.begin() + h * width);
+  }
+  const size_t bytes = static_cast<size_t>(kv_heads * width * head_dim) * DTypeSize(layer.key.dtype);
+  r->key.assign(bytes, 0);
+  r->value.assign(bytes, 0);
+  const MutableTensorView out_key{r->key.data(), layer.key.dtype, layer.key.layout, kv_heads, width, head_dim};
+  const MutableTensorView out_value{r->value.data(), layer.value.dtype, layer.value.layout, kv_heads, width, head_dim};
+  const size_t row = static_cast<size_t>(head_dim) * DTypeSize(layer.key.dtype);
+  for (int64_t h = 0; h < kv_heads; ++h) {
+    for (int64_t j = 0; j < head_budget[h]; ++j) {
+      const int32_t t = r->positions[h * width + j];
+      std::memcpy(out_key.Row(h, j), layer.key.Row(h, t), row);
+      std::memcpy(out_value.Row(h, j), layer.value.Row(h, t), row);
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status CheckFiniteInput(const CacheInput& in) {
@@ -539,6 +587,10 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
   auto t0 = std::chrono::steady_clock::now();
   std::vector<int64_t> budget(layers, tokens);
   std::vector<double> alpha(layers, 1.0);
+  // Per-head budgets [layers * kv_heads] where heads keep different numbers
+  // (BudgetRule::kGlobal); budget[l] is then the layer's largest.
+  std::vector<int64_t> head_budget;
+  const int64_t forced_head_tokens = std::min<int64_t>(std::max<int64_t>(options.sinks, 1), tokens);
   switch (plan.budget) {
     case BudgetRule::kFull:
       break;
@@ -565,8 +617,23 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
       budget = std::move(b.budget);
       break;
     }
+    case BudgetRule::kGlobal: {
+      MEDAKV_ASSIGN_OR_RETURN(head_budget, GlobalHeadBudgets(scores, kv_heads, tokens, options.budget.rho,
+                                                             forced_head_tokens));
+      for (int64_t l = 0; l < layers; ++l) {
+        budget[l] = *std::max_element(head_budget.begin() + l * kv_heads, head_budget.begin() + (l + 1) * kv_heads);
+      }
+      break;
+    }
   }
-  if (plan.budget != BudgetRule::kEntropy) {
+  if (plan.budget == BudgetRule::kGlobal) {
+    // alpha_l: the fraction of the layer's (head, token) slots kept.
+    for (int64_t l = 0; l < layers; ++l) {
+      const int64_t kept = std::accumulate(head_budget.begin() + l * kv_heads,
+                                           head_budget.begin() + (l + 1) * kv_heads, int64_t{0});
+      alpha[l] = static_cast<double>(kept) / static_cast<double>(kv_heads * tokens);
+    }
+  } else if (plan.budget != BudgetRule::kEntropy) {
     for (int64_t l = 0; l < layers; ++l) alpha[l] = static_cast<double>(budget[l]) / static_cast<double>(tokens);
   }
   result.seconds.allocate = Seconds(t0);
@@ -583,6 +650,14 @@ absl::StatusOr<CompressResult> Compress(const CacheInput& in, const CompressOpti
     r.budget = budget[l];
     result.tokens_kept += budget[l];
     r.positions.resize(kv_heads * budget[l]);
+    if (!head_budget.empty()) {
+      MEDAKV_RETURN_IF_ERROR(SelectPerHead(layer, scores[l],
+                                           statistics->recent_scores.empty() ? nullptr : &statistics->recent_scores[l],
+                                           options, plan, modality, head_budget.data() + l * kv_heads,
+                                           forced_head_tokens, budget[l], backend, &r));
+      if (on_layer != nullptr && *on_layer) MEDAKV_RETURN_IF_ERROR((*on_layer)(l, r));
+      continue;
+    }
     if (budget[l] == tokens) {
       for (int64_t h = 0; h < kv_heads; ++h) {
         std::iota(r.positions.begin() + h * tokens, r.positions.begin() + (h + 1) * tokens, 0);

@@ -58,7 +58,10 @@ struct CacheInput {
 struct LayerResult {
   std::vector<uint8_t> key;        // [kv_heads, budget, head_dim] in the input dtype and layout
   std::vector<uint8_t> value;      // [kv_heads, budget, head_dim]
-  std::vector<int32_t> positions;  // [kv_heads, budget], ascending per head
+  // [kv_heads, budget], ascending per head. Where heads keep different
+  // numbers of tokens (amber's layer_budget global) budget is the largest and
+  // a shorter head's rows end in padding: position -1, zero key and value.
+  std::vector<int32_t> positions;
   float entropy = 0.f;             // E_l
   double alpha = 1.0;              // alpha_l
   int64_t budget = 0;              // B_l

@@ -15,6 +15,7 @@ enum class BudgetRule : uint8_t {
   kEntropy,  // MEDA's softmax of the cross-modal entropy (exact total by default)
   kMass,     // amber: the split of the exact total that keeps the most normalised score mass
   kDepth,    // amber: a linear ramp over depth (depth_ratio), exact total L round(rho T)
+  kGlobal,   // amber: per-head budgets from the highest scores across every layer and head (GlobalHeadBudgets)
 };
 
 enum class Scorer : uint8_t {

@@ -232,6 +232,9 @@ absl::Status ApplyAmber(const v1::AmberPolicy& a, CompressOptions* o) {
     case v1::LAYER_BUDGET_DEPTH:
       o->layer_budget = LayerBudget::kDepth;
       break;
+    case v1::LAYER_BUDGET_GLOBAL:
+      o->layer_budget = LayerBudget::kGlobal;
+      break;
     default:
       return UnknownEnum("policy.amber.layer_budget", a.layer_budget());
   }
@@ -488,6 +491,7 @@ v1::Policy PolicyToProto(const CompressOptions& o) {
       a->set_layer_budget(o.layer_budget == LayerBudget::kMass      ? v1::LAYER_BUDGET_MASS
                           : o.layer_budget == LayerBudget::kEntropy ? v1::LAYER_BUDGET_ENTROPY
                           : o.layer_budget == LayerBudget::kDepth   ? v1::LAYER_BUDGET_DEPTH
+                          : o.layer_budget == LayerBudget::kGlobal  ? v1::LAYER_BUDGET_GLOBAL
                                                                     : v1::LAYER_BUDGET_UNIFORM);
       a->set_sinks(o.sinks);
       a->set_recent_search_rows(o.recent_search_rows);

@@ -380,6 +380,53 @@ TEST(MassBudgetInvalidTest, RejectsBadInputs) {
 
 // ---- amber's depth budgets ----------------------------------------------------------
 
+TEST(GlobalHeadBudgetTest, MatchesTheReferenceWithTiesAndZeros) {
+  // Scores drawn from a few values (many ties, zeros and -0 among them), sizes odd and even.
+  const float values[] = {0.f, -0.f, 0.125f, 0.5f, 0.5f, 1.f, 3e-39f /* subnormal */, 7.f};
+  uint64_t state = 9;
+  for (int64_t layers : {1, 3, 7}) {
+    for (int64_t kv_heads : {1, 2, 5}) {
+      for (int64_t tokens : {1, 2, 9, 130}) {
+        for (double rho : {0.01, 0.1, 0.37, 0.5, 1.0}) {
+          for (int64_t forced : {int64_t{1}, std::min<int64_t>(3, tokens), tokens}) {
+            std::vector<std::vector<float>> s(layers, std::vector<float>(kv_heads * tokens));
+            std::vector<std::vector<double>> d(layers, std::vector<double>(kv_heads * tokens));
+            for (int64_t l = 0; l < layers; ++l) {
+              for (int64_t i = 0; i < kv_heads * tokens; ++i) {
+                state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+                s[l][i] = values[(state >> 33) % 8];
+                d[l][i] = s[l][i];
+              }
+            }
+            const std::string what = absl::StrCat("L", layers, " H", kv_heads, " T", tokens, " rho ", rho,
+                                                  " forced ", forced);
+            absl::StatusOr<std::vector<int64_t>> got = GlobalHeadBudgets(s, kv_heads, tokens, rho, forced);
+            ASSERT_TRUE(got.ok()) << what << ": " << got.status();
+            EXPECT_EQ(*got, reference::RefGlobalHeadBudgets(d, kv_heads, tokens, rho, forced)) << what;
+            for (int64_t n : *got) EXPECT_TRUE(n >= forced && n <= tokens) << what;
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(GlobalHeadBudgetTest, RejectsBadInputs) {
+  const std::vector<std::vector<float>> ok(2, std::vector<float>(6, 0.5f));
+  EXPECT_TRUE(GlobalHeadBudgets(ok, 2, 3, 0.5, 1).ok());
+  EXPECT_FALSE(GlobalHeadBudgets({}, 2, 3, 0.5, 1).ok());
+  EXPECT_FALSE(GlobalHeadBudgets(ok, 3, 3, 0.5, 1).ok());  // 6 scores, 9 expected
+  EXPECT_FALSE(GlobalHeadBudgets(ok, 2, 3, 0.5, 0).ok());
+  EXPECT_FALSE(GlobalHeadBudgets(ok, 2, 3, 0.5, 4).ok());
+  EXPECT_FALSE(GlobalHeadBudgets(ok, 2, 3, 0.0, 1).ok());
+  EXPECT_FALSE(GlobalHeadBudgets(ok, 2, 3, 1.5, 1).ok());
+  std::vector<std::vector<float>> bad = ok;
+  bad[1][4] = -1.f;
+  EXPECT_FALSE(GlobalHeadBudgets(bad, 2, 3, 0.5, 1).ok());
+  bad[1][4] = std::numeric_limits<float>::infinity();
+  EXPECT_FALSE(GlobalHeadBudgets(bad, 2, 3, 0.5, 1).ok());
+}
+
 TEST(DepthBudgetTest, MatchesTheReferenceAndKeepsTheTotal) {
   for (int64_t layers : {1, 2, 3, 7, 30, 64}) {
     for (int64_t tokens : {1, 2, 5, 97, 1000}) {

@@ -182,6 +182,27 @@ RefStats RefAttentionStats(const TensorView& query, const std::vector<int32_t>& 
   return out;
 }
 
+std::vector<int64_t> RefGlobalHeadBudgets(const std::vector<std::vector<double>>& scores, int64_t kv_heads,
+                                          int64_t tokens, double rho, int64_t forced) {
+  const int64_t layers = static_cast<int64_t>(scores.size()), heads = layers * kv_heads;
+  struct Slot {
+    double score;
+    int64_t head, token;
+  };
+  std::vector<Slot> slots;
+  for (int64_t l = 0; l < layers; ++l) {
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      for (int64_t t = forced; t < tokens; ++t) slots.push_back({scores[l][h * tokens + t], l * kv_heads + h, t});
+    }
+  }
+  std::stable_sort(slots.begin(), slots.end(), [](const Slot& a, const Slot& b) { return a.score > b.score; });
+  const int64_t total = std::clamp<int64_t>(static_cast<int64_t>(std::floor(rho * heads * tokens + 0.5)),
+                                            heads * forced, heads * tokens);
+  std::vector<int64_t> count(heads, forced);
+  for (int64_t i = 0; i < total - heads * forced; ++i) ++count[slots[i].head];
+  return count;
+}
+
 std::vector<double> RefVisibleMean(const std::vector<double>& scores, const std::vector<int32_t>& positions,
                                    int64_t kv_heads, int64_t tokens, int64_t group) {
   std::vector<double> out(scores.size(), 0.0);

@@ -85,6 +85,14 @@ std::vector<double> RefVisibleMean(const std::vector<double>& scores, const std:
 std::vector<int64_t> RefMassBudgets(const std::vector<std::vector<double>>& scores, int64_t kv_heads,
                                     int64_t tokens, double rho, double alpha_min, double alpha_max);
 
+// amber's global budgets (docs/amber.md): every (layer, head) keeps its first
+// `forced` tokens; of the other slots (layer, head, token >= forced), sorted by
+// score (largest first; equal scores in (layer, head, token) order), the
+// first round(rho L H T) - L H forced are kept too. Returns the count per
+// (layer, head), layer-major.
+std::vector<int64_t> RefGlobalHeadBudgets(const std::vector<std::vector<double>>& scores, int64_t kv_heads,
+                                          int64_t tokens, double rho, int64_t forced);
+
 // amber's depth budgets (docs/amber.md): C = clamp(round(rho T), 1, T);
 // weights w_l = r + (1/r - r) l / (L - 1) (all 1 when L = 1); shares
 // x_l = L C w_l / sum(w), clipped to [1, T]; then, one token at a time, the

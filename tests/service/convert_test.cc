@@ -519,6 +519,15 @@ TEST(OptionsFromProto, AmberEveryField) {
     ASSERT_TRUE(o.ok()) << o.status();
     EXPECT_EQ(o->layer_budget, want_b);
   }
+  // Global budgets keep different numbers per head: no merge.
+  a->set_layer_budget(v1::LAYER_BUDGET_GLOBAL);
+  EXPECT_INVALID(OptionsFromProto(p).status(), "policy: layer_budget global keeps a different number of tokens per "
+                                               "kv head: merge must be none, got weighted");
+  a->mutable_select()->set_merge(v1::MERGE_MODE_NONE);
+  o = OptionsFromProto(p);
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->layer_budget, LayerBudget::kGlobal);
+  EXPECT_EQ(PolicyToProto(*o).amber().layer_budget(), v1::LAYER_BUDGET_GLOBAL);
   for (auto [n, want_n] : {std::pair{v1::SCORE_NORM_SUM, ScoreNorm::kSum},
                            std::pair{v1::SCORE_NORM_VISIBLE_MEAN, ScoreNorm::kVisibleMean},
                            std::pair{v1::SCORE_NORM_MAX, ScoreNorm::kMax}}) {

@@ -532,6 +532,149 @@ INSTANTIATE_TEST_SUITE_P(Cases, AmberVsReferenceTest, ::testing::ValuesIn(AmberC
                                                p.recent_rows);
                          });
 
+// ---- amber's global budgets: per-head counts, padded layers ---------------------
+
+struct GlobalCase {
+  DType dtype;
+  Layout layout;
+  ScoreNorm norm;
+  int64_t sinks;
+  double recent_fraction;  // with recent_search_rows 0
+  int64_t probes = 0;      // the last rows stand after the cache
+  double rho = 0.2;
+};
+
+class AmberGlobalBudgetTest : public ::testing::TestWithParam<GlobalCase> {};
+
+TEST_P(AmberGlobalBudgetTest, HeadsKeepTheGloballyBestSlotsPaddedToTheLayersLargest) {
+  const GlobalCase& p = GetParam();
+  const int64_t layers = 5, kv_heads = 3, group = 2, tokens = 83, head_dim = 16, q_tokens = 11;
+  TestCache c = MakeCache(p.dtype, p.layout, layers, kv_heads, group, tokens, head_dim, q_tokens,
+                          test::VisualPattern::kNone, 71);
+  std::vector<int32_t> positions = reference::DefaultPositions(q_tokens, tokens);
+  for (int64_t k = 0; k < p.probes; ++k) positions[q_tokens - p.probes + k] = static_cast<int32_t>(tokens + 3 * k);
+  if (p.probes > 0) {
+    for (LayerInput& l : c.input.layers) l.query_positions = positions;
+  }
+  CompressOptions o = DefaultOptions(PolicyKind::kAmber);
+  o.budget.rho = p.rho;
+  o.score_norm = p.norm;
+  o.layer_budget = LayerBudget::kGlobal;
+  o.recent_search_rows = 0;
+  o.recent_fraction = p.recent_fraction;
+  o.sinks = p.sinks;
+  auto backend = MakeCpuBackend();
+  absl::StatusOr<CompressResult> r = Compress(c.input, o, *backend);
+  ASSERT_TRUE(r.ok()) << r.status();
+
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  std::vector<std::vector<double>> scores(layers);
+  for (int64_t l = 0; l < layers; ++l) {
+    scores[l] = reference::RefAttentionStats(c.queries[l].view(), positions, c.keys[l].view(), c.input.modality,
+                                             scale, o.entropy_heads, o.entropy_source, 0,
+                                             p.norm == ScoreNorm::kMax ? ScoreAggregation::kMax : ScoreAggregation::kSum)
+                    .scores;
+    if (p.norm == ScoreNorm::kVisibleMean) {
+      scores[l] = reference::RefVisibleMean(scores[l], positions, kv_heads, tokens, group);
+    }
+  }
+  const int64_t forced = std::max<int64_t>(p.sinks, 1);
+  const std::vector<int64_t> want = reference::RefGlobalHeadBudgets(scores, kv_heads, tokens, p.rho, forced);
+  EXPECT_EQ(std::accumulate(want.begin(), want.end(), int64_t{0}),
+            reference::RoundHalfUp(p.rho * layers * kv_heads * tokens));
+  bool uneven = false;
+  int64_t padded = 0;
+  for (int64_t l = 0; l < layers; ++l) {
+    const LayerResult& lr = r->layers[l];
+    const int64_t width = *std::max_element(want.begin() + l * kv_heads, want.begin() + (l + 1) * kv_heads);
+    ASSERT_EQ(lr.budget, width) << "layer " << l;
+    padded += width;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t n = want[l * kv_heads + h];
+      uneven = uneven || n != width;
+      // The head's own selection: its first `forced` tokens always (scored above everything), then the
+      // reference's recent window and top scores for its budget.
+      std::vector<double> head(scores[l].begin() + h * tokens, scores[l].begin() + (h + 1) * tokens);
+      for (int64_t t = 0; t < forced; ++t) head[t] = 1e30;
+      const std::vector<int32_t> kept =
+          reference::RefSelect(head, c.input.modality, 1, tokens, n, p.recent_fraction, TextPrior::kNone, false);
+      for (int64_t j = 0; j < width; ++j) {
+        const int32_t got = lr.positions[h * width + j];
+        const TensorView out_key{lr.key.data(), p.dtype, p.layout, kv_heads, width, head_dim};
+        const TensorView out_value{lr.value.data(), p.dtype, p.layout, kv_heads, width, head_dim};
+        const size_t row = head_dim * DTypeSize(p.dtype);
+        if (j < n) {
+          ASSERT_EQ(got, kept[j]) << "layer " << l << " head " << h << " row " << j;
+          EXPECT_EQ(std::memcmp(out_key.Row(h, j), c.input.layers[l].key.Row(h, got), row), 0);
+          EXPECT_EQ(std::memcmp(out_value.Row(h, j), c.input.layers[l].value.Row(h, got), row), 0);
+        } else {
+          ASSERT_EQ(got, -1) << "layer " << l << " head " << h << " padded row " << j;
+          const std::vector<uint8_t> zero(row, 0);
+          EXPECT_EQ(std::memcmp(out_key.Row(h, j), zero.data(), row), 0);
+          EXPECT_EQ(std::memcmp(out_value.Row(h, j), zero.data(), row), 0);
+        }
+      }
+    }
+    EXPECT_DOUBLE_EQ(lr.alpha, static_cast<double>(std::accumulate(want.begin() + l * kv_heads,
+                                                                   want.begin() + (l + 1) * kv_heads, int64_t{0})) /
+                                   static_cast<double>(kv_heads * tokens));
+  }
+  EXPECT_TRUE(uneven) << "every head kept the same number: the case does not test per-head budgets";
+  EXPECT_EQ(r->tokens_kept, padded);  // rows held, padding included
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, AmberGlobalBudgetTest,
+    ::testing::Values(GlobalCase{DType::kFloat32, Layout::kHND, ScoreNorm::kMax, 0, 0.0},
+                      GlobalCase{DType::kFloat16, Layout::kNHD, ScoreNorm::kMax, 4, 0.0, 0, 0.1},
+                      GlobalCase{DType::kBFloat16, Layout::kHND, ScoreNorm::kSum, 2, 0.25},
+                      GlobalCase{DType::kFloat32, Layout::kNHD, ScoreNorm::kMax, 1, 0.0, 6, 0.5},
+                      GlobalCase{DType::kFloat16, Layout::kHND, ScoreNorm::kVisibleMean, 0, 0.125, 4}),
+    [](const auto& info) {
+      const GlobalCase& p = info.param;
+      return absl::StrCat(test::DTypeTag(p.dtype), test::LayoutTag(p.layout), ScoreNormName(p.norm), "_Sinks",
+                          p.sinks, "_Probes", p.probes, "_Rho", static_cast<int>(p.rho * 100));
+    });
+
+TEST(AmberGlobalBudgetTest, RecentSearchAndOptionChecks) {
+  // The recent search runs per head on its own budget; the counts are the global ones.
+  TestCache c = MakeCache(DType::kFloat32, Layout::kHND, 4, 2, 2, 64, 8, 20, test::VisualPattern::kNone, 72);
+  CompressOptions o = DefaultOptions(PolicyKind::kAmber);
+  o.layer_budget = LayerBudget::kGlobal;
+  o.score_norm = ScoreNorm::kMax;
+  o.budget.rho = 0.3;
+  auto backend = MakeCpuBackend();
+  absl::StatusOr<CompressResult> r = Compress(c.input, o, *backend);
+  ASSERT_TRUE(r.ok()) << r.status();
+  int64_t entries = 0;
+  for (const LayerResult& l : r->layers) {
+    for (int64_t h = 0; h < 2; ++h) {
+      int64_t n = 0;
+      for (int64_t j = 0; j < l.budget; ++j) {
+        const int32_t pos = l.positions[h * l.budget + j];
+        if (pos < 0) {
+          for (int64_t k = j; k < l.budget; ++k) EXPECT_EQ(l.positions[h * l.budget + k], -1) << "padding at the end";
+          break;
+        }
+        EXPECT_TRUE(j == 0 ? pos == 0 : pos > l.positions[h * l.budget + j - 1]) << "first token, then ascending";
+        ++n;
+      }
+      entries += n;
+    }
+  }
+  EXPECT_EQ(entries, reference::RoundHalfUp(0.3 * 4 * 2 * 64));
+  // Heads of different lengths cannot be merged or share a selection.
+  o.merge = MergeMode::kAverage;
+  absl::Status s = Compress(c.input, o, *backend).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("merge must be none, got average"), absl::string_view::npos) << s;
+  o.merge = MergeMode::kNone;
+  o.shared_selection = true;
+  s = Compress(c.input, o, *backend).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("shared_selection must be false"), absl::string_view::npos) << s;
+}
+
 TEST(AmberTest, SinksPrecomputedScoresAndEntropyBudgets) {
   auto backend = MakeCpuBackend();
   TestCache c = MakeCache(DType::kFloat16, Layout::kHND, 3, 2, 2, 60, 16, 8, test::VisualPattern::kMiddle, 5);

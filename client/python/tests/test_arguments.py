@@ -170,7 +170,7 @@ POLICY_CASES = [
      "response_chunk_bytes must be in [1024, 67108864] (0: the server's default), got 100"),
     ("layout", dict(layout="thd"), ValueError, "layout: expected 'hnd'"),
     ("amber layer_budget", dict(policy="amber", layer_budget="max"), ValueError,
-     "unknown layer_budget 'max' (expected one of: uniform, mass, entropy, depth)"),
+     "unknown layer_budget 'max' (expected one of: uniform, mass, entropy, depth, global)"),
     ("amber depth_ratio", dict(policy="amber", depth_ratio=0.0), ValueError,
      "depth_ratio must be in [0.01, 100], got 0.0"),
     ("amber recent_search_rows", dict(policy="amber", recent_search_rows=-1), ValueError,

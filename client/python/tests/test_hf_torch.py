@@ -174,9 +174,10 @@ class NaiveDecode:
         out = torch.zeros(1, n, hq, query.shape[3], dtype=torch.float64)
         for h in range(hq):
             g = h // (hq // hkv)
-            keys = torch.cat([kk[g], key[0, g].double()])
-            values = torch.cat([vv[g], value[0, g].double()])
-            pos = torch.cat([pp[g], torch.tensor(qpos)])
+            held = pp[g] >= 0  # rows at position -1 pad a head that keeps fewer tokens: not kept rows
+            keys = torch.cat([kk[g][held], key[0, g].double()])
+            values = torch.cat([vv[g][held], value[0, g].double()])
+            pos = torch.cat([pp[g][held], torch.tensor(qpos)])
             for i, p in enumerate(qpos):
                 seen = pos <= p
                 if sliding_window is not None:
@@ -217,6 +218,28 @@ def test_generate_over_a_compressed_cache_equals_a_naive_decode(client, family, 
     fed = torch.cat([question, tokens[None, :-1]], -1)
     want = naive.logits(model, fed)[QUESTION - 1:]
     torch.testing.assert_close(logits, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_heads_of_different_lengths_decode_like_a_naive_decode(client, family, attn):
+    """amber's global budgets: each kv head keeps its own number of tokens, a layer padded to its widest head
+    (position -1): generate() never attends a padded row."""
+    model = make_model(family, attn, seed=8)
+    context, question = ids(9, CONTEXT), ids(10, QUESTION)
+    cache = hf.compress(model, context, client=client, policy="amber", rho=0.3, layer_budget="global",
+                        score_norm="max", recent_search_rows=0, sinks=2, probe="reconstruct")
+    per_head = cache.kept_per_head
+    assert sum(map(sum, per_head)) == round(0.3 * 4 * 2 * CONTEXT)
+    assert any(len(set(heads)) > 1 for heads in per_head)  # some layer's heads differ: padding exists
+    assert cache.kept == [max(heads) for heads in per_head]
+    assert all((cache.positions(i)[h, n:] == -1).all() for i, heads in enumerate(per_head)
+               for h, n in enumerate(heads))
+    prompt = torch.cat([context, question], -1)
+    tokens, logits = generate(model, prompt, cache.copy())
+    naive = NaiveDecode(cache.result, CONTEXT)
+    fed = torch.cat([question, tokens[None, :-1]], -1)
+    torch.testing.assert_close(logits, naive.logits(model, fed)[QUESTION - 1:], rtol=0, atol=1e-5)
 
 
 def test_sliding_window_hides_kept_keys_by_their_original_position(client):

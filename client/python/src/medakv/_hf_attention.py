@@ -108,7 +108,7 @@ def _position_mask(query: torch.Tensor, p: Pending, sliding_window: Optional[int
     """[batch, q_heads, n, L] bool: may query row i of head h see key j of its kv head."""
     kpos = p.key_positions.unsqueeze(2)                       # [b, Hkv, 1, L]
     qpos = p.query_positions.view(1, 1, -1, 1)                # [1, 1, n, 1]
-    allowed = kpos <= qpos
+    allowed = (kpos >= 0) & (kpos <= qpos)                    # position -1: a padded row, never seen
     if sliding_window is not None:
         allowed = allowed & (qpos - kpos < sliding_window)
     groups = query.shape[1] // p.key.shape[1]

@@ -263,8 +263,15 @@ class CompressedCache(Cache):
 
     @property
     def kept(self) -> List[int]:
-        """Context tokens kept per layer (per kv head)."""
+        """Context rows held per layer and kv head: the tokens kept, or the largest head's count where the heads
+        of a layer keep different numbers (amber's ``layer_budget="global"``; see ``kept_per_head``)."""
         return [int(layer.positions.shape[-1]) - (layer.seen - self.context_length) for layer in self._layers()]
+
+    @property
+    def kept_per_head(self) -> List[List[int]]:
+        """Context tokens kept per layer, per kv head (rows at position -1 are padding and are never attended)."""
+        return [[int(n) for n in (layer.positions[0, :, :kept] >= 0).sum(-1)]
+                for layer, kept in zip(self._layers(), self.kept)]
 
     def positions(self, layer: int) -> torch.Tensor:
         """``[kv_heads, rows]``: the original position of every row layer ``layer`` holds now (batch item 0)."""

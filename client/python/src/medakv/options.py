@@ -13,7 +13,7 @@ convert.cc), so a request that passes them is not refused for its policy.
 | ``entropy_heads`` | meda, amber | "mean_attention", "mean_entropy" |
 | ``entropy_source`` | meda, amber | "cross_modal", "causal" |
 | ``score_norm`` | amber | "sum", "visible_mean", "max" (sum) |
-| ``layer_budget`` | amber | "uniform", "mass", "entropy", "depth" (depth) |
+| ``layer_budget`` | amber | "uniform", "mass", "entropy", "depth", "global" (depth; global: per kv head) |
 | ``depth_ratio`` | amber | [0.01, 100] (0.8): layer_budget depth's first-layer weight |
 | ``recent_search_rows`` | amber | int >= 0 (16): rows whose attention picks each head's recent window; 0: recent_fraction |
 | ``recent_fraction`` | meda, h2o, snapkv, pyramidkv, look_m, amber | [0, 1] (0.5) |
@@ -71,7 +71,8 @@ _ENUMS: Dict[str, Dict[str, int]] = {
     "merge_threshold": {"none": pb.MERGE_THRESHOLD_NONE, "mean": pb.MERGE_THRESHOLD_MEAN},
     "score_norm": {"sum": pb.SCORE_NORM_SUM, "visible_mean": pb.SCORE_NORM_VISIBLE_MEAN, "max": pb.SCORE_NORM_MAX},
     "layer_budget": {"uniform": pb.LAYER_BUDGET_UNIFORM, "mass": pb.LAYER_BUDGET_MASS,
-                     "entropy": pb.LAYER_BUDGET_ENTROPY, "depth": pb.LAYER_BUDGET_DEPTH},
+                     "entropy": pb.LAYER_BUDGET_ENTROPY, "depth": pb.LAYER_BUDGET_DEPTH,
+                     "global": pb.LAYER_BUDGET_GLOBAL},
 }
 
 _INT32_MAX = 2**31 - 1

@@ -7,7 +7,9 @@ request's layout:
 * ``key``, ``value``: ``[kv_heads, kept, head_dim]`` (HND) or
   ``[kept, kv_heads, head_dim]`` (NHD), in the cache's dtype;
 * ``positions``: int32 ``[kv_heads, kept]``, the kept tokens' original
-  positions, ascending per head.
+  positions, ascending per head; where the heads of a layer keep different
+  numbers of tokens (amber's ``layer_budget="global"``) a shorter head ends
+  in padding rows at position -1 with zero keys and values.
 """
 
 from __future__ import annotations

@@ -78,6 +78,7 @@ class LayerBudget(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LAYER_BUDGET_MASS: _ClassVar[LayerBudget]
     LAYER_BUDGET_ENTROPY: _ClassVar[LayerBudget]
     LAYER_BUDGET_DEPTH: _ClassVar[LayerBudget]
+    LAYER_BUDGET_GLOBAL: _ClassVar[LayerBudget]
 
 class TensorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -135,6 +136,7 @@ LAYER_BUDGET_UNIFORM: LayerBudget
 LAYER_BUDGET_MASS: LayerBudget
 LAYER_BUDGET_ENTROPY: LayerBudget
 LAYER_BUDGET_DEPTH: LayerBudget
+LAYER_BUDGET_GLOBAL: LayerBudget
 TENSOR_KIND_UNSPECIFIED: TensorKind
 TENSOR_KIND_KEY: TensorKind
 TENSOR_KIND_VALUE: TensorKind
