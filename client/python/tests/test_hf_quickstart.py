@@ -90,7 +90,9 @@ def test_pipeline_splits_the_chat_template_and_answers_each_question(client, smo
     # Probes: the reconstruction pass asks for the context once more after an instruction; a question
     # probe compresses the context once per question, scored by that question's rows.
     rebuild = pipe.reconstruct_ids(context)
-    assert tok.decode(rebuild[0]) == "\n\n" + medakv.hf.RECONSTRUCT_PROMPT + "\n\n" + context
+    tail = tok.apply_chat_template([{"role": "user", "content": "\x00q\x00"}], add_generation_prompt=True,
+                                   tokenize=False).split("\x00q\x00")[1]  # end of the user's turn, answer header
+    assert tok.decode(rebuild[0]) == "\n\n" + medakv.hf.RECONSTRUCT_PROMPT + tail + context
     for probe, probe_ids in (("reconstruct", [rebuild] * 2), ("question", question_ids)):
         probed = medakv.hf.pipeline(model, tok, client=client, policy="snapkv", rho=0.5, max_new_tokens=6,
                                     probe=probe)

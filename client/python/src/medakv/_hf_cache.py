@@ -565,9 +565,18 @@ class Pipeline:
         return context_ids, question_ids
 
     def reconstruct_ids(self, context: str) -> torch.Tensor:
-        """The reconstruction probe's ids: ``RECONSTRUCT_PROMPT``, then the context's text once more."""
-        text = _SEPARATOR + RECONSTRUCT_PROMPT + _SEPARATOR + context
-        ids: torch.Tensor = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        """The reconstruction probe's ids: ``RECONSTRUCT_PROMPT`` after the context in the user's turn, the end of
+        that turn and the model's answer header (the chat template's, as for a question), then the context's
+        text once more: the model is asked to repeat the context, and repeats it."""
+        tok = self.tokenizer
+        after = _SEPARATOR
+        if getattr(tok, "chat_template", None):
+            marker = "\x00medakv-question\x00"
+            text = tok.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
+                                           tokenize=False)
+            after = text.split(marker)[1]
+        ids: torch.Tensor = tok(_SEPARATOR + RECONSTRUCT_PROMPT + after + context, add_special_tokens=False,
+                                return_tensors="pt").input_ids
         return ids
 
     @torch.no_grad()
