@@ -93,6 +93,16 @@ absl::StatusOr<LayerBudget> ParseLayerBudget(absl::string_view s) {
   return ParseEnum("layer_budget", s, kLayerBudgets);
 }
 
+CompressOptions ReconstructionOptions() {
+  CompressOptions o = DefaultOptions(PolicyKind::kAmber);
+  o.score_norm = ScoreNorm::kMax;
+  o.layer_budget = LayerBudget::kGlobal;
+  o.sinks = 4;
+  o.recent_search_rows = 0;
+  o.recent_fraction = 0.0;
+  return o;
+}
+
 CompressOptions DefaultOptions(PolicyKind policy) {
   CompressOptions o;  // MEDA's defaults
   o.policy = policy;

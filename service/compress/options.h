@@ -92,6 +92,13 @@ struct CompressOptions {
 // caller set explicitly are applied on top by the caller.
 CompressOptions DefaultOptions(PolicyKind policy);
 
+// What a request that names no policy runs when its query rows are a
+// reconstruction pass (more rows than tokens, docs/amber.md "Reconstruction
+// probes"): amber with score_norm max, layer_budget global, sinks 4 and no
+// recent window (recent_search_rows 0, recent_fraction 0), rho 0.2; chosen on
+// the tuning split of bench/realmodel/tasks (bench/FIDELITY.md).
+CompressOptions ReconstructionOptions();
+
 // Every option in range; messages name the option and the expected values.
 [[nodiscard]] absl::Status ValidateOptions(const CompressOptions& options);
 

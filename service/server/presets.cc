@@ -145,7 +145,7 @@ const PresetTable::Preset* PresetTable::Find(absl::string_view name) const {
   return nullptr;
 }
 
-absl::StatusOr<ResolvedPolicy> PresetTable::Resolve(const v1::Policy& policy) const {
+absl::StatusOr<ResolvedPolicy> PresetTable::Resolve(const v1::Policy& policy, bool reconstruction) const {
   ResolvedPolicy r;
   const Preset* preset = nullptr;
   if (!policy.preset().empty()) {
@@ -164,12 +164,16 @@ absl::StatusOr<ResolvedPolicy> PresetTable::Resolve(const v1::Policy& policy) co
                                        absl::StrJoin(names, ", "), ")"));
     }
   } else if (policy.kind_case() == v1::Policy::KIND_NOT_SET) {
-    preset = Find("default");
+    preset = Find(reconstruction ? kReconstructionPresetName : "default");
   }
   if (preset == nullptr) {
     absl::StatusOr<CompressOptions> o = OptionsFromProto(policy);
     if (!o.ok()) return o.status();
     r.options = *o;
+    if (reconstruction && policy.preset().empty() && policy.kind_case() == v1::Policy::KIND_NOT_SET) {
+      r.options = ReconstructionOptions();
+      if (policy.rho() != 0.0) r.options.budget.rho = o->budget.rho;  // checked by OptionsFromProto
+    }
     return r;
   }
   r.options = preset->options;

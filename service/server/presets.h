@@ -24,6 +24,10 @@ inline constexpr size_t kMaxPresetName = 64;
 // otherwise, naming the rule broken.
 [[nodiscard]] absl::Status ValidatePresetName(absl::string_view name);
 
+// The preset a request that names no policy gets when it carries a
+// reconstruction pass (PresetTable::Resolve).
+inline constexpr char kReconstructionPresetName[] = "default_reconstruct";
+
 // A request's policy after its preset (if any) is applied.
 struct ResolvedPolicy {
   CompressOptions options;
@@ -67,10 +71,15 @@ class PresetTable {
   //     lists the table's names, or says it has none);
   //   - neither `preset` nor a kind: the preset named "default" when the
   //     table has one, else OptionsFromProto (amber with its defaults);
+  //     for a `reconstruction` request (one whose query rows outnumber its
+  //     tokens: only probe rows after the cache can, as a pass that repeats
+  //     the context does) the preset named "default_reconstruct", else
+  //     ReconstructionOptions;
   //   - a kind: OptionsFromProto.
-  // With a preset, a rho > 0 replaces the preset's (checked as
-  // OptionsFromProto checks it).
-  [[nodiscard]] absl::StatusOr<ResolvedPolicy> Resolve(const medakv::v1::Policy& policy) const;
+  // With a preset or the reconstruction default, a rho > 0 replaces its rho
+  // (checked as OptionsFromProto checks it).
+  [[nodiscard]] absl::StatusOr<ResolvedPolicy> Resolve(const medakv::v1::Policy& policy,
+                                                       bool reconstruction = false) const;
 
   const std::vector<Preset>& presets() const { return presets_; }
   const Preset* Find(absl::string_view name) const;  // nullptr when absent

@@ -331,6 +331,15 @@ class CompressCacheReactor final : public grpc::ServerUnaryReactor {
     absl::StatusOr<std::shared_ptr<const StoredCache>> entry = ctx_->store.Get(tenant_, request_->cache_id());
     if (!entry.ok()) return Fail(entry.status());
     if (absl::Status s = CheckCompressible(**entry); !s.ok()) return Fail(s);
+    if ((*entry)->q_tokens > (*entry)->description.tokens) {
+      // Stored with a reconstruction pass: a request that names no policy gets that setting's default.
+      absl::StatusOr<ResolvedPolicy> policy = ctx_->presets->Resolve(request_->policy(), /*reconstruction=*/true);
+      if (!policy.ok()) return Fail(policy.status());
+      options_ = policy->options;
+      preset_ = policy->preset;
+      call_.set_policy(options_.policy);
+      call_.set_preset(preset_);
+    }
     // A device entry is compressed from a host copy (the backend's ops take
     // host memory) and its result goes back to the device.
     std::unique_ptr<StoredCache> host_copy;

@@ -123,6 +123,29 @@ absl::Status CheckPositions(absl::string_view prefix, absl::string_view name, co
   return absl::OkStatus();
 }
 
+// Kept positions [kv_heads, width]: each head's rows in [0, tokens), then
+// only padding (-1) where the head keeps fewer than `width` (per-head
+// budgets); at least one kept row per head.
+absl::Status CheckKeptPositions(absl::string_view prefix, const std::vector<int32_t>& p, int64_t kv_heads,
+                                int64_t width, int64_t tokens) {
+  for (int64_t h = 0; h < kv_heads; ++h) {
+    bool padding = false;
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t i = h * width + j;
+      const int32_t v = p[i];
+      if (v == -1 && j > 0) {
+        padding = true;
+        continue;
+      }
+      if (padding || v < 0 || v >= tokens) {
+        return absl::InvalidArgumentError(absl::StrCat(prefix, "positions[", i, "] is ", v, ", outside [0, ", tokens,
+                                                       ") (-1 pads a head's rows after its first kept one)"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 template <typename T>
 int64_t ByteSize(const std::vector<T>& v) {
   return static_cast<int64_t>(v.size() * sizeof(T));
@@ -325,7 +348,9 @@ absl::Status ValidateStoredCache(const StoredCache& cache) {
     MEDAKV_RETURN_IF_ERROR(CheckSize(prefix, "value", b.value, kv_bytes));
     if (!(b.positions == 0 && layer.tokens == d.tokens)) {
       MEDAKV_RETURN_IF_ERROR(CheckSize(prefix, "positions", b.positions, d.kv_heads * layer.tokens * 4));
-      if (!device) MEDAKV_RETURN_IF_ERROR(CheckPositions(prefix, "positions", layer.positions, d.tokens));
+      if (!device) {
+        MEDAKV_RETURN_IF_ERROR(CheckKeptPositions(prefix, layer.positions, d.kv_heads, layer.tokens, d.tokens));
+      }
     }
     if (!std::isfinite(layer.entropy) || !std::isfinite(layer.alpha)) {
       return absl::InvalidArgumentError(absl::StrCat(prefix, "entropy and alpha must be finite"));

@@ -353,6 +353,20 @@ TEST(CacheStoreTest, InvalidCachesAreRejectedBeforeAnythingIsStored) {
   bad_positions->layers[0].positions[2] = 4;
   EXPECT_EQ(store.Put(Tier::kHost, std::move(bad_positions), false, kNoTtl).status().code(),
             absl::StatusCode::kInvalidArgument);
+  // Padding (-1) may end a head's rows (per-head budgets), after at least one kept row, and nothing else may.
+  auto padded = PatternCache("p", 1, 1, 2, 4, 4);
+  padded->layers[0].positions = {0, 2, -1, -1, 0, 1, 2, 3};
+  EXPECT_TRUE(store.Put(Tier::kHost, std::move(padded), false, kNoTtl).ok());
+  for (std::vector<int32_t> bad : {std::vector<int32_t>{-1, -1, -1, -1, 0, 1, 2, 3},
+                                   std::vector<int32_t>{0, -1, 2, 3, 0, 1, 2, 3},
+                                   std::vector<int32_t>{0, 1, 2, -2, 0, 1, 2, 3}}) {
+    auto c = PatternCache("q", 1, 1, 2, 4, 4);
+    c->layers[0].positions = bad;
+    const absl::Status b = store.Put(Tier::kHost, std::move(c), false, kNoTtl).status();
+    EXPECT_EQ(b.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_TRUE(absl::StrContains(b.message(), "layer 0 positions[")) << b.message();
+  }
+  ASSERT_TRUE(store.Delete("", "p").ok());
   auto wrong_layers = PatternCache("x", 1, 2, 1, 4, 4);
   wrong_layers->description.layers = 3;
   EXPECT_EQ(store.Put(Tier::kHost, std::move(wrong_layers), false, kNoTtl).status().code(),

@@ -121,6 +121,55 @@ TEST(PresetTableTest, ParsesAndResolves) {
   EXPECT_EQ(r->options.sinks, 2);
 }
 
+TEST(PresetTableTest, AReconstructionPassGetsItsOwnDefault) {
+  // No preset named default_reconstruct: the built-in reconstruction options, with the request's rho.
+  const std::shared_ptr<const PresetTable> t = Table();  // has "default" (h2o)
+  absl::StatusOr<ResolvedPolicy> r = t->Resolve(v1::Policy(), /*reconstruction=*/true);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->preset, "");
+  EXPECT_EQ(r->options.policy, PolicyKind::kAmber);
+  EXPECT_EQ(r->options.score_norm, ScoreNorm::kMax);
+  EXPECT_EQ(r->options.layer_budget, LayerBudget::kGlobal);
+  EXPECT_EQ(r->options.sinks, 4);
+  EXPECT_EQ(r->options.recent_search_rows, 0);
+  EXPECT_EQ(r->options.recent_fraction, 0.0);
+  EXPECT_EQ(r->options.budget.rho, 0.2);
+  EXPECT_TRUE(ValidateOptions(r->options).ok());
+  v1::Policy p;
+  p.set_rho(0.1);
+  r = t->Resolve(p, true);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->options.layer_budget, LayerBudget::kGlobal);
+  EXPECT_EQ(r->options.budget.rho, 0.1);
+  p.set_rho(2);
+  ExpectError(t->Resolve(p, true).status(), absl::StatusCode::kInvalidArgument, "rho");
+  // A named policy or preset is what it names, probes or not.
+  p = v1::Policy();
+  p.mutable_h2o();
+  r = t->Resolve(p, true);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->options.policy, PolicyKind::kH2O);
+  p = v1::Policy();
+  p.set_preset("snap.32");
+  r = t->Resolve(p, true);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->options.policy, PolicyKind::kSnapKV);
+  // A table with default_reconstruct: that preset.
+  absl::StatusOr<std::shared_ptr<const PresetTable>> own = PresetTable::Parse(
+      "preset { name: \"default\" policy { h2o {} } }\n"
+      "preset { name: \"default_reconstruct\" policy { rho: 0.15 amber { layer_budget: LAYER_BUDGET_MASS } } }\n",
+      "f.txtpb");
+  ASSERT_TRUE(own.ok()) << own.status();
+  r = (*own)->Resolve(v1::Policy(), true);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->preset, "default_reconstruct");
+  EXPECT_EQ(r->options.layer_budget, LayerBudget::kMass);
+  EXPECT_EQ(r->options.budget.rho, 0.15);
+  r = (*own)->Resolve(v1::Policy(), false);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->preset, "default");
+}
+
 TEST(PresetTableTest, ResolveErrors) {
   const std::shared_ptr<const PresetTable> t = Table();
   v1::Policy p;

@@ -20,6 +20,7 @@ from cache_file import FILE_DTYPE, read, write_cache
 from conftest import random_cache
 
 import medakv
+from medakv.v1 import medakv_pb2 as pb
 
 
 def cli_compress(cli: Path, tmp_path: Path, cache: Dict[str, Any], dtype: str, layout: str, policy: str,
@@ -132,6 +133,28 @@ def test_probe_rows_after_the_cache_match_cli(client, cli_bin, tmp_path, policy,
                       query_positions=[p[:10] for p in cache["query_positions"]])
         alone = client.compress(**inside, policy=policy, rho=0.3, **options)
         assert any(not np.array_equal(a.positions, b.positions) for a, b in zip(result.layers, alone.layers))
+
+
+def test_a_reconstruction_pass_gets_its_own_default(client, preset_client):
+    """A request that names no policy and sends more query rows than tokens (a pass that repeats the context)
+    runs amber with the max score and budgets per kv head across layers; fewer rows get the usual default."""
+    cache = random_cache(8, dtype="float32", tokens=40)
+    rng = np.random.default_rng(8)
+    cache["queries"] = [(rng.standard_normal((4, 45, 16)) * 2).astype(np.float32) for _ in range(3)]
+    cache["query_positions"] = [np.arange(40, 85, dtype=np.int32)] * 3
+    for c in (client, preset_client):  # the presets' "default" (h2o) does not apply to it
+        got = c.compress(**cache, policy=None, rho=0.25)
+        ran = got.summary.policy
+        assert ran.WhichOneof("kind") == "amber" and ran.preset == "" and ran.rho == 0.25
+        assert ran.amber.layer_budget == pb.LAYER_BUDGET_GLOBAL and ran.amber.score_norm == pb.SCORE_NORM_MAX
+        assert ran.amber.sinks == 4 and ran.amber.recent_search_rows == 0
+        want = client.compress(**cache, policy="amber", rho=0.25, score_norm="max", layer_budget="global", sinks=4,
+                               recent_search_rows=0, recent_fraction=0.0)
+        assert [raw(r.positions) for r in got.layers] == [raw(r.positions) for r in want.layers]
+    fewer = dict(cache, queries=[q[:, -10:] for q in cache["queries"]],
+                 query_positions=[p[-10:] for p in cache["query_positions"]])
+    assert client.compress(**fewer, policy=None).summary.policy.amber.layer_budget == pb.LAYER_BUDGET_DEPTH
+    assert preset_client.compress(**fewer, policy=None).summary.policy.WhichOneof("kind") == "h2o"
 
 
 @pytest.mark.parametrize("policy,dtype,layout,score_heads", [

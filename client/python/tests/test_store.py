@@ -96,6 +96,26 @@ def test_precomputed_statistics_are_kept_for_compress_cache(store):
     store.delete_cache("store/precomputed")
 
 
+def test_a_stored_reconstruction_pass_gets_its_own_default(store):
+    """CompressCache naming no policy of an entry stored with more query rows than tokens: the reconstruction
+    default (amber, max score, per-head budgets across layers), padded rows at position -1 stored and fetched."""
+    cache = random_cache(42, dtype="float32", tokens=40)
+    rng = np.random.default_rng(42)
+    cache["queries"] = [(rng.standard_normal((4, 45, 16)) * 2).astype(np.float32) for _ in range(3)]
+    cache["query_positions"] = [np.arange(40, 85, dtype=np.int32)] * 3
+    store.put_cache("store/rebuild", **cache)
+    done = store.compress_cache("store/rebuild", policy=None, rho=0.25)
+    ran = done.summary.policy
+    assert ran.WhichOneof("kind") == "amber" and ran.amber.layer_budget == pb.LAYER_BUDGET_GLOBAL
+    direct = store.compress(**cache, policy=None, rho=0.25)
+    fetched = store.get_cache("store/rebuild")
+    assert [raw(r.positions) for r in fetched.layers] == [raw(r.positions) for r in direct.layers]
+    assert [raw(r.key) for r in fetched.layers] == [raw(r.key) for r in direct.layers]
+    kept = sum(int((np.asarray(r.positions) >= 0).sum()) for r in fetched.layers)
+    assert kept == round(0.25 * 3 * 2 * 40)  # entries kept over every layer and head, padding aside
+    store.delete_cache("store/rebuild")
+
+
 def test_overwrite_list_and_stats(store):
     kv = random_cache(42, layers=1, tokens=30)
     before = store.stats()
