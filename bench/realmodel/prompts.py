@@ -123,20 +123,21 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def docstrings(path: str) -> str:
-    """The module's, classes' and functions' docstrings of a Python source file, in source order."""
+def docstrings(path: str, labels: bool = True) -> str:
+    """The module's, classes' and functions' docstrings of a Python source file, in source order (each after a
+    line naming it, unless ``labels`` is False)."""
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read())
     parts = []
     doc = ast.get_docstring(tree)
     if doc:
-        parts.append(f"Module {os.path.basename(path)[:-3]}:\n{doc}")
+        parts.append(f"Module {os.path.basename(path)[:-3]}:\n{doc}" if labels else doc)
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
             d = ast.get_docstring(node)
             if d and not node.name.startswith("_"):
                 what = "class" if isinstance(node, ast.ClassDef) else "function"
-                parts.append(f"{what} {node.name}:\n{d}")
+                parts.append(f"{what} {node.name}:\n{d}" if labels else d)
     return "\n\n".join(parts)
 
 
