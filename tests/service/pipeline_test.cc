@@ -421,6 +421,19 @@ struct AmberCase {
   int64_t probes = 0;  // the last rows stand after the cache (positions T, T + 5, ...)
 };
 
+// Amber's score s_t of layer l by the reference (docs/amber.md, step 2): the
+// accumulated attention over every row (or its maximum), or its visible mean.
+std::vector<double> RefAmberScores(const TestCache& c, int64_t l, const std::vector<int32_t>& positions,
+                                   const CompressOptions& o, ScoreNorm norm, double scale) {
+  const int64_t kv_heads = c.input.kv_heads, tokens = c.input.tokens, group = c.input.q_heads / kv_heads;
+  const std::vector<double> sum =
+      reference::RefAttentionStats(c.queries[l].view(), positions, c.keys[l].view(), c.input.modality, scale,
+                                   o.entropy_heads, o.entropy_source, 0,
+                                   norm == ScoreNorm::kMax ? ScoreAggregation::kMax : ScoreAggregation::kSum)
+          .scores;
+  return norm == ScoreNorm::kVisibleMean ? reference::RefVisibleMean(sum, positions, kv_heads, tokens, group) : sum;
+}
+
 class AmberVsReferenceTest : public ::testing::TestWithParam<AmberCase> {};
 
 TEST_P(AmberVsReferenceTest, ScoresBudgetsAndSelectionMatch) {
@@ -447,18 +460,12 @@ TEST_P(AmberVsReferenceTest, ScoresBudgetsAndSelectionMatch) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
   std::vector<std::vector<double>> scores(layers), recent(layers);
   for (int64_t l = 0; l < layers; ++l) {
-    const reference::RefStats rs =
-        reference::RefAttentionStats(c.queries[l].view(), positions, c.keys[l].view(), c.input.modality,
-                                     scale, o.entropy_heads, o.entropy_source, 0,
-                                     p.norm == ScoreNorm::kMax ? ScoreAggregation::kMax : ScoreAggregation::kSum);
     // The recent search's statistics (a sum whatever the score): the last min(recent_rows, q_tokens) rows alone.
     recent[l] = reference::RefAttentionStats(c.queries[l].view(), positions, c.keys[l].view(),
                                              c.input.modality, scale, o.entropy_heads, o.entropy_source,
                                              q_tokens - std::min(p.recent_rows, q_tokens))
                     .scores;
-    scores[l] = p.norm == ScoreNorm::kVisibleMean
-                    ? reference::RefVisibleMean(rs.scores, positions, kv_heads, tokens, group)
-                    : rs.scores;
+    scores[l] = RefAmberScores(c, l, positions, o, p.norm, scale);
   }
   std::vector<int64_t> want_budget(layers, reference::RoundHalfUp(0.3 * tokens));
   if (p.budget == LayerBudget::kMass) {
@@ -569,15 +576,7 @@ TEST_P(AmberGlobalBudgetTest, HeadsKeepTheGloballyBestSlotsPaddedToTheLayersLarg
 
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
   std::vector<std::vector<double>> scores(layers);
-  for (int64_t l = 0; l < layers; ++l) {
-    scores[l] = reference::RefAttentionStats(c.queries[l].view(), positions, c.keys[l].view(), c.input.modality,
-                                             scale, o.entropy_heads, o.entropy_source, 0,
-                                             p.norm == ScoreNorm::kMax ? ScoreAggregation::kMax : ScoreAggregation::kSum)
-                    .scores;
-    if (p.norm == ScoreNorm::kVisibleMean) {
-      scores[l] = reference::RefVisibleMean(scores[l], positions, kv_heads, tokens, group);
-    }
-  }
+  for (int64_t l = 0; l < layers; ++l) scores[l] = RefAmberScores(c, l, positions, o, p.norm, scale);
   const int64_t forced = std::max<int64_t>(p.sinks, 1);
   const std::vector<int64_t> want = reference::RefGlobalHeadBudgets(scores, kv_heads, tokens, p.rho, forced);
   EXPECT_EQ(std::accumulate(want.begin(), want.end(), int64_t{0}),
