@@ -208,7 +208,8 @@ absl::Status AttentionStats(const AttentionStatsArgs& a, AttentionStatsOutput* o
           }
           if (i >= a.score_rows_begin) {
             for (int64_t h = 0; h < q_heads; ++h) {
-              const float lc = st_causal[h * nr + r].Lse();
+              float lc = st_causal[h * nr + r].Lse();
+              if (a.outside_lse != nullptr) lc = LogAddExp(lc, a.outside_lse[h * rows + i]);
               float* logit = row_logits(h, r);
               ExpShifted(logit, end, lc, logit);
             }

@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(kTileThreads)
 
 // Per (head, row): the splits merged in order.
 __global__ void StatsMergeKernel(const SoftmaxPartial* __restrict__ partial, int64_t n, int splits, bool causal,
-                                 float* __restrict__ lse_causal, float* __restrict__ lse_cross,
+                                 const float* __restrict__ outside_lse, float* __restrict__ lse_causal, float* __restrict__ lse_cross,
                                  float* __restrict__ entropy, uint8_t* __restrict__ cross_nonempty) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= n) return;
@@ -128,7 +128,8 @@ __global__ void StatsMergeKernel(const SoftmaxPartial* __restrict__ partial, int
     sc.Merge(a);
     sx.Merge(b);
   }
-  lse_causal[idx] = sc.Lse();
+  // The scores' normaliser: the causal log-sum-exp, plus the row's mass outside the cache.
+  lse_causal[idx] = outside_lse != nullptr ? LogAddExp(sc.Lse(), outside_lse[idx]) : sc.Lse();
   lse_cross[idx] = sx.Lse();
   entropy[idx] = causal ? sc.Entropy() : sx.Entropy();
   cross_nonempty[idx] = sx.Empty() ? 0 : 1;
@@ -281,7 +282,8 @@ absl::Status RunStats(const AttentionStatsArgs& a, AttentionStatsOutput* out, St
                                                      partial.as<SoftmaxPartial>());
   MEDAKV_CUDA_LAUNCH_CHECK();
   StatsMergeKernel<<<static_cast<unsigned>(CeilDiv(n, 256)), 256, 0, st>>>(
-      partial.as<SoftmaxPartial>(), n, static_cast<int>(splits), causal, lse_c.as<float>(), lse_x.as<float>(),
+      partial.as<SoftmaxPartial>(), n, static_cast<int>(splits), causal, a.outside_lse, lse_c.as<float>(),
+      lse_x.as<float>(),
       ent.as<float>(), nonempty.as<uint8_t>());
   MEDAKV_CUDA_LAUNCH_CHECK();
 

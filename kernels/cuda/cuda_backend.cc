@@ -58,6 +58,12 @@ class CudaBackend final : public Backend {
     MEDAKV_ASSIGN_OR_RETURN(DeviceBuffer pos,
                             UploadArray(a.query_positions, sizeof(int32_t) * a.query.tokens, s));
     MEDAKV_ASSIGN_OR_RETURN(DeviceBuffer mod, UploadArray(a.modality, a.key.tokens, s));
+    DeviceBuffer outside;
+    if (a.outside_lse != nullptr) {
+      MEDAKV_ASSIGN_OR_RETURN(outside,
+                              UploadArray(a.outside_lse, sizeof(float) * a.query.heads * a.query.tokens, s));
+      d.outside_lse = outside.as<float>();
+    }
     const size_t score_bytes = sizeof(float) * a.key.heads * a.key.tokens;
     MEDAKV_ASSIGN_OR_RETURN(DeviceBuffer scores, DeviceBuffer::Allocate(score_bytes, s));
     d.query_positions = pos.as<int32_t>();

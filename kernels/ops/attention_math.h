@@ -75,6 +75,15 @@ struct OnlineSoftmaxEntropy {
   }
 };
 
+// log(e^a + e^b), exact for -inf operands (the statistics add the mass a
+// probe row gives keys outside the cache to its softmax over the cache).
+MEDAKV_HOST_DEVICE float LogAddExp(float a, float b) {
+  if (!(a > -INFINITY)) return b;
+  if (!(b > -INFINITY)) return a;
+  const float m = a > b ? a : b;
+  return m + log1pf(expf(-fabsf(a - b)));
+}
+
 // Probability of a logit given its row's log-sum-exp.
 MEDAKV_HOST_DEVICE float SoftmaxProb(float logit, float lse) { return expf(logit - lse); }
 

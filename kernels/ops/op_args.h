@@ -21,6 +21,13 @@ inline bool IsSet(CancelFlag flag) { return flag != nullptr && flag->load(std::m
 struct AttentionStatsArgs {
   TensorView query;                         // [q_heads, q_tokens, head_dim]
   const int32_t* query_positions = nullptr;  // [q_tokens], each in [0, tokens)
+  // [q_heads, q_tokens] or nullptr: per query head and row, the log-sum-exp of
+  // its logits (scale * q.k) over keys it attends outside this cache (a probe
+  // pass's own tokens). The scores' softmax adds e^outside_lse to its
+  // denominator, so a row's probabilities are the attention it gives the
+  // cache's keys out of all it gives; -inf adds nothing. The entropy does not
+  // use it (softmax over the cache's keys alone).
+  const float* outside_lse = nullptr;
   TensorView key;                           // [kv_heads, tokens, head_dim]
   const uint8_t* modality = nullptr;        // [tokens], 0 text, 1 visual
   float scale = 0.f;                        // logits = scale * q.k (> 0)

@@ -55,6 +55,14 @@ absl::Status ValidateAttentionStats(const AttentionStatsArgs& a, const Attention
                                                      a.query_positions[i], ", outside [0, ", k.tokens, ")"));
     }
   }
+  for (int64_t i = 0; check_data && a.outside_lse != nullptr && i < q.heads * q.tokens; ++i) {
+    const float x = a.outside_lse[i];
+    if (std::isnan(x) || x == INFINITY) {
+      return absl::InvalidArgumentError(absl::StrCat("attention stats: outside_lse of query head ", i / q.tokens,
+                                                     ", row ", i % q.tokens, " is ", x,
+                                                     " (expected finite or -inf)"));
+    }
+  }
   return absl::OkStatus();
 }
 

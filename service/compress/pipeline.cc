@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <optional>
 #include <string>
@@ -127,6 +128,20 @@ absl::Status ValidateCacheInput(const CacheInput& in) {
           }
         }
       }
+      if (!layer.query_outside_lse.empty()) {
+        if (static_cast<int64_t>(layer.query_outside_lse.size()) != in.q_heads * q_tokens) {
+          return absl::InvalidArgumentError(absl::StrCat(prefix, "query_outside_lse: ", layer.query_outside_lse.size(),
+                                                         " entries, expected q_heads x q_tokens = ",
+                                                         in.q_heads * q_tokens));
+        }
+        for (int64_t i = 0; i < in.q_heads * q_tokens; ++i) {
+          const float x = layer.query_outside_lse[i];
+          if (std::isnan(x) || x == std::numeric_limits<float>::infinity()) {
+            return absl::InvalidArgumentError(absl::StrCat(prefix, "query_outside_lse[", i / q_tokens, ", ",
+                                                           i % q_tokens, "] is ", x, " (expected finite or -inf)"));
+          }
+        }
+      }
     } else {
       if (layer.scores == nullptr) return absl::InvalidArgumentError(prefix + "scores: missing");
       if (layer.score_heads != in.kv_heads && (in.q_heads <= 0 || layer.score_heads != in.q_heads)) {
@@ -223,8 +238,11 @@ struct QueryRows {
   std::vector<uint8_t> bytes;
   TensorView view;
   std::vector<int32_t> positions;
+  std::vector<float> outside_lse;  // [heads, rows] where the layer has one
+  const float* Outside() const { return outside_lse.empty() ? nullptr : outside_lse.data(); }
 };
-QueryRows LastRows(const TensorView& q, const std::vector<int32_t>& positions, int64_t rows) {
+QueryRows LastRows(const TensorView& q, const std::vector<int32_t>& positions, const std::vector<float>& outside,
+                   int64_t rows) {
   QueryRows out;
   rows = std::min(rows, q.tokens);
   const int64_t first = q.tokens - rows;
@@ -236,6 +254,12 @@ QueryRows LastRows(const TensorView& q, const std::vector<int32_t>& positions, i
   }
   out.view = AsConst(tail);
   out.positions.assign(positions.begin() + first, positions.end());
+  if (!outside.empty()) {
+    out.outside_lse.resize(static_cast<size_t>(q.heads * rows));
+    for (int64_t h = 0; h < q.heads; ++h) {
+      std::copy_n(outside.begin() + h * q.tokens + first, rows, out.outside_lse.begin() + h * rows);
+    }
+  }
   return out;
 }
 
@@ -245,10 +269,11 @@ QueryRows LastRows(const TensorView& q, const std::vector<int32_t>& positions, i
 absl::Status RecentRowScores(const LayerInput& layer, const std::vector<int32_t>& positions,
                              const AttentionStatsArgs& args, int64_t recent_rows, const Backend& backend,
                              std::vector<float>* scores) {
-  const QueryRows tail = LastRows(layer.query, positions, recent_rows);
+  const QueryRows tail = LastRows(layer.query, positions, layer.query_outside_lse, recent_rows);
   AttentionStatsArgs a = args;
   a.query = tail.view;
   a.query_positions = tail.positions.data();
+  a.outside_lse = tail.Outside();
   a.score_rows_begin = 0;
   a.aggregation = ScoreAggregation::kSum;  // the attention a window holds: a sum whatever the scores' aggregation
   scores->resize(static_cast<size_t>(args.key.heads * args.key.tokens));
@@ -336,15 +361,17 @@ absl::StatusOr<Statistics> StatisticsStage(const CacheInput& in, const CompressO
       args.entropy_heads = options.entropy_heads;
       args.entropy_source = st.key.entropy_source;
       args.aggregation = st.key.aggregation;
+      args.outside_lse = layer.query_outside_lse.empty() ? nullptr : layer.query_outside_lse.data();
       args.cancelled = cancelled;
       // A windowed scorer reads only its window's rows: the statistics run on
       // those alone (the same scores, in the same order; the reported entropy
       // is theirs).
       QueryRows window;
       if (plan.scorer == Scorer::kWindowPooled && rows < layer.query.tokens) {
-        window = LastRows(layer.query, positions, rows);
+        window = LastRows(layer.query, positions, layer.query_outside_lse, rows);
         args.query = window.view;
         args.query_positions = window.positions.data();
+        args.outside_lse = window.Outside();
       }
       AttentionStatsOutput out;
       out.scores = s.data();

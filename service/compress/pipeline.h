@@ -41,6 +41,12 @@ struct LayerInput {
   const float* scores = nullptr;  // [score_heads, tokens], score_heads = kv_heads or q_heads
   int64_t score_heads = 0;
   float entropy = 0.f;
+  // kQueries, optional: [q_heads, q_tokens] or empty. Per query head and row,
+  // the log-sum-exp of its logits (the statistics' scale times q.k) over the
+  // keys it attends outside the cache: a probe pass's own tokens (finite, or
+  // -inf for none). The scores then count the attention each row gives the
+  // cache's keys out of all the attention it gives (docs/algorithm.md).
+  std::vector<float> query_outside_lse;
 };
 
 struct CacheInput {

@@ -16,7 +16,14 @@ namespace v1 = ::medakv::v1;
 // Tensors travel as little-endian bytes and are used in place.
 static_assert(std::endian::native == std::endian::little, "medakv assumes a little-endian host");
 
-bool InSlots(v1::TensorKind kind) { return kind >= v1::TENSOR_KIND_KEY && kind <= v1::TENSOR_KIND_ENTROPY; }
+// The request's tensor kinds (not the results' POSITIONS), each with its slot.
+bool InSlots(v1::TensorKind kind) {
+  return (kind >= v1::TENSOR_KIND_KEY && kind <= v1::TENSOR_KIND_ENTROPY) ||
+         kind == v1::TENSOR_KIND_QUERY_OUTSIDE_LSE;
+}
+int SlotIndex(v1::TensorKind kind) {
+  return kind == v1::TENSOR_KIND_QUERY_OUTSIDE_LSE ? 6 : static_cast<int>(kind) - 1;
+}
 
 std::string TensorName(int64_t layer, v1::TensorKind kind) {
   return absl::StrCat("layer ", layer, " ", TensorKindName(kind));
@@ -41,11 +48,11 @@ absl::StatusOr<CacheAssembler> CacheAssembler::Create(CacheSpec spec) {
 }
 
 CacheAssembler::Tensor* CacheAssembler::Slot(int64_t layer, v1::TensorKind kind) {
-  return &tensors_[static_cast<size_t>(layer * kSlots + (static_cast<int>(kind) - 1))];
+  return &tensors_[static_cast<size_t>(layer * kSlots + SlotIndex(kind))];
 }
 
 const CacheAssembler::Tensor* CacheAssembler::Slot(int64_t layer, v1::TensorKind kind) const {
-  return &tensors_[static_cast<size_t>(layer * kSlots + (static_cast<int>(kind) - 1))];
+  return &tensors_[static_cast<size_t>(layer * kSlots + SlotIndex(kind))];
 }
 
 absl::string_view CacheAssembler::tensor(int64_t layer, v1::TensorKind kind) const {
@@ -156,6 +163,11 @@ absl::Status CacheAssembler::Finish() {
         layer.query_positions.resize(static_cast<size_t>(spec_.q_tokens));
         std::memcpy(layer.query_positions.data(), Slot(l, v1::TENSOR_KIND_QUERY_POSITIONS)->data.get(),
                     static_cast<size_t>(spec_.q_tokens) * sizeof(int32_t));
+      }
+      if (spec_.has_query_outside_lse) {
+        layer.query_outside_lse.resize(static_cast<size_t>(spec_.q_heads * spec_.q_tokens));
+        std::memcpy(layer.query_outside_lse.data(), Slot(l, v1::TENSOR_KIND_QUERY_OUTSIDE_LSE)->data.get(),
+                    layer.query_outside_lse.size() * sizeof(float));
       }
     } else if (spec_.stats == SpecStats::kPrecomputed) {
       layer.scores = reinterpret_cast<const float*>(Slot(l, v1::TENSOR_KIND_SCORES)->data.get());

@@ -83,7 +83,7 @@ class CacheAssembler {
 
  private:
   // Tensor kinds 1..6 (key .. entropy) occupy slots 0..5 of a layer.
-  static constexpr int kSlots = 6;
+  static constexpr int kSlots = 7;  // key .. entropy, query_outside_lse
   struct Tensor {
     std::unique_ptr<uint32_t[]> data;  // 4-byte aligned storage, allocated on the first chunk
     int64_t expected = 0;              // 0: the spec does not carry this tensor

@@ -527,6 +527,8 @@ const char* TensorKindName(v1::TensorKind kind) {
       return "query";
     case v1::TENSOR_KIND_QUERY_POSITIONS:
       return "query_positions";
+    case v1::TENSOR_KIND_QUERY_OUTSIDE_LSE:
+      return "query_outside_lse";
     case v1::TENSOR_KIND_SCORES:
       return "scores";
     case v1::TENSOR_KIND_ENTROPY:
@@ -548,6 +550,10 @@ int64_t TensorBytes(const CacheSpec& spec, v1::TensorKind kind) {
       return spec.stats == SpecStats::kQueries ? Product({spec.q_heads, spec.q_tokens, spec.head_dim, esize}) : 0;
     case v1::TENSOR_KIND_QUERY_POSITIONS:
       return spec.stats == SpecStats::kQueries && spec.has_query_positions ? Product({spec.q_tokens, 4}) : 0;
+    case v1::TENSOR_KIND_QUERY_OUTSIDE_LSE:
+      return spec.stats == SpecStats::kQueries && spec.has_query_outside_lse
+                 ? Product({spec.q_heads, spec.q_tokens, 4})
+                 : 0;
     case v1::TENSOR_KIND_SCORES:
       return spec.stats == SpecStats::kPrecomputed ? Product({spec.score_heads, spec.tokens, 4}) : 0;
     case v1::TENSOR_KIND_ENTROPY:
@@ -562,6 +568,7 @@ std::vector<v1::TensorKind> CarriedKinds(const CacheSpec& spec) {
   if (spec.stats == SpecStats::kQueries) {
     kinds.push_back(v1::TENSOR_KIND_QUERY);
     if (spec.has_query_positions) kinds.push_back(v1::TENSOR_KIND_QUERY_POSITIONS);
+    if (spec.has_query_outside_lse) kinds.push_back(v1::TENSOR_KIND_QUERY_OUTSIDE_LSE);
   } else if (spec.stats == SpecStats::kPrecomputed) {
     kinds.push_back(v1::TENSOR_KIND_SCORES);
     kinds.push_back(v1::TENSOR_KIND_ENTROPY);
@@ -625,6 +632,10 @@ absl::Status ValidateSpec(const CacheSpec& spec, int64_t max_request_bytes, absl
       return Invalid(absl::StrCat(prefix, "query_positions must be false with ", StatsProtoName(spec.stats),
                                   " (query positions come only with STATS_FORM_QUERIES)"));
     }
+    if (spec.has_query_outside_lse) {
+      return Invalid(absl::StrCat(prefix, "query_outside_lse must be false with ", StatsProtoName(spec.stats),
+                                  " (it belongs to the query rows of STATS_FORM_QUERIES)"));
+    }
   }
   if (spec.stats == SpecStats::kPrecomputed) {
     if (spec.score_heads != spec.kv_heads && (spec.q_heads == 0 || spec.score_heads != spec.q_heads)) {
@@ -659,7 +670,8 @@ absl::Status ValidateSpec(const CacheSpec& spec, int64_t max_request_bytes, absl
 }
 
 absl::StatusOr<CacheSpec> SpecFromHeader(const v1::CacheShape& shape, v1::StatsForm stats, int64_t q_tokens,
-                                         bool query_positions, int32_t score_heads, int64_t max_request_bytes) {
+                                         bool query_positions, bool query_outside_lse, int32_t score_heads,
+                                         int64_t max_request_bytes) {
   CacheSpec spec;
   MEDAKV_ASSIGN_OR_RETURN(spec.stats, StatsFromProto(stats, "header.stats"));
   spec.layers = shape.layers();
@@ -671,6 +683,7 @@ absl::StatusOr<CacheSpec> SpecFromHeader(const v1::CacheShape& shape, v1::StatsF
   MEDAKV_ASSIGN_OR_RETURN(spec.layout, LayoutFromProto(shape.layout(), "header.shape.layout"));
   spec.q_tokens = q_tokens;
   spec.has_query_positions = query_positions;
+  spec.has_query_outside_lse = query_outside_lse;
   spec.score_heads = score_heads;
   MEDAKV_RETURN_IF_ERROR(ValidateSpec(spec, max_request_bytes, "header."));
   MEDAKV_RETURN_IF_ERROR(CheckSpans(shape.modality(), spec.tokens));
@@ -693,12 +706,12 @@ absl::StatusOr<CacheSpec> SpecFromHeader(const v1::CacheShape& shape, v1::StatsF
 
 absl::StatusOr<CacheSpec> SpecFromHeader(const v1::CompressHeader& header, int64_t max_request_bytes) {
   return SpecFromHeader(header.shape(), header.stats(), header.q_tokens(), header.query_positions(),
-                        header.score_heads(), max_request_bytes);
+                        header.query_outside_lse(), header.score_heads(), max_request_bytes);
 }
 
 absl::StatusOr<CacheSpec> SpecFromHeader(const v1::PutCacheHeader& header, int64_t max_request_bytes) {
   return SpecFromHeader(header.shape(), header.stats(), header.q_tokens(), header.query_positions(),
-                        header.score_heads(), max_request_bytes);
+                        header.query_outside_lse(), header.score_heads(), max_request_bytes);
 }
 
 // ---- enums -------------------------------------------------------------------------
@@ -801,9 +814,12 @@ absl::StatusOr<CacheSpec> SpecFromInput(const CacheInput& in) {
   if (queries) {
     spec.q_tokens = in.layers[0].query.tokens;
     spec.has_query_positions = !in.layers[0].query_positions.empty();
+    spec.has_query_outside_lse = !in.layers[0].query_outside_lse.empty();
     for (const LayerInput& l : in.layers) {
-      if (l.query.tokens != spec.q_tokens || l.query_positions.empty() == spec.has_query_positions) {
-        return absl::InvalidArgumentError("the Compress API needs the same q_tokens (and positions) in every layer");
+      if (l.query.tokens != spec.q_tokens || l.query_positions.empty() == spec.has_query_positions ||
+          l.query_outside_lse.empty() == spec.has_query_outside_lse) {
+        return absl::InvalidArgumentError(
+            "the Compress API needs the same q_tokens (and positions, and outside lse) in every layer");
       }
     }
   } else {
@@ -876,6 +892,7 @@ void ToProto(const CacheSpec& spec, v1::CompressHeader* header) {
   header->set_stats(StatsToProto(spec.stats));
   header->set_q_tokens(spec.q_tokens);
   header->set_query_positions(spec.has_query_positions);
+  header->set_query_outside_lse(spec.has_query_outside_lse);
   header->set_score_heads(static_cast<int32_t>(spec.score_heads));
 }
 
@@ -884,6 +901,7 @@ void ToProto(const CacheSpec& spec, v1::PutCacheHeader* header) {
   header->set_stats(StatsToProto(spec.stats));
   header->set_q_tokens(spec.q_tokens);
   header->set_query_positions(spec.has_query_positions);
+  header->set_query_outside_lse(spec.has_query_outside_lse);
   header->set_score_heads(static_cast<int32_t>(spec.score_heads));
 }
 

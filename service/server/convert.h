@@ -82,6 +82,7 @@ struct CacheSpec {
   SpecStats stats = SpecStats::kNone;
   int64_t q_tokens = 0;              // kQueries: query rows per layer, in [1, tokens]
   bool has_query_positions = false;  // kQueries: int32 [q_tokens] per layer follows
+  bool has_query_outside_lse = false;  // kQueries: float32 [q_heads, q_tokens] per layer follows
   int64_t score_heads = 0;           // kPrecomputed: kv_heads or q_heads
 };
 
@@ -89,6 +90,7 @@ struct CacheSpec {
 //   key, value:      kv_heads * tokens * head_dim * dtype size
 //   query:           q_heads * q_tokens * head_dim * dtype size    (kQueries)
 //   query_positions: 4 * q_tokens                    (kQueries with positions)
+//   query_outside_lse: 4 * q_heads * q_tokens     (kQueries with outside lse)
 //   scores:          4 * score_heads * tokens                   (kPrecomputed)
 //   entropy:         4                                          (kPrecomputed)
 // 0 for a kind the spec does not carry (and for POSITIONS, UNSPECIFIED and
@@ -124,7 +126,8 @@ const char* TensorKindName(medakv::v1::TensorKind kind);
 // INVALID_ARGUMENT naming the field ("header.shape.kv_heads must be > 0,
 // got 0"), or RESOURCE_EXHAUSTED over the byte limit.
 [[nodiscard]] absl::StatusOr<CacheSpec> SpecFromHeader(const medakv::v1::CacheShape& shape, medakv::v1::StatsForm stats,
-                                                       int64_t q_tokens, bool query_positions, int32_t score_heads,
+                                                       int64_t q_tokens, bool query_positions,
+                                                       bool query_outside_lse, int32_t score_heads,
                                                        int64_t max_request_bytes);
 // The same for whole headers (STATS_FORM_UNSPECIFIED is an error in both).
 [[nodiscard]] absl::StatusOr<CacheSpec> SpecFromHeader(const medakv::v1::CompressHeader& header,

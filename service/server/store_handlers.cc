@@ -95,6 +95,7 @@ std::unique_ptr<StoredCache> StoredFromUpload(const CacheAssembler& a, const std
     if (spec.stats == SpecStats::kQueries) {
       s.query = bytes(l, v1::TENSOR_KIND_QUERY);
       s.query_positions = in.query_positions;
+      s.query_outside_lse = in.query_outside_lse;
     } else if (spec.stats == SpecStats::kPrecomputed) {
       s.scores.assign(in.scores, in.scores + spec.score_heads * spec.tokens);
       s.score_entropy = in.entropy;

@@ -206,6 +206,7 @@ std::unique_ptr<StoredCache> MetadataCopy(const StoredCache& cache) {
     to.entropy = from.entropy;
     to.alpha = from.alpha;
     to.query_positions = from.query_positions;
+    to.query_outside_lse = from.query_outside_lse;
     to.score_entropy = from.score_entropy;
   }
   return copy;
@@ -259,7 +260,8 @@ int64_t StoredCache::ComputeBytes() const {
   for (size_t l = 0; l < layers.size(); ++l) {
     const bool missing = on_device() && l >= device.size();  // malformed: ValidateStoredCache says so
     const LayerBytes b = missing ? LayerBytes{} : BytesOf(*this, l);
-    bytes += b.key + b.value + b.positions + b.query + b.scores + ByteSize(layers[l].query_positions);
+    bytes += b.key + b.value + b.positions + b.query + b.scores + ByteSize(layers[l].query_positions) +
+             ByteSize(layers[l].query_outside_lse);
   }
   return bytes;
 }
@@ -364,6 +366,10 @@ absl::Status ValidateStoredCache(const StoredCache& cache) {
                                        queries ? cache.q_tokens * 4 : 0));
       MEDAKV_RETURN_IF_ERROR(
           CheckPositions(prefix, "query_positions", layer.query_positions, QueryPositionLimit(d.tokens)));
+    }
+    if (!layer.query_outside_lse.empty()) {
+      MEDAKV_RETURN_IF_ERROR(CheckSize(prefix, "query_outside_lse", ByteSize(layer.query_outside_lse),
+                                       queries ? d.q_heads * cache.q_tokens * 4 : 0));
     }
     MEDAKV_RETURN_IF_ERROR(CheckSize(prefix, "scores", b.scores, scores ? cache.score_heads * d.tokens * 4 : 0));
     if (scores && !std::isfinite(layer.score_entropy)) {
@@ -510,6 +516,7 @@ absl::StatusOr<CacheInput> CompressionInput(const StoredCache& cache) {
     if (cache.stats == KeptStats::kQueries) {
       li.query = TensorView{s.query.data(), d.dtype, d.layout, d.q_heads, cache.q_tokens, d.head_dim};
       li.query_positions = s.query_positions;
+      li.query_outside_lse = s.query_outside_lse;
     } else {
       li.scores = s.scores.data();
       li.score_heads = cache.score_heads;

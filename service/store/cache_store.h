@@ -130,6 +130,7 @@ struct StoredLayer {
   // Statistics kept for a later compression (StoredCache::stats):
   std::vector<uint8_t> query;            // kQueries: [q_heads, q_tokens, head_dim], dtype and layout of the cache
   std::vector<int32_t> query_positions;  // kQueries: [q_tokens]; empty means the last q_tokens positions
+  std::vector<float> query_outside_lse;  // kQueries: [q_heads, q_tokens] or empty (LayerInput's)
   std::vector<float> scores;             // kPrecomputed: [score_heads, tokens]
   float score_entropy = 0.f;             // kPrecomputed: the worker's entropy of the layer
 };
@@ -151,8 +152,8 @@ struct StoredCache {
   std::vector<StoredLayer> layers;
   // Device form (device tier): one DeviceLayer per layer holding the big
   // buffers, whose StoredLayer vectors key, value, positions, query and
-  // scores are then empty (the scalars and query_positions stay in
-  // `layers`). Host form (host tier): empty.
+  // scores are then empty (the scalars, query_positions and
+  // query_outside_lse stay in `layers`). Host form (host tier): empty.
   std::vector<DeviceLayer> device;
   bool compressed = false;
   std::string policy;  // the policy that compressed it, if any

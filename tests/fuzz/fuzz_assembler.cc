@@ -133,6 +133,14 @@ struct Model {
           if (v < 0 || v >= QueryPositionLimit(spec->tokens)) return false;  // probes may follow the cache
         }
       }
+      if (spec->stats == SpecStats::kQueries && spec->has_query_outside_lse) {
+        const std::string& o = received.at({l, v1::TENSOR_KIND_QUERY_OUTSIDE_LSE});
+        for (size_t i = 0; i + 4 <= o.size(); i += 4) {
+          float x;
+          std::memcpy(&x, o.data() + i, 4);
+          if (std::isnan(x) || x == INFINITY) return false;  // finite or -inf
+        }
+      }
       if (spec->stats == SpecStats::kPrecomputed) {
         float e;
         std::memcpy(&e, received.at({l, v1::TENSOR_KIND_ENTROPY}).data(), 4);
@@ -254,6 +262,13 @@ void RunUpload(const std::vector<Request>& messages) {
                             (positions.empty() ||
                              std::memcmp(layer.query_positions.data(), positions.data(), positions.size()) == 0),
                         "query positions");
+      const std::string outside = spec.has_query_outside_lse
+                                      ? model.received.at({l, v1::TENSOR_KIND_QUERY_OUTSIDE_LSE})
+                                      : std::string();
+      MEDAKV_FUZZ_CHECK(layer.query_outside_lse.size() * 4 == outside.size() &&
+                            (outside.empty() ||
+                             std::memcmp(layer.query_outside_lse.data(), outside.data(), outside.size()) == 0),
+                        "query outside lse");
     } else if (spec.stats == SpecStats::kPrecomputed) {
       const std::string& scores = model.received.at({l, v1::TENSOR_KIND_SCORES});
       MEDAKV_FUZZ_CHECK(layer.score_heads == spec.score_heads &&
@@ -393,6 +408,7 @@ void RunStructured(FuzzedDataProvider& p) {
     h->set_stats(v1::STATS_FORM_QUERIES);
     h->set_q_tokens(p.ConsumeIntegralInRange<int64_t>(1, 2 * tokens));  // more than tokens: probes
     h->set_query_positions(p.ConsumeBool());
+    h->set_query_outside_lse(p.ConsumeIntegralInRange<int>(0, 3) == 0);
   } else if (form == 1) {
     h->set_stats(v1::STATS_FORM_PRECOMPUTED);
     h->set_score_heads(p.ConsumeBool() ? shape->kv_heads() : shape->q_heads());
@@ -426,7 +442,8 @@ void RunStructured(FuzzedDataProvider& p) {
     const int64_t left = piece.bytes - piece.sent;
     int64_t n = p.ConsumeBool() ? left : p.ConsumeIntegralInRange<int64_t>(1, left);
     std::string bytes;
-    if (piece.kind == v1::TENSOR_KIND_QUERY_POSITIONS || piece.kind == v1::TENSOR_KIND_ENTROPY) {
+    if (piece.kind == v1::TENSOR_KIND_QUERY_POSITIONS || piece.kind == v1::TENSOR_KIND_ENTROPY ||
+        piece.kind == v1::TENSOR_KIND_QUERY_OUTSIDE_LSE) {
       // Whole tensors of valid values, now and then a bad one.
       n = left;
       for (int64_t i = 0; i < n / 4; ++i) {
@@ -434,6 +451,13 @@ void RunStructured(FuzzedDataProvider& p) {
         if (piece.kind == v1::TENSOR_KIND_ENTROPY) {
           const float e = p.ConsumeIntegralInRange<int>(0, 15) == 0 ? NAN : p.ConsumeFloatingPointInRange<float>(0, 8);
           std::memcpy(&v, &e, 4);
+        } else if (piece.kind == v1::TENSOR_KIND_QUERY_OUTSIDE_LSE) {
+          const int pick = p.ConsumeIntegralInRange<int>(0, 31);
+          const float x = pick == 0   ? NAN
+                          : pick == 1 ? INFINITY
+                          : pick < 6  ? -INFINITY
+                                      : p.ConsumeFloatingPointInRange<float>(-8, 8);
+          std::memcpy(&v, &x, 4);
         } else {
           v = p.ConsumeIntegralInRange<int>(0, 15) == 0 ? p.ConsumeIntegral<int32_t>()
                                                         : p.ConsumeIntegralInRange<int32_t>(0, tokens - 1);

@@ -59,7 +59,7 @@ bool SameSpec(const CacheSpec& a, const CacheSpec& b) {
          a.tokens == b.tokens && a.dtype == b.dtype && a.layout == b.layout &&
          SameSpans(a.visual_spans, b.visual_spans) &&
          a.stats == b.stats && a.q_tokens == b.q_tokens && a.has_query_positions == b.has_query_positions &&
-         a.score_heads == b.score_heads;
+         a.has_query_outside_lse == b.has_query_outside_lse && a.score_heads == b.score_heads;
 }
 
 std::string Describe(const CacheSpec& s) {
@@ -67,7 +67,7 @@ std::string Describe(const CacheSpec& s) {
                       " tokens=", s.tokens, " dtype=", static_cast<int>(s.dtype), " layout=",
                       static_cast<int>(s.layout), " visual_spans=", s.visual_spans.size(), " stats=",
                       SpecStatsName(s.stats), " q_tokens=", s.q_tokens, " positions=", s.has_query_positions,
-                      " score_heads=", s.score_heads);
+                      " outside_lse=", s.has_query_outside_lse, " score_heads=", s.score_heads);
 }
 
 void CheckSpecResult(const absl::StatusOr<CacheSpec>& spec) {
@@ -88,6 +88,15 @@ void CheckAcceptedSpec(const CacheSpec& spec, const Header& header, int64_t limi
   absl::StatusOr<int64_t> total = TotalBytes(spec);
   MEDAKV_FUZZ_CHECK(total.ok() && *total > 0, "accepted spec has no TotalBytes: ", Describe(spec));
   MEDAKV_FUZZ_CHECK(limit <= 0 || *total <= limit, "TotalBytes ", *total, " over the limit ", limit);
+  // Outside log-sum-exps belong to query rows: accepted only with them, one float per query head and row.
+  MEDAKV_FUZZ_CHECK(!spec.has_query_outside_lse || spec.stats == SpecStats::kQueries,
+                    "query_outside_lse accepted without query rows: ", Describe(spec));
+  MEDAKV_FUZZ_CHECK(spec.has_query_outside_lse == header.query_outside_lse(), "query_outside_lse changed: ",
+                    Describe(spec));
+  MEDAKV_FUZZ_CHECK(TensorBytes(spec, v1::TENSOR_KIND_QUERY_OUTSIDE_LSE) ==
+                        (spec.has_query_outside_lse ? 4 * spec.q_heads * spec.q_tokens : 0),
+                    "query_outside_lse bytes: ", TensorBytes(spec, v1::TENSOR_KIND_QUERY_OUTSIDE_LSE), " for ",
+                    Describe(spec));
 
   // The modality: exactly the VISUAL spans' tokens are visual.
   int64_t visual_spans = 0;

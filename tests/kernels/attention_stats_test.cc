@@ -50,6 +50,7 @@ struct StatsCase {
   bool custom_positions = false;  // random, unsorted, with repeats; else the last Tq
   int64_t score_rows_begin = 0;
   ScoreAggregation aggregation = ScoreAggregation::kSum;
+  bool outside = false;  // rows carry an outside_lse (some -inf)
   double q_stddev = 1.7;  // larger: more peaked rows
   uint64_t seed = 1;
 };
@@ -62,7 +63,8 @@ std::string CaseName(const StatsCase& c) {
       c.heads == EntropyHeads::kMeanAttention ? "MeanAttention" : "MeanEntropy", "_",
       c.source == EntropySource::kCrossModal ? "CrossModal" : "Causal", "_",
       c.custom_positions ? "CustomPos" : "LastPos", "_From", c.score_rows_begin,
-      c.aggregation == ScoreAggregation::kMax ? "_Max" : "", c.q_stddev > 2.0 ? "_Peaked" : "");
+      c.aggregation == ScoreAggregation::kMax ? "_Max" : "", c.outside ? "_Outside" : "",
+      c.q_stddev > 2.0 ? "_Peaked" : "");
 }
 
 int64_t RowsFor(int64_t tokens) { return tokens <= 7 ? tokens : 24; }
@@ -93,6 +95,7 @@ std::vector<StatsCase> SweepCases() {
             c.custom_positions = (n / 3) % 2 == 1;
             c.score_rows_begin = (n / 5) % 2 == 1 ? c.q_tokens / 2 : 0;
             c.aggregation = (n / 7) % 2 == 1 ? ScoreAggregation::kMax : ScoreAggregation::kSum;
+            c.outside = (n / 11) % 2 == 1;
             c.seed = 1000 + n;
             cases.push_back(c);
             ++n;
@@ -123,6 +126,7 @@ std::vector<StatsCase> SweepCases() {
             c.custom_positions = custom;
             c.score_rows_begin = custom ? 2 : 0;
             c.aggregation = n % 2 == 1 ? ScoreAggregation::kMax : ScoreAggregation::kSum;
+            c.outside = n % 3 == 1;
             c.seed = 5000 + n;
             cases.push_back(c);
             ++n;
@@ -143,6 +147,7 @@ std::vector<StatsCase> SweepCases() {
         c.pattern = VisualPattern::kInterleaved;
         c.heads = heads;
         c.q_stddev = 8.0;
+        c.outside = heads == EntropyHeads::kMeanEntropy;
         c.seed = 9000 + n;
         cases.push_back(c);
         ++n;
@@ -156,6 +161,7 @@ struct StatsRun {
   HostTensor query, key;
   std::vector<int32_t> positions;
   std::vector<uint8_t> modality;
+  std::vector<float> outside_lse;  // [q_heads, q_tokens] or empty
   float scale = 0.f;
 };
 
@@ -175,6 +181,15 @@ StatsRun MakeRun(const StatsCase& c) {
     r.positions = reference::DefaultPositions(c.q_tokens, c.tokens);
   }
   r.scale = 1.f / std::sqrt(static_cast<float>(c.head_dim));
+  if (c.outside) {
+    // From no mass outside (-inf) to several times the cache's own.
+    test::Rng rng(c.seed + 29);
+    r.outside_lse.resize(q_heads * c.q_tokens);
+    for (float& x : r.outside_lse) {
+      x = rng.Int(0, 4) == 0 ? -std::numeric_limits<float>::infinity()
+                             : static_cast<float>(rng.Int(-40, 80)) / 10.f;
+    }
+  }
   return r;
 }
 
@@ -189,6 +204,7 @@ AttentionStatsArgs ArgsOf(const StatsRun& r, const StatsCase& c) {
   a.entropy_source = c.source;
   a.score_rows_begin = c.score_rows_begin;
   a.aggregation = c.aggregation;
+  a.outside_lse = r.outside_lse.empty() ? nullptr : r.outside_lse.data();
   return a;
 }
 
@@ -205,7 +221,7 @@ TEST_P(AttentionStatsSweepTest, MatchesReference) {
 
   const reference::RefStats ref =
       reference::RefAttentionStats(r.query.view(), r.positions, r.key.view(), r.modality, r.scale,
-                                   c.heads, c.source, c.score_rows_begin, c.aggregation);
+                                   c.heads, c.source, c.score_rows_begin, c.aggregation, r.outside_lse);
   EXPECT_EQ(out.causal, ref.causal);
   EXPECT_TRUE(test::Near(out.entropy, ref.entropy, kEntropyRel, kEntropyAbs)) << "entropy";
   EXPECT_TRUE(test::Near(out.entropy_tv, ref.entropy_tv, kEntropyRel, kEntropyAbs)) << "entropy_tv";
@@ -220,7 +236,11 @@ TEST_P(AttentionStatsSweepTest, MatchesReference) {
   const double per_head = static_cast<double>((c.q_tokens - c.score_rows_begin) * c.group);
   for (int64_t h = 0; h < c.kv_heads; ++h) {
     const auto first = got.begin() + h * c.tokens, last = got.begin() + (h + 1) * c.tokens;
-    if (c.aggregation == ScoreAggregation::kSum) {
+    if (c.outside) {
+      // Mass outside the cache: each row gives the cache's keys at most one unit.
+      EXPECT_LE(std::accumulate(first, last, 0.0), per_head * (1.0 + 1e-5)) << "kv head " << h;
+      EXPECT_GE(*std::min_element(first, last), 0.0) << "kv head " << h;
+    } else if (c.aggregation == ScoreAggregation::kSum) {
       EXPECT_TRUE(test::Near(std::accumulate(first, last, 0.0), per_head, 1e-4, 1e-5)) << "kv head " << h;
     } else if (c.score_rows_begin < c.q_tokens) {
       EXPECT_LE(*std::max_element(first, last), 1.0 + 1e-6) << "kv head " << h;
@@ -351,6 +371,27 @@ TEST(AttentionStatsHandTest, TwoKeysWithKnownLogits) {
   EXPECT_NEAR(g.scores[1], (1 - p) + p, 1e-6);
 }
 
+TEST(AttentionStatsHandTest, OutsideMassShrinksScoresNotEntropy) {
+  // Two rows, zero queries: row 0 sees key 0, row 1 keys 0 and 1 (logits 0).
+  // Row 0 gives as much again outside the cache (outside_lse = log 1 = 0),
+  // row 1 three times its cache mass of 2 (log 6); the entropy ignores it.
+  Small s(1, 1, 2, std::vector<double>(2 * 2, 0.0), {0.3, -0.2, 1.0, 0.5}, {0, 1}, {0, 0});
+  const std::vector<float> outside = {0.f, static_cast<float>(std::log(6.0))};
+  AttentionStatsArgs a = s.Args(EntropyHeads::kMeanAttention, EntropySource::kCausal);
+  a.outside_lse = outside.data();
+  ASSERT_TRUE(cpu::AttentionStats(a, &s.out).ok());
+  EXPECT_NEAR(s.scores[0], 0.5 + 0.125, 1e-6);
+  EXPECT_NEAR(s.scores[1], 0.125, 1e-6);
+  EXPECT_NEAR(s.out.entropy, std::log(2.0) / 2, 1e-6);
+  // -inf adds nothing; with kMax each score is the largest row probability.
+  const std::vector<float> none = {-std::numeric_limits<float>::infinity(), static_cast<float>(std::log(2.0))};
+  a.outside_lse = none.data();
+  a.aggregation = ScoreAggregation::kMax;
+  ASSERT_TRUE(cpu::AttentionStats(a, &s.out).ok());
+  EXPECT_NEAR(s.scores[0], 1.0, 1e-6);
+  EXPECT_NEAR(s.scores[1], 0.25, 1e-6);
+}
+
 TEST(AttentionStatsHandTest, MeanAttentionVersusMeanEntropy) {
   // V V T; the text row (position 2) sees visual keys k0 = +1 and k1 = -1.
   // Head 0 (q = +2) puts sigma(4) on k0, head 1 (q = -2) on k1: the mean
@@ -473,6 +514,19 @@ TEST_F(AttentionStatsInvalidTest, PositionOutOfRange) {
   positions_[1] = 6;  // == tokens
   EXPECT_EQ(Run().code(), absl::StatusCode::kInvalidArgument);
   positions_[1] = -1;
+  EXPECT_EQ(Run().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(AttentionStatsInvalidTest, OutsideLseNanOrPlusInfinity) {
+  std::vector<float> outside(4 * 3, 1.f);
+  outside[5] = -std::numeric_limits<float>::infinity();
+  args_.outside_lse = outside.data();
+  EXPECT_TRUE(Run().ok());
+  outside[7] = std::numeric_limits<float>::quiet_NaN();
+  absl::Status st = Run();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("query head 2, row 1"), std::string::npos) << st;
+  outside[7] = std::numeric_limits<float>::infinity();
   EXPECT_EQ(Run().code(), absl::StatusCode::kInvalidArgument);
 }
 

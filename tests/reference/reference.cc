@@ -90,7 +90,7 @@ RefStats RefAttentionStats(const TensorView& query, const std::vector<int32_t>& 
                            const TensorView& key, const std::vector<uint8_t>& modality,
                            double scale, EntropyHeads entropy_heads,
                            EntropySource entropy_source, int64_t score_rows_begin,
-                           ScoreAggregation aggregation) {
+                           ScoreAggregation aggregation, const std::vector<float>& outside_lse) {
   const int64_t q_heads = query.heads;
   const int64_t q_tokens = query.tokens;
   const int64_t head_dim = query.head_dim;
@@ -133,9 +133,15 @@ RefStats RefAttentionStats(const TensorView& query, const std::vector<int32_t>& 
       const std::vector<double> p = Softmax(row);
       row_entropy += Entropy(p);
       if (i >= score_rows_begin) {
+        // The scores' softmax: the same logits over a denominator that also
+        // holds the row's mass outside the cache.
+        double denom = 0.0;
+        for (double x : row) denom += std::exp(x);
+        if (!outside_lse.empty()) denom += std::exp(static_cast<double>(outside_lse[h * q_tokens + i]));
         for (int64_t j = 0; j <= Seen(pos[i], tokens); ++j) {
+          const double pj = outside_lse.empty() ? p[j] : std::exp(row[j]) / denom;
           double& s = out.scores[(h / group) * tokens + j];
-          s = aggregation == ScoreAggregation::kMax ? std::max(s, p[j]) : s + p[j];
+          s = aggregation == ScoreAggregation::kMax ? std::max(s, pj) : s + pj;
         }
       }
     }

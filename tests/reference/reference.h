@@ -50,11 +50,15 @@ struct RefStats {
 // modality of the token at its position. Only rows i >= score_rows_begin add
 // to the scores (their sum, or with kMax their maximum, over those rows and
 // the kv head's query heads); every row counts for the entropy.
+// outside_lse: [q_heads, q_tokens] (empty: none), each row's log-sum-exp over
+// keys outside the cache; a score's softmax denominator is then
+// sum_j e^{logit_j} + e^{outside_lse} (the entropy's is not).
 RefStats RefAttentionStats(const TensorView& query, const std::vector<int32_t>& positions,
                            const TensorView& key, const std::vector<uint8_t>& modality,
                            double scale, EntropyHeads entropy_heads,
                            EntropySource entropy_source, int64_t score_rows_begin,
-                           ScoreAggregation aggregation = ScoreAggregation::kSum);
+                           ScoreAggregation aggregation = ScoreAggregation::kSum,
+                           const std::vector<float>& outside_lse = {});
 
 struct RefBudgetResult {
   std::vector<double> alpha;    // [layers] clamp(softmax(E / tau) * L * rho, alpha_min, alpha_max)

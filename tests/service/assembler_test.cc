@@ -112,6 +112,13 @@ Tensors RandomCache(const CacheSpec& spec, uint64_t seed) {
             data.append(reinterpret_cast<const char*>(&s), 4);
           }
           break;
+        case v1::TENSOR_KIND_QUERY_OUTSIDE_LSE:
+          for (int64_t i = 0; i < bytes / 4; ++i) {
+            const auto x = i % 5 == 0 ? -std::numeric_limits<float>::infinity()
+                                      : static_cast<float>(rng.Uniform(-3.0, 6.0));
+            data.append(reinterpret_cast<const char*>(&x), 4);
+          }
+          break;
         case v1::TENSOR_KIND_ENTROPY: {
           const auto e = static_cast<float>(rng.Uniform(0.0, 3.0));
           data.append(reinterpret_cast<const char*>(&e), 4);
@@ -213,6 +220,14 @@ void ExpectInputEquals(const CacheAssembler& a, const Tensors& tensors) {
         EXPECT_EQ(std::memcmp(layer.query_positions.data(), p.data(), p.size()), 0);
       } else {
         EXPECT_TRUE(layer.query_positions.empty());
+      }
+      if (spec.has_query_outside_lse) {
+        const std::string& o = tensors.at({l, v1::TENSOR_KIND_QUERY_OUTSIDE_LSE});
+        ASSERT_EQ(layer.query_outside_lse.size() * 4, o.size());
+        EXPECT_EQ(std::memcmp(layer.query_outside_lse.data(), o.data(), o.size()), 0);
+        EXPECT_EQ(a.tensor(l, v1::TENSOR_KIND_QUERY_OUTSIDE_LSE), o);
+      } else {
+        EXPECT_TRUE(layer.query_outside_lse.empty());
       }
       EXPECT_EQ(layer.scores, nullptr);
     } else if (spec.stats == SpecStats::kPrecomputed) {
@@ -468,6 +483,31 @@ TEST(CacheAssembler, FinishRejectsQueryPositionsOutOfRange) {
   SendAllBut(a, tensors, {-1, v1::TENSOR_KIND_UNSPECIFIED}, 0);
   EXPECT_INVALID(a.Finish(), "layer 1 query_positions[1] is 65550, outside [0, 2 x tokens + 65536 = 65550)");
   EXPECT_FALSE(a.finished());
+}
+
+TEST(CacheAssembler, QueryOutsideLseArrivesAndIsChecked) {
+  CacheSpec spec = SmallSpec(SpecStats::kQueries, DType::kBFloat16, Layout::kNHD);
+  spec.has_query_outside_lse = true;
+  Tensors tensors = RandomCache(spec, 12);
+  {
+    CacheAssembler a = MakeAssembler(spec);
+    SendAllBut(a, tensors, {-1, v1::TENSOR_KIND_UNSPECIFIED}, 0);
+    ASSERT_OK(a.Finish());
+    ExpectInputEquals(a, tensors);
+  }
+  {
+    CacheAssembler a = MakeAssembler(spec);
+    SendAllBut(a, tensors, {1, v1::TENSOR_KIND_QUERY_OUTSIDE_LSE}, 10);
+    EXPECT_INVALID(a.Finish(), "layer 1 query_outside_lse is incomplete: 10 of 72 bytes arrived");
+  }
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::memcpy(&tensors[{2, v1::TENSOR_KIND_QUERY_OUTSIDE_LSE}][4 * 4], &nan, 4);  // query head 1, row 1
+  CacheAssembler a = MakeAssembler(spec);
+  SendAllBut(a, tensors, {-1, v1::TENSOR_KIND_UNSPECIFIED}, 0);
+  EXPECT_INVALID(a.Finish(), "layer 2 query_outside_lse[1, 1] is nan");
+  // Not a tensor of a request without it.
+  CacheAssembler b = MakeAssembler(SmallSpec(SpecStats::kQueries));
+  EXPECT_INVALID(b.Add(0, v1::TENSOR_KIND_QUERY_OUTSIDE_LSE, 0, "abcd"), "query_outside_lse");
 }
 
 TEST(CacheAssembler, FinishRejectsNonFiniteEntropy) {

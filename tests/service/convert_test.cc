@@ -692,6 +692,37 @@ TEST(SpecFromHeader, PrecomputedAndNoneHappyPaths) {
   EXPECT_TRUE(Parse(n0).ok());
 }
 
+TEST(SpecFromHeader, QueryOutsideLse) {
+  v1::CompressHeader h = QueriesHeader();
+  h.set_query_outside_lse(true);
+  absl::StatusOr<CacheSpec> spec = SpecFromHeader(h, 0);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_TRUE(spec->has_query_outside_lse);
+  EXPECT_EQ(TensorBytes(*spec, v1::TENSOR_KIND_QUERY_OUTSIDE_LSE), 4 * 4 * 4);  // q_heads x q_tokens floats
+  EXPECT_EQ(CarriedKinds(*spec),
+            (std::vector<v1::TensorKind>{v1::TENSOR_KIND_KEY, v1::TENSOR_KIND_VALUE, v1::TENSOR_KIND_QUERY,
+                                         v1::TENSOR_KIND_QUERY_POSITIONS, v1::TENSOR_KIND_QUERY_OUTSIDE_LSE}));
+  EXPECT_EQ(*TotalBytes(*spec), 2 * (2 * (2 * 16 * 8 * 2) + 4 * 4 * 8 * 2 + 4 * 4 + 4 * 4 * 4));
+  EXPECT_STREQ(TensorKindName(v1::TENSOR_KIND_QUERY_OUTSIDE_LSE), "query_outside_lse");
+  // Round trip through both headers.
+  v1::CompressHeader back;
+  ToProto(*spec, &back);
+  EXPECT_TRUE(back.query_outside_lse());
+  v1::PutCacheHeader put;
+  ToProto(*spec, &put);
+  EXPECT_TRUE(put.query_outside_lse());
+  EXPECT_TRUE(SpecFromHeader(put, 0)->has_query_outside_lse);
+  // Only with query rows.
+  v1::CompressHeader p = PrecomputedHeader();
+  p.set_query_outside_lse(true);
+  EXPECT_INVALID(Parse(p), "header.query_outside_lse must be false with STATS_FORM_PRECOMPUTED");
+  v1::CompressHeader n = NoneHeader();
+  n.set_query_outside_lse(true);
+  EXPECT_INVALID(Parse(n), "header.query_outside_lse must be false with STATS_FORM_NONE");
+  p.set_query_outside_lse(false);
+  EXPECT_EQ(TensorBytes(*SpecFromHeader(p, 0), v1::TENSOR_KIND_QUERY_OUTSIDE_LSE), 0);
+}
+
 TEST(SpecFromHeader, PutCacheHeaderOverload) {
   v1::PutCacheHeader put;
   *put.mutable_shape() = QueriesHeader().shape();

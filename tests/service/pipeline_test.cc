@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <set>
 #include <string>
@@ -301,6 +302,16 @@ TEST(PipelineValidationTest, RejectsMalformedInput) {
     ExpectInvalid(in, o, "query_positions");
   }
   {
+    CacheInput in = c.input;  // q_heads 4 x q_tokens 4
+    in.layers[1].query_outside_lse.assign(15, 0.f);
+    ExpectInvalid(in, o, "layer 1 query_outside_lse: 15 entries, expected q_heads x q_tokens = 16");
+    in.layers[1].query_outside_lse.assign(16, -std::numeric_limits<float>::infinity());
+    in.layers[1].query_outside_lse[6] = std::numeric_limits<float>::quiet_NaN();
+    ExpectInvalid(in, o, "layer 1 query_outside_lse[1, 2] is nan (expected finite or -inf)");
+    in.layers[1].query_outside_lse[6] = std::numeric_limits<float>::infinity();
+    ExpectInvalid(in, o, "query_outside_lse[1, 2] is inf");
+  }
+  {
     CacheInput in = c.input;
     in.layers[0].key.data = nullptr;
     ExpectInvalid(in, o, "no data");
@@ -419,17 +430,36 @@ struct AmberCase {
   bool explicit_positions;  // query rows at scattered positions instead of the last q_tokens
   int64_t recent_rows = kAmberRecentSearchRows;  // the recent search's rows; 0: recent_fraction
   int64_t probes = 0;  // the last rows stand after the cache (positions T, T + 5, ...)
+  bool outside = false;  // the rows carry query_outside_lse
 };
+
+// Random query_outside_lse of every layer: [q_heads, q_tokens] each, from
+// -inf (no mass outside) to several times a row's mass in the cache.
+std::vector<std::vector<float>> SetOutsideLse(TestCache& c, uint64_t seed) {
+  test::Rng rng(seed);
+  std::vector<std::vector<float>> all;
+  for (LayerInput& l : c.input.layers) {
+    std::vector<float> v(static_cast<size_t>(c.input.q_heads * l.query.tokens));
+    for (float& x : v) {
+      x = rng.Int(0, 5) == 0 ? -std::numeric_limits<float>::infinity() : static_cast<float>(rng.Int(-30, 60)) / 10.f;
+    }
+    l.query_outside_lse = v;
+    all.push_back(std::move(v));
+  }
+  return all;
+}
 
 // Amber's score s_t of layer l by the reference (docs/amber.md, step 2): the
 // accumulated attention over every row (or its maximum), or its visible mean.
 std::vector<double> RefAmberScores(const TestCache& c, int64_t l, const std::vector<int32_t>& positions,
-                                   const CompressOptions& o, ScoreNorm norm, double scale) {
+                                   const CompressOptions& o, ScoreNorm norm, double scale,
+                                   const std::vector<float>& outside = {}) {
   const int64_t kv_heads = c.input.kv_heads, tokens = c.input.tokens, group = c.input.q_heads / kv_heads;
   const std::vector<double> sum =
       reference::RefAttentionStats(c.queries[l].view(), positions, c.keys[l].view(), c.input.modality, scale,
                                    o.entropy_heads, o.entropy_source, 0,
-                                   norm == ScoreNorm::kMax ? ScoreAggregation::kMax : ScoreAggregation::kSum)
+                                   norm == ScoreNorm::kMax ? ScoreAggregation::kMax : ScoreAggregation::kSum,
+                                   outside)
           .scores;
   return norm == ScoreNorm::kVisibleMean ? reference::RefVisibleMean(sum, positions, kv_heads, tokens, group) : sum;
 }
@@ -454,6 +484,8 @@ TEST_P(AmberVsReferenceTest, ScoresBudgetsAndSelectionMatch) {
   o.score_norm = p.norm;
   o.layer_budget = p.budget;
   o.recent_search_rows = p.recent_rows;
+  const std::vector<std::vector<float>> outside =
+      p.outside ? SetOutsideLse(c, 37) : std::vector<std::vector<float>>(layers);
   auto backend = MakeCpuBackend();
   absl::StatusOr<CompressResult> r = Compress(c.input, o, *backend);
   ASSERT_TRUE(r.ok()) << r.status();
@@ -463,9 +495,10 @@ TEST_P(AmberVsReferenceTest, ScoresBudgetsAndSelectionMatch) {
     // The recent search's statistics (a sum whatever the score): the last min(recent_rows, q_tokens) rows alone.
     recent[l] = reference::RefAttentionStats(c.queries[l].view(), positions, c.keys[l].view(),
                                              c.input.modality, scale, o.entropy_heads, o.entropy_source,
-                                             q_tokens - std::min(p.recent_rows, q_tokens))
+                                             q_tokens - std::min(p.recent_rows, q_tokens), ScoreAggregation::kSum,
+                                             outside[l])
                     .scores;
-    scores[l] = RefAmberScores(c, l, positions, o, p.norm, scale);
+    scores[l] = RefAmberScores(c, l, positions, o, p.norm, scale, outside[l]);
   }
   std::vector<int64_t> want_budget(layers, reference::RoundHalfUp(0.3 * tokens));
   if (p.budget == LayerBudget::kMass) {
@@ -527,6 +560,10 @@ std::vector<AmberCase> AmberCases() {
   cases.push_back({DType::kBFloat16, Layout::kNHD, ScoreNorm::kMax, LayerBudget::kDepth, true, 16});
   cases.push_back({DType::kFloat16, Layout::kHND, ScoreNorm::kMax, LayerBudget::kMass, false, 4, 8});
   cases.push_back({DType::kFloat32, Layout::kNHD, ScoreNorm::kMax, LayerBudget::kUniform, true, 0, 4});
+  // Probe rows with their attention outside the cache (a reconstruction pass's own tokens).
+  cases.push_back({DType::kFloat16, Layout::kNHD, ScoreNorm::kMax, LayerBudget::kMass, false, 4, 8, true});
+  cases.push_back({DType::kBFloat16, Layout::kHND, ScoreNorm::kSum, LayerBudget::kDepth, true, 16, 12, true});
+  cases.push_back({DType::kFloat32, Layout::kHND, ScoreNorm::kVisibleMean, LayerBudget::kUniform, true, 5, 6, true});
   return cases;
 }
 
@@ -536,7 +573,7 @@ INSTANTIATE_TEST_SUITE_P(Cases, AmberVsReferenceTest, ::testing::ValuesIn(AmberC
                            return absl::StrCat(test::DTypeTag(p.dtype), test::LayoutTag(p.layout),
                                                ScoreNormName(p.norm), "_", LayerBudgetName(p.budget),
                                                p.explicit_positions ? "_Positions" : "_Last", "_Recent",
-                                               p.recent_rows);
+                                               p.recent_rows, "_Probes", p.probes, p.outside ? "_Outside" : "");
                          });
 
 // ---- amber's global budgets: per-head counts, padded layers ---------------------
@@ -549,6 +586,7 @@ struct GlobalCase {
   double recent_fraction;  // with recent_search_rows 0
   int64_t probes = 0;      // the last rows stand after the cache
   double rho = 0.2;
+  bool outside = false;  // the rows carry query_outside_lse
 };
 
 class AmberGlobalBudgetTest : public ::testing::TestWithParam<GlobalCase> {};
@@ -570,13 +608,15 @@ TEST_P(AmberGlobalBudgetTest, HeadsKeepTheGloballyBestSlotsPaddedToTheLayersLarg
   o.recent_search_rows = 0;
   o.recent_fraction = p.recent_fraction;
   o.sinks = p.sinks;
+  const std::vector<std::vector<float>> outside =
+      p.outside ? SetOutsideLse(c, 73) : std::vector<std::vector<float>>(layers);
   auto backend = MakeCpuBackend();
   absl::StatusOr<CompressResult> r = Compress(c.input, o, *backend);
   ASSERT_TRUE(r.ok()) << r.status();
 
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
   std::vector<std::vector<double>> scores(layers);
-  for (int64_t l = 0; l < layers; ++l) scores[l] = RefAmberScores(c, l, positions, o, p.norm, scale);
+  for (int64_t l = 0; l < layers; ++l) scores[l] = RefAmberScores(c, l, positions, o, p.norm, scale, outside[l]);
   const int64_t forced = std::max<int64_t>(p.sinks, 1);
   const std::vector<int64_t> want = reference::RefGlobalHeadBudgets(scores, kv_heads, tokens, p.rho, forced);
   EXPECT_EQ(std::accumulate(want.begin(), want.end(), int64_t{0}),
@@ -628,11 +668,14 @@ INSTANTIATE_TEST_SUITE_P(
                       GlobalCase{DType::kFloat16, Layout::kNHD, ScoreNorm::kMax, 4, 0.0, 0, 0.1},
                       GlobalCase{DType::kBFloat16, Layout::kHND, ScoreNorm::kSum, 2, 0.25},
                       GlobalCase{DType::kFloat32, Layout::kNHD, ScoreNorm::kMax, 1, 0.0, 6, 0.5},
-                      GlobalCase{DType::kFloat16, Layout::kHND, ScoreNorm::kVisibleMean, 0, 0.125, 4}),
+                      GlobalCase{DType::kFloat16, Layout::kHND, ScoreNorm::kVisibleMean, 0, 0.125, 4},
+                      GlobalCase{DType::kBFloat16, Layout::kNHD, ScoreNorm::kMax, 4, 0.0, 9, 0.1, true},
+                      GlobalCase{DType::kFloat32, Layout::kHND, ScoreNorm::kSum, 0, 0.0, 3, 0.25, true}),
     [](const auto& info) {
       const GlobalCase& p = info.param;
       return absl::StrCat(test::DTypeTag(p.dtype), test::LayoutTag(p.layout), ScoreNormName(p.norm), "_Sinks",
-                          p.sinks, "_Probes", p.probes, "_Rho", static_cast<int>(p.rho * 100));
+                          p.sinks, "_Probes", p.probes, "_Rho", static_cast<int>(p.rho * 100),
+                          p.outside ? "_Outside" : "");
     });
 
 TEST(AmberGlobalBudgetTest, RecentSearchAndOptionChecks) {

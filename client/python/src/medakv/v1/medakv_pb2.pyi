@@ -90,6 +90,7 @@ class TensorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TENSOR_KIND_SCORES: _ClassVar[TensorKind]
     TENSOR_KIND_ENTROPY: _ClassVar[TensorKind]
     TENSOR_KIND_POSITIONS: _ClassVar[TensorKind]
+    TENSOR_KIND_QUERY_OUTSIDE_LSE: _ClassVar[TensorKind]
 
 class CacheTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -145,6 +146,7 @@ TENSOR_KIND_QUERY_POSITIONS: TensorKind
 TENSOR_KIND_SCORES: TensorKind
 TENSOR_KIND_ENTROPY: TensorKind
 TENSOR_KIND_POSITIONS: TensorKind
+TENSOR_KIND_QUERY_OUTSIDE_LSE: TensorKind
 CACHE_TIER_AUTO: CacheTier
 CACHE_TIER_HOST: CacheTier
 CACHE_TIER_DEVICE: CacheTier
@@ -348,12 +350,13 @@ class TensorChunk(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., tensor: _Optional[_Union[TensorKind, str]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., shm: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class CompressHeader(_message.Message):
-    __slots__ = ("shape", "policy", "stats", "q_tokens", "query_positions", "score_heads", "max_response_chunk_bytes", "output")
+    __slots__ = ("shape", "policy", "stats", "q_tokens", "query_positions", "query_outside_lse", "score_heads", "max_response_chunk_bytes", "output")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     Q_TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUERY_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_OUTSIDE_LSE_FIELD_NUMBER: _ClassVar[int]
     SCORE_HEADS_FIELD_NUMBER: _ClassVar[int]
     MAX_RESPONSE_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -362,10 +365,11 @@ class CompressHeader(_message.Message):
     stats: StatsForm
     q_tokens: int
     query_positions: bool
+    query_outside_lse: bool
     score_heads: int
     max_response_chunk_bytes: int
     output: SharedMemoryRef
-    def __init__(self, shape: _Optional[_Union[CacheShape, _Mapping]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., stats: _Optional[_Union[StatsForm, str]] = ..., q_tokens: _Optional[int] = ..., query_positions: bool = ..., score_heads: _Optional[int] = ..., max_response_chunk_bytes: _Optional[int] = ..., output: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+    def __init__(self, shape: _Optional[_Union[CacheShape, _Mapping]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., stats: _Optional[_Union[StatsForm, str]] = ..., q_tokens: _Optional[int] = ..., query_positions: bool = ..., query_outside_lse: bool = ..., score_heads: _Optional[int] = ..., max_response_chunk_bytes: _Optional[int] = ..., output: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class CompressRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -430,12 +434,13 @@ class CompressResponse(_message.Message):
     def __init__(self, layer: _Optional[_Union[LayerInfo, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., summary: _Optional[_Union[CompressSummary, _Mapping]] = ...) -> None: ...
 
 class PutCacheHeader(_message.Message):
-    __slots__ = ("cache_id", "shape", "stats", "q_tokens", "query_positions", "score_heads", "ttl_seconds", "overwrite", "tier")
+    __slots__ = ("cache_id", "shape", "stats", "q_tokens", "query_positions", "query_outside_lse", "score_heads", "ttl_seconds", "overwrite", "tier")
     CACHE_ID_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     Q_TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUERY_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_OUTSIDE_LSE_FIELD_NUMBER: _ClassVar[int]
     SCORE_HEADS_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
@@ -445,11 +450,12 @@ class PutCacheHeader(_message.Message):
     stats: StatsForm
     q_tokens: int
     query_positions: bool
+    query_outside_lse: bool
     score_heads: int
     ttl_seconds: int
     overwrite: bool
     tier: CacheTier
-    def __init__(self, cache_id: _Optional[str] = ..., shape: _Optional[_Union[CacheShape, _Mapping]] = ..., stats: _Optional[_Union[StatsForm, str]] = ..., q_tokens: _Optional[int] = ..., query_positions: bool = ..., score_heads: _Optional[int] = ..., ttl_seconds: _Optional[int] = ..., overwrite: bool = ..., tier: _Optional[_Union[CacheTier, str]] = ...) -> None: ...
+    def __init__(self, cache_id: _Optional[str] = ..., shape: _Optional[_Union[CacheShape, _Mapping]] = ..., stats: _Optional[_Union[StatsForm, str]] = ..., q_tokens: _Optional[int] = ..., query_positions: bool = ..., query_outside_lse: bool = ..., score_heads: _Optional[int] = ..., ttl_seconds: _Optional[int] = ..., overwrite: bool = ..., tier: _Optional[_Union[CacheTier, str]] = ...) -> None: ...
 
 class PutCacheRequest(_message.Message):
     __slots__ = ("header", "chunk")
