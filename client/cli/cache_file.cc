@@ -93,7 +93,8 @@ absl::StatusOr<std::unique_ptr<LoadedCache>> LoadCache(safetensors::File file, L
     if (t.name == "modality") continue;
     const std::vector<std::string> parts = absl::StrSplit(t.name, '.');
     int64_t l = 0;
-    static const char* kKnown[] = {"key", "value", "query", "query_positions", "scores", "entropy"};
+    static const char* kKnown[] = {"key", "value", "query", "query_positions", "query_outside_lse", "scores",
+                                   "entropy"};
     // The index in canonical form: "layer.00.key" or "layer.+0.key" would be
     // accepted here and then never looked up (silently ignored).
     const bool known = parts.size() == 3 && parts[0] == "layer" && absl::SimpleAtoi(parts[1], &l) && l >= 0 &&
@@ -103,7 +104,7 @@ absl::StatusOr<std::unique_ptr<LoadedCache>> LoadCache(safetensors::File file, L
     if (!known) {
       return absl::InvalidArgumentError(absl::StrCat(
           "unexpected tensor '", t.name,
-          "' (expected layer.{l}.key|value|query|query_positions|scores|entropy and modality)"));
+          "' (expected layer.{l}.key|value|query|query_positions|query_outside_lse|scores|entropy and modality)"));
     }
     max_layer = std::max(max_layer, l);
   }
@@ -177,15 +178,22 @@ absl::StatusOr<std::unique_ptr<LoadedCache>> LoadCache(safetensors::File file, L
         layer.query_positions.resize(q_tokens);
         std::memcpy(layer.query_positions.data(), p->data, p->size_bytes);
       }
+      if (const TensorInfo* o = Find(f, l, "query_outside_lse")) {
+        MEDAKV_RETURN_IF_ERROR(Expect(*o, ElementType::kF32, {q_heads, q_tokens}));
+        layer.query_outside_lse.resize(q_heads * q_tokens);
+        std::memcpy(layer.query_outside_lse.data(), o->data, o->size_bytes);
+      }
     } else {
       if (q != nullptr) {
         return absl::InvalidArgumentError(
             absl::StrCat("layer ", l, " has queries but layer 0 has precomputed scores; give one form"));
       }
-      if (Find(f, l, "query_positions") != nullptr) {  // would be ignored
-        return absl::InvalidArgumentError(absl::StrCat("tensor layer.", l,
-                                                       ".query_positions in a file with precomputed scores "
-                                                       "(query positions come only with queries)"));
+      for (const char* what : {"query_positions", "query_outside_lse"}) {  // would be ignored
+        if (Find(f, l, what) != nullptr) {
+          return absl::InvalidArgumentError(absl::StrCat("tensor layer.", l, ".", what,
+                                                         " in a file with precomputed scores (it belongs to the "
+                                                         "query rows, which come only with queries)"));
+        }
       }
       if (s == nullptr) return absl::InvalidArgumentError(absl::StrCat("missing tensor layer.", l, ".scores"));
       if (s->type != ElementType::kF32 || s->shape.size() != 2 || s->shape[1] != in.tokens || s->shape[0] <= 0 ||

@@ -4,6 +4,8 @@
 //   layer.{l}.key, layer.{l}.value   [kv_heads, tokens, head_dim]   F16 | BF16 | F32
 //   either layer.{l}.query           [q_heads, q_tokens, head_dim]  same dtype
 //          layer.{l}.query_positions [q_tokens] I32 (optional; default the last q_tokens)
+//          layer.{l}.query_outside_lse [q_heads, q_tokens] F32 (optional; each
+//                                    row's log-sum-exp outside the cache)
 //   or     layer.{l}.scores          [kv_heads or q_heads, tokens] F32
 //          layer.{l}.entropy         [1] F32
 //   modality                         [tokens] U8, 0 text 1 visual (optional: all text)

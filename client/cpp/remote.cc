@@ -187,6 +187,10 @@ std::vector<TensorPiece> RequestTensors(const CacheInput& in, const CacheSpec& s
         pieces.push_back({li, v1::TENSOR_KIND_QUERY_POSITIONS, layer.query_positions.data(),
                           static_cast<int64_t>(layer.query_positions.size() * sizeof(int32_t))});
       }
+      if (spec.has_query_outside_lse) {
+        pieces.push_back({li, v1::TENSOR_KIND_QUERY_OUTSIDE_LSE, layer.query_outside_lse.data(),
+                          static_cast<int64_t>(layer.query_outside_lse.size() * sizeof(float))});
+      }
     } else if (spec.stats == SpecStats::kPrecomputed) {
       pieces.push_back({li, v1::TENSOR_KIND_SCORES, layer.scores, layer.score_heads * in.tokens * 4});
       pieces.push_back({li, v1::TENSOR_KIND_ENTROPY, &layer.entropy, 4});

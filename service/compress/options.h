@@ -93,7 +93,8 @@ struct CompressOptions {
 CompressOptions DefaultOptions(PolicyKind policy);
 
 // What a request that names no policy runs when its query rows are a
-// reconstruction pass (more rows than tokens, docs/amber.md "Reconstruction
+// reconstruction pass (probe rows: query_outside_lse, or more rows than
+// tokens; docs/amber.md "Reconstruction
 // probes"): amber with score_norm max, layer_budget global, sinks 4 and no
 // recent window (recent_search_rows 0, recent_fraction 0), rho 0.2; chosen on
 // the tuning split of bench/realmodel/tasks (bench/FIDELITY.md).

@@ -83,8 +83,10 @@ class CompressReactor final : public grpc::ServerBidiReactor<v1::CompressRequest
     if (h.stats() == v1::STATS_FORM_NONE) {
       return Fail(absl::InvalidArgumentError("header.stats: Compress needs queries or precomputed statistics"));
     }
-    // Rows that outnumber the tokens are a reconstruction pass (probe rows after the cache).
-    absl::StatusOr<ResolvedPolicy> policy = ctx_->presets->Resolve(h.policy(), spec->q_tokens > spec->tokens);
+    // Probe rows after the cache (a reconstruction pass, a question asked later): rows that attend keys
+    // outside the cache, or that outnumber the tokens.
+    absl::StatusOr<ResolvedPolicy> policy =
+        ctx_->presets->Resolve(h.policy(), spec->has_query_outside_lse || spec->q_tokens > spec->tokens);
     if (!policy.ok()) return Fail(policy.status());
     call_.set_policy(policy->options.policy);
     call_.set_preset(policy->preset);

@@ -71,10 +71,10 @@ class PresetTable {
   //     lists the table's names, or says it has none);
   //   - neither `preset` nor a kind: the preset named "default" when the
   //     table has one, else OptionsFromProto (amber with its defaults);
-  //     for a `reconstruction` request (one whose query rows outnumber its
-  //     tokens: only probe rows after the cache can, as a pass that repeats
-  //     the context does) the preset named "default_reconstruct", else
-  //     ReconstructionOptions;
+  //     for a `reconstruction` request (probe rows after the cache, as a
+  //     pass that repeats the context sends: rows that carry
+  //     query_outside_lse, or that outnumber the tokens) the preset named
+  //     "default_reconstruct", else ReconstructionOptions;
   //   - a kind: OptionsFromProto.
   // With a preset or the reconstruction default, a rho > 0 replaces its rho
   // (checked as OptionsFromProto checks it).

@@ -332,8 +332,10 @@ class CompressCacheReactor final : public grpc::ServerUnaryReactor {
     absl::StatusOr<std::shared_ptr<const StoredCache>> entry = ctx_->store.Get(tenant_, request_->cache_id());
     if (!entry.ok()) return Fail(entry.status());
     if (absl::Status s = CheckCompressible(**entry); !s.ok()) return Fail(s);
-    if ((*entry)->q_tokens > (*entry)->description.tokens) {
-      // Stored with a reconstruction pass: a request that names no policy gets that setting's default.
+    const StoredCache& stored = **entry;
+    if (stored.q_tokens > stored.description.tokens ||
+        (!stored.layers.empty() && !stored.layers[0].query_outside_lse.empty())) {
+      // Stored with probe rows: a request that names no policy gets that setting's default.
       absl::StatusOr<ResolvedPolicy> policy = ctx_->presets->Resolve(request_->policy(), /*reconstruction=*/true);
       if (!policy.ok()) return Fail(policy.status());
       options_ = policy->options;

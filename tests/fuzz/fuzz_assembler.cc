@@ -74,8 +74,13 @@ struct Model {
   const CacheSpec* spec = nullptr;
   std::map<std::pair<int64_t, int>, std::string> received;  // (layer, kind) -> bytes
 
+  // The request's tensor kinds (the results' POSITIONS is not one).
+  static bool RequestKind(int kind) {
+    return (kind >= v1::TENSOR_KIND_KEY && kind <= v1::TENSOR_KIND_ENTROPY) ||
+           kind == v1::TENSOR_KIND_QUERY_OUTSIDE_LSE;
+  }
   int64_t Expected(int64_t layer, int kind) const {
-    if (layer < 0 || layer >= spec->layers || kind < v1::TENSOR_KIND_KEY || kind > v1::TENSOR_KIND_ENTROPY) return 0;
+    if (layer < 0 || layer >= spec->layers || !RequestKind(kind)) return 0;
     return TensorBytes(*spec, static_cast<v1::TensorKind>(kind));
   }
   int64_t Received(int64_t layer, int kind) const {
@@ -219,8 +224,7 @@ void RunUpload(const std::vector<Request>& messages) {
     MEDAKV_FUZZ_CHECK(assembler.bytes_received() == model.Total(), "bytes_received ", assembler.bytes_received(),
                       ", the model has ", model.Total());
     MEDAKV_FUZZ_CHECK(assembler.bytes_received() <= assembler.bytes_expected(), "more bytes than the spec");
-    if (c.layer() >= 0 && c.layer() < spec.layers && c.tensor() >= v1::TENSOR_KIND_KEY &&
-        c.tensor() <= v1::TENSOR_KIND_ENTROPY) {
+    if (c.layer() >= 0 && c.layer() < spec.layers && Model::RequestKind(c.tensor())) {
       CheckTensorBytes(assembler, model, c.layer(), c.tensor());
     }
   }

@@ -55,6 +55,7 @@ def read(path: Path) -> Tuple[Dict[str, Tuple[str, Tuple[int, ...], bytes]], Dic
 def write_cache(path: Path, dtype: str, keys: Sequence[np.ndarray], values: Sequence[np.ndarray],
                 queries: Optional[Sequence[np.ndarray]] = None,
                 query_positions: Optional[Sequence[np.ndarray]] = None,
+                query_outside_lse: Optional[Sequence[np.ndarray]] = None,
                 scores: Optional[Sequence[np.ndarray]] = None, entropy: Optional[Sequence[float]] = None,
                 modality: Optional[np.ndarray] = None) -> None:
     """An input cache file; arrays in wire form, dims in the file's layout."""
@@ -67,6 +68,8 @@ def write_cache(path: Path, dtype: str, keys: Sequence[np.ndarray], values: Sequ
             tensors[f"layer.{l}.query"] = (kv, queries[l])
         if query_positions is not None:
             tensors[f"layer.{l}.query_positions"] = ("I32", np.asarray(query_positions[l], dtype=np.int32))
+        if query_outside_lse is not None:
+            tensors[f"layer.{l}.query_outside_lse"] = ("F32", np.asarray(query_outside_lse[l], dtype=np.float32))
         if scores is not None:
             assert entropy is not None
             tensors[f"layer.{l}.scores"] = ("F32", scores[l])

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 from cache_file import FILE_DTYPE, read, write_cache
-from conftest import random_cache
+from conftest import random_cache, to_wire
 
 import medakv
 from medakv.v1 import medakv_pb2 as pb
@@ -28,7 +28,8 @@ def cli_compress(cli: Path, tmp_path: Path, cache: Dict[str, Any], dtype: str, l
     """`medakv compress` on the cache written as a file; the output file's tensors."""
     source, output = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
     write_cache(source, dtype, cache["keys"], cache["values"], queries=cache.get("queries"),
-                query_positions=cache.get("query_positions"), scores=cache.get("scores"),
+                query_positions=cache.get("query_positions"), query_outside_lse=cache.get("query_outside_lse"),
+                scores=cache.get("scores"),
                 entropy=cache.get("entropy"), modality=cache.get("modality"))
     # --local: the tests' $MEDAKV_SERVER names the server binary, and `medakv
     # compress` would take it for the servers to compress on.
@@ -135,6 +136,28 @@ def test_probe_rows_after_the_cache_match_cli(client, cli_bin, tmp_path, policy,
         assert any(not np.array_equal(a.positions, b.positions) for a, b in zip(result.layers, alone.layers))
 
 
+@pytest.mark.parametrize("policy,options", [("amber", {"score_norm": "max", "layer_budget": "global", "sinks": 4}),
+                                            ("h2o", {}), ("snapkv", {"window": 8})])
+def test_probe_rows_attention_outside_the_cache_matches_cli(client, cli_bin, tmp_path, policy, options):
+    """Probe rows with query_outside_lse (the attention a reconstruction pass gives its own tokens) compress on
+    the server as `medakv compress` does locally; -inf everywhere is the same as none; real mass changes what is
+    kept."""
+    cache = random_cache(9, dtype="bfloat16", tokens=40)
+    rng = np.random.default_rng(9)
+    cache["queries"] = [to_wire(rng.standard_normal((4, 45, 16)) * 2, "bfloat16") for _ in range(3)]
+    cache["query_positions"] = [np.arange(40, 85, dtype=np.int32)] * 3
+    cache["query_outside_lse"] = [np.where(rng.random((4, 45)) < 0.2, -np.inf, rng.uniform(-2, 5, (4, 45)))
+                                  .astype(np.float32) for _ in range(3)]
+    result = client.compress(**cache, policy=policy, rho=0.3, **options)
+    assert_same(result, cli_compress(cli_bin, tmp_path, cache, "bfloat16", "hnd", policy, 0.3, options), "bfloat16")
+    without = {k: v for k, v in cache.items() if k != "query_outside_lse"}
+    none = dict(cache, query_outside_lse=[np.full((4, 45), -np.inf, np.float32)] * 3)
+    plain = client.compress(**without, policy=policy, rho=0.3, **options)
+    assert [raw(r.positions) for r in client.compress(**none, policy=policy, rho=0.3, **options).layers] == \
+        [raw(r.positions) for r in plain.layers]
+    assert any(raw(a.positions) != raw(b.positions) for a, b in zip(result.layers, plain.layers))
+
+
 def test_a_reconstruction_pass_gets_its_own_default(client, preset_client):
     """A request that names no policy and sends more query rows than tokens (a pass that repeats the context)
     runs amber with the max score and budgets per kv head across layers; fewer rows get the usual default."""
@@ -155,6 +178,11 @@ def test_a_reconstruction_pass_gets_its_own_default(client, preset_client):
                  query_positions=[p[-10:] for p in cache["query_positions"]])
     assert client.compress(**fewer, policy=None).summary.policy.amber.layer_budget == pb.LAYER_BUDGET_DEPTH
     assert preset_client.compress(**fewer, policy=None).summary.policy.WhichOneof("kind") == "h2o"
+    # Fewer rows than tokens that carry the attention they give outside the cache are probes all the same.
+    outside = dict(fewer, query_outside_lse=[np.zeros((4, 10), np.float32)] * 3)
+    for c in (client, preset_client):
+        ran = c.compress(**outside, policy=None, rho=0.25).summary.policy
+        assert ran.WhichOneof("kind") == "amber" and ran.amber.layer_budget == pb.LAYER_BUDGET_GLOBAL
 
 
 @pytest.mark.parametrize("policy,dtype,layout,score_heads", [

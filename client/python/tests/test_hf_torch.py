@@ -422,15 +422,41 @@ def test_query_rows_sends_only_the_last_rows(client, compressed):
 
 # ---- probes: rows after the context score the cache ---------------------------------------------------
 
+def reference_outside_lse(model, queries, keys, T):
+    """Each probe row's log-sum-exp over the probe's own keys it attends, one row and head at a time: row r
+    (position T + r) sees keys T .. T + r, within the layer's sliding window where it has one."""
+    cfg = model.config.get_text_config()
+    types = getattr(cfg, "layer_types", None) or []
+    out = []
+    for layer, (q, k) in enumerate(zip(queries, keys)):  # q [q_heads, rows, d] at T.., k [kv_heads, T + rows, d]
+        window = cfg.sliding_window if layer < len(types) and types[layer] == "sliding_attention" else None
+        group = q.shape[0] // k.shape[0]
+        lse = torch.empty(q.shape[0], q.shape[1])
+        for h in range(q.shape[0]):
+            for r in range(q.shape[1]):
+                p = T + r
+                seen = [j for j in range(T, p + 1) if window is None or p - j < window]
+                logits = torch.stack([(q[h, r].double() @ k[h // group, j].double()) / q.shape[-1] ** 0.5
+                                      for j in seen])
+                lse[h, r] = torch.logsumexp(logits, 0).float()
+        out.append(lse)
+    return out
+
+
 def reference_request(model, context, after):
     """What a probe request must carry, built another way: the keys and values of the context's prefill
-    alone, and the post-RoPE query rows of `after` run behind it (rebuilt from q_proj) at positions T, T+1, ..."""
+    alone, the post-RoPE query rows of `after` run behind it (rebuilt from q_proj) at positions T, T+1, ...,
+    and each row's log-sum-exp over the keys of `after` it attends."""
     T = context.shape[1]
     with torch.no_grad(), hf.capture_queries(model, keys=True) as prefill:
         model(input_ids=context, use_cache=False)
-    queries, _ = reference_queries(model, torch.cat([context, after], -1))
-    return ([k[0] for k in prefill.keys], [v[0] for v in prefill.values], [q[0, :, T:] for q in queries],
-            torch.arange(T, T + after.shape[1]))
+    full = torch.cat([context, after], -1)
+    queries, _ = reference_queries(model, full)
+    with torch.no_grad(), hf.capture_queries(model, keys=True) as whole:
+        model(input_ids=full, use_cache=False)
+    rows = [q[0, :, T:] for q in queries]
+    return ([k[0] for k in prefill.keys], [v[0] for v in prefill.values], rows,
+            torch.arange(T, T + after.shape[1]), reference_outside_lse(model, rows, [k[0] for k in whole.keys], T))
 
 
 def same_tokens(a, b):
@@ -443,8 +469,9 @@ def test_question_probe_scores_the_context_with_the_questions_rows(client, famil
     model = make_model(family, seed=30)
     context, question = ids(31, CONTEXT), ids(32, QUESTION)
     got = hf.compress(model, context, client=client, policy=policy, rho=0.3, probe="question", probe_ids=question)
-    keys, values, queries, positions = reference_request(model, context, question)
-    want = client.compress(keys, values, queries, query_positions=positions, policy=policy, rho=0.3)
+    keys, values, queries, positions, outside = reference_request(model, context, question)
+    want = client.compress(keys, values, queries, query_positions=positions, query_outside_lse=outside,
+                           policy=policy, rho=0.3)
     assert [tuple(q.shape) for q in queries] == [(4, QUESTION, 16)] * 4
     assert same_tokens(got, hf.CompressedCache.from_result(want, model))
     assert got.context_length == CONTEXT and got.get_seq_length() == CONTEXT
@@ -459,24 +486,29 @@ def test_reconstruct_probe_repeats_the_context_or_runs_the_given_pass(client):
     model = make_model("llama", seed=33)
     context = ids(34, CONTEXT)
     got = hf.compress(model, context, client=client, policy="h2o", rho=0.25, probe="reconstruct")
-    keys, values, queries, positions = reference_request(model, context, context)
+    keys, values, queries, positions, outside = reference_request(model, context, context)
     assert positions[-1] == 2 * CONTEXT - 1
-    want = client.compress(keys, values, queries, query_positions=positions, policy="h2o", rho=0.25)
+    want = client.compress(keys, values, queries, query_positions=positions, query_outside_lse=outside,
+                           policy="h2o", rho=0.25)
     assert same_tokens(got, hf.CompressedCache.from_result(want, model))
 
     prompted = torch.cat([ids(35, 6), context], -1)  # an instruction, then the context: more rows than tokens
     got = hf.compress(model, context, client=client, policy="h2o", rho=0.25, probe="reconstruct",
                       probe_ids=prompted[0].tolist())
-    keys, values, queries, positions = reference_request(model, context, prompted)
+    keys, values, queries, positions, outside = reference_request(model, context, prompted)
     assert queries[0].shape[1] == CONTEXT + 6 > CONTEXT
-    want = client.compress(keys, values, queries, query_positions=positions, policy="h2o", rho=0.25)
+    want = client.compress(keys, values, queries, query_positions=positions, query_outside_lse=outside,
+                           policy="h2o", rho=0.25)
     assert same_tokens(got, hf.CompressedCache.from_result(want, model))
 
     last = hf.compress(model, context, client=client, policy="h2o", rho=0.25, probe="reconstruct",
                        probe_ids=prompted, query_rows=9)  # only the pass's last 9 rows
     want = client.compress(keys, values, [q[:, -9:] for q in queries], query_positions=positions[-9:],
-                           policy="h2o", rho=0.25)
+                           query_outside_lse=[o[:, -9:] for o in outside], policy="h2o", rho=0.25)
     assert same_tokens(last, hf.CompressedCache.from_result(want, model))
+    # Without the attention the pass gives its own tokens, other tokens are kept.
+    plain = client.compress(keys, values, queries, query_positions=positions, policy="h2o", rho=0.25)
+    assert not same_tokens(got, hf.CompressedCache.from_result(plain, model))
 
 
 def test_probe_argument_errors(client, compressed):

@@ -114,6 +114,24 @@ def test_a_stored_reconstruction_pass_gets_its_own_default(store):
     kept = sum(int((np.asarray(r.positions) >= 0).sum()) for r in fetched.layers)
     assert kept == round(0.25 * 3 * 2 * 40)  # entries kept over every layer and head, padding aside
     store.delete_cache("store/rebuild")
+    # Fewer rows than tokens, carrying the attention they give outside the cache: probes too, stored with
+    # that attention (the same selection as a direct compression).
+    probes = dict(cache, queries=[q[:, -30:] for q in cache["queries"]],
+                  query_positions=[p[-30:] for p in cache["query_positions"]],
+                  # half the rows attend almost only outside the cache, the others not at all
+                  query_outside_lse=[np.where(np.arange(30) % 2 == 0, -np.inf, 12.0) * np.ones((4, 1), np.float32)
+                                     for _ in range(3)])
+    store.put_cache("store/probes", **probes)
+    done = store.compress_cache("store/probes", policy=None, rho=0.25)
+    assert done.summary.policy.amber.layer_budget == pb.LAYER_BUDGET_GLOBAL
+    direct = store.compress(**probes, policy=None, rho=0.25)
+    fetched = store.get_cache("store/probes")
+    assert [raw(r.positions) for r in fetched.layers] == [raw(r.positions) for r in direct.layers]
+    plain = store.compress(**{k: v for k, v in probes.items() if k != "query_outside_lse"}, policy="amber",
+                           rho=0.25, score_norm="max", layer_budget="global", sinks=4, recent_search_rows=0,
+                           recent_fraction=0.0)
+    assert [raw(r.positions) for r in fetched.layers] != [raw(r.positions) for r in plain.layers]
+    store.delete_cache("store/probes")
 
 
 def test_overwrite_list_and_stats(store):

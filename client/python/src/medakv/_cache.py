@@ -44,6 +44,7 @@ class PreparedCache:
     stats: "pb.StatsForm"
     q_tokens: int = 0
     has_query_positions: bool = False
+    has_query_outside_lse: bool = False
     score_heads: int = 0
     # (layer, pb.TensorKind, bytes) in send order: per layer key, value, then its statistics.
     pieces: List[Tuple[int, "pb.TensorKind", memoryview]] = field(default_factory=list)
@@ -215,9 +216,22 @@ def _positions_list(query_positions: object, layers: int) -> List[Any]:
                     f"got {type(query_positions).__name__}")
 
 
+def _outside_list(query_outside_lse: object, layers: int) -> List[Any]:
+    """One [q_heads, q_tokens] tensor per layer: a list, or one 3-D [layers, q_heads, q_tokens] tensor."""
+    if _arrays.is_tensor(query_outside_lse):
+        shape = tuple(query_outside_lse.shape)  # type: ignore[attr-defined]
+        if len(shape) != 3:
+            raise ValueError("query_outside_lse: a single tensor must be 3-D [layers, q_heads, q_tokens] "
+                             f"(got {len(shape)}-D); or pass a list with one tensor per layer")
+        if shape[0] != layers:
+            raise ValueError(f"query_outside_lse: {shape[0]} layers, but keys has {layers}")
+        return [query_outside_lse[i] for i in range(layers)]  # type: ignore[index]
+    return _layer_list(query_outside_lse, "query_outside_lse", layers)
+
+
 def prepare_cache(keys: object, values: object, queries: object = None, *, query_positions: object = None,
-                  scores: object = None, entropy: object = None, modality: object = None, layout: str = "hnd",
-                  need_stats: bool) -> PreparedCache:
+                  query_outside_lse: object = None, scores: object = None, entropy: object = None,
+                  modality: object = None, layout: str = "hnd", need_stats: bool) -> PreparedCache:
     """Checks a cache given as per-layer tensors and lays it out for the wire.
 
     ``need_stats``: Compress needs queries or scores; PutCache may store keys
@@ -259,7 +273,7 @@ def prepare_cache(keys: object, values: object, queries: object = None, *, query
         raise ValueError("give either queries (the server computes the statistics) or scores and entropy "
                          "(precomputed), not both")
     q_heads = q_tokens = score_heads = 0
-    has_positions = False
+    has_positions = has_outside = False
     if queries is not None:
         if entropy is not None:
             raise ValueError("entropy goes with precomputed scores (scores=...); with queries the server "
@@ -305,10 +319,25 @@ def prepare_cache(keys: object, values: object, queries: object = None, *, query
                     raise ValueError(f"{what}[{int(bad[0])}] is {int(pos[bad[0]])}, outside "
                                      f"[0, 2 x tokens + 65536 = {limit})")
                 per_layer[i].append((pb.TENSOR_KIND_QUERY_POSITIONS, pos.view(np.uint8).data))
+        if query_outside_lse is not None:
+            has_outside = True
+            for i, x in enumerate(_outside_list(query_outside_lse, layers)):
+                what = f"query_outside_lse[{i}]"
+                o = _arrays.as_float32(x, what)
+                if o.shape != (q_heads, q_tokens):
+                    raise ValueError(f"{what}: shape {tuple(o.shape)}, expected [q_heads={q_heads}, "
+                                     f"q_tokens={q_tokens}]")
+                bad = np.argwhere(np.isnan(o) | (o == np.inf))
+                if bad.size:
+                    h, r = (int(v) for v in bad[0])
+                    raise ValueError(f"{what}[{h}, {r}] is {float(o[h, r])} (expected finite, or -inf for a row "
+                                     "that attends nothing outside the cache)")
+                per_layer[i].append((pb.TENSOR_KIND_QUERY_OUTSIDE_LSE, o.reshape(-1).view(np.uint8).data))
         stats = pb.STATS_FORM_QUERIES
     elif scores is not None:
-        if query_positions is not None:
-            raise ValueError("query_positions goes with queries; precomputed scores carry no query rows")
+        if query_positions is not None or query_outside_lse is not None:
+            raise ValueError("query_positions and query_outside_lse go with queries; precomputed scores carry no "
+                             "query rows")
         if entropy is None:
             raise ValueError("scores need entropy: one float per layer, the layer's E_l")
         score_list = _layer_list_2d(scores, layers)
@@ -331,8 +360,9 @@ def prepare_cache(keys: object, values: object, queries: object = None, *, query
         q_heads = max(kv_heads, score_heads)  # as medakv compress reads a file
         stats = pb.STATS_FORM_PRECOMPUTED
     else:
-        if query_positions is not None or entropy is not None:
-            raise ValueError("query_positions goes with queries, entropy with scores; neither was given")
+        if query_positions is not None or query_outside_lse is not None or entropy is not None:
+            raise ValueError("query_positions and query_outside_lse go with queries, entropy with scores; neither "
+                             "was given")
         if need_stats:
             raise ValueError("compress needs attention statistics: queries=[...] (per-layer query rows; the "
                              "server computes scores and entropy) or scores=[...] with entropy=[...]")
@@ -342,7 +372,8 @@ def prepare_cache(keys: object, values: object, queries: object = None, *, query
         pieces.extend((i, kind, data) for kind, data in layer)
     return PreparedCache(layers=layers, kv_heads=kv_heads, q_heads=q_heads, head_dim=head_dim, tokens=tokens,
                          dtype=dtype, layout=layout, spans=modality_spans(modality, tokens), stats=stats,
-                         q_tokens=q_tokens, has_query_positions=has_positions, score_heads=score_heads,
+                         q_tokens=q_tokens, has_query_positions=has_positions,
+                         has_query_outside_lse=has_outside, score_heads=score_heads,
                          pieces=pieces, output=first.output)
 
 

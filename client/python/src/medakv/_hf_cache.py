@@ -427,6 +427,37 @@ def _context_ids(model: Any, context_ids: Any) -> torch.Tensor:
 PROBES = ("context", "question", "reconstruct")
 
 
+def outside_lse(query: torch.Tensor, own_keys: torch.Tensor, first: int, scale: float,
+                sliding_window: Optional[int] = None) -> torch.Tensor:
+    """Each probe row's log-sum-exp of ``scale * q.k`` over the probe pass's own keys it attends.
+
+    ``query``: ``[q_heads, rows, head_dim]``, the last ``rows`` rows of a
+    pass of ``E`` tokens run after the cache; ``own_keys``: ``[kv_heads, E,
+    head_dim]``, that pass's keys; row ``r`` is the pass's token ``first +
+    r`` and attends its keys ``0 .. first + r`` (and only the last
+    ``sliding_window`` positions where the layer has a window). Returns
+    ``[q_heads, rows]`` float32, what ``Client.compress`` takes as
+    ``query_outside_lse``. Computed in blocks of rows: O(rows x E) work, like
+    the pass's own attention, and at most about 256 MiB of logits at once.
+    """
+    q_heads, rows, _ = query.shape
+    kv_heads, E, _ = own_keys.shape
+    k = own_keys.float().repeat_interleave(q_heads // kv_heads, dim=0).transpose(1, 2)  # [q_heads, d, E]
+    out = torch.empty(q_heads, rows, dtype=torch.float32, device=query.device)
+    block = max(1, (1 << 26) // max(1, q_heads * E))
+    j = torch.arange(E, device=query.device).view(1, -1)
+    for r0 in range(0, rows, block):
+        r1 = min(rows, r0 + block)
+        logits = torch.matmul(query[:, r0:r1].float(), k) * scale                          # [q_heads, n, E]
+        i = torch.arange(first + r0, first + r1, device=query.device).view(-1, 1)
+        allowed = j <= i
+        if sliding_window is not None:
+            allowed = allowed & (i - j < sliding_window)
+        logits.masked_fill_(~allowed, float("-inf"))
+        out[:, r0:r1] = torch.logsumexp(logits, dim=-1)
+    return out
+
+
 def _probe_ids(model: Any, name: str, ids: Any) -> torch.Tensor:
     out = torch.as_tensor(ids)
     if out.dim() == 1:
@@ -467,7 +498,12 @@ def compress(model: Any, context_ids: Any, *, client: Optional[Client] = None, p
       context's prefill, and twice its activation memory.
 
     Probe rows sit at positions ``T, T+1, ...`` after the ``T`` context
-    tokens and see every context key. ``query_rows``: send only the last this
+    tokens and see every context key. Each is sent with the attention it
+    gives the probe's own tokens (``query_outside_lse``, computed here from
+    the captured queries and keys, at about the cost of the pass's own
+    attention), so that its scores are its share of all its attention: a
+    reconstruction pass that attends mostly to what it has just repeated
+    says little about the context. ``query_rows``: send only the last this
     many rows (default: all of them). ``modality``: ``Client.compress``'s
     visual-token spans or flags.
     """
@@ -500,11 +536,20 @@ def compress(model: Any, context_ids: Any, *, client: Optional[Client] = None, p
     end = T + extra.shape[1]
     queries = [q[0, :, end - rows:end] for q in cap.queries]
     positions = None if probe == "context" else torch.arange(end - rows, end, dtype=torch.int64)
+    outside = None
+    if probe != "context":
+        scale = options.get("scale") or queries[0].shape[-1] ** -0.5
+        outside = []
+        for layer, q in enumerate(queries):
+            window = cap.attention_kwargs[layer].get("sliding_window")
+            outside.append(outside_lse(q, cap.keys[layer][0, :, T:end], extra.shape[1] - rows, float(scale),
+                                       window if isinstance(window, int) and window > 0 else None))
     own = client is None
     c = default_client() if client is None else client
     try:
         result = c.compress([k[0, :, :T] for k in cap.keys], [v[0, :, :T] for v in cap.values], queries,
-                            query_positions=positions, policy=policy, rho=rho, preset=preset, modality=modality,
+                            query_positions=positions, query_outside_lse=outside, policy=policy, rho=rho,
+                            preset=preset, modality=modality,
                             **options)
     finally:
         if own:

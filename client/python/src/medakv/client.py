@@ -182,7 +182,7 @@ class Client:
     # ---- Compress ----------------------------------------------------------------
 
     def compress(self, keys: Any, values: Any, queries: Any = None, *, query_positions: Any = None,
-                 scores: Any = None, entropy: Any = None, modality: Any = None, layout: str = "hnd",
+                 query_outside_lse: Any = None, scores: Any = None, entropy: Any = None, modality: Any = None, layout: str = "hnd",
                  policy: Optional[str] = None, rho: Optional[float] = None, preset: Optional[str] = None,
                  timeout: Optional[float] = None,
                  chunk_bytes: Optional[int] = None, response_chunk_bytes: Optional[int] = None,
@@ -208,6 +208,14 @@ class Client:
                 (a question or a reconstruction pass run after the context)
                 sit at tokens and beyond, up to 2 * tokens + 65536, see
                 every key, and may outnumber the tokens (docs/algorithm.md).
+            query_outside_lse: optional, per layer ``[q_heads, q_tokens]``
+                float: each row's log-sum-exp of its logits (``scale * q.k``,
+                the policy's ``scale``, default ``1/sqrt(head_dim)``) over the
+                keys it attends outside the cache: a probe pass's own tokens
+                up to and including itself (``-inf``: none). The scores then
+                count each row's share of all its attention, as KVzip scores
+                a reconstruction pass (``medakv.hf.compress`` computes it for
+                its probes).
             scores, entropy: precomputed statistics instead of queries: per
                 layer float scores ``[kv_heads or q_heads, tokens]``
                 (accumulated attention; sent as float32) and one entropy E_l
@@ -249,14 +257,15 @@ class Client:
             MedakvError: the call failed (gRPC status and message).
         """
         policy_message = build_policy(policy, rho, options, preset=preset, caller="compress")
-        cache = prepare_cache(keys, values, queries, query_positions=query_positions, scores=scores,
-                              entropy=entropy, modality=modality, layout=layout, need_stats=True)
+        cache = prepare_cache(keys, values, queries, query_positions=query_positions,
+                              query_outside_lse=query_outside_lse, scores=scores, entropy=entropy,
+                              modality=modality, layout=layout, need_stats=True)
         timeout = self._call_timeout(timeout)
         chunk = self._chunk(chunk_bytes)
         response_chunk = self._response_chunk(response_chunk_bytes)
         header = pb.CompressHeader(shape=cache.shape(), policy=policy_message, stats=cache.stats,
                                    q_tokens=cache.q_tokens, query_positions=cache.has_query_positions,
-                                   score_heads=cache.score_heads, max_response_chunk_bytes=response_chunk)
+                                   query_outside_lse=cache.has_query_outside_lse, score_heads=cache.score_heads, max_response_chunk_bytes=response_chunk)
         input_end = sum(_shm.align(len(data)) for _, _, data in cache.pieces)
         output_bytes = _result_bytes_bound(cache)
         region = self._shm.borrow(input_end + output_bytes) if self._shm is not None else None
@@ -313,7 +322,7 @@ class Client:
     # ---- the cache store ------------------------------------------------------------
 
     def put_cache(self, cache_id: str, keys: Any, values: Any, queries: Any = None, *, query_positions: Any = None,
-                  scores: Any = None, entropy: Any = None, modality: Any = None, layout: str = "hnd",
+                  query_outside_lse: Any = None, scores: Any = None, entropy: Any = None, modality: Any = None, layout: str = "hnd",
                   ttl_seconds: int = 0, overwrite: bool = False, tier: str = "auto", timeout: Optional[float] = None,
                   chunk_bytes: Optional[int] = None) -> CacheInfo:
         """Stores a cache on the server under ``cache_id`` (``PutCache``).
@@ -338,13 +347,14 @@ class Client:
         if not isinstance(overwrite, bool):
             raise TypeError(f"overwrite: expected a bool, got {type(overwrite).__name__}")
         tier_proto = _check_tier(tier)
-        cache = prepare_cache(keys, values, queries, query_positions=query_positions, scores=scores,
-                              entropy=entropy, modality=modality, layout=layout, need_stats=False)
+        cache = prepare_cache(keys, values, queries, query_positions=query_positions,
+                              query_outside_lse=query_outside_lse, scores=scores, entropy=entropy,
+                              modality=modality, layout=layout, need_stats=False)
         timeout = self._call_timeout(timeout)
         chunk = self._chunk(chunk_bytes)
         header = pb.PutCacheHeader(cache_id=cache_id, shape=cache.shape(), stats=cache.stats,
                                    q_tokens=cache.q_tokens, query_positions=cache.has_query_positions,
-                                   score_heads=cache.score_heads, ttl_seconds=int(ttl_seconds), overwrite=overwrite,
+                                   query_outside_lse=cache.has_query_outside_lse, score_heads=cache.score_heads, ttl_seconds=int(ttl_seconds), overwrite=overwrite,
                                    tier=tier_proto)
 
         input_end = sum(_shm.align(len(data)) for _, _, data in cache.pieces)
