@@ -93,6 +93,10 @@ std::vector<TuneCandidate> QuickGrid() {
   AddAmberVariants(&c, {ScoreNorm::kSum, ScoreNorm::kVisibleMean},
                    {LayerBudget::kDepth, LayerBudget::kUniform}, {16, 0}, {0.5, 0.375}, {0});
   AddAmberVariants(&c, {ScoreNorm::kSum}, {LayerBudget::kMass, LayerBudget::kEntropy}, {16}, {}, {0, 4});
+  // The reconstruction default (ReconstructionOptions: max score, per-head budgets across layers, 4 sinks,
+  // no recent window) and its neighbours.
+  AddAmberVariants(&c, {ScoreNorm::kMax, ScoreNorm::kSum}, {LayerBudget::kGlobal}, {0}, {0.0}, {4});
+  AddAmberVariants(&c, {ScoreNorm::kMax}, {LayerBudget::kDepth, LayerBudget::kMass}, {0}, {0.0}, {4});
   for (double r : {0.6, 0.9}) {
     c.push_back(Variant(PolicyKind::kAmber, [r](CompressOptions& o) { o.depth_ratio = r; }));
   }
@@ -152,6 +156,9 @@ std::vector<TuneCandidate> FullGrid() {
   AddAmberVariants(&c, {ScoreNorm::kSum, ScoreNorm::kVisibleMean},
                    {LayerBudget::kDepth, LayerBudget::kUniform, LayerBudget::kMass, LayerBudget::kEntropy},
                    {1, 4, 16, 64, 0}, {0.125, 0.25, 0.5, 0.75}, {0, 4, 16});
+  // The max score and per-head budgets across layers (what a reconstruction pass runs by default).
+  AddAmberVariants(&c, {ScoreNorm::kMax, ScoreNorm::kSum},
+                   {LayerBudget::kGlobal, LayerBudget::kDepth, LayerBudget::kMass}, {16, 0}, {0.0, 0.25}, {0, 4, 16});
   for (double r : {0.5, 0.6, 0.7, 0.9, 1.25}) {
     add(Variant(PolicyKind::kAmber, [r](CompressOptions& o) { o.depth_ratio = r; }));
   }

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <set>
@@ -62,6 +63,13 @@ TEST(TuneGridTest, GridsHaveUniqueValidCandidates) {
       EXPECT_NE(t.options.policy, PolicyKind::kFull) << grid;
     }
     EXPECT_TRUE(names.count("h2o") && names.count("meda") && names.count("snapkv")) << grid;
+  }
+  // The reconstruction default is a candidate of the quick grid (and so of the full one).
+  const std::string rebuild = CandidateName(ReconstructionOptions());
+  for (const char* grid : {"quick", "full"}) {
+    const std::vector<TuneCandidate> c = *TuneGrid(grid);
+    EXPECT_TRUE(std::any_of(c.begin(), c.end(), [&](const TuneCandidate& t) { return t.name == rebuild; }))
+        << grid << " lacks " << rebuild;
   }
   EXPECT_EQ(TuneGrid("baselines")->size(), 7u);  // amber too
   EXPECT_GT(TuneGrid("full")->size(), TuneGrid("quick")->size());
