@@ -222,6 +222,13 @@ absl::StatusOr<HoldoutSplit> SplitHoldout(const CacheInput& input, int64_t holdo
       dst.query_positions[i] =
           src.query_positions.empty() ? static_cast<int32_t>(input.tokens - q_tokens + i) : src.query_positions[i];
     }
+    if (!src.query_outside_lse.empty()) {  // the observed rows' own
+      dst.query_outside_lse.resize(static_cast<size_t>(q.heads * observed));
+      for (int64_t h = 0; h < q.heads; ++h) {
+        std::copy_n(src.query_outside_lse.begin() + h * q_tokens, observed,
+                    dst.query_outside_lse.begin() + h * observed);
+      }
+    }
     split.held_out[l] = AsConst(held);
   }
   return split;

@@ -277,12 +277,18 @@ class SplitTest : public ::testing::TestWithParam<Layout> {};
 TEST_P(SplitTest, CopiesRowsAndKeepsPositions) {
   TestCache c = MakeCache(DType::kFloat16, GetParam(), 2, 2, 2, 40, 8, 10, 5);
   c.input.layers[1].query_positions = {3, 7, 9, 11, 20, 21, 30, 31, 38, 39};
+  c.input.layers[1].query_outside_lse.resize(4 * 10);  // [q_heads 4, q_tokens 10]
+  std::iota(c.input.layers[1].query_outside_lse.begin(), c.input.layers[1].query_outside_lse.end(), 0.f);
   absl::StatusOr<HoldoutSplit> s = SplitHoldout(c.input, 4);
   ASSERT_TRUE(s.ok()) << s.status();
   ASSERT_EQ(s->observed.layers.size(), 2u);
   ASSERT_EQ(s->held_out.size(), 2u);
   EXPECT_EQ(s->observed.layers[0].query_positions, (std::vector<int32_t>{30, 31, 32, 33, 34, 35}));
   EXPECT_EQ(s->observed.layers[1].query_positions, (std::vector<int32_t>{3, 7, 9, 11, 20, 21}));
+  EXPECT_TRUE(s->observed.layers[0].query_outside_lse.empty());
+  EXPECT_EQ(s->observed.layers[1].query_outside_lse,  // each head's observed rows
+            (std::vector<float>{0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 20, 21, 22, 23, 24, 25, 30, 31, 32, 33, 34,
+                                35}));
   for (int l = 0; l < 2; ++l) {
     const LayerInput& o = s->observed.layers[l];
     EXPECT_EQ(o.key.data, c.input.layers[l].key.data);  // keys and values are shared, not copied
