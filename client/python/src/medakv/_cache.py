@@ -327,9 +327,9 @@ def prepare_cache(keys: object, values: object, queries: object = None, *, query
                 if o.shape != (q_heads, q_tokens):
                     raise ValueError(f"{what}: shape {tuple(o.shape)}, expected [q_heads={q_heads}, "
                                      f"q_tokens={q_tokens}]")
-                bad = np.argwhere(np.isnan(o) | (o == np.inf))
-                if bad.size:
-                    h, r = (int(v) for v in bad[0])
+                refused = np.argwhere(np.isnan(o) | (o == np.inf))
+                if refused.size:
+                    h, r = (int(v) for v in refused[0])
                     raise ValueError(f"{what}[{h}, {r}] is {float(o[h, r])} (expected finite, or -inf for a row "
                                      "that attends nothing outside the cache)")
                 per_layer[i].append((pb.TENSOR_KIND_QUERY_OUTSIDE_LSE, o.reshape(-1).view(np.uint8).data))
