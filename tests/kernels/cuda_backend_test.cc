@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -217,6 +218,16 @@ TEST_P(CudaParityTest, AttentionStatsMatchCpu) {
               a.score_rows_begin = srb;
               ExpectStatsClose(*cpu_, *gpu_, a, kv, tokens);
               a.aggregation = ScoreAggregation::kMax;
+              ExpectStatsClose(*cpu_, *gpu_, a, kv, tokens);
+              // Rows that give attention outside the cache (a probe pass's own tokens); some give none.
+              std::vector<float> outside(q_heads * rows);
+              for (size_t i = 0; i < outside.size(); ++i) {
+                outside[i] = i % 7 == 0 ? -std::numeric_limits<float>::infinity()
+                                        : static_cast<float>(i % 11) * 0.5f - 1.f;
+              }
+              a.outside_lse = outside.data();
+              ExpectStatsClose(*cpu_, *gpu_, a, kv, tokens);
+              a.aggregation = ScoreAggregation::kSum;
               ExpectStatsClose(*cpu_, *gpu_, a, kv, tokens);
             }
           }
