@@ -115,8 +115,9 @@ __global__ void __launch_bounds__(kTileThreads)
 
 // Per (head, row): the splits merged in order.
 __global__ void StatsMergeKernel(const SoftmaxPartial* __restrict__ partial, int64_t n, int splits, bool causal,
-                                 const float* __restrict__ outside_lse, float* __restrict__ lse_causal, float* __restrict__ lse_cross,
-                                 float* __restrict__ entropy, uint8_t* __restrict__ cross_nonempty) {
+                                 const float* __restrict__ outside_lse, float* __restrict__ lse_causal,
+                                 float* __restrict__ lse_cross, float* __restrict__ entropy,
+                                 uint8_t* __restrict__ cross_nonempty) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= n) return;
   OnlineSoftmaxEntropy sc, sx;
@@ -283,8 +284,7 @@ absl::Status RunStats(const AttentionStatsArgs& a, AttentionStatsOutput* out, St
   MEDAKV_CUDA_LAUNCH_CHECK();
   StatsMergeKernel<<<static_cast<unsigned>(CeilDiv(n, 256)), 256, 0, st>>>(
       partial.as<SoftmaxPartial>(), n, static_cast<int>(splits), causal, a.outside_lse, lse_c.as<float>(),
-      lse_x.as<float>(),
-      ent.as<float>(), nonempty.as<uint8_t>());
+      lse_x.as<float>(), ent.as<float>(), nonempty.as<uint8_t>());
   MEDAKV_CUDA_LAUNCH_CHECK();
 
   // Pass 2a: the scores.
