@@ -28,7 +28,10 @@ Keep ratios (fraction of the context's KV entries kept; kvpress compression_rati
 setting are dropped (recorded as such, methods not run).
 
 One JSON line per instance x method x keep x setting in results/<model>_<split>.jsonl;
-a rerun skips the lines already there.
+a rerun skips the lines already there. ``kl_first``: KL(uncompressed || method) of the first
+answer token's distribution, in nats (the uncompressed model's from the ``none`` run of the same
+instance and setting, in this process; absent for lines of a method run in another process than
+its ``none``).
 
     python harness.py --model smollm2 --split judge --kept 24 --candidates 60
 """
@@ -84,13 +87,15 @@ def decode(model, tok, cache, first_ids: torch.Tensor, context_length: int, max_
     Stops at an EOS token, at a newline once something non-blank was generated, or after
     max_new_tokens. Positions are explicit (the original ones), as kvpress's pipeline does, so a
     physically shorter cache (kvpress) and medakv's CompressedCache (which reports the original
-    length) decode the same way. Returns (token ids, text)."""
+    length) decode the same way. Returns (token ids, text); the log-probabilities of the first
+    answer token are left in ``decode.first_logprobs`` (float32, on the CPU) for the KL."""
     kw = cache_argument(model)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
     n = first_ids.shape[1]
     pos = torch.arange(context_length, context_length + n).unsqueeze(0)
     out = model(input_ids=first_ids, position_ids=pos, logits_to_keep=1, use_cache=True, **{kw: cache})
+    decode.first_logprobs = torch.log_softmax(out.logits[0, -1].float(), -1).cpu()
     nxt = int(out.logits[0, -1].argmax())
     p = context_length + n
     gen: list[int] = []
@@ -323,6 +328,8 @@ def main() -> None:
             "query_aware": (full[:, :-1], full[:, -1:], {"question_ids": q_ids}),
         }
 
+        first_logprobs = {}  # setting -> the uncompressed model's first-answer-token log-probabilities
+
         def run(method, keep, setting):
             key = (inst["id"], setting, method, keep)
             if key in done:
@@ -340,6 +347,12 @@ def main() -> None:
                 t0 = time.perf_counter()
                 gen, text = decode(model, tok, cache, first, prefix.shape[1], args.max_new_tokens)
                 t["decode"] = time.perf_counter() - t0
+                lp = decode.first_logprobs
+                if method == "none":
+                    first_logprobs[setting] = lp
+                elif setting in first_logprobs:  # both settings end the prompt before the first answer token
+                    ref = first_logprobs[setting]
+                    rec["kl_first"] = round(float((ref.exp() * (ref - lp)).sum()), 6)
                 rec.update({"answer": text, "gen_ids": gen, "correct": suite.correct(text, inst["answers"]),
                             "kept_frac": kept_frac, "time": {k: round(v, 4) for k, v in t.items()}})
                 del cache

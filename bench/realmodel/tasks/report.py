@@ -103,6 +103,21 @@ def main() -> None:
         out.append(f"| {m} | " + " | ".join(cells) + " |")
     out.append("")
 
+    # next-token KL of the first answer token, where the run recorded it
+    if any("kl_first" in r for r in rows_k):
+        for setting in SETTINGS:
+            out += [f"## KL(uncompressed || method) of the first answer token, {setting}: mean nats (n runs)", "",
+                    "| method | keep 10% | keep 25% | keep 50% |", "|---|---|---|---|"]
+            for m in methods:
+                cells = []
+                for keep in KEEPS:
+                    ks = [r["kl_first"] for r in rows_k if r["method"] == m and r["setting"] == setting
+                          and r["keep"] == keep and "kl_first" in r]
+                    cells.append(f"{statistics.fmean(ks):.3f} ({len(ks)})" if ks else "-")
+                if any(c != "-" for c in cells):
+                    out.append(f"| {m} | " + " | ".join(cells) + " |")
+            out.append("")
+
     # sanity: identical tokens
     out += ["## Sanity: uncompressed paths give the uncompressed model's tokens", "",
             "Generated token ids compared with `none` on every kept instance and setting.", "",
