@@ -443,6 +443,20 @@ def reference_outside_lse(model, queries, keys, T):
     return out
 
 
+def test_outside_lse_is_each_rows_log_sum_exp_over_the_keys_it_attends():
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(6, 9, 8, generator=g), torch.randn(2, 14, 8, generator=g)  # 3 query heads per kv head
+    for first, window in ((5, None), (0, None), (5, 4)):
+        got = hf.outside_lse(q, k, first, 0.3, window)
+        assert got.shape == (6, 9) and got.dtype == torch.float32
+        for h in range(6):
+            for r in range(9):
+                i = first + r
+                seen = [j for j in range(i + 1) if window is None or i - j < window]
+                want = torch.logsumexp(torch.stack([0.3 * (q[h, r].double() @ k[h // 3, j].double()) for j in seen]), 0)
+                assert abs(float(got[h, r]) - float(want)) < 1e-4, (first, window, h, r)
+
+
 def reference_request(model, context, after):
     """What a probe request must carry, built another way: the keys and values of the context's prefill
     alone, the post-RoPE query rows of `after` run behind it (rebuilt from q_proj) at positions T, T+1, ...,

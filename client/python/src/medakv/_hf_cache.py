@@ -503,7 +503,10 @@ def compress(model: Any, context_ids: Any, *, client: Optional[Client] = None, p
     the captured queries and keys, at about the cost of the pass's own
     attention), so that its scores are its share of all its attention: a
     reconstruction pass that attends mostly to what it has just repeated
-    says little about the context. ``query_rows``: send only the last this
+    says little about the context. It is computed with ``scale`` when given,
+    else ``1/sqrt(head_dim)``, the server's default (a server preset with
+    another ``scale`` would score against a mismatched normaliser).
+    ``query_rows``: send only the last this
     many rows (default: all of them). ``modality``: ``Client.compress``'s
     visual-token spans or flags.
     """

@@ -44,11 +44,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from . import _arrays
 from .types import CompressResult, StoredCache
 
-__all__ = ["CompressedCache", "Pipeline", "cache_layers", "capture_queries", "compress", "from_hf_cache", "pipeline",
-           "to_hf_cache"]
+__all__ = ["CompressedCache", "Pipeline", "cache_layers", "capture_queries", "compress", "from_hf_cache",
+           "outside_lse", "pipeline", "to_hf_cache"]
 
 _TORCH_NAMES = ("PROBES", "RECONSTRUCT_PROMPT", "CapturedQueries", "CompressedCache", "Pipeline", "attention_modules",
-                "capture_queries", "compress", "default_client", "pipeline")
+                "capture_queries", "compress", "default_client", "outside_lse", "pipeline")
 
 
 def __getattr__(name: str) -> Any:
